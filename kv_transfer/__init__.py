@@ -1,0 +1,1 @@
+"""KV-cache transfer throughput: engine connector metrics, RDMA NIC counters, an active probe."""

@@ -1,0 +1,1 @@
+"""The coordinator: collect sidecar reports, aggregate per service, decide, place, act."""
