@@ -70,7 +70,7 @@ def test_bad_tp_rejected():
 def test_decode_step_monotone_in_batch_and_context(batch, ctx):
     t = pm.decode_step_time_s(M8, H20, 2, batch, ctx)
     assert pm.decode_step_time_s(M8, H20, 2, batch + 1, ctx) >= t
-    assert pm.decode_step_time_s(M8, H20, 2, batch, ctx + 1000) > t
+    assert pm.decode_step_time_s(M8, H20, 2, batch, ctx + 1000) >= t
     assert 0.0 <= pm.decode_compute_share(M8, H20, 2, batch, ctx) <= 1.0
 
 
