@@ -1,0 +1,116 @@
+"""vLLM adapter: a vLLM ``/metrics`` page -> ``EngineSnapshot`` (pure).
+
+Written for vLLM 0.32 (V1 engine) names; also accepts the names older fleets
+still expose (ENGINES.md §1.2 "Renamed / removed"):
+
+================================  =============================================
+signal                            vLLM 0.32 name (fallback for older images)
+================================  =============================================
+generated tokens                  ``vllm:generation_tokens_total``
+prompt tokens                     ``vllm:prompt_tokens_total``
+prompt tokens computed here       ``vllm:prompt_tokens_by_source_total{source="local_compute"}``
+prompt tokens from a cache        the other ``source`` values (``local_cache_hit``,
+                                  ``external_kv_transfer``); else ``vllm:prompt_tokens_cached_total``;
+                                  else ``vllm:prefix_cache_hits_total`` + ``vllm:external_prefix_cache_hits_total``
+                                  (else ``vllm:gpu_prefix_cache_hits_total``)
+running / waiting                 ``vllm:num_requests_running`` / ``vllm:num_requests_waiting``
+KV usage (0..1)                   ``vllm:kv_cache_usage_perc`` (``vllm:gpu_cache_usage_perc``)
+TTFT                              ``vllm:time_to_first_token_seconds``
+TBT                               ``vllm:inter_token_latency_seconds`` (``vllm:time_per_output_token_seconds``)
+================================  =============================================
+
+Data parallelism: every series carries ``engine="<dp rank>"``; one page holds
+all engines of the pod. Counters, running/waiting and histograms are summed
+across engines; the KV-usage ratio is averaged (each engine has its own pool of
+the same size). ``ranks`` is the set of ``engine`` label values seen.
+
+"Prompt tokens from a cache" on a decode pod includes tokens whose KV arrived
+from the prefill pod (``external_kv_transfer``): they were not computed here,
+which is what "uncached prefill tokens/s" must exclude.
+"""
+
+from __future__ import annotations
+
+from engine_adapters.snapshot import (
+    GENERATION_TOKENS, KV_CACHE_USAGE, PROMPT_CACHED_TOKENS, PROMPT_TOKENS, PROMPT_UNCACHED_TOKENS,
+    REQUESTS_RUNNING, REQUESTS_WAITING, TBT, TTFT, EngineSnapshot, SampleIndex, counter_total,
+    drop_none, histogram_series, mean_values, merge_histograms, parse_page, samples_of, sum_values,
+)
+
+ENGINE = "vllm"
+PREFIX = "vllm:"
+
+GENERATION = "vllm:generation_tokens"
+PROMPT = "vllm:prompt_tokens"
+PROMPT_BY_SOURCE = "vllm:prompt_tokens_by_source"
+PROMPT_CACHED = "vllm:prompt_tokens_cached"
+PREFIX_HITS = "vllm:prefix_cache_hits"
+EXTERNAL_PREFIX_HITS = "vllm:external_prefix_cache_hits"
+OLD_PREFIX_HITS = "vllm:gpu_prefix_cache_hits"
+RUNNING = "vllm:num_requests_running"
+WAITING = "vllm:num_requests_waiting"
+KV_USAGE = "vllm:kv_cache_usage_perc"
+OLD_KV_USAGE = "vllm:gpu_cache_usage_perc"
+TTFT_HIST = "vllm:time_to_first_token_seconds"
+ITL_HIST = "vllm:inter_token_latency_seconds"
+OLD_TPOT_HIST = "vllm:time_per_output_token_seconds"
+
+FAMILIES = (GENERATION, PROMPT, PROMPT_BY_SOURCE, PROMPT_CACHED, PREFIX_HITS, EXTERNAL_PREFIX_HITS,
+            OLD_PREFIX_HITS, RUNNING, WAITING, KV_USAGE, OLD_KV_USAGE, TTFT_HIST, ITL_HIST, OLD_TPOT_HIST)
+
+LOCAL_COMPUTE = "local_compute"
+
+
+def parse(text: str) -> EngineSnapshot:
+    """Parse one vLLM page. Raises ``ScrapeError`` (empty, parse, wrong_engine)."""
+    index = parse_page(text, families=FAMILIES, prefix=PREFIX, engine=ENGINE, other_prefixes=("sglang:",))
+    return EngineSnapshot(
+        engine=ENGINE,
+        counters=drop_none(_counters(index)),
+        gauges=drop_none(_gauges(index)),
+        histograms=drop_none({
+            TTFT: merge_histograms(histogram_series(index, TTFT_HIST).values()),
+            TBT: merge_histograms(histogram_series(index, ITL_HIST).values())
+            or merge_histograms(histogram_series(index, OLD_TPOT_HIST).values()),
+        }),
+        ranks=_ranks(index),
+    )
+
+
+def _counters(index: SampleIndex) -> dict[str, float | None]:
+    uncached = counter_total(index, PROMPT_BY_SOURCE, lambda labels: labels.get("source") == LOCAL_COMPUTE)
+    by_source_cached = counter_total(index, PROMPT_BY_SOURCE,
+                                     lambda labels: labels.get("source", LOCAL_COMPUTE) != LOCAL_COMPUTE)
+    if uncached is not None:
+        cached = by_source_cached if by_source_cached is not None else 0.0
+    else:
+        cached = counter_total(index, PROMPT_CACHED)
+        if cached is None:
+            cached = _sum_present(counter_total(index, PREFIX_HITS), counter_total(index, EXTERNAL_PREFIX_HITS))
+        if cached is None:
+            cached = counter_total(index, OLD_PREFIX_HITS)
+    return {
+        GENERATION_TOKENS: counter_total(index, GENERATION),
+        PROMPT_TOKENS: counter_total(index, PROMPT),
+        PROMPT_CACHED_TOKENS: cached,
+        PROMPT_UNCACHED_TOKENS: uncached,
+    }
+
+
+def _sum_present(*values: float | None) -> float | None:
+    present = [v for v in values if v is not None]
+    return sum(present) if present else None
+
+
+def _gauges(index: SampleIndex) -> dict[str, float | None]:
+    usage = [s for s in samples_of(index, KV_USAGE) if 0.0 <= s.value <= 1.0] \
+        or [s for s in samples_of(index, OLD_KV_USAGE) if 0.0 <= s.value <= 1.0]
+    return {
+        REQUESTS_RUNNING: sum_values([s for s in samples_of(index, RUNNING) if s.value >= 0]),
+        REQUESTS_WAITING: sum_values([s for s in samples_of(index, WAITING) if s.value >= 0]),
+        KV_CACHE_USAGE: mean_values(usage),
+    }
+
+
+def _ranks(index: SampleIndex) -> frozenset[str]:
+    return frozenset(s.labels["engine"] for samples in index.values() for s in samples if "engine" in s.labels)
