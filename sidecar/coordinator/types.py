@@ -75,6 +75,33 @@ class Decision:
 
 
 @dataclass(frozen=True)
+class Observation:
+    """One service's measured state for one tick: built by ``aggregate``, read by ``policy``
+    (and built directly by the simulator).
+
+    ``decode_tps`` is the SUM of decode tokens/s over fresh decode reports (the load),
+    ``None`` when nothing fresh was seen. ``fresh_*``/``expected_*`` count reports used
+    against instances that should have reported (instances still warming up are not
+    expected). Latencies are p90 seconds over fresh, warmed-up instances (the worst one).
+    ``excluded`` counts dropped reports by reason (``stale``, ``engine_down``, ``too_old``,
+    ``invalid``, ``unreachable``, ``warming_latency``...).
+    """
+
+    pools: PoolStatus
+    decode_tps: float | None
+    fresh_decode: int = 0
+    expected_decode: int = 0
+    fresh_prefill: int = 0
+    expected_prefill: int = 0
+    warming_decode: int = 0
+    tbt_p90_s: float | None = None
+    ttft_p90_s: float | None = None
+    prefill_tps: float | None = None
+    prefill_uncached_tps: float | None = None
+    excluded: Mapping[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class ApplyResult:
     """What an actuator did: ``applied`` the desired counts (possibly fewer if placement
     fell short), with a note for the status page. ``shortfall`` counts what could not
