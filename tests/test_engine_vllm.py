@@ -1,0 +1,152 @@
+"""vLLM adapter on real-format pages: constructed with prometheus_client (and the real
+captured vLLM 0.32 page when tests/data/vllm_0.32_cpu.txt exists)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from engine_adapters import snapshot as S
+from engine_adapters import vllm
+from sidecar.errors import ScrapeError
+
+DATA = Path(__file__).resolve().parent / "data"
+
+
+def page(name: str) -> str:
+    return (DATA / name).read_text()
+
+
+def test_dp1_page_values():
+    snap = vllm.parse(page("vllm_constructed_dp1.txt"))
+    assert snap.engine == "vllm" and snap.ranks == frozenset({"0"})
+    # 400 requests x 250 generated tokens each
+    assert snap.counters[S.GENERATION_TOKENS] == 100_000
+    # prompt = local_compute 53100 + cache_hit 12000 + external 1.9e6
+    assert snap.counters[S.PROMPT_TOKENS] == 53_100 + 12_000 + 1_900_000
+    assert snap.counters[S.PROMPT_UNCACHED_TOKENS] == 53_100
+    assert snap.counters[S.PROMPT_CACHED_TOKENS] == 12_000 + 1_900_000
+    assert snap.gauges == {S.REQUESTS_RUNNING: 12, S.REQUESTS_WAITING: 3, S.KV_CACHE_USAGE: 0.4375}
+    ttft = snap.histograms[S.TTFT]
+    assert ttft.count == 400 and ttft.bounds[0] == 0.001 and ttft.bounds[-1] == math.inf
+    assert len(ttft.bounds) == 23          # 22 default bounds + +Inf
+    assert snap.histograms[S.TBT].count == 400
+
+
+def test_dp2_sums_engines_and_averages_kv_usage():
+    snap = vllm.parse(page("vllm_constructed_dp2.txt"))
+    assert snap.ranks == frozenset({"0", "1"})
+    # engine 0: 400 req x 250; engine 1: 450 req x 250
+    assert snap.counters[S.GENERATION_TOKENS] == 400 * 250 + 450 * 250
+    assert snap.gauges[S.REQUESTS_RUNNING] == 12 + 13
+    assert snap.gauges[S.REQUESTS_WAITING] == 3 + 4
+    assert snap.gauges[S.KV_CACHE_USAGE] == pytest.approx((0.4375 + 0.5375) / 2)
+    assert snap.histograms[S.TTFT].count == 800
+
+
+def test_dp2_page_is_multiprocess_shaped():
+    text = page("vllm_constructed_dp2.txt")
+    assert "_created" not in text
+    lines = [ln for ln in text.splitlines() if ln.startswith("vllm:time_to_first_token_seconds")]
+    assert lines[0].startswith("vllm:time_to_first_token_seconds_sum")   # _sum first, like the MP collector
+
+
+def test_pre_010_names_are_accepted():
+    old = vllm.parse(page("vllm_constructed_old_names.txt"))
+    new = vllm.parse(page("vllm_constructed_dp1.txt"))
+    assert "vllm:gpu_cache_usage_perc" in page("vllm_constructed_old_names.txt")
+    assert old.gauges[S.KV_CACHE_USAGE] == new.gauges[S.KV_CACHE_USAGE]
+    assert old.histograms[S.TBT] == new.histograms[S.TBT]
+
+
+def test_created_series_and_sample_order_do_not_matter():
+    text = page("vllm_constructed_dp1.txt")
+    assert "vllm:prompt_tokens_created" in text
+    lines = text.splitlines()
+    samples = [ln for ln in lines if not ln.startswith("#")]
+    shuffled = "\n".join(reversed(samples)) + "\n"      # no comments, reversed order
+    assert vllm.parse(shuffled) == vllm.parse(text)
+
+
+def test_fast_path_agrees_with_full_parser():
+    # The adapter parses only wanted lines, reusing parsed label sets: it must
+    # read exactly what text_string_to_metric_families reads.
+    text = page("vllm_constructed_dp2.txt")
+    full = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            full.setdefault(s.name, []).append((s.labels, s.value))
+    for _ in range(2):      # second round exercises the label cache
+        fast = S.parse_page(text, families=vllm.FAMILIES, prefix="vllm:", engine="vllm")
+        for name, samples in fast.items():
+            assert [(s.labels, s.value) for s in samples] == full[name]
+    assert "vllm:time_to_first_token_seconds_bucket" in fast
+
+
+def test_prefix_cache_fallbacks_without_by_source():
+    text = (
+        "# TYPE vllm:prompt_tokens_total counter\n"
+        'vllm:prompt_tokens_total{engine="0",model_name="m"} 1000.0\n'
+        "# TYPE vllm:prefix_cache_hits_total counter\n"
+        'vllm:prefix_cache_hits_total{engine="0",model_name="m"} 300.0\n'
+        'vllm:external_prefix_cache_hits_total{engine="0",model_name="m"} 200.0\n'
+    )
+    snap = vllm.parse(text)
+    assert snap.counters[S.PROMPT_CACHED_TOKENS] == 500.0       # 300 local + 200 external hits
+    assert S.PROMPT_UNCACHED_TOKENS not in snap.counters        # not reported directly
+    assert S.GENERATION_TOKENS not in snap.counters             # missing, not zero
+
+
+def test_nan_and_negative_values_are_missing_not_numbers():
+    text = ('vllm:num_requests_running{engine="0"} NaN\n'
+            'vllm:kv_cache_usage_perc{engine="0"} 7.5\n'
+            'vllm:generation_tokens_total{engine="0"} -3\n')
+    snap = vllm.parse(text)
+    assert snap.gauges == {} and snap.counters == {}
+
+
+@pytest.mark.parametrize("text,reason", [
+    ("", "empty"),
+    ("   \n\n", "empty"),
+    ("# only a comment\n", "empty"),
+    ("<html><body>502 Bad Gateway</body></html>\n", "parse"),
+    ('vllm:num_requests_running{engine="0" 12\n', "parse"),
+    ('vllm:generation_tokens_total{engine="0"} twelve\n', "parse"),
+    ('vllm:num_requests_running{engine="0"} 12', "parse"),           # no final newline: truncated
+    ('sglang:num_running_reqs{tp_rank="0"} 3.0\n', "wrong_engine"),
+    ("node_cpu_seconds_total{cpu=\"0\"} 12.0\n", "wrong_engine"),
+])
+def test_bad_pages_raise_scrape_error(text, reason):
+    with pytest.raises(ScrapeError) as err:
+        vllm.parse(text)
+    assert err.value.reason == reason
+
+
+def test_truncated_real_page_mid_line_is_a_parse_error():
+    text = page("vllm_constructed_dp1.txt")
+    cut = text.index("vllm:time_to_first_token_seconds_bucket") + 30
+    with pytest.raises(ScrapeError) as err:
+        vllm.parse(text[:cut])
+    assert err.value.reason == "parse"
+
+
+def test_broken_histogram_is_a_parse_error():
+    text = ('vllm:time_to_first_token_seconds_bucket{engine="0",le="0.1"} 5.0\n'
+            'vllm:time_to_first_token_seconds_bucket{engine="0",le="+Inf"} 3.0\n')
+    with pytest.raises(ScrapeError) as err:
+        vllm.parse(text)
+    assert err.value.reason == "parse"
+
+
+def test_real_captured_vllm_032_page():
+    path = DATA / "vllm_0.32_cpu.txt"
+    if not path.exists():
+        pytest.skip("real captured vLLM page not committed yet (tests/data/vllm_0.32_cpu.txt)")
+    snap = vllm.parse(path.read_text())
+    assert S.GENERATION_TOKENS in snap.counters and S.PROMPT_TOKENS in snap.counters
+    assert S.REQUESTS_RUNNING in snap.gauges and S.KV_CACHE_USAGE in snap.gauges
+    assert 0.0 <= snap.gauges[S.KV_CACHE_USAGE] <= 1.0
+    assert S.TTFT in snap.histograms and S.TBT in snap.histograms
