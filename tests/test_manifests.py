@@ -132,3 +132,65 @@ def test_image_install_steps_in_a_clean_venv(tmp_path):
     out = subprocess.run([str(venv / "bin" / "heteroscale"), "--version"],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and out.stdout.startswith("heteroscale "), out.stderr
+
+
+@pytest.fixture(scope="module")
+def examples() -> list[dict]:
+    return render("examples")
+
+
+def _engine_deployments(docs: list[dict]) -> list[dict]:
+    return [d for d in by_kind(docs, "Deployment") if d["metadata"]["namespace"] == "llm"]
+
+
+@pytest.mark.parametrize("version", SCHEMA_VERSIONS)
+def test_examples_validate_against_kubernetes_schemas(examples, version):
+    kubernetes_validate = pytest.importorskip("kubernetes_validate")
+    for doc in examples:
+        kubernetes_validate.validate(doc, version, strict=True)
+
+
+def test_sidecar_is_injected_into_every_engine_deployment(examples):
+    engines = _engine_deployments(examples)
+    assert sorted(d["metadata"]["name"] for d in engines) == [
+        "chat-decode", "chat-prefill", "code-decode", "code-prefill"]
+    for deploy in engines:
+        template = deploy["spec"]["template"]
+        containers = {c["name"]: c for c in template["spec"]["containers"]}
+        sidecar = containers["heteroscale-sidecar"]
+        assert sidecar["args"][0] == "sidecar"
+        sc = sidecar["securityContext"]
+        assert sc["runAsNonRoot"] is True and sc["readOnlyRootFilesystem"] is True
+        assert sc["capabilities"]["drop"] == ["ALL"]
+        assert sidecar["readinessProbe"]["httpGet"]["path"] == "/readyz"
+        assert sidecar["livenessProbe"]["httpGet"]["path"] == "/healthz"
+        # Every label and annotation the sidecar's downward-API env points at exists.
+        labels, annotations = template["metadata"]["labels"], template["metadata"]["annotations"]
+        for env in sidecar["env"]:
+            path = env.get("valueFrom", {}).get("fieldRef", {}).get("fieldPath", "")
+            if path.startswith("metadata.labels['"):
+                assert path[len("metadata.labels['"):-2] in labels, path
+            if path.startswith("metadata.annotations['"):
+                assert path[len("metadata.annotations['"):-2] in annotations, path
+        assert labels["heteroscale.io/role"] in ("prefill", "decode")
+        assert labels["heteroscale.io/engine"] in ("vllm", "sglang")
+        # The engine writes its GPU list where the sidecar reads it.
+        engine = containers["engine"]
+        assert "/run/heteroscale/gpus" in engine["args"][0]
+        mounts = {m["name"]: m for m in engine["volumeMounts"]}
+        assert not mounts["heteroscale-gpus"].get("readOnly", False)
+        assert any(a == "--gpus=file:/run/heteroscale/gpus" for a in sidecar["args"])
+
+
+def test_examples_config_names_the_example_deployments(examples, tmp_path):
+    configs = [d for d in by_kind(examples, "ConfigMap") if d["metadata"]["name"].startswith("heteroscale-config")]
+    assert len(configs) == 1
+    config = yaml.safe_load(configs[0]["data"]["config.yaml"])
+    engines = {d["metadata"]["name"] for d in _engine_deployments(examples)}
+    for service in config["services"]:
+        assert {service["prefill"]["deployment"], service["decode"]["deployment"]} <= engines
+    path = tmp_path / "config.yaml"
+    path.write_text(configs[0]["data"]["config.yaml"])
+    out = subprocess.run([sys.executable, "-m", "sidecar", "validate", "--config", str(path)],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
