@@ -82,7 +82,9 @@ class Observation:
     ``decode_tps`` is the SUM of decode tokens/s over fresh decode reports (the load),
     ``None`` when nothing fresh was seen. ``fresh_*``/``expected_*`` count reports used
     against instances that should have reported (instances still warming up are not
-    expected). Latencies are p90 seconds over fresh, warmed-up instances (the worst one).
+    expected). Latencies are p90 seconds over fresh, warmed-up instances: ``*_p90_s`` is
+    the throughput-weighted fleet value the policy acts on, ``*_p90_max_s`` the worst
+    single instance (shown, not acted on).
     ``excluded`` counts dropped reports by reason (``stale``, ``engine_down``, ``too_old``,
     ``invalid``, ``unreachable``, ``warming_latency``...).
     """
@@ -96,6 +98,8 @@ class Observation:
     warming_decode: int = 0
     tbt_p90_s: float | None = None
     ttft_p90_s: float | None = None
+    tbt_p90_max_s: float | None = None
+    ttft_p90_max_s: float | None = None
     prefill_tps: float | None = None
     prefill_uncached_tps: float | None = None
     excluded: Mapping[str, int] = field(default_factory=dict)
