@@ -1,0 +1,279 @@
+"""The agent against a real aiohttp engine server on 127.0.0.1, driven cycle by cycle
+with a fake clock: rates, faults (refused, hang, 500, garbage, cut short, empty, wrong
+engine, restart), staleness, readiness, extensions, GPU readers."""
+
+from __future__ import annotations
+
+import asyncio
+
+import aiohttp
+import pytest
+
+from sidecar.agent import Agent, AgentSettings, metrics_url, settings_from_args, add_arguments
+from sidecar.errors import ConfigError, UsageError
+from sidecar.report import GpuReading, SidecarReport
+from tests.conftest import free_port
+from tests.test_sidecar_fakes import FakeEngine, vllm_page
+
+
+class Clock:
+    def __init__(self, t: float = 1000.0) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def settings(url: str, **kw) -> AgentSettings:
+    base = dict(engine="vllm", engine_url=url, role="decode", service="svc", pod="pod-0",
+                interval_s=1.0, window_s=5.0, scrape_timeout_s=0.3, gpu_source="none")
+    base.update(kw)
+    return AgentSettings(**base)
+
+
+@pytest.fixture
+async def engine():
+    fake = await FakeEngine(page=vllm_page(gen=0.0)).start()
+    yield fake
+    await fake.close()
+
+
+@pytest.fixture
+async def session():
+    async with aiohttp.ClientSession() as s:
+        yield s
+
+
+async def drive(agent: Agent, clock: Clock, engine: FakeEngine, pages, *, step_s: float = 1.0) -> None:
+    for page in pages:
+        engine.page = page
+        await agent.cycle()
+        clock.t += step_s
+
+
+async def test_rates_from_a_real_server(engine, session):
+    clock = Clock()
+    agent = Agent(settings(engine.url), session=session, clock=clock, wall=lambda: 1.7e9 + clock.t)
+    assert not agent.ready and agent.stale()
+    # 300 generated tok/s; 2000 prompt tok/s of which 500/s computed locally
+    await drive(agent, clock, engine, [vllm_page(gen=300.0 * i, prompt=2000.0 * i, local_compute=500.0 * i,
+                                                 ttft_buckets=(10.0 * i, 0, 0)) for i in range(4)])
+    clock.t -= 1.0      # report "now" = time of the last scrape
+    report = agent.report()
+    assert agent.ready and report.engine_up and not report.stale
+    assert report.decode_tps == pytest.approx(300.0)
+    assert report.prefill_tps == pytest.approx(2000.0)
+    assert report.prefill_uncached_tps == pytest.approx(500.0)
+    # 30 TTFT observations in the window, all in [0, 0.1]: p50 = 0.1 * 15/30 = 0.05
+    assert report.ttft_p50_s == pytest.approx(0.05)
+    assert report.window_s == pytest.approx(3.0)
+    assert report.observed_at == pytest.approx(1.7e9 + 1003.0)
+    assert engine.accept_headers[0] == "text/plain; version=0.0.4"
+    assert SidecarReport.from_dict(agent.report_dict()) == report    # the JSON contract round-trips
+
+
+@pytest.mark.parametrize("mode,reason", [("500", "http_status"), ("garbage", "parse"), ("empty", "empty"),
+                                         ("cut", "parse"), ("hang", "timeout")])
+async def test_engine_faults(engine, session, mode, reason):
+    clock = Clock()
+    agent = Agent(settings(engine.url, scrape_timeout_s=0.2), session=session, clock=clock)
+    await drive(agent, clock, engine, [vllm_page(gen=100.0 * i) for i in range(3)])
+    assert agent.engine_up and agent.report().decode_tps == pytest.approx(100.0)
+    engine.mode = mode
+    for _ in range(4):
+        await agent.cycle()
+        clock.t += 1.0
+        assert not agent.engine_up
+    assert agent.errors[reason] == 4 and sum(agent.errors.values()) == 4
+    report = agent.report()
+    assert report.stale and not report.engine_up        # newest good sample is > 3 intervals old
+    assert agent.ready                                  # ready stays: the sidecar itself is fine
+    # recovery
+    engine.mode = "page"
+    await drive(agent, clock, engine, [vllm_page(gen=1000.0), vllm_page(gen=1100.0)])
+    clock.t -= 1.0
+    assert agent.engine_up and not agent.stale()
+    assert agent.report().decode_tps == pytest.approx(100.0)
+
+
+async def test_refused_connection_and_never_ready(session):
+    clock = Clock()
+    agent = Agent(settings(f"http://127.0.0.1:{free_port()}"), session=session, clock=clock)
+    for _ in range(3):
+        await agent.cycle()
+        clock.t += 1.0
+    assert agent.errors == {"connect": 3}
+    report = agent.report()
+    assert not agent.ready and report.stale and not report.engine_up
+    assert report.decode_tps is None and report.observed_at == 0.0
+
+
+async def test_wrong_engine_page(engine, session):
+    engine.page = ('# TYPE sglang:num_running_reqs gauge\n'
+                   'sglang:num_running_reqs{engine_type="decode",tp_rank="0"} 3.0\n')
+    agent = Agent(settings(engine.url), session=session, clock=Clock())
+    await agent.cycle()
+    assert agent.errors == {"wrong_engine": 1} and not agent.engine_up
+
+
+async def test_engine_restart_never_spikes_or_goes_negative(engine, session):
+    clock = Clock()
+    agent = Agent(settings(engine.url, window_s=10.0), session=session, clock=clock, wall=lambda: clock.t)
+    before = [vllm_page(gen=1e6 + 200.0 * i) for i in range(3)]          # 200 tok/s
+    after = [vllm_page(gen=200.0 * i) for i in range(3)]                 # restart: counter back to 0
+    await drive(agent, clock, engine, before)
+    started = agent.started_at
+    await drive(agent, clock, engine, after)
+    clock.t -= 1.0
+    assert agent.report().decode_tps == pytest.approx(200.0)
+    assert agent.started_at > started                    # warm-up restarts with the engine
+
+
+async def test_dp_engine_leaving_is_not_a_spike(engine, session):
+    clock = Clock()
+    agent = Agent(settings(engine.url, window_s=10.0), session=session, clock=clock)
+    two = [vllm_page(gen=2e6 + 400.0 * i, engines=("0", "1")) for i in range(3)]
+    # engine 1 vanished: the sum drops to engine 0's share, then grows at 200/s
+    one = [vllm_page(gen=1e6 + 200.0 * i + 400.0, engines=("0",)) for i in range(3)]
+    await drive(agent, clock, engine, two + one)
+    clock.t -= 1.0
+    rate = agent.report().decode_tps
+    # 2 good pairs at 400/s (2 s) + 2 good pairs at 200/s (2 s): (800 + 400) / 4 = 300
+    assert rate == pytest.approx(300.0)
+
+
+class RecordingExtension:
+    name = "kv_transfer"
+
+    def __init__(self, *, fail: bool = False) -> None:
+        self.fail, self.started, self.closed, self.calls = fail, False, False, []
+
+    async def start(self) -> None:
+        self.started = True
+
+    async def sample(self, now_s: float):
+        self.calls.append(now_s)
+        if self.fail:
+            raise RuntimeError("boom")
+        return {"bytes_per_second": 1.5e9, "transfers": 3}
+
+    def collect(self):
+        from prometheus_client.core import GaugeMetricFamily
+        yield GaugeMetricFamily("heteroscale_kv_transfer_probe_ok", "probe", value=1.0)
+
+    async def close(self) -> None:
+        self.closed = True
+
+
+async def test_extension_sample_reaches_report_and_metrics_view(engine, session):
+    ext = RecordingExtension()
+    clock = Clock()
+    agent = Agent(settings(engine.url, interval_s=0.05, window_s=0.5, scrape_timeout_s=0.04),
+                  session=session, clock=clock, extensions=[ext])
+    await agent.start()
+    try:
+        await agent.cycle()
+    finally:
+        await agent.stop()
+    assert ext.started and ext.closed and clock.t in ext.calls
+    assert agent.report().kv_transfer == {"bytes_per_second": 1.5e9, "transfers": 3}
+    view = agent.metrics_view()
+    assert (view.kv_bytes_per_second, view.kv_direction) == (1.5e9, "receive")      # decode receives
+    assert [m.name for m in view.extension_metrics()] == []   # stopped: extensions released
+
+
+async def test_failing_extension_is_contained(engine, session):
+    ext = RecordingExtension(fail=True)
+    agent = Agent(settings(engine.url, interval_s=0.05, window_s=0.5, scrape_timeout_s=0.04),
+                  session=session, clock=Clock(), extensions=[ext])
+    await agent.start()
+    try:
+        await agent.cycle()
+        assert agent.engine_up and agent.report().kv_transfer == {}
+        assert [m.name for m in agent.metrics_view().extension_metrics()] == ["heteroscale_kv_transfer_probe_ok"]
+    finally:
+        await agent.stop()
+
+
+class SlowGpu:
+    mode = "emulator"
+
+    def __init__(self, hang: bool) -> None:
+        self.hang = hang
+
+    async def read(self):
+        if self.hang:
+            await asyncio.sleep(10)
+        return (GpuReading(gpu="0", utilization_ratio=0.5, power_watts=300.0),)
+
+    async def close(self) -> None:
+        return None
+
+
+async def test_gpu_reader_is_bounded(engine, session):
+    agent = Agent(settings(engine.url, scrape_timeout_s=0.1), session=session, clock=Clock(),
+                  gpu_reader=SlowGpu(hang=False))
+    await agent.cycle()
+    assert agent.report().gpus[0].power_watts == 300.0 and agent.report().gpu_mode == "emulator"
+    agent.gpu_reader = SlowGpu(hang=True)
+    await agent.cycle()
+    assert agent.report().gpus == () and agent.engine_up
+
+
+async def test_loop_runs_and_stops_promptly(engine):
+    agent = Agent(settings(engine.url, interval_s=0.05, window_s=0.5, scrape_timeout_s=0.04))
+    await agent.start()
+    try:
+        for _ in range(100):
+            if agent.ready:
+                break
+            await asyncio.sleep(0.01)
+        assert agent.ready and agent.alive
+    finally:
+        await agent.stop()
+    assert not agent.alive
+
+
+# -- settings -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kw,needle", [
+    (dict(interval_s=-1.0), "--interval must be > 0"),
+    (dict(interval_s=1.0, scrape_timeout_s=1.0), "must be below --interval"),
+    (dict(window_s=1.5), "at least two scrapes"),
+    (dict(engine_url="not a url"), "--engine-url"),
+    (dict(engine_url="ftp://x/metrics"), "--engine-url"),
+    (dict(engine_url="http://host:99999"), "--engine-url"),
+    (dict(gpu_source="emulator"), "--emulator-gpu-url"),
+])
+def test_bad_settings(kw, needle):
+    with pytest.raises(ConfigError) as err:
+        settings("http://127.0.0.1:8000", **kw)
+    assert needle in str(err.value) and "\n" not in str(err.value)
+
+
+def test_all_problems_reported_at_once():
+    with pytest.raises(ConfigError) as err:
+        settings("nope", interval_s=0.0, role="x")
+    assert len(err.value.problems) >= 3
+
+
+def test_metrics_url():
+    assert metrics_url("http://h:8000") == "http://h:8000/metrics"
+    assert metrics_url("http://h:8000/") == "http://h:8000/metrics"
+    assert metrics_url("http://h:8000/custom/metrics") == "http://h:8000/custom/metrics"
+
+
+def test_flags_to_settings(monkeypatch):
+    import argparse
+    monkeypatch.setenv("POD_NAME", "p-1")
+    monkeypatch.setenv("NODE_NAME", "n-1")
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--engine", "sglang", "--engine-url", "http://127.0.0.1:30000", "--role", "prefill",
+                              "--service", "chat", "--interval", "2", "--listen", "127.0.0.1:0", "--gpus", "0, 1"])
+    s = settings_from_args(args)
+    assert (s.pod, s.node, s.listen_host, s.listen_port, s.gpus) == ("p-1", "n-1", "127.0.0.1", 0, ("0", "1"))
+    assert s.scrape_timeout_s == pytest.approx(1.6) and s.stale_after_s == 6.0
+    with pytest.raises(UsageError):
+        settings_from_args(parser.parse_args(["--engine", "vllm", "--engine-url", "http://x", "--role", "decode",
+                                              "--service", "s", "--listen", "nowhere"]))
