@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 from types import ModuleType
 from typing import Any, Iterable, Mapping, Protocol, runtime_checkable
 
@@ -70,6 +71,34 @@ class SidecarExtension(Protocol):
 
     async def close(self) -> None:
         ...
+
+
+@runtime_checkable
+class EnginePageObserver(Protocol):
+    """Optional extra of an extension: it wants each engine page the agent fetched.
+
+    The agent calls ``observe_engine_page(text, now_s)`` after every successful
+    fetch (same monotonic clock as ``sample``), so an extension can read metric
+    families the engine adapter ignores (the KV-transfer connector metrics)
+    without a second scrape. It must be quick and must not raise; the helper
+    below guards it anyway. Added for kv_transfer (issue 5).
+    """
+
+    def observe_engine_page(self, text: str, now_s: float) -> None:
+        ...
+
+
+def observe_engine_page(extensions: Iterable[Any], text: str, now_s: float) -> None:
+    """Hand an engine page to every extension that observes pages; a failing one is logged, skipped."""
+    for ext in extensions:
+        observe = getattr(ext, "observe_engine_page", None)
+        if observe is None:
+            continue
+        try:
+            observe(text, now_s)
+        except Exception:   # an extension bug must not break the engine scrape
+            logging.getLogger("heteroscale.sidecar").exception(
+                "extension %s failed to observe the engine page", getattr(ext, "name", ext))
 
 
 def default_kv_direction(role: str) -> str:
