@@ -1,0 +1,1 @@
+"""The simulated P/D cluster (pure): instances, queues, KV transfer, measurements."""

@@ -1,0 +1,319 @@
+"""Drive a ``Cluster`` through a workload under a scaling controller (pure).
+
+Owns the replay loop and the per-policy result: every ``interval_s`` of simulated
+time it builds what the coordinator would see — a
+``sidecar.coordinator.types.Observation`` made from sidecar-like windowed
+measurements — hands it to the controller, and applies the counts it returns.
+It also turns the run into the summary figures (GPU-hours, utilisation, SM
+activity, latency quantiles, SLO attainment, scaling actions, reversals) and
+per-minute series for plots. Time is simulated; a ``progress`` callback is how a
+caller shows a progress bar (this module never prints).
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol
+
+import numpy as np
+
+from sidecar.coordinator.types import Observation, PoolCounts, PoolStatus
+from simulator import perfmodel as pm
+from simulator.model.cluster import Cluster, ClusterSpec
+from simulator.traces import Workload
+
+
+@dataclass(frozen=True)
+class Window:
+    """Sidecar-like measurements over the last ``window_s`` seconds, summed over a role's
+    ready instances (rates in tokens/s, latencies in seconds, utilisation 0..1)."""
+
+    now_s: float
+    window_s: float
+    prefill_tps: float
+    prefill_uncached_tps: float
+    decode_tps: float
+    ttft_p90_s: float | None
+    tbt_p90_s: float | None
+    prefill_gpu_util: float
+    decode_gpu_util: float
+    prefill_sm: float
+    decode_sm: float
+
+
+class Controller(Protocol):
+    """A scaling policy as the simulator runs it: window + pools in, desired counts out."""
+
+    name: str
+
+    def step(self, *, now_s: float, window: Window, observation: Observation) -> PoolCounts:
+        ...
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """interval_s: policy tick (the coordinator's ``interval_s``);
+    window_s: the sidecars' rate/quantile window; warmup_s: excluded from the summary."""
+
+    interval_s: float = 15.0
+    window_s: float = 30.0
+    duration_s: float | None = None
+    seed: int = 0
+    slo_ttft_s: float | None = None
+    slo_tbt_s: float | None = None
+
+
+@dataclass
+class RunResult:
+    policy: str
+    summary: dict[str, Any]
+    series: dict[str, np.ndarray] = field(default_factory=dict)
+    decisions: list[dict[str, Any]] = field(default_factory=list)
+
+
+class _Latencies:
+    """TTFT and TBT samples visible to the sidecars: only once they have happened."""
+
+    def __init__(self, cluster: Cluster) -> None:
+        self.cluster = cluster
+        self.next_ttft = 0
+        self.pending: list[tuple[float, float]] = []
+        self.ttft: deque[tuple[float, float]] = deque()
+        self.tbt: deque[tuple[float, float]] = deque()
+        self.seen_done = 0
+
+    def update(self, now_s: float, window_s: float, submitted: int) -> None:
+        c = self.cluster
+        while self.next_ttft < submitted:
+            rid = self.next_ttft
+            heapq.heappush(self.pending, (float(c.first_token_s[rid]), float(c.ttft_s[rid])))
+            self.next_ttft += 1
+        while self.pending and self.pending[0][0] <= now_s:
+            self.ttft.append(heapq.heappop(self.pending))
+        for rid in c.completed[self.seen_done:]:
+            self.tbt.append((float(c.done_s[rid]), float(c.tbt_s[rid])))
+        self.seen_done = len(c.completed)
+        for q in (self.ttft, self.tbt):
+            while q and q[0][0] < now_s - window_s:
+                q.popleft()
+
+    @staticmethod
+    def p90(q: deque[tuple[float, float]]) -> float | None:
+        if not q:
+            return None
+        return float(np.percentile([v for _, v in q], 90))
+
+
+def simulate(workload: Workload, spec: ClusterSpec, controller: Controller, *,
+             settings: RunSettings, initial: PoolCounts,
+             progress: Callable[[float], None] | None = None) -> RunResult:
+    """Replay ``workload`` through the cluster under ``controller``; see module docstring."""
+    duration = settings.duration_s if settings.duration_s is not None else workload.duration_s + 60.0
+    horizon = duration + 1.0
+    cluster = Cluster(spec, workload, horizon_s=horizon, initial_prefill=initial.prefill,
+                      initial_decode=initial.decode, seed=settings.seed)
+    lat = _Latencies(cluster)
+    arrivals = workload.arrival_s
+    n = int(np.searchsorted(arrivals, duration))
+    nxt = 0
+    decisions: list[dict[str, Any]] = []
+    t = 0.0
+    interval = settings.interval_s
+    while t < duration - 1e-9:
+        t_end = min(duration, t + interval)
+        while nxt < n and arrivals[nxt] < t_end:
+            cluster.submit(nxt)
+            nxt += 1
+        cluster.advance_to(t_end)
+        t = cluster.now_s
+        lat.update(t, settings.window_s, nxt)
+        window = _window(cluster, lat, t, settings.window_s)
+        obs = _observation(cluster, window, t)
+        desired = controller.step(now_s=t, window=window, observation=obs)
+        if desired != obs.pools.current:
+            decisions.append({"at": round(t, 1), "from": obs.pools.current.as_dict(),
+                              "to": desired.as_dict()})
+            cluster.set_counts(desired.prefill, desired.decode, t)
+        if progress is not None:
+            progress(min(1.0, t / duration))
+    return RunResult(controller.name, _summary(cluster, settings, duration, decisions, nxt),
+                     _series(cluster, duration), decisions)
+
+
+def _window(cluster: Cluster, lat: _Latencies, now_s: float, window_s: float) -> Window:
+    rec = cluster.rec
+    hi = min(int(now_s), rec.seconds)
+    lo = max(0, hi - int(window_s))
+    span = max(1, hi - lo)
+    sl = slice(lo, hi)
+    p_inst = max(1e-9, rec.prefill_instances[sl].sum())
+    d_inst = max(1e-9, rec.decode_instances[sl].sum())
+    p_busy = rec.prefill_busy_s[sl].sum() / p_inst
+    d_active = rec.decode_active_s[sl].sum() / d_inst
+    d_compute = rec.decode_compute_s[sl].sum() / max(1e-9, rec.decode_active_s[sl].sum())
+    eff = cluster.spec.decode.eff
+    return Window(
+        now_s=now_s, window_s=window_s,
+        prefill_tps=rec.prefill_tokens[sl].sum() / span,
+        prefill_uncached_tps=rec.prefill_uncached_tokens[sl].sum() / span,
+        decode_tps=rec.decode_tokens[sl].sum() / span,
+        ttft_p90_s=lat.p90(lat.ttft), tbt_p90_s=lat.p90(lat.tbt),
+        prefill_gpu_util=pm.gpu_utilization("prefill", busy_fraction=p_busy, eff=eff),
+        decode_gpu_util=pm.gpu_utilization("decode", busy_fraction=d_active, eff=eff),
+        prefill_sm=pm.sm_activity("prefill", busy_fraction=p_busy, eff=eff),
+        decode_sm=pm.sm_activity("decode", busy_fraction=d_active, compute_share=d_compute, eff=eff),
+    )
+
+
+def pool_status(cluster: Cluster, now_s: float) -> PoolStatus:
+    current = PoolCounts(*cluster.counts())
+    ready = PoolCounts(*cluster.ready_counts(now_s))
+    pending = PoolCounts(current.prefill - ready.prefill, current.decode - ready.decode)
+    starting = [x.created_s for x in (*cluster.prefill, *cluster.decode)
+                if x.accepting and x.ready_s > now_s]
+    return PoolStatus(current=current, ready=ready, pending=pending,
+                      pending_since_s=min(starting) if starting else None)
+
+
+def _observation(cluster: Cluster, window: Window, now_s: float) -> Observation:
+    """What ``aggregate`` would build from the ready instances' sidecar reports."""
+    pools = pool_status(cluster, now_s)
+    return Observation(
+        pools=pools,
+        decode_tps=window.decode_tps if pools.ready.decode > 0 else None,
+        fresh_decode=pools.ready.decode, expected_decode=pools.ready.decode,
+        fresh_prefill=pools.ready.prefill, expected_prefill=pools.ready.prefill,
+        warming_decode=pools.pending.decode,
+        tbt_p90_s=window.tbt_p90_s, ttft_p90_s=window.ttft_p90_s,
+        prefill_tps=window.prefill_tps, prefill_uncached_tps=window.prefill_uncached_tps,
+    )
+
+
+def _quantiles(values: np.ndarray) -> dict[str, float | None]:
+    v = values[~np.isnan(values)]
+    if not len(v):
+        return {"p50": None, "p90": None, "p99": None}
+    q = np.percentile(v, [50, 90, 99])
+    return {"p50": round(float(q[0]), 4), "p90": round(float(q[1]), 4), "p99": round(float(q[2]), 4)}
+
+
+def _reversals(decisions: list[dict[str, Any]]) -> int:
+    dirs = []
+    for d in decisions:
+        delta = sum(d["to"].values()) - sum(d["from"].values())
+        if delta:
+            dirs.append(1 if delta > 0 else -1)
+    return sum(1 for a, b in zip(dirs, dirs[1:]) if a != b)
+
+
+def _summary(cluster: Cluster, settings: RunSettings, duration: float,
+             decisions: list[dict[str, Any]], submitted: int) -> dict[str, Any]:
+    rec = cluster.rec
+    end = int(duration)
+    sl = slice(0, end)
+    p_gs, d_gs = cluster.gpu_seconds(duration)
+    p_inst = max(1e-9, rec.prefill_instances[sl].sum())
+    d_inst = max(1e-9, rec.decode_instances[sl].sum())
+    p_busy = float(rec.prefill_busy_s[sl].sum() / p_inst)
+    d_active = float(rec.decode_active_s[sl].sum() / d_inst)
+    d_compute = float(rec.decode_compute_s[sl].sum() / max(1e-9, rec.decode_active_s[sl].sum()))
+    eff = cluster.spec.decode.eff
+    ttft = cluster.ttft_s[:submitted]
+    tbt = cluster.tbt_s[:submitted]
+    ok = ~np.isnan(tbt)
+    if settings.slo_ttft_s is not None:
+        ok &= ttft <= settings.slo_ttft_s
+    if settings.slo_tbt_s is not None:
+        ok &= tbt <= settings.slo_tbt_s
+    t_q, b_q = _quantiles(ttft), _quantiles(tbt)
+    return {
+        "requests": int(submitted),
+        "completed": int((~np.isnan(tbt)).sum()),
+        "duration_s": round(duration, 1),
+        "gpu_hours": round((p_gs + d_gs) / 3600.0, 3),
+        "gpu_hours_by_role": {"prefill": round(p_gs / 3600.0, 3), "decode": round(d_gs / 3600.0, 3)},
+        "mean_instances": {"prefill": round(float(p_inst) / max(1, end), 3),
+                           "decode": round(float(d_inst) / max(1, end), 3)},
+        "mean_gpu_utilization": {
+            "prefill": round(pm.gpu_utilization("prefill", busy_fraction=p_busy, eff=eff), 4),
+            "decode": round(pm.gpu_utilization("decode", busy_fraction=d_active, eff=eff), 4)},
+        "mean_sm_activity": {
+            "prefill": round(pm.sm_activity("prefill", busy_fraction=p_busy, eff=eff), 4),
+            "decode": round(pm.sm_activity("decode", busy_fraction=d_active, compute_share=d_compute,
+                                           eff=eff), 4)},
+        "slo_attainment": round(float(ok.sum() / max(1, submitted)), 4),
+        "ttft_s": t_q, "tbt_s": b_q,
+        "ttft_p90_s": t_q["p90"], "tbt_p90_s": b_q["p90"],
+        "scaling_actions": len(decisions),
+        "direction_reversals": _reversals(decisions),
+        "preemptions": int(cluster.preemptions),
+        "decode_tokens": round(float(rec.decode_tokens[sl].sum()), 0),
+        "prefill_tokens": round(float(rec.prefill_tokens[sl].sum()), 0),
+    }
+
+
+def _series(cluster: Cluster, duration: float, bin_s: int = 60) -> dict[str, np.ndarray]:
+    """Per-minute means: load, instances, utilisation, SM activity, latency p90."""
+    rec = cluster.rec
+    end = int(duration)
+    nb = max(1, end // bin_s)
+    cut = nb * bin_s
+
+    def per_bin(arr: np.ndarray) -> np.ndarray:
+        return arr[:cut].reshape(nb, bin_s).sum(axis=1)
+
+    eff = cluster.spec.decode.eff
+    p_inst, d_inst = per_bin(rec.prefill_instances), per_bin(rec.decode_instances)
+    p_busy = per_bin(rec.prefill_busy_s) / np.maximum(p_inst, 1e-9)
+    d_active = per_bin(rec.decode_active_s) / np.maximum(d_inst, 1e-9)
+    d_comp = per_bin(rec.decode_compute_s) / np.maximum(per_bin(rec.decode_active_s), 1e-9)
+    out = {
+        "t_h": (np.arange(nb) * bin_s + bin_s / 2) / 3600.0,
+        "arrival_rps": per_bin(rec.arrivals) / bin_s,
+        "prefill_tps": per_bin(rec.prefill_tokens) / bin_s,
+        "prefill_uncached_tps": per_bin(rec.prefill_uncached_tokens) / bin_s,
+        "decode_tps": per_bin(rec.decode_tokens) / bin_s,
+        "prefill_instances": p_inst / bin_s,
+        "decode_instances": d_inst / bin_s,
+        "prefill_gpu_util": np.array([pm.gpu_utilization("prefill", busy_fraction=float(b), eff=eff)
+                                      for b in p_busy]),
+        "decode_gpu_util": np.array([pm.gpu_utilization("decode", busy_fraction=float(b), eff=eff)
+                                     for b in d_active]),
+        "prefill_sm": np.array([pm.sm_activity("prefill", busy_fraction=float(b), eff=eff)
+                                for b in p_busy]),
+        "decode_sm": np.array([pm.sm_activity("decode", busy_fraction=float(b),
+                                              compute_share=float(c), eff=eff)
+                               for b, c in zip(d_active, d_comp)]),
+    }
+    out["ttft_p90_s"], out["tbt_p90_s"] = _latency_series(cluster, nb, bin_s)
+    out["gpus"] = (out["prefill_instances"] * cluster.spec.prefill.tp
+                   + out["decode_instances"] * cluster.spec.decode.tp)
+    return out
+
+
+def _latency_series(cluster: Cluster, nb: int, bin_s: int) -> tuple[np.ndarray, np.ndarray]:
+    res = []
+    for times, vals in ((cluster.first_token_s, cluster.ttft_s), (cluster.done_s, cluster.tbt_s)):
+        ok = ~np.isnan(times)
+        idx = (times[ok] // bin_s).astype(np.int64)
+        v = vals[ok]
+        keep = idx < nb
+        idx, v = idx[keep], v[keep]
+        out = np.full(nb, np.nan)
+        if len(v):
+            order = np.argsort(idx, kind="stable")
+            idx, v = idx[order], v[order]
+            bounds = np.searchsorted(idx, np.arange(nb + 1))
+            for b in range(nb):
+                lo, hi = bounds[b], bounds[b + 1]
+                if hi > lo:
+                    out[b] = np.percentile(v[lo:hi], 90)
+        res.append(out)
+    return res[0], res[1]
+
+
+def ceil_div(a: float, b: float) -> int:
+    return int(math.ceil(a / b - 1e-9))

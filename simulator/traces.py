@@ -1,0 +1,299 @@
+"""Workloads for the simulator: native trace readers and synthetic diurnal days (pure).
+
+Owns turning a file into a ``Workload`` — arrays of arrival time, prompt tokens,
+cached (prefix-reused) prompt tokens and output tokens, sorted by arrival — and
+building day-long workloads from a trace's size distribution. It reads files but
+never the clock; randomness comes from a seed.
+
+Formats read natively (``load_trace(path, fmt="auto")``):
+
+* **Azure LLM inference traces 2023** (CSV ``TIMESTAMP,ContextTokens,GeneratedTokens``;
+  timestamps are datetimes with 7-digit fractional seconds, trimmed to microseconds).
+* **Mooncake** (JSONL, one object per line: ``timestamp`` in ms, ``input_length``,
+  ``output_length``, ``hash_ids`` — one id per 512-token block). Prefix reuse is
+  derived from ``hash_ids``: a request's leading blocks already seen by an
+  LRU prefix cache of ``prefix_cache_blocks`` blocks count as cached tokens.
+* **BurstGPT** (CSV ``Timestamp,Model,Request tokens,Response tokens,Total tokens,Log Type``;
+  ``Timestamp`` in seconds). Rows with 0 response tokens are failed requests and are skipped.
+
+Bad input raises ``TraceError`` (a ``UsageError``) naming the file and line.
+
+``diurnal_day(source, peak_rps=..., profile=..., seed=...)`` keeps the source's
+joint (prompt, output, cached) distribution and draws arrivals from a
+non-homogeneous Poisson process whose rate follows a 24-hour profile, linearly
+interpolated between hourly points. ``DEFAULT_PROFILE`` is shaped like the
+paper's Fig. 2 dialogue service (peaks near hours 3 and 8, trough 0.08 near 21).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections import OrderedDict
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from sidecar.errors import UsageError
+
+MOONCAKE_BLOCK_TOKENS = 512
+
+# Relative request rate at each hour 0..23 (the 24th point wraps to hour 0).
+DEFAULT_PROFILE: tuple[float, ...] = (
+    0.70, 0.85, 0.95, 1.00, 0.82, 0.78, 0.90, 0.97, 1.00, 0.92, 0.82, 0.72,
+    0.62, 0.52, 0.43, 0.35, 0.27, 0.20, 0.14, 0.11, 0.09, 0.08, 0.22, 0.48,
+)
+
+
+class TraceError(UsageError):
+    """A trace file that cannot be read: one line naming the file and the problem."""
+
+
+@dataclass(frozen=True)
+class Workload:
+    """Requests sorted by arrival. Arrays share one length; times start near 0.
+
+    ``cached_tokens`` ≤ ``prompt_tokens - 1`` (at least one token is always computed).
+    """
+
+    name: str
+    arrival_s: np.ndarray
+    prompt_tokens: np.ndarray
+    output_tokens: np.ndarray
+    cached_tokens: np.ndarray
+
+    def __post_init__(self) -> None:
+        n = len(self.arrival_s)
+        if any(len(a) != n for a in (self.prompt_tokens, self.output_tokens, self.cached_tokens)):
+            raise ValueError("Workload arrays must have the same length")
+
+    def __len__(self) -> int:
+        return len(self.arrival_s)
+
+    @property
+    def duration_s(self) -> float:
+        return float(self.arrival_s[-1]) if len(self) else 0.0
+
+    def window(self, start_s: float, end_s: float) -> "Workload":
+        """Requests arriving in [start_s, end_s), re-based to start at 0."""
+        lo, hi = np.searchsorted(self.arrival_s, [start_s, end_s])
+        return Workload(self.name, self.arrival_s[lo:hi] - start_s, self.prompt_tokens[lo:hi],
+                        self.output_tokens[lo:hi], self.cached_tokens[lo:hi])
+
+    def summary(self) -> dict[str, float]:
+        if not len(self):
+            return {"requests": 0}
+        return {"requests": len(self), "duration_s": round(self.duration_s, 1),
+                "mean_rps": round(len(self) / max(self.duration_s, 1e-9), 3),
+                "mean_prompt_tokens": round(float(self.prompt_tokens.mean()), 1),
+                "mean_output_tokens": round(float(self.output_tokens.mean()), 1),
+                "cached_share": round(float(self.cached_tokens.sum() / max(1, self.prompt_tokens.sum())), 4)}
+
+
+def make_workload(name: str, arrival_s: Sequence[float], prompt_tokens: Sequence[int],
+                  output_tokens: Sequence[int],
+                  cached_tokens: Sequence[int] | None = None) -> Workload:
+    """Build a ``Workload`` from plain sequences: sorts by arrival, re-bases to 0, clamps sizes."""
+    arr = np.asarray(arrival_s, dtype=np.float64)
+    prompt = np.maximum(1, np.asarray(prompt_tokens, dtype=np.int64))
+    out = np.maximum(1, np.asarray(output_tokens, dtype=np.int64))
+    cached = (np.zeros_like(prompt) if cached_tokens is None
+              else np.asarray(cached_tokens, dtype=np.int64))
+    cached = np.clip(cached, 0, prompt - 1)
+    order = np.argsort(arr, kind="stable")
+    arr = arr[order]
+    if len(arr):
+        arr = arr - arr[0]
+    return Workload(name, arr, prompt[order], out[order], cached[order])
+
+
+def detect_format(path: Path) -> str:
+    """``azure``, ``mooncake`` or ``burstgpt`` from the first line of the file."""
+    try:
+        with path.open("r", encoding="utf-8") as fh:
+            first = fh.readline().strip()
+    except OSError as exc:
+        raise TraceError(f"trace {path}: cannot read: {exc.strerror or exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise TraceError(f"trace {path}: not a text file") from exc
+    if first.startswith("{"):
+        return "mooncake"
+    header = [h.strip().lower() for h in first.split(",")]
+    if header[:3] == ["timestamp", "contexttokens", "generatedtokens"]:
+        return "azure"
+    if "request tokens" in header and "response tokens" in header:
+        return "burstgpt"
+    raise TraceError(f"trace {path}: unknown format (first line {first[:60]!r}); "
+                     "expected Azure CSV, Mooncake JSONL or BurstGPT CSV")
+
+
+def load_trace(path: str | Path, *, fmt: str = "auto",
+               prefix_cache_blocks: int = 200_000) -> Workload:
+    """Read a trace file in its native format (see module docstring)."""
+    p = Path(path)
+    if not p.is_file():
+        raise TraceError(f"trace {p}: no such file")
+    kind = detect_format(p) if fmt == "auto" else fmt
+    readers = {"azure": _read_azure, "burstgpt": _read_burstgpt}
+    if kind == "mooncake":
+        wl = _read_mooncake(p, prefix_cache_blocks)
+    elif kind in readers:
+        wl = readers[kind](p)
+    else:
+        raise TraceError(f"trace {p}: unknown format {fmt!r}; use azure, mooncake or burstgpt")
+    if not len(wl):
+        raise TraceError(f"trace {p}: no requests")
+    return wl
+
+
+def parse_azure_timestamp(text: str) -> float:
+    """``2023-11-16 18:15:46.6805900`` → unix-like seconds (naive, only differences matter)."""
+    stamp = text.strip()[:26]
+    return datetime.fromisoformat(stamp).timestamp()
+
+
+def _read_azure(path: Path) -> Workload:
+    times: list[float] = []
+    prompt: list[int] = []
+    out: list[int] = []
+    with path.open("r", encoding="utf-8", newline="") as fh:
+        reader = csv.reader(fh)
+        next(reader, None)
+        for lineno, row in enumerate(reader, start=2):
+            if not row:
+                continue
+            try:
+                times.append(parse_azure_timestamp(row[0]))
+                prompt.append(int(row[1]))
+                out.append(int(row[2]))
+            except (ValueError, IndexError) as exc:
+                raise TraceError(f"trace {path} line {lineno}: bad Azure row {row!r}") from exc
+    return make_workload(path.stem, times, prompt, out)
+
+
+def _read_burstgpt(path: Path) -> Workload:
+    times: list[float] = []
+    prompt: list[int] = []
+    out: list[int] = []
+    with path.open("r", encoding="utf-8", newline="") as fh:
+        reader = csv.reader(fh)
+        header = [h.strip().lower() for h in next(reader)]
+        try:
+            i_t, i_req, i_resp = (header.index(k) for k in
+                                  ("timestamp", "request tokens", "response tokens"))
+        except ValueError as exc:
+            raise TraceError(f"trace {path}: BurstGPT header lacks {exc}") from exc
+        for lineno, row in enumerate(reader, start=2):
+            if not row:
+                continue
+            try:
+                t, req, resp = float(row[i_t]), int(float(row[i_req])), int(float(row[i_resp]))
+            except (ValueError, IndexError) as exc:
+                raise TraceError(f"trace {path} line {lineno}: bad BurstGPT row {row!r}") from exc
+            if resp <= 0:
+                continue                      # a failed request: nothing was served
+            times.append(t)
+            prompt.append(req)
+            out.append(resp)
+    return make_workload(path.stem, times, prompt, out)
+
+
+def _read_mooncake(path: Path, cache_blocks: int) -> Workload:
+    times: list[float] = []
+    prompt: list[int] = []
+    out: list[int] = []
+    cached: list[int] = []
+    cache: OrderedDict[int, None] = OrderedDict()
+    with path.open("r", encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+                t = float(rec["timestamp"]) / 1000.0
+                n_in, n_out = int(rec["input_length"]), int(rec["output_length"])
+                hashes = [int(h) for h in rec.get("hash_ids", [])]
+            except (ValueError, KeyError, TypeError) as exc:
+                raise TraceError(f"trace {path} line {lineno}: bad Mooncake record ({exc})") from exc
+            times.append(t)
+            prompt.append(n_in)
+            out.append(n_out)
+            cached.append(min(_prefix_hit_blocks(cache, hashes, cache_blocks)
+                              * MOONCAKE_BLOCK_TOKENS, max(0, n_in - 1)))
+    return make_workload(path.stem, times, prompt, out, cached)
+
+
+def _prefix_hit_blocks(cache: OrderedDict[int, None], hashes: list[int], capacity: int) -> int:
+    """Leading blocks already cached (LRU), then record all of this request's blocks."""
+    hits = 0
+    for h in hashes:
+        if h not in cache:
+            break
+        hits += 1
+    for h in hashes:
+        cache[h] = None
+        cache.move_to_end(h)
+    while len(cache) > capacity:
+        cache.popitem(last=False)
+    return hits
+
+
+def diurnal_day(source: Workload, *, peak_rps: float, duration_h: float = 24.0,
+                profile: Sequence[float] = DEFAULT_PROFILE, start_hour: float = 0.0,
+                seed: int = 0, bin_s: float = 10.0) -> Workload:
+    """A synthetic day: ``source``'s request sizes, arrival rate ``peak_rps × profile(t)``.
+
+    The profile holds relative rates at whole hours (wrapping after the last); the
+    rate is interpolated linearly and arrivals are Poisson within ``bin_s`` bins.
+    """
+    if not len(source):
+        raise TraceError("diurnal day: the source trace has no requests")
+    if peak_rps <= 0 or duration_h <= 0:
+        raise UsageError("diurnal day: peak_rps and duration_h must be positive")
+    prof = np.asarray(profile, dtype=np.float64)
+    if len(prof) < 2 or prof.min() < 0 or prof.max() <= 0:
+        raise UsageError("diurnal day: profile needs >= 2 non-negative points, one positive")
+    prof = prof / prof.max()
+    rng = np.random.default_rng(seed)
+    edges = np.arange(0.0, duration_h * 3600.0, bin_s)
+    hours = (start_hour + (edges + bin_s / 2) / 3600.0) % len(prof)
+    rate = peak_rps * np.interp(hours, np.arange(len(prof) + 1), np.append(prof, prof[0]))
+    counts = rng.poisson(rate * bin_s)
+    n = int(counts.sum())
+    arrivals = np.repeat(edges, counts) + rng.random(n) * bin_s
+    arrivals.sort()
+    pick = rng.integers(0, len(source), n)
+    return Workload(f"{source.name}-diurnal", arrivals, source.prompt_tokens[pick],
+                    source.output_tokens[pick], source.cached_tokens[pick])
+
+
+def rate_profile(workload: Workload, *, bin_s: float = 60.0) -> tuple[np.ndarray, np.ndarray]:
+    """(bin start seconds, requests/s per bin) — for plots and tests."""
+    if not len(workload):
+        return np.zeros(0), np.zeros(0)
+    nbins = int(workload.duration_s // bin_s) + 1
+    counts = np.bincount((workload.arrival_s // bin_s).astype(np.int64), minlength=nbins)
+    return np.arange(nbins) * bin_s, counts / bin_s
+
+
+def synthetic_sizes(*, prompt_mean: int, output_mean: int, spread_ratio: float = 0.25,
+                    count: int = 10_000, seed: int = 0, name: str = "synthetic") -> Workload:
+    """A size source: prompt/output lengths uniform within ±``spread_ratio`` of their means
+    (arrivals 1 s apart; use it as the source of ``poisson`` or ``diurnal_day``)."""
+    if prompt_mean < 1 or output_mean < 1 or not 0 <= spread_ratio < 1:
+        raise UsageError("synthetic sizes: means must be >= 1 and spread in [0, 1)")
+    rng = np.random.default_rng(seed)
+
+    def draw(mean: int) -> np.ndarray:
+        return np.maximum(1, np.rint(mean * (1 + spread_ratio * (2 * rng.random(count) - 1)))).astype(np.int64)
+
+    return make_workload(name, np.arange(count, dtype=np.float64), draw(prompt_mean), draw(output_mean))
+
+
+def poisson(source: Workload, *, rate_rps: float, duration_s: float, seed: int = 0) -> Workload:
+    """Constant-rate Poisson arrivals with ``source``'s request sizes (for pressure tests)."""
+    return diurnal_day(source, peak_rps=rate_rps, duration_h=duration_s / 3600.0,
+                       profile=(1.0, 1.0), seed=seed, bin_s=min(10.0, duration_s))
