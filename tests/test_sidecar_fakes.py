@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
+from typing import Callable
 
 from aiohttp import web
 
@@ -47,6 +48,7 @@ class FakeEngine:
 
     page: str = ""
     mode: str = "page"
+    page_fn: Callable[[], str] | None = None      # when set, called per request instead of ``page``
     requests: int = 0
     accept_headers: list = field(default_factory=list)
     url: str = ""
@@ -72,7 +74,8 @@ class FakeEngine:
             await resp.write(self.page.encode()[: len(self.page) // 2])
             request.transport.close()
             return resp
-        return web.Response(text=self.page, content_type="text/plain")
+        text = self.page_fn() if self.page_fn is not None else self.page
+        return web.Response(text=text, content_type="text/plain")
 
     async def start(self) -> "FakeEngine":
         app = web.Application()
