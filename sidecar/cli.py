@@ -121,7 +121,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         add_arguments, run = _load(command)
         parser = _Parser(prog=prog, description=command.help)
         add_arguments(parser)
-        args = parser.parse_args(rest)
+        try:
+            args = parser.parse_args(rest)
+        except SystemExit as exc:   # _Parser.error / --help: already printed; return the status
+            return exc.code if isinstance(exc.code, int) else EXIT_USAGE
         return int(run(args) or 0)
     except UsageError as exc:
         return _report_usage_error(prog, exc)
