@@ -242,6 +242,28 @@ class DeploymentGroup:
                    prefill=roles["prefill"], decode=roles["decode"])
 
 
+def demand_from_service(service: Any, *, cluster_types: Iterable[str] = ()) -> ServiceDemand:
+    """Map a coordinator ``ServiceConfig`` (duck-typed: ``name``, ``priority``, ``affinity``,
+    ``pd_ratio``, ``prefill``/``decode`` with ``gpu_types`` and ``gpus_per_instance``) to a
+    :class:`ServiceDemand`.
+
+    A role with no ``gpu_types`` accepts every GPU type of the cluster, in name order
+    (``cluster_types``); raises ``ValueError`` if there is none to choose from.
+    """
+    fallback = tuple(sorted(set(cluster_types)))
+
+    def role(cfg: Any) -> RoleDemand:
+        types = tuple(getattr(cfg, "gpu_types", ()) or ()) or fallback
+        if not types:
+            raise ValueError(f"service {service.name}: no GPU types configured and none in the cluster")
+        return RoleDemand(types, int(getattr(cfg, "gpus_per_instance", 1)))
+
+    return ServiceDemand(name=service.name, priority=int(getattr(service, "priority", 0)),
+                         affinity=str(getattr(service, "affinity", "none")),
+                         ratio=tuple(getattr(service, "pd_ratio", (1, 1))),
+                         prefill=role(service.prefill), decode=role(service.decode))
+
+
 # ---------------------------------------------------------------- outputs
 
 
