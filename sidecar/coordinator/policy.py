@@ -259,7 +259,7 @@ def decide(*, service: "ServiceConfig", observation: Observation, state: PolicyS
     tau = service.target_decode_tps_per_instance
     want = proportional_decode(tps, tau)
     state = replace(state, recommendations=_trim_recs(
-        state.recommendations + ((now_s, clamp(want, low, high)),), now_s=now_s,
+        state.recommendations + ((now_s, want),), now_s=now_s,
         window_s=pol.scale_in_stabilization_s))
     utilization = tps / (current.decode * tau) if current.decode > 0 else math.inf
     step, lat_reason, lat_ratio = latency_step(service, tbt_p90_s=observation.tbt_p90_s,
