@@ -238,6 +238,9 @@ class FakeKube:
         self._faults.append(Fault(status, method, path_contains, times, retry_after_s,
                                   message or ("injected timeout" if status == 0 else "injected")))
 
+    def clear_faults(self) -> None:
+        self._faults.clear()
+
     def writes(self, path_contains: str = "") -> list[tuple[str, str]]:
         return [(m, p) for m, p in self.calls if m != "GET" and path_contains in p]
 
