@@ -1,0 +1,55 @@
+"""Pick and open the sidecar's GPU reader: ``open_reader(source, gpus, emulator_url)``.
+
+The agent calls this once at start-up (``await``). Sources:
+
+* ``"nvml"`` (default): real GPUs through NVML. No driver, no library or no GPU
+  is not an error: the sidecar runs in no-GPU mode (``NoGpuReader``), and the
+  reason is logged here, once.
+* ``"emulator"``: modelled GPUs from an engine emulator's ``/emulator/gpu`` page
+  (demo and tests); needs ``emulator_url``.
+* ``"none"``: no GPU readings at all (e.g. a CPU engine).
+
+Only user mistakes raise (``UsageError``/``ConfigError``: unknown source, bad
+``--gpus``, emulator source without URL); the CLI turns them into one line, exit 2.
+"""
+
+from __future__ import annotations
+
+import logging
+from types import ModuleType
+from typing import Mapping
+
+from sidecar.errors import UsageError
+from sidecar.gpu.base import GpuReader, NoGpuReader
+from sidecar.gpu.emulator_source import EmulatorGpuReader
+from sidecar.gpu.nvml import NvmlSettings, open_nvml_reader
+
+log = logging.getLogger("heteroscale.gpu")
+
+SOURCES = ("nvml", "emulator", "none")
+
+
+async def open_reader(source: str = "nvml", gpus: str | None = None, emulator_url: str | None = None,
+                      *, env: Mapping[str, str] | None = None, nvml: ModuleType | None = None,
+                      settings: NvmlSettings | None = None) -> GpuReader:
+    """Return the reader for ``source``; see the module docstring. Never raises for hardware."""
+    if source not in SOURCES:
+        raise UsageError(f"--gpu-source: expected one of {', '.join(SOURCES)}, got {source!r}")
+    if source == "emulator":
+        if not emulator_url:
+            raise UsageError("--gpu-source emulator needs --emulator-gpu-url URL")
+        try:
+            reader: GpuReader = EmulatorGpuReader(emulator_url)
+        except ValueError as err:
+            raise UsageError(f"--emulator-gpu-url: {err}") from err
+        log.info("GPU readings: %s", reader.reason)
+        return reader
+    if source == "none":
+        reader = NoGpuReader("GPU readings switched off (--gpu-source none)")
+    else:
+        reader = await open_nvml_reader(gpus=gpus, env=env, nvml=nvml, settings=settings)
+    if reader.mode == "none":
+        log.warning("no-GPU mode: %s", reader.reason)
+    else:
+        log.info("GPU readings: %s", reader.reason)
+    return reader
