@@ -80,6 +80,11 @@ async def test_real_pynvml_no_gpu_mode_even_with_a_gpus_flag():
 # --------------------------------------------------------------------------- selection
 
 
+def test_gpus_flag_may_come_split_already():
+    # The agent hands the flag over as a tuple; same meaning as the text.
+    assert choose_selection(("0", UUID_B), {}) == GpuSelection(("0", UUID_B), "--gpus")
+
+
 def test_parse_gpu_selectors_accepts_indices_and_uuids():
     assert parse_gpu_selectors("0, 3") == ("0", "3")
     assert parse_gpu_selectors(f"{UUID_A},1") == (UUID_A, "1")
@@ -198,7 +203,7 @@ async def test_no_devices_gives_no_gpu_mode():
 async def test_hanging_init_gives_no_gpu_mode_and_does_not_block_the_loop():
     release = threading.Event()
     try:
-        reader, _ = await open_fake(FakeNvml(three_gpus(), init_hang=release), call_timeout_s=0.05)
+        reader, _ = await open_fake(FakeNvml(three_gpus(), init_hang=release), init_timeout_s=0.05)
         assert reader.mode == "none" and "did not initialise within 0.05 s" in reader.reason
     finally:
         release.set()
@@ -344,6 +349,23 @@ async def test_hanging_call_marks_the_reading_absent_without_blocking():
         await reader.close()
 
 
+async def test_caller_cancelling_a_hung_read_also_marks_nvml_stuck():
+    # The agent bounds each GPU read with its own wait_for; if that fires first,
+    # later reads must still fail fast rather than queue behind the stuck call.
+    release = threading.Event()
+    gpu = FakeGpu(UUID_A, hang={"nvmlDeviceGetUtilizationRates": release})
+    fake = FakeNvml([gpu])
+    reader, _ = await open_fake(fake, call_timeout_s=5.0)
+    try:
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(reader.read(), 0.05)
+        assert await reader.read() == (GpuReading(gpu="0"),)
+        assert reader.errors_total == {"timeout": 1}
+    finally:
+        release.set()
+        await reader.close()
+
+
 async def test_close_frees_gpm_samples_and_shuts_nvml_down():
     fake = FakeNvml(three_gpus())
     reader, _ = await open_fake(fake)
@@ -358,8 +380,8 @@ async def test_close_frees_gpm_samples_and_shuts_nvml_down():
 
 def test_settings_are_validated_all_at_once():
     with pytest.raises(ConfigError) as err:
-        NvmlSettings(call_timeout_s=0, gpm_min_interval_s=-1)
-    assert len(err.value.problems) == 2
+        NvmlSettings(call_timeout_s=0, init_timeout_s=0, gpm_min_interval_s=-1)
+    assert len(err.value.problems) == 3
 
 
 async def test_open_logs_nothing_itself(caplog):

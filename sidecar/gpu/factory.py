@@ -3,8 +3,10 @@
 The agent calls this once at start-up (``await``). Sources:
 
 * ``"nvml"`` (default): real GPUs through NVML. No driver, no library or no GPU
-  is not an error: the sidecar runs in no-GPU mode (``NoGpuReader``), and the
-  reason is logged here, once.
+  is not an error: the sidecar runs in no-GPU mode (``NoGpuReader`` with a
+  ``reason``). This function does not log that; its caller does, once
+  (``sidecar.agent.open_gpu_reader``: "no GPU readable (<reason>): no-GPU mode"),
+  and exports ``heteroscale_gpu_mode{mode="none"}``.
 * ``"emulator"``: modelled GPUs from an engine emulator's ``/emulator/gpu`` page
   (demo and tests); needs ``emulator_url``.
 * ``"none"``: no GPU readings at all (e.g. a CPU engine).
@@ -17,7 +19,7 @@ from __future__ import annotations
 
 import logging
 from types import ModuleType
-from typing import Mapping
+from typing import Mapping, Sequence
 
 from sidecar.errors import UsageError
 from sidecar.gpu.base import GpuReader, NoGpuReader
@@ -29,7 +31,8 @@ log = logging.getLogger("heteroscale.gpu")
 SOURCES = ("nvml", "emulator", "none")
 
 
-async def open_reader(source: str = "nvml", gpus: str | None = None, emulator_url: str | None = None,
+async def open_reader(source: str = "nvml", gpus: str | Sequence[str] | None = None,
+                      emulator_url: str | None = None,
                       *, env: Mapping[str, str] | None = None, nvml: ModuleType | None = None,
                       settings: NvmlSettings | None = None) -> GpuReader:
     """Return the reader for ``source``; see the module docstring. Never raises for hardware."""
@@ -45,11 +48,8 @@ async def open_reader(source: str = "nvml", gpus: str | None = None, emulator_ur
         log.info("GPU readings: %s", reader.reason)
         return reader
     if source == "none":
-        reader = NoGpuReader("GPU readings switched off (--gpu-source none)")
-    else:
-        reader = await open_nvml_reader(gpus=gpus, env=env, nvml=nvml, settings=settings)
-    if reader.mode == "none":
-        log.warning("no-GPU mode: %s", reader.reason)
-    else:
+        return NoGpuReader("GPU readings switched off (--gpu-source none)")
+    reader = await open_nvml_reader(gpus=gpus, env=env, nvml=nvml, settings=settings)
+    if reader.mode != "none":
         log.info("GPU readings: %s", reader.reason)
     return reader

@@ -49,7 +49,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from types import ModuleType
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 from sidecar.errors import ConfigError, UsageError
 from sidecar.gpu.base import NoGpuReader
@@ -76,9 +76,13 @@ _NO_GPU_INIT = {
 class NvmlSettings:
     """How NVML is read. Both bounds trade freshness against load on the driver."""
 
-    call_timeout_s: float = 2.0
-    """Longest wait for one NVML hop (a whole read of all GPUs, or init). NVML calls
-    take microseconds to milliseconds; seconds means the driver is wedged."""
+    call_timeout_s: float = 0.5
+    """Longest wait for one read of all GPUs (or shutdown). NVML calls take
+    microseconds to milliseconds; half a second means the driver is wedged. Keep it
+    below the agent's own bound on a GPU read (its scrape timeout)."""
+    init_timeout_s: float = 10.0
+    """Longest wait for ``nvmlInit`` plus device discovery, once at start-up. Without
+    persistence mode the driver may need seconds per GPU to wake up."""
     gpm_min_interval_s: float = 0.2
     """Shortest span between two GPM samples used for SM activity. NVIDIA asks for
     more than the GPM refresh (~0.1 s); shorter spans give noisy ratios."""
@@ -87,6 +91,8 @@ class NvmlSettings:
         problems = []
         if not self.call_timeout_s > 0:
             problems.append(f"call_timeout_s must be > 0, got {self.call_timeout_s}")
+        if not self.init_timeout_s > 0:
+            problems.append(f"init_timeout_s must be > 0, got {self.init_timeout_s}")
         if not self.gpm_min_interval_s > 0:
             problems.append(f"gpm_min_interval_s must be > 0, got {self.gpm_min_interval_s}")
         if problems:
@@ -125,7 +131,7 @@ def parse_gpu_selectors(text: str, *, source: str = "--gpus") -> tuple[str, ...]
     return tuple(items)
 
 
-def choose_selection(gpus: str | None, env: Mapping[str, str] | None = None) -> GpuSelection:
+def choose_selection(gpus: str | Sequence[str] | None, env: Mapping[str, str] | None = None) -> GpuSelection:
     """Flag first, then ``NVIDIA_VISIBLE_DEVICES``, then ``CUDA_VISIBLE_DEVICES``.
 
     ``NVIDIA_VISIBLE_DEVICES``: ``all`` (or unset/empty) means every GPU NVML
@@ -136,7 +142,8 @@ def choose_selection(gpus: str | None, env: Mapping[str, str] | None = None) -> 
     is ignored with a warning (it was not written for us).
     """
     if gpus is not None:
-        return GpuSelection(parse_gpu_selectors(gpus), "--gpus")
+        text = gpus if isinstance(gpus, str) else ",".join(gpus)
+        return GpuSelection(parse_gpu_selectors(text), "--gpus")
     env = os.environ if env is None else env
     nvd = env.get("NVIDIA_VISIBLE_DEVICES", "").strip()
     if nvd.lower() in ("none", "void"):
@@ -213,6 +220,11 @@ class _NvmlThread:
             if future.running():
                 self._stuck = future
             raise NvmlCallTimeout(f"NVML call {getattr(fn, '__name__', fn)} took over {timeout_s} s") from None
+        except asyncio.CancelledError:
+            # The caller's own bound fired first: same meaning for later calls.
+            if future.running():
+                self._stuck = future
+            raise
 
     def stop(self) -> None:
         self._jobs.put(None)
@@ -470,13 +482,15 @@ def _import_pynvml() -> ModuleType | None:
     return pynvml
 
 
-async def open_nvml_reader(*, gpus: str | None, env: Mapping[str, str] | None = None,
+async def open_nvml_reader(*, gpus: str | Sequence[str] | None, env: Mapping[str, str] | None = None,
                            nvml: ModuleType | None = None, settings: NvmlSettings | None = None,
                            clock: Callable[[], float] = time.monotonic) -> NvmlReader | NoGpuReader:
     """Open NVML for this engine's GPUs, or explain (``NoGpuReader.reason``) why not.
 
-    Raises ``UsageError``/``ConfigError`` only for a bad ``--gpus`` flag (syntax, or a
-    GPU that does not exist on this node). ``nvml`` is the pynvml module; tests pass
+    ``gpus`` is the ``--gpus`` flag, as text or already split. Raises
+    ``UsageError``/``ConfigError`` only for a bad ``--gpus`` flag (syntax, or a GPU
+    that does not exist on this node). Logs nothing: the caller says once why it
+    runs without GPUs. ``nvml`` is the pynvml module; tests pass
     a fake with the same functions and the real error classes.
     """
     settings = settings or NvmlSettings()
@@ -489,10 +503,10 @@ async def open_nvml_reader(*, gpus: str | None, env: Mapping[str, str] | None = 
     thread = _NvmlThread()
     try:
         devices, problems = await thread.call(_open_blocking, nvml, selection.selectors,
-                                              timeout_s=settings.call_timeout_s)
+                                              timeout_s=settings.init_timeout_s)
     except NvmlCallTimeout:
         thread.stop()
-        return NoGpuReader(f"NVML did not initialise within {settings.call_timeout_s} s")
+        return NoGpuReader(f"NVML did not initialise within {settings.init_timeout_s} s")
     except nvml.NVMLError as err:
         thread.stop()
         known = _NO_GPU_INIT.get(_error_name(err))
