@@ -130,12 +130,10 @@ def wanted_sample_names(families: tuple[str, ...]) -> frozenset[str]:
 
 
 def _line_name(line: str) -> str:
-    end = len(line)
-    for sep in ("{", " ", "\t"):
-        i = line.find(sep)
-        if 0 <= i < end:
-            end = i
-    return line[:end]
+    name = line.partition("{")[0]
+    if " " in name or "\t" in name:
+        name = name.split(None, 1)[0] if name.strip() else ""
+    return name
 
 
 def select_lines(text: str, wanted: frozenset[str], *, prefix: str) -> tuple[list[str], bool]:

@@ -173,6 +173,7 @@ class Agent:
         self.gpus: tuple[GpuReading, ...] = ()
         self.extension_samples: dict[str, Mapping[str, Any]] = {}
         self._last_snapshot: EngineSnapshot | None = None
+        self._stats: tuple[float, WindowStats] | None = None
         self._task: asyncio.Task | None = None
         self._stopping = asyncio.Event()
         self._started_extensions: list[SidecarExtension] = []
@@ -193,7 +194,11 @@ class Agent:
         return now - self.last_good_mono > self.settings.stale_after_s
 
     def stats(self) -> WindowStats:
-        return self.window.stats(self._clock())
+        """Window stats as of now; cached per cycle so /metrics and /v1/report stay cheap."""
+        now = self._clock()
+        if self._stats is None or abs(now - self._stats[0]) > self.settings.interval_s / 2:
+            self._stats = (now, self.window.stats(now))
+        return self._stats[1]
 
     def _kv(self) -> tuple[float | None, str]:
         return view_kv(self.extension_samples.get(KV_TRANSFER_NAME),
@@ -245,6 +250,7 @@ class Agent:
         """Scrape the engine, read GPUs, sample extensions - concurrently, each bounded."""
         now = self._clock()
         await asyncio.gather(self._scrape_engine(), self._read_gpus(), self._sample_extensions(now))
+        self._stats = None      # new data: recompute on next read
 
     async def _scrape_engine(self) -> None:
         t0 = self._clock()

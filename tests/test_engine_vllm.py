@@ -141,12 +141,42 @@ def test_broken_histogram_is_a_parse_error():
     assert err.value.reason == "parse"
 
 
-def test_real_captured_vllm_032_page():
-    path = DATA / "vllm_0.32_cpu.txt"
+REAL = DATA / "vllm_0.32_cpu.txt"            # captured from a real vLLM 0.32 CPU server after traffic
+REAL_IDLE = DATA / "vllm_0.32_cpu_idle.txt"   # the same server before any request
+
+
+@pytest.mark.parametrize("path", [REAL, REAL_IDLE], ids=lambda p: p.name)
+def test_real_captured_vllm_032_pages(path):
     if not path.exists():
-        pytest.skip("real captured vLLM page not committed yet (tests/data/vllm_0.32_cpu.txt)")
-    snap = vllm.parse(path.read_text())
-    assert S.GENERATION_TOKENS in snap.counters and S.PROMPT_TOKENS in snap.counters
-    assert S.REQUESTS_RUNNING in snap.gauges and S.KV_CACHE_USAGE in snap.gauges
-    assert 0.0 <= snap.gauges[S.KV_CACHE_USAGE] <= 1.0
-    assert S.TTFT in snap.histograms and S.TBT in snap.histograms
+        pytest.skip(f"real captured vLLM page not committed yet ({path.name})")
+    text = path.read_text()
+    snap = vllm.parse(text)
+    assert snap.ranks == frozenset({"0"})
+    for key in (S.GENERATION_TOKENS, S.PROMPT_TOKENS, S.PROMPT_CACHED_TOKENS, S.PROMPT_UNCACHED_TOKENS):
+        assert key in snap.counters
+    # by_source splits every prompt token into computed here + from a cache
+    assert snap.counters[S.PROMPT_CACHED_TOKENS] + snap.counters[S.PROMPT_UNCACHED_TOKENS] == \
+        snap.counters[S.PROMPT_TOKENS]
+    assert set(snap.gauges) == {S.REQUESTS_RUNNING, S.REQUESTS_WAITING, S.KV_CACHE_USAGE}
+    assert len(snap.histograms[S.TTFT].bounds) == 23 and len(snap.histograms[S.TBT].bounds) == 20
+    # and the fast path reads what the full parser reads
+    full = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            full.setdefault(s.name, []).append((s.labels, s.value))
+    for name, samples in S.parse_page(text, families=vllm.FAMILIES, prefix="vllm:", engine="vllm").items():
+        assert [(s.labels, s.value) for s in samples] == full[name]
+
+
+def test_real_pages_idle_then_traffic_give_the_generated_token_rate():
+    if not (REAL.exists() and REAL_IDLE.exists()):
+        pytest.skip("real captured vLLM pages not committed yet")
+    from engine_adapters.rates import SignalWindow
+    idle, busy = vllm.parse(REAL_IDLE.read_text()), vllm.parse(REAL.read_text())
+    window = SignalWindow(window_s=60)
+    window.add(0.0, idle)
+    window.add(10.0, busy)
+    stats = window.stats(10.0)
+    # generated tokens went from 0 to N in 10 s -> N / 10 tok/s
+    assert stats.decode_tps == busy.counters[S.GENERATION_TOKENS] / 10 > 0
+    assert stats.ttft_s[0.5] is not None and stats.tbt_s[0.5] is not None
