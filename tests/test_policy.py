@@ -264,10 +264,14 @@ def test_manual_override_is_adopted_not_fought():
     svc = service(policy={"scale_out_cooldown_s": 60, "scale_in_stabilization_s": 300})
     d, state = once(svc, obs((2, 2), 2400, manual=True), now_s=0.0)
     assert (d.reason, d.desired) == ("manual_override", PoolCounts(2, 2))
-    # Next tick the load asks for more, but the human's change started the cooldown.
-    d, state = decide(service=svc, observation=obs((2, 2), 20000), state=state, now_s=5.0)
+    # The backend keeps the flag up until we write. Next tick the load asks for more,
+    # but the human's change started the cooldown.
+    d, state = decide(service=svc, observation=obs((2, 2), 20000, manual=True), state=state, now_s=5.0)
     assert d.reason == "hold_cooldown"
-    d, _ = decide(service=svc, observation=obs((2, 2), 20000), state=state, now_s=61.0)
+    # Another edit while flagged is adopted again (a new edge).
+    d, state = decide(service=svc, observation=obs((3, 3), 20000, manual=True), state=state, now_s=10.0)
+    assert (d.reason, d.desired) == ("manual_override", PoolCounts(3, 3))
+    d, _ = decide(service=svc, observation=obs((3, 3), 20000, manual=True), state=state, now_s=71.0)
     assert d.reason == "scale_out_tps"
 
 

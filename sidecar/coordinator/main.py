@@ -151,12 +151,16 @@ def build_runtime(config: Config, *, actuator: Any = None, election: Any = None,
     if config.coordinator.backend == "kubernetes" and (actuator is None or election is None):
         from sidecar.coordinator.kube import kube_from_config
         kube = kube_from_config(kubeconfig=kubeconfig, context=context)
-    if actuator is None:
-        cls = actuator_class(config.coordinator.backend)
-        actuator = cls(config, **_accepted(cls, {"api": kube, "kube": kube, "identity": identity}))
-    collector = Collector.from_config(config.coordinator.collect, source=report_source(config, actuator))
     if election is None:
         election = make_election(config, identity=identity, kube=kube)
+    if actuator is None:
+        # Writing backends get the fence too, so a write that races a lost lease is
+        # refused inside the actuator as well (between the two pools' writes).
+        effective_dry_run = config.coordinator.dry_run if dry_run is None else dry_run
+        cls = actuator_class(config.coordinator.backend)
+        actuator = cls(config, **_accepted(cls, {"api": kube, "fence": election.still_leader,
+                                                 "dry_run": effective_dry_run}))
+    collector = Collector.from_config(config.coordinator.collect, source=report_source(config, actuator))
     reconciler = Reconciler(config=config, actuator=actuator, collector=collector, election=election,
                             dry_run=dry_run)
     return Runtime(config=config, reconciler=reconciler, app=make_status_app(reconciler),

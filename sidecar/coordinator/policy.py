@@ -6,8 +6,10 @@ previous state in, the new state out, time as an argument; no I/O, no clock).
 
 One tick, in order (PAPER §5.3–5.5, PEERS §5):
 
-1. A human changed the replicas (``manual_override``): adopt their counts, start the
-   cooldown and the stabilisation window from them. Reason ``manual_override``.
+1. A human changed the replicas (``manual_override``, newly seen): adopt their counts,
+   start the cooldown and the stabilisation window from them; reason ``manual_override``.
+   The next ticks decide normally from those counts (the backend keeps the flag up
+   until our next write; the policy reacts to each new edit once).
 2. A fixed-count schedule is active: use it. Reason ``schedule``. (A bounds schedule
    only narrows ``min_decode``/``max_decode`` and the policy runs on.)
 3. Too few fresh decode reports: hold. Missing data never scales in
@@ -72,6 +74,7 @@ class PolicyState:
     last_scale_out_s: float | None = None
     last_scale_in_s: float | None = None
     pending_seen_s: float | None = None                    # first tick pending was seen
+    adopted: PoolCounts | None = None                      # a human's counts, already adopted
 
 
 # ---------------------------------------------------------------- building blocks
@@ -233,8 +236,12 @@ def decide(*, service: "ServiceConfig", observation: Observation, state: PolicyS
         return (Decision(service=service.name, at=now_s, reason=reason, current=current,
                          desired=desired, detail=detail, inputs=inputs), new_state)
 
-    if pools.manual_override:
-        adopted = replace(state, last_scale_out_s=now_s, last_scale_in_s=now_s,
+    # The backend keeps flagging a manual edit until we write again, so adopt each new
+    # edit once (an edge), then decide normally from the human's counts.
+    if not pools.manual_override:
+        state = replace(state, adopted=None) if state.adopted is not None else state
+    elif state.adopted != current:
+        adopted = replace(state, last_scale_out_s=now_s, last_scale_in_s=now_s, adopted=current,
                           recommendations=((now_s, current.decode),))
         return result("manual_override", current,
                       f"replicas changed outside HeteroScale to {current.prefill}P{current.decode}D; "
