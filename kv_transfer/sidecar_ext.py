@@ -42,6 +42,7 @@ import socket
 import time
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
+from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -78,7 +79,7 @@ class KvSettings:
     direction: str
     window_s: float = 30.0
     connector_url: str | None = None
-    connector_timeout_s: float = 2.0
+    connector_timeout_s: float = 0.5          # below the agent's per-cycle bound (0.8 s by default)
     engine_metrics_url: str | None = None      # fallback self-scrape when the agent hands no pages
     rdma: RdmaSettings | None = field(default_factory=RdmaSettings)
     probe_server: ProbeServerSettings | None = None
@@ -190,8 +191,9 @@ def settings_from_args(args: argparse.Namespace) -> KvSettings:
     engine_url = getattr(args, "engine_url", None)
     engine_metrics_url = None
     if isinstance(engine_url, str) and engine_url.startswith(("http://", "https://")):
-        engine_metrics_url = engine_url if engine_url.rstrip("/").endswith("/metrics") \
-            else engine_url.rstrip("/") + "/metrics"
+        # The agent's rule: a bare host gets /metrics, an explicit path is kept.
+        parts = urlsplit(engine_url)
+        engine_metrics_url = urlunsplit(parts._replace(path="/metrics") if parts.path in ("", "/") else parts)
     return KvSettings(direction=direction, window_s=window_s, connector_url=url or None, rdma=rdma,
                       engine_metrics_url=engine_metrics_url,
                       probe_server=server, probe_listen=listen, probe_client=client, probe_secret=secret)
@@ -420,8 +422,21 @@ class KvTransferExtension:
     def _count_error(self, reason: str) -> None:
         self._engine_errors[reason] = self._engine_errors.get(reason, 0) + 1
 
-    async def _fetch_exporter(self, now_s: float) -> None:
-        assert self.settings.connector_url
+    async def _read_engine(self, now_s: float) -> None:
+        if not self.settings.engine_metrics_url or self._agent_observes:
+            return
+        # An agent without the page hook: read the engine's connector metrics ourselves.
+        text = await self._fetch(self.settings.engine_metrics_url)
+        if text is not None and not self._agent_observes:
+            self._observe(text, now_s)
+
+    async def _read_rdma(self, now_s: float) -> None:
+        if self._rdma_reader is not None:
+            self._rdma.add(now_s, await asyncio.to_thread(self._rdma_reader.read))
+
+    async def _read_exporter(self, now_s: float) -> None:
+        if not self.settings.connector_url:
+            return
         text = await self._fetch(self.settings.connector_url)
         if text is None:
             return
@@ -434,15 +449,8 @@ class KvTransferExtension:
 
     async def sample(self, now_s: float) -> Mapping[str, Any]:
         self._last_now_s = now_s
-        if self.settings.connector_url:
-            await self._fetch_exporter(now_s)
-        if self.settings.engine_metrics_url and not self._agent_observes:
-            # An agent without the page hook: read the engine's connector metrics ourselves.
-            text = await self._fetch(self.settings.engine_metrics_url)
-            if text is not None and not self._agent_observes:
-                self._observe(text, now_s)
-        if self._rdma_reader is not None:
-            self._rdma.add(now_s, await asyncio.to_thread(self._rdma_reader.read))
+        # The three reads are independent and each bounded: run them side by side.
+        await asyncio.gather(self._read_exporter(now_s), self._read_engine(now_s), self._read_rdma(now_s))
         self._last_sample = self.build_sample(now_s)
         return self._last_sample
 

@@ -269,3 +269,41 @@ async def test_probe_server_and_client_extensions_on_loopback(tmp_path):
         assert server_doc == {"name": "decode-7", "probes": 1, "bytes_received": 2 * 1024 * 1024, "refusals": {}}
     finally:
         await decode.close()
+
+
+async def test_inside_the_real_agent_against_a_real_engine_server():
+    """The real Agent, its real extension seam and a real engine page server on 127.0.0.1."""
+    import aiohttp
+
+    from sidecar.agent import Agent, settings_from_args as agent_settings
+    from tests.test_sidecar_fakes import FakeEngine, vllm_page
+
+    engine = await FakeEngine(page=vllm_page(gen=0.0)).start()
+    t = [1000.0]
+    try:
+        args = agent_parser().parse_args(["--engine", "vllm", "--engine-url", engine.url, "--role", "decode",
+                                          "--service", "chat", "--pod", "decode-0", "--gpu-source", "none",
+                                          "--no-rdma"])
+        (ext,) = build_extensions(args)
+        async with aiohttp.ClientSession() as session:
+            agent = Agent(agent_settings(args), session=session, clock=lambda: t[0], extensions=[ext])
+            await agent.start()
+            try:
+                for i in range(3):
+                    # 5e6 bytes of KV received per second, on top of an ordinary vLLM page.
+                    engine.page = vllm_page(gen=100.0 * i) + nixl_page(bytes_sum=5e6 * i, count=1 + i,
+                                                                       time_sum=0.01 * (1 + i), failed=0)
+                    await agent.cycle()
+                    t[0] += 1.0
+                t[0] -= 1.0
+                report = agent.report()
+                assert report.kv_transfer["bytes_per_second"] == pytest.approx(5e6)
+                assert report.kv_transfer["source"] == "engine" and report.kv_transfer["direction"] == "receive"
+                view = agent.metrics_view()
+                assert (view.kv_bytes_per_second, view.kv_direction) == (pytest.approx(5e6), "receive")
+                names = {m.name for m in view.extension_metrics()}
+                assert "heteroscale_kv_transfer_source_bytes_per_second" in names
+            finally:
+                await agent.stop()
+    finally:
+        await engine.close()
