@@ -127,3 +127,32 @@ def test_equal_or_better_than_every_peer_is_never_flagged(rates):
             assert not pair.flagged
         if pair.flagged:
             assert pair.bytes_per_second < 0.85 * pair.reference_bytes_per_second
+
+
+def test_bandwidth_families_read_back_through_a_registry():
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from kv_transfer.bandwidth_metrics import bandwidth_families
+
+    reports = [report("p0", "prefill", "n1", peers=[peer("d0", 25 * MB), peer("d1", 10 * MB),
+                                                      peer("d2", None, error="timeout")]),
+               report("d0", "decode", "n2"), report("d1", "decode", "n3")]
+    bmap = build_bandwidth_map(reports, switches=SWITCHES, now_s=NOW)
+
+    class _C:
+        def collect(self):
+            return bandwidth_families(bmap)
+
+    registry = CollectorRegistry()
+    registry.register(_C())
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for f in text_string_to_metric_families(generate_latest(registry).decode()) for s in f.samples}
+    assert samples[("heteroscale_kv_bandwidth_bytes_per_second",
+                    (("decode", "d1"), ("locality", "cross_switch"), ("prefill", "p0"), ("service", "chat")))] == 10 * MB
+    assert samples[("heteroscale_kv_bandwidth_median_bytes_per_second",
+                    (("locality", "same_switch"), ("service", "chat")))] == 25 * MB
+    assert samples[("heteroscale_kv_bandwidth_flagged_pairs", (("service", "chat"),))] == 1
+    # The failed probe has no number: no series, never a 0.
+    assert not any(k[0] == "heteroscale_kv_bandwidth_bytes_per_second" and ("decode", "d2") in k[1]
+                   for k in samples)
