@@ -142,6 +142,12 @@ async def cycle_cost(url: str, cycles: int) -> float:
     return cost
 
 
+def cpu_s_of(pid: int) -> float:
+    """utime + stime of a process, seconds (from /proc/<pid>/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def rss_of(pid: int) -> dict:
     status = Path(f"/proc/{pid}/status").read_text()
     get = lambda key: int(re.search(rf"^{key}:\s+(\d+) kB", status, re.M).group(1)) / 1024  # noqa: E731
@@ -193,7 +199,18 @@ def run_kind(kind: str, args: argparse.Namespace) -> dict:
                  "--interval", "1", "--gpu-source", "none", "--log-level", "WARNING"], cwd=REPO)
             wait_port(sport)
             time.sleep(6.0)     # a full rate window of scrapes
-            result["metrics_latency"] = asyncio.run(metrics_latency(f"http://127.0.0.1:{sport}", args.seconds))
+            load_before = os.getloadavg()[0]
+            cpu0, wall0 = cpu_s_of(sidecar.pid), time.monotonic()
+            latency = asyncio.run(metrics_latency(f"http://127.0.0.1:{sport}", args.seconds))
+            cpu_s, wall_s = cpu_s_of(sidecar.pid) - cpu0, time.monotonic() - wall0
+            # The client-side tail depends on what else this machine runs (load
+            # average recorded); the sidecar's own CPU per second under the load
+            # does not: it includes its 1 Hz scrape cycles and the 50 renders/s.
+            latency["loadavg_1m_before"] = round(load_before, 2)
+            latency["loadavg_1m_after"] = round(os.getloadavg()[0], 2)
+            latency["sidecar_cpu_ms_per_second"] = round(cpu_s / wall_s * 1000, 2)
+            latency["sidecar_cpu_ms_per_request_upper_bound"] = round(cpu_s * 1000 / latency["requests"], 3)
+            result["metrics_latency"] = latency
             result["sidecar_process"] = rss_of(sidecar.pid)
             return result
         finally:

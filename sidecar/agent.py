@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import inspect
 import logging
 import os
@@ -455,6 +456,9 @@ def run(args: argparse.Namespace) -> int:
 async def serve(settings: AgentSettings, *, extensions: Sequence[SidecarExtension] = ()) -> int:
     """Run the sidecar until SIGTERM/SIGINT."""
     gpu_reader = await open_gpu_reader(settings)
+    # Everything imported so far lives for the whole process: keep it out of the
+    # collector's sweeps so a long-lived sidecar has short, rare GC pauses.
+    gc.freeze()
     agent = Agent(settings, gpu_reader=gpu_reader, extensions=extensions)
     registry = CollectorRegistry(auto_describe=False)
     registry.register(SidecarCollector(agent.metrics_view))
