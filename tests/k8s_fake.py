@@ -218,20 +218,12 @@ class Fault:
 
 # ---------------------------------------------------------------- the fake
 
-class FakeKube:
-    """Implements ``KubeTransport`` on an in-memory store."""
+class Faults:
+    """Failure injection shared by the fake and by ``FaultyTransport`` (a real transport
+    with injected failures): matching calls fail the way the real transport reports them."""
 
-    def __init__(self, *, clock: Callable[[], float] | None = None) -> None:
-        self._clock = clock or FakeClock().time
-        self._objects: dict[tuple[str, str, str, str], JSON] = {}
-        self._rv = itertools.count(1000)
-        self._uid = itertools.count(1)
-        self._names = itertools.count(1)
-        self._faults: list[Fault] = []
-        self.calls: list[tuple[str, str]] = []
-        self.closed = False
+    _faults: list[Fault]
 
-    # -- test helpers ----------------------------------------------------
     def inject(self, status: int, *, method: str | None = None, path_contains: str | None = None,
                times: int = 1, retry_after_s: float | None = None, message: str = "") -> None:
         """The next ``times`` calls matching method/path fail with ``status`` (0: timeout)."""
@@ -241,6 +233,60 @@ class FakeKube:
     def clear_faults(self) -> None:
         self._faults.clear()
 
+    def _maybe_fail(self, method: str, path: str, what: str) -> None:
+        for fault in self._faults:
+            if fault.times <= 0:
+                continue
+            if fault.method and fault.method != method:
+                continue
+            if fault.path_contains and fault.path_contains not in path:
+                continue
+            fault.times -= 1
+            if fault.status == 0:
+                raise ApiError(f"{what}: no answer: ReadTimeoutError: {fault.message}", status=0)
+            reason = {429: "TooManyRequests", 500: "InternalError", 503: "ServiceUnavailable",
+                      409: "Conflict", 504: "Timeout"}.get(fault.status, "Injected")
+            raise ApiError(f"{what}: {fault.status} {reason}: {fault.message}",
+                           status=fault.status, retry_after_s=fault.retry_after_s)
+
+
+class FaultyTransport(Faults):
+    """Wraps a real transport: records every call, fails injected ones before they are
+    sent (the real server answers the rest)."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self._faults = []
+        self.calls: list[tuple[str, str]] = []
+
+    def writes(self, path_contains: str = "") -> list[tuple[str, str]]:
+        return [(m, p) for m, p in self.calls if m != "GET" and path_contains in p]
+
+    async def request(self, method: str, path: str, *, query: Mapping[str, str] | None = None,
+                      body: Any = None, content_type: str = "application/json") -> JSON:
+        self.calls.append((method.upper(), path))
+        self._maybe_fail(method.upper(), path, f"{method} {path}")
+        return await self.inner.request(method, path, query=query, body=body,
+                                        content_type=content_type)
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+
+class FakeKube(Faults):
+    """Implements ``KubeTransport`` on an in-memory store."""
+
+    def __init__(self, *, clock: Callable[[], float] | None = None) -> None:
+        self._clock = clock or FakeClock().time
+        self._objects: dict[tuple[str, str, str, str], JSON] = {}
+        self._rv = itertools.count(1000)
+        self._uid = itertools.count(1)
+        self._names = itertools.count(1)
+        self._faults = []
+        self.calls: list[tuple[str, str]] = []
+        self.closed = False
+
+    # -- test helpers ----------------------------------------------------
     def writes(self, path_contains: str = "") -> list[tuple[str, str]]:
         return [(m, p) for m, p in self.calls if m != "GET" and path_contains in p]
 
@@ -280,22 +326,6 @@ class FakeKube:
 
     async def close(self) -> None:
         self.closed = True
-
-    def _maybe_fail(self, method: str, path: str, what: str) -> None:
-        for fault in self._faults:
-            if fault.times <= 0:
-                continue
-            if fault.method and fault.method != method:
-                continue
-            if fault.path_contains and fault.path_contains not in path:
-                continue
-            fault.times -= 1
-            if fault.status == 0:
-                raise ApiError(f"{what}: no answer: ReadTimeoutError: {fault.message}", status=0)
-            reason = {429: "TooManyRequests", 500: "InternalError", 503: "ServiceUnavailable",
-                      409: "Conflict", 504: "Timeout"}.get(fault.status, "Injected")
-            raise ApiError(f"{what}: {fault.status} {reason}: {fault.message}",
-                           status=fault.status, retry_after_s=fault.retry_after_s)
 
     # -- routing ---------------------------------------------------------
     def _route(self, path: str) -> tuple[str, str, str, str, str]:

@@ -133,7 +133,7 @@ class KubernetesActuator:
 
     def __init__(self, config: Any = None, *, api: Kube | None = None, dry_run: bool | None = None,
                  fence: Callable[[], Awaitable[bool]] | None = None, clock: Clock | None = None,
-                 identity: str = COMPONENT, conflict_attempts: int = 3, **_: Any) -> None:
+                 identity: str = COMPONENT, conflict_attempts: int = 5, **_: Any) -> None:
         coordinator = getattr(config, "coordinator", None)
         self.dry_run = bool(dry_run if dry_run is not None else getattr(coordinator, "dry_run", False))
         self.writes = not self.dry_run

@@ -1,0 +1,203 @@
+"""A real Kubernetes control plane for the ``k8s`` test tier (../shared/tools/k8s-envtest).
+
+``k8s_cluster`` (session): starts etcd + kube-apiserver + controller-manager + scheduler
+once per test session on 127.0.0.1 and stops them at the end; skips the test when
+``k8s-envtest install --check`` fails (not built on this machine) or the tool is absent.
+Import the fixtures you use into a test module; however many modules import them, one
+control plane serves the whole session (a process-wide singleton, stopped by the last
+session-fixture teardown).
+
+``k8s_namespace``: a fresh namespace per test (deleted afterwards; the controllers clean
+it up in the background). ``kube``: a ``Kube`` client for the cluster (closed afterwards).
+
+Limits of v1.20 envtest: no kubelet, so pods stay Pending unless a test acts as the kubelet
+(``mark_pods_ready`` patches pod status); nodes need ``status.allocatable``.
+
+Also runnable as ``python -m tests.k8s_envtest candidate --kubeconfig K --namespace N
+--identity I`` : one election candidate process (for the two-process failover test); it
+prints ``LEADER <identity>`` / ``FOLLOWER <identity>`` on every change.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+TOOL = Path(os.environ.get("HETEROSCALE_K8S_ENVTEST", REPO.parent / "shared" / "tools" / "k8s-envtest"))
+
+
+@dataclass(frozen=True)
+class Cluster:
+    run_dir: Path
+    kubeconfig: Path
+
+    def core(self):
+        """A synchronous CoreV1Api/AppsV1Api pair for setup steps (like kubectl)."""
+        from kubernetes import client, config
+
+        api_client = config.new_client_from_config(config_file=str(self.kubeconfig))
+        return client.CoreV1Api(api_client), client.AppsV1Api(api_client)
+
+
+def envtest_available() -> tuple[bool, str]:
+    if not TOOL.is_file() or not os.access(TOOL, os.X_OK):
+        return False, f"{TOOL} not found"
+    try:
+        check = subprocess.run([str(TOOL), "install", "--check"], capture_output=True, text=True,
+                               timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return False, f"k8s-envtest install --check failed: {exc}"
+    if check.returncode != 0:
+        return False, "k8s-envtest is not installed (run: k8s-envtest install)"
+    return True, ""
+
+
+class _Singleton:
+    cluster: Cluster | None = None
+    users = 0
+    failure: str = ""
+
+
+def _start() -> Cluster:
+    run_dir = Path(tempfile.mkdtemp(prefix="heteroscale-k8s-"))
+    started = subprocess.run([str(TOOL), "start", str(run_dir), "--controllers"],
+                             capture_output=True, text=True, timeout=180)
+    if started.returncode != 0:
+        subprocess.run([str(TOOL), "stop", str(run_dir)], capture_output=True, timeout=60)
+        raise RuntimeError(f"k8s-envtest start failed ({started.returncode}): "
+                           f"{started.stderr.strip()[-2000:]}")
+    kubeconfig = Path(started.stdout.strip().splitlines()[-1])
+    return Cluster(run_dir=run_dir, kubeconfig=kubeconfig)
+
+
+def _stop(cluster: Cluster) -> None:
+    subprocess.run([str(TOOL), "stop", str(cluster.run_dir)], capture_output=True, timeout=60)
+    shutil.rmtree(cluster.run_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def k8s_cluster():
+    ok, why = envtest_available()
+    if not ok:
+        pytest.skip(why)
+    if _Singleton.failure:
+        pytest.fail(_Singleton.failure)
+    if _Singleton.cluster is None:
+        try:
+            _Singleton.cluster = _start()
+        except (RuntimeError, OSError, subprocess.TimeoutExpired) as exc:
+            _Singleton.failure = str(exc)
+            pytest.fail(str(exc))
+    _Singleton.users += 1
+    try:
+        yield _Singleton.cluster
+    finally:
+        _Singleton.users -= 1
+        if _Singleton.users == 0 and _Singleton.cluster is not None:
+            _stop(_Singleton.cluster)
+            _Singleton.cluster = None
+
+
+@pytest.fixture
+def k8s_namespace(k8s_cluster: Cluster, request) -> str:
+    from kubernetes import client
+
+    base = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:40].strip("-")
+    name = f"{base}-{uuid.uuid4().hex[:6]}"
+    core, _ = k8s_cluster.core()
+    core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=name)))
+    yield name
+    try:
+        core.delete_namespace(name, grace_period_seconds=0)
+    finally:
+        core.api_client.close()
+
+
+@pytest.fixture
+async def kube(k8s_cluster: Cluster):
+    from sidecar.coordinator.kube import kube_from_config
+
+    api = kube_from_config(kubeconfig=str(k8s_cluster.kubeconfig), timeout_s=10)
+    yield api
+    await api.close()
+
+
+def deployment_body(name: str, replicas: int) -> dict:
+    return {"apiVersion": "apps/v1", "kind": "Deployment",
+            "metadata": {"name": name, "labels": {"app": name}},
+            "spec": {"replicas": replicas, "selector": {"matchLabels": {"app": name}},
+                     "template": {"metadata": {"labels": {"app": name}},
+                                  "spec": {"containers": [{"name": "engine", "image": "example.invalid/vllm:0"}]}}}}
+
+
+async def mark_pods_ready(api, namespace: str, app: str, count: int) -> list[str]:
+    """Act as the kubelet for ``count`` of the app's pods: phase Running, Ready True."""
+    from sidecar.coordinator.kube import PODS, format_time
+
+    pods = await api.list(PODS, namespace=namespace, label_selector=f"app={app}")
+    names = sorted(p["metadata"]["name"] for p in pods)[:count]
+    now = format_time(time.time())
+    for name in names:
+        await api.patch(PODS, name, {"status": {"phase": "Running", "conditions": [
+            {"type": "Ready", "status": "True", "lastTransitionTime": now},
+            {"type": "ContainersReady", "status": "True", "lastTransitionTime": now}]}},
+            namespace=namespace, subresource="status", patch_type="strategic")
+    return names
+
+
+# ---------------------------------------------------------------- candidate process
+
+async def _candidate(args: argparse.Namespace) -> None:
+    from sidecar.coordinator.kube import kube_from_config
+    from sidecar.coordinator.leader import KubernetesLeaseElection
+
+    api = kube_from_config(kubeconfig=args.kubeconfig, timeout_s=2)
+
+    def changed(leader: bool) -> None:
+        print(f"{'LEADER' if leader else 'FOLLOWER'} {args.identity}", flush=True)
+
+    election = KubernetesLeaseElection(api=api, name=args.lease, namespace=args.namespace,
+                                       identity=args.identity, duration_s=args.duration,
+                                       renew_deadline_s=args.renew_deadline,
+                                       retry_period_s=args.retry, on_change=changed)
+    print(f"STARTED {args.identity}", flush=True)
+    try:
+        await election.run()
+    finally:
+        await api.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tests.k8s_envtest")
+    sub = parser.add_subparsers(dest="command", required=True)
+    cand = sub.add_parser("candidate")
+    cand.add_argument("--kubeconfig", required=True)
+    cand.add_argument("--namespace", required=True)
+    cand.add_argument("--identity", required=True)
+    cand.add_argument("--lease", default="heteroscale-coordinator")
+    cand.add_argument("--duration", type=float, default=2)
+    cand.add_argument("--renew-deadline", type=float, default=1.5)
+    cand.add_argument("--retry", type=float, default=0.5)
+    args = parser.parse_args(argv)
+    try:
+        asyncio.run(_candidate(args))
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
