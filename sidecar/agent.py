@@ -470,8 +470,8 @@ async def serve(settings: AgentSettings, *, extensions: Sequence[SidecarExtensio
             await site.start()
         except OSError as exc:
             raise UsageError(f"cannot listen on {settings.listen_host}:{settings.listen_port}: {exc.strerror or exc}")
-        for sock in getattr(site._server, "sockets", None) or ():   # the real port when --listen ...:0
-            host, port = sock.getsockname()[:2]
+        for address in runner.addresses:     # the real port when --listen ...:0
+            host, port = address[:2]
             log.info("sidecar for %s %s (%s) listening on http://%s:%d", settings.service, settings.role,
                      settings.engine, host, port)
         stop = asyncio.Event()
