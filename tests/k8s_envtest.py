@@ -144,14 +144,17 @@ def deployment_body(name: str, replicas: int) -> dict:
 
 
 async def mark_pods_ready(api, namespace: str, app: str, count: int) -> list[str]:
-    """Act as the kubelet for ``count`` of the app's pods: phase Running, Ready True."""
+    """Act as the kubelet for ``count`` of the app's pods: phase Running, Ready True, and a
+    pod IP from 10.244.0.0/16 (made up: nothing listens there)."""
     from sidecar.coordinator.kube import PODS, format_time
 
     pods = await api.list(PODS, namespace=namespace, label_selector=f"app={app}")
     names = sorted(p["metadata"]["name"] for p in pods)[:count]
     now = format_time(time.time())
-    for name in names:
-        await api.patch(PODS, name, {"status": {"phase": "Running", "conditions": [
+    for index, name in enumerate(names):
+        await api.patch(PODS, name, {"status": {
+            "phase": "Running", "podIP": f"10.244.0.{index + 1}",
+            "podIPs": [{"ip": f"10.244.0.{index + 1}"}], "conditions": [
             {"type": "Ready", "status": "True", "lastTransitionTime": now},
             {"type": "ContainersReady", "status": "True", "lastTransitionTime": now}]}},
             namespace=namespace, subresource="status", patch_type="strategic")

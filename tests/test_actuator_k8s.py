@@ -85,12 +85,12 @@ def set_status(fake: FakeKube, name: str, **status) -> None:
                           {"status": status})
 
 
-def add_pod(fake: FakeKube, name: str, app: str, *, ready: bool) -> None:
+def add_pod(fake: FakeKube, name: str, app: str, *, ready: bool, ip: str = "") -> None:
     fake.concurrent_write("POST", PODS.path(namespace=NS), {
         "metadata": {"name": name, "labels": {"app": app}},
         "spec": {"containers": [{"name": "engine", "image": "vllm"}]}}, "application/json")
     fake.concurrent_write("PATCH", PODS.path(namespace=NS, name=name, subresource="status"), {
-        "status": {"phase": "Running" if ready else "Pending",
+        "status": {"phase": "Running" if ready else "Pending", **({"podIP": ip} if ip else {}),
                    "conditions": [{"type": "Ready", "status": "True" if ready else "False"}]}})
 
 
@@ -130,6 +130,20 @@ async def test_observe_pending_before_pods_exist_uses_first_sight(fake, clock, s
     await clock.advance(30)
     status = await actuator.observe(service())
     assert status.pending_since_s == pytest.approx(seen_at)   # still the first sighting
+
+
+async def test_list_pods_for_report_collection(fake, clock, sleeps):
+    actuator = make(fake, clock, sleeps)
+    add_pod(fake, "d0", "chat-decode", ready=True, ip="10.0.0.5")
+    add_pod(fake, "d1", "chat-decode", ready=True, ip="10.0.0.4")
+    add_pod(fake, "d2", "chat-decode", ready=False)                 # Pending: no IP yet
+    add_pod(fake, "p0", "chat-prefill", ready=True, ip="10.0.1.1")
+    assert await actuator.list_pods(service(), "decode") == [("d0", "10.0.0.5"), ("d1", "10.0.0.4")]
+    assert await actuator.list_pods(service(), "prefill") == [("p0", "10.0.1.1")]
+    # a configured selector wins over the workload's
+    svc = service()
+    svc.decode.selector = "app=chat-prefill"
+    assert await actuator.list_pods(svc, "decode") == [("p0", "10.0.1.1")]
 
 
 async def test_missing_workload_is_an_api_error(fake, clock, sleeps):

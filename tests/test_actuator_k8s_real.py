@@ -89,6 +89,10 @@ async def test_observe_real_controller_counts(kube, k8s_namespace):
 
     status = await eventually(two_ready)
     assert status.pending == PoolCounts(2, 1)
+    # report collection finds exactly the running decode pods, with their IPs
+    found = await actuator.list_pods(svc(k8s_namespace), "decode")
+    assert sorted(ip for _, ip in found) == ["10.244.0.1", "10.244.0.2"]
+    assert await actuator.list_pods(svc(k8s_namespace), "prefill") == []
 
 
 async def _observed_with_pods(actuator, namespace):

@@ -179,6 +179,7 @@ class ApiClientTransport:
             raise ValueError("timeout_s must be positive")
         self._client = api_client
         self.timeout_s = timeout_s
+        self._closed = False
 
     @classmethod
     def from_config(cls, *, kubeconfig: str | None = None, context: str | None = None,
@@ -241,6 +242,10 @@ class ApiClientTransport:
         return decoded if isinstance(decoded, dict) else {"value": decoded}
 
     async def close(self) -> None:
+        """Idempotent: several owners (actuator, election, runtime) may share a transport."""
+        if self._closed:
+            return
+        self._closed = True
         await asyncio.to_thread(self._client.close)
 
 

@@ -77,6 +77,7 @@ class _Seen:
 
     spec_replicas: int
     pending_first_seen_s: float | None = None
+    selector: str = ""
 
 
 def _role_config(service: Any, role: str) -> Any:
@@ -137,6 +138,7 @@ class KubernetesActuator:
         coordinator = getattr(config, "coordinator", None)
         self.dry_run = bool(dry_run if dry_run is not None else getattr(coordinator, "dry_run", False))
         self.writes = not self.dry_run
+        self._owns_api = api is None        # close only what we opened
         self.api = api if api is not None else kube_from_config()
         self.fence = fence
         self.clock: Clock = clock or SystemClock()
@@ -167,7 +169,8 @@ class KubernetesActuator:
                 since.append(min(first_seen, oldest) if oldest is not None else first_seen)
             else:
                 first_seen = None
-            self._seen[key] = _Seen(spec_replicas=spec, pending_first_seen_s=first_seen)
+            self._seen[key] = _Seen(spec_replicas=spec, pending_first_seen_s=first_seen,
+                                    selector=label_selector_text((obj.get("spec") or {}).get("selector")))
             manual = manual or self._manual(target, obj, spec)
         return PoolStatus(current=PoolCounts(**current), ready=PoolCounts(**ready),
                           pending=PoolCounts(**pending),
@@ -224,10 +227,15 @@ class KubernetesActuator:
                 raise await self._compensate(done, failed=target, error=exc) from exc
             done.append((target, old, new))
             self._written[self._key(target)] = new
-            self._seen[self._key(target)] = _Seen(spec_replicas=new)
+            self._seen[self._key(target)] = _Seen(spec_replicas=new,
+                                                  selector=self._selector_seen(target))
         notes = [self._describe(decision.current, decision.desired)] if steps else ["no change needed"]
         notes += await self._record(targets, decision, desired)
         return ApplyResult(applied=decision.desired, note="; ".join(notes))
+
+    def _selector_seen(self, target: Target) -> str:
+        seen = self._seen.get(self._key(target))
+        return seen.selector if seen else ""
 
     def _expected(self, target: Target, fallback: int) -> int:
         seen = self._seen.get(self._key(target))
@@ -268,7 +276,8 @@ class KubernetesActuator:
                 await self._fenced_scale(target, expect=new, replicas=old)
                 undone.append(f"{target.role} {new}->{old}")
                 self._written[self._key(target)] = old
-                self._seen[self._key(target)] = _Seen(spec_replicas=old)
+                self._seen[self._key(target)] = _Seen(spec_replicas=old,
+                                                      selector=self._selector_seen(target))
             except ApiError as exc:   # NotLeaderError included: the new leader will repair
                 broken.append(f"{target.role} left at {new} ({exc})")
         text = f"{failed.role} write failed ({error})"
@@ -329,8 +338,29 @@ class KubernetesActuator:
     def _key(target: Target) -> tuple[str, str, str]:
         return (target.kind, target.namespace, target.name)
 
+    # ------------------------------------------------------------ discovery
+    async def list_pods(self, service: Any, role: str) -> list[tuple[str, str]]:
+        """``(pod name, pod IP)`` of the role's running pods, for report collection.
+        The role's ``selector`` (config) wins; else the workload's own selector."""
+        target = targets_of(service)[role]
+        selector = _get(_role_config(service, role), "selector") or self._selector_seen(target)
+        if not selector:
+            obj = await self.api.get(target.resource, target.name, namespace=target.namespace)
+            selector = label_selector_text((obj.get("spec") or {}).get("selector"))
+        if not selector:
+            return []
+        pods = await self.api.list(PODS, namespace=target.namespace, label_selector=selector)
+        found = []
+        for pod in pods:
+            meta, status = pod.get("metadata") or {}, pod.get("status") or {}
+            if meta.get("deletionTimestamp") or status.get("phase") != "Running" or not status.get("podIP"):
+                continue
+            found.append((str(meta.get("name")), str(status["podIP"])))
+        return sorted(found)
+
     async def close(self) -> None:
-        await self.api.close()
+        if self._owns_api:
+            await self.api.close()
 
 
 def _pod_ready(pod: Mapping[str, Any]) -> bool:
