@@ -192,8 +192,10 @@ class ProbeServer:
     """
 
     def __init__(self, settings: ProbeServerSettings, *, secret: bytes, host: str, port: int,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, gate: "Gate | None" = None) -> None:
         self.settings = settings
+        # The decode side's own "not now" (its engine is saturated): refused as busy.
+        self._gate = gate
         self._secret = secret
         self._host = host
         self._port = port
@@ -280,6 +282,11 @@ class ProbeServer:
             return
         if payload_bytes > s.max_bytes_per_probe:
             await self._refuse(writer, STATUS_TOO_BIG)
+            return
+        if self._gate is not None and not self._gate()[0]:
+            self.counters.refuse("saturated")
+            writer.write(bytes([STATUS_BUSY]))
+            await writer.drain()
             return
         if self._active >= s.max_concurrent or not self._budget.try_take(payload_bytes, self._clock()):
             await self._refuse(writer, STATUS_BUSY)

@@ -345,7 +345,7 @@ class KvTransferExtension:
             self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=s.connector_timeout_s))
         if s.probe_server is not None and s.probe_listen is not None and s.probe_secret is not None:
             self._server = ProbeServer(s.probe_server, secret=s.probe_secret, host=s.probe_listen[0],
-                                       port=s.probe_listen[1])
+                                       port=s.probe_listen[1], gate=self.engine_gate)
             await self._server.start()
             log.info("kv-transfer probe server on %s:%d as %r", s.probe_listen[0], self._server.port,
                      s.probe_server.name)
@@ -389,9 +389,13 @@ class KvTransferExtension:
             self._engine.setdefault(reading.connector, _ConnectorWindows(self.settings.window_s)).add(now_s, reading)
 
     def probe_gate(self) -> tuple[bool, str | None]:
-        """Whether a probe may run now (see the module docstring for the rule)."""
+        """Whether this pod may start a probe now (see the module docstring for the rule)."""
         if self.settings.probe_client is not None and self.settings.probe_client.when_saturated:
             return True, None
+        return self.engine_gate()
+
+    def engine_gate(self) -> tuple[bool, str | None]:
+        """(False, why) while this pod's engine is saturated; the probe server asks it too."""
         now_s = self._last_now_s
         if self._engine_seen_s is None or now_s is None or now_s - self._engine_seen_s > self.settings.window_s:
             return True, None                    # engine state unknown: nothing to protect

@@ -220,3 +220,19 @@ async def test_runner_task_starts_and_closes_cleanly():
     await asyncio.sleep(0)
     await runner.close()                    # interrupts the first (random) sleep at once
     assert runner._task is None
+
+
+async def test_server_refuses_while_its_engine_is_saturated():
+    saturated = [True]
+    srv = ProbeServer(ProbeServerSettings(name="d"), secret=SECRET, host="127.0.0.1", port=0,
+                      gate=lambda: (not saturated[0], "engine_saturated"))
+    await srv.start()
+    try:
+        with pytest.raises(ProbeError) as err:
+            await probe_peer("127.0.0.1", srv.port, secret=SECRET, payload_bytes=MIB, pings=0)
+        assert err.value.reason == "busy" and srv.counters.refusals == {"saturated": 1}
+        saturated[0] = False
+        await probe_peer("127.0.0.1", srv.port, secret=SECRET, payload_bytes=MIB, pings=0)
+        assert srv.counters.probes == 1
+    finally:
+        await srv.close()
