@@ -345,3 +345,19 @@ async def test_fake_dry_run_and_fence(fake):
     with pytest.raises(Exception, match="not the leader"):
         await fenced.apply(svc, decision(PoolCounts(0, 0), PoolCounts(2, 2)))
     assert not transport.writes("/deployments/chat-g")
+
+
+async def test_fake_sync_failure_still_reports_counts(fake):
+    api, transport, clock, act = fake
+    svc = service_config("ns", prefill_types=(H20,))
+    await act.apply(svc, decision(PoolCounts(0, 0), PoolCounts(1, 1)))
+    await _replicaset(api, "ns", {"prefill": "f-homo-a-h20-0", "decode": "f-homo-a-h20-1"})
+    await kubelet(api, "ns")
+    transport.inject(500, method="PATCH", path_contains="/status", times=1)
+    status = await act.observe(svc)
+    assert status.current == PoolCounts(1, 1) and status.ready == PoolCounts(0, 0)
+    assert "500" in act.last_sync_error
+    # next tick the gate opens
+    await act.observe(svc)
+    await kubelet(api, "ns")
+    assert (await act.observe(svc)).ready == PoolCounts(1, 1) and act.last_sync_error is None

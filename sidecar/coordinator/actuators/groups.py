@@ -304,6 +304,7 @@ class DeploymentGroupActuator:
         self.clock: Clock = clock or SystemClock()
         self.identity = identity
         self.last_plan: dict[str, PlacementPlan] = {}
+        self.last_sync_error: str | None = None
 
     # ------------------------------------------------------------ reads
     async def _objects(self, service: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -324,7 +325,16 @@ class DeploymentGroupActuator:
     async def observe(self, service: Any) -> PoolStatus:
         deps, pods = await self._objects(service)
         if await self._may_write(f"gate/drain sync of {service.name}"):
-            if await self.sync(service, deps, pods):
+            try:
+                wrote = await self.sync(service, deps, pods)
+            except ApiError as exc:
+                # the counts can still be reported; the gate/drain work is retried next tick
+                log.warning("%s: gate/drain sync failed: %s", service.name, exc)
+                self.last_sync_error = str(exc)
+                wrote = True
+            else:
+                self.last_sync_error = None
+            if wrote:
                 deps, pods = await self._objects(service)
         return self._status(service, deps, pods)
 
