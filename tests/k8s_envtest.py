@@ -14,8 +14,9 @@ Limits of v1.20 envtest: no kubelet, so pods stay Pending unless a test acts as 
 (``mark_pods_ready`` patches pod status); nodes need ``status.allocatable``.
 
 Also runnable as ``python -m tests.k8s_envtest candidate --kubeconfig K --namespace N
---identity I`` : one election candidate process (for the two-process failover test); it
-prints ``LEADER <identity>`` / ``FOLLOWER <identity>`` on every change.
+--identity I`` (or ``--lease-file PATH`` for the local lease): one election candidate
+process for the multi-process failover tests; it prints ``LEADER <identity>`` /
+``FOLLOWER <identity>`` on every change. SIGKILL is a crash, SIGINT a clean shutdown.
 """
 
 from __future__ import annotations
@@ -165,30 +166,36 @@ async def mark_pods_ready(api, namespace: str, app: str, count: int) -> list[str
 
 async def _candidate(args: argparse.Namespace) -> None:
     from sidecar.coordinator.kube import kube_from_config
-    from sidecar.coordinator.leader import KubernetesLeaseElection
-
-    api = kube_from_config(kubeconfig=args.kubeconfig, timeout_s=2)
+    from sidecar.coordinator.leader import KubernetesLeaseElection, LocalLeaseElection
 
     def changed(leader: bool) -> None:
         print(f"{'LEADER' if leader else 'FOLLOWER'} {args.identity}", flush=True)
 
-    election = KubernetesLeaseElection(api=api, name=args.lease, namespace=args.namespace,
-                                       identity=args.identity, duration_s=args.duration,
-                                       renew_deadline_s=args.renew_deadline,
-                                       retry_period_s=args.retry, on_change=changed)
+    timing = dict(duration_s=args.duration, renew_deadline_s=args.renew_deadline,
+                  retry_period_s=args.retry)
+    api = None
+    if args.lease_file:
+        election = LocalLeaseElection(path=args.lease_file, identity=args.identity,
+                                      on_change=changed, **timing)
+    else:
+        api = kube_from_config(kubeconfig=args.kubeconfig, timeout_s=2)
+        election = KubernetesLeaseElection(api=api, name=args.lease, namespace=args.namespace,
+                                           identity=args.identity, on_change=changed, **timing)
     print(f"STARTED {args.identity}", flush=True)
     try:
         await election.run()
     finally:
-        await api.close()
+        if api is not None:
+            await api.close()
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.k8s_envtest")
     sub = parser.add_subparsers(dest="command", required=True)
     cand = sub.add_parser("candidate")
-    cand.add_argument("--kubeconfig", required=True)
-    cand.add_argument("--namespace", required=True)
+    cand.add_argument("--kubeconfig")
+    cand.add_argument("--namespace", default="default")
+    cand.add_argument("--lease-file", help="use the local lease file instead of Kubernetes")
     cand.add_argument("--identity", required=True)
     cand.add_argument("--lease", default="heteroscale-coordinator")
     cand.add_argument("--duration", type=float, default=2)

@@ -280,7 +280,7 @@ async def fake_apiserver(unused_port):
     app = web.Application()
     app.router.add_get("/api/v1/namespaces/status{code}", status)
     app.router.add_route("*", "/api/v1/namespaces/ok", ok)
-    app.router.add_get("/api/v1/namespaces/slow", slow)
+    app.router.add_route("*", "/api/v1/namespaces/slow", slow)
     runner = web.AppRunner(app)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", unused_port)
@@ -290,7 +290,7 @@ async def fake_apiserver(unused_port):
     await runner.cleanup()
 
 
-def _transport(host: str, timeout_s: float = 2.0) -> ApiClientTransport:
+def _transport(host: str, timeout_s: float = 2.0, write_timeout_s: float = 2.0) -> ApiClientTransport:
     from kubernetes import client
 
     configuration = client.Configuration()
@@ -298,7 +298,8 @@ def _transport(host: str, timeout_s: float = 2.0) -> ApiClientTransport:
     configuration.api_key = {"authorization": "sekret"}
     configuration.api_key_prefix = {"authorization": "Bearer"}
     configuration.retries = False
-    return ApiClientTransport(client.ApiClient(configuration), timeout_s=timeout_s)
+    return ApiClientTransport(client.ApiClient(configuration), timeout_s=timeout_s,
+                              write_timeout_s=write_timeout_s)
 
 
 async def test_real_client_errors_are_translated(fake_apiserver):
@@ -338,6 +339,18 @@ async def test_real_client_timeout_and_refused(fake_apiserver):
         assert info.value.status == 0
     finally:
         await refused.close()
+
+
+async def test_writes_have_their_own_shorter_timeout(fake_apiserver):
+    # reads may wait 30 s here, writes only 0.3 s: a slow write gives up on its own bound
+    transport = _transport(fake_apiserver, timeout_s=30, write_timeout_s=0.3)
+    try:
+        with pytest.raises(ApiError) as info:
+            await transport.request("PUT", "/api/v1/namespaces/slow", body={"x": 1})
+        assert info.value.status == 0
+    finally:
+        await transport.close()
+        await transport.close()          # idempotent
 
 
 async def test_retries_over_the_real_client(fake_apiserver):

@@ -5,8 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import random
+import signal
+import subprocess
+import sys
 import threading
+import time
 
 import pytest
 
@@ -315,3 +320,55 @@ async def test_garbled_lease_file_is_treated_as_released(tmp_path, clock):
     a = LocalLeaseElection(path=path, identity="a", clock=clock, **TIMING)
     assert await a.tick()
     assert json.loads(path.read_text())["holderIdentity"] == "a"
+
+
+@pytest.mark.slow
+async def test_local_lease_across_real_processes(tmp_path):
+    """Three processes share one lease file: one leads; SIGKILL it and another takes over;
+    SIGINT the new one and it releases. Real time, short lease (1 s / 0.6 s / 0.2 s)."""
+    from tests.k8s_envtest import REPO
+
+    path = tmp_path / "lease.json"
+    procs = {name: subprocess.Popen(
+        [sys.executable, "-m", "tests.k8s_envtest", "candidate", "--lease-file", str(path),
+         "--identity", name, "--duration", "1", "--renew-deadline", "0.6", "--retry", "0.2"],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        env=dict(os.environ, PYTHONUNBUFFERED="1")) for name in ("l1", "l2", "l3")}
+    out: dict[str, list[str]] = {name: [] for name in procs}
+
+    async def read(name: str) -> None:
+        while line := await asyncio.to_thread(procs[name].stdout.readline):
+            out[name].append(line.strip())
+
+    readers = [asyncio.create_task(read(n), name=f"read-{n}") for n in procs]
+
+    async def until(predicate, limit_s: float = 20) -> None:
+        deadline = time.monotonic() + limit_s
+        while not predicate():
+            assert time.monotonic() < deadline, f"timed out; output so far: {out}"
+            await asyncio.sleep(0.05)
+
+    def leaders() -> list[str]:
+        return [n for n, lines in out.items() if lines and lines[-1] == f"LEADER {n}"]
+
+    try:
+        await until(lambda: len(leaders()) == 1)
+        first = leaders()[0]
+        await asyncio.sleep(1.5)                       # more than a lease duration
+        assert leaders() == [first]                    # still exactly one
+        assert json.loads(path.read_text())["holderIdentity"] == first
+        procs[first].send_signal(signal.SIGKILL)
+        await until(lambda: any(n != first for n in leaders()))
+        second = next(n for n in leaders() if n != first)
+        record = json.loads(path.read_text())
+        assert record["holderIdentity"] == second and record["leaseTransitions"] == 1
+        procs[second].send_signal(signal.SIGINT)
+        await asyncio.to_thread(procs[second].wait, 10)
+        await until(lambda: json.loads(path.read_text())["holderIdentity"] not in ("", first, second))
+        assert json.loads(path.read_text())["leaseTransitions"] == 2
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait(10)
+        await asyncio.gather(*readers, return_exceptions=True)

@@ -170,20 +170,26 @@ def api_error_from_exception(exc: Any, what: str) -> ApiError:
 class ApiClientTransport:
     """The real transport: the official client's ``ApiClient`` in a worker thread.
 
-    Every call carries ``timeout_s`` (connect + read, urllib3 total). urllib3's own
-    retries are switched off so that ``Kube``'s policy is the only retry loop.
+    Every call carries a total timeout (connect + read, urllib3): ``timeout_s`` for reads,
+    ``write_timeout_s`` for writes. Writes get the shorter one because a write that is
+    still in flight when the lease is lost must land before a rival can take over: keep
+    ``write_timeout_s`` below the lease's ``duration_s - renew_deadline_s`` (5 s with the
+    defaults). urllib3's own retries are off so that ``Kube``'s policy is the only loop.
     """
 
-    def __init__(self, api_client: Any, *, timeout_s: float = 10.0) -> None:
-        if timeout_s <= 0:
-            raise ValueError("timeout_s must be positive")
+    def __init__(self, api_client: Any, *, timeout_s: float = 10.0,
+                 write_timeout_s: float = 4.0) -> None:
+        if timeout_s <= 0 or write_timeout_s <= 0:
+            raise ValueError("timeouts must be positive")
         self._client = api_client
         self.timeout_s = timeout_s
+        self.write_timeout_s = write_timeout_s
         self._closed = False
 
     @classmethod
     def from_config(cls, *, kubeconfig: str | None = None, context: str | None = None,
-                    in_cluster: bool | None = None, timeout_s: float = 10.0) -> ApiClientTransport:
+                    in_cluster: bool | None = None, timeout_s: float = 10.0,
+                    write_timeout_s: float = 4.0) -> ApiClientTransport:
         """In-cluster config when running in a pod (or ``in_cluster=True``), else the
         kubeconfig file (``kubeconfig``, ``$KUBECONFIG`` or ``~/.kube/config``)."""
         import os
@@ -205,7 +211,8 @@ class ApiClientTransport:
             where = "in-cluster config" if use_cluster else f"kubeconfig {kubeconfig or '(default)'}"
             raise UsageError(f"cannot load {where}: {exc}") from exc
         configuration.retries = False
-        return cls(client.ApiClient(configuration), timeout_s=timeout_s)
+        return cls(client.ApiClient(configuration), timeout_s=timeout_s,
+                   write_timeout_s=write_timeout_s)
 
     async def request(self, method: str, path: str, *, query: Mapping[str, str] | None = None,
                       body: Any = None, content_type: str = "application/json") -> JSON:
@@ -222,8 +229,9 @@ class ApiClientTransport:
             method_, url, headers_, body_, _ = self._client.param_serialize(
                 method, path, query_params=list((query or {}).items()), header_params=headers,
                 body=body, auth_settings=["BearerToken"])
+            timeout = self.timeout_s if method == "GET" else self.write_timeout_s
             response = self._client.call_api(method_, url, header_params=headers_, body=body_,
-                                             _request_timeout=self.timeout_s)
+                                             _request_timeout=timeout)
             data = response.read()
         except ApiException as exc:
             raise api_error_from_exception(exc, what) from exc
@@ -429,10 +437,12 @@ class Kube:
 
 def kube_from_config(*, kubeconfig: str | None = None, context: str | None = None,
                      in_cluster: bool | None = None, timeout_s: float = 10.0,
-                     retry: RetryPolicy | None = None) -> Kube:
-    """The usual way in: a ``Kube`` over the official client, configured like kubectl."""
-    transport = ApiClientTransport.from_config(kubeconfig=kubeconfig, context=context,
-                                               in_cluster=in_cluster, timeout_s=timeout_s)
+                     write_timeout_s: float | None = None, retry: RetryPolicy | None = None) -> Kube:
+    """The usual way in: a ``Kube`` over the official client, configured like kubectl.
+    ``write_timeout_s`` defaults to ``min(4, timeout_s)``."""
+    transport = ApiClientTransport.from_config(
+        kubeconfig=kubeconfig, context=context, in_cluster=in_cluster, timeout_s=timeout_s,
+        write_timeout_s=write_timeout_s if write_timeout_s is not None else min(4.0, timeout_s))
     return Kube(transport, retry=retry or RetryPolicy())
 
 
