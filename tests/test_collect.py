@@ -199,3 +199,141 @@ async def test_keeps_connections_between_collections(server):
         await collector.close()
     assert all(f.report for f in first.fetched + second.fetched)
     assert server.hits["/d0"] == 4        # prefill + decode target, twice
+
+
+# ---------------------------------------------------------------- the keep-alive client
+
+class RawServer:
+    """A loopback TCP server that answers each request with ``answer(n)`` bytes (n counts
+    requests on that connection) and then keeps or closes the connection as told.
+    Counts connections, so keep-alive is checked from the server's side."""
+
+    def __init__(self, answer, *, close_after: bool = False) -> None:
+        self.answer, self.close_after = answer, close_after
+        self.connections = 0
+        self._server: asyncio.base_events.Server | None = None
+        self._writers: list[asyncio.StreamWriter] = []
+
+    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        self._writers.append(writer)
+        n = 0
+        try:
+            while True:
+                await reader.readuntil(b"\r\n\r\n")
+                n += 1
+                writer.write(self.answer(n))
+                await writer.drain()
+                if self.close_after:
+                    break
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    async def start(self) -> int:
+        self._server = await asyncio.start_server(self._client, "127.0.0.1", 0)
+        return self._server.sockets[0].getsockname()[1]
+
+    def drop_all(self) -> None:
+        for w in self._writers:
+            w.close()
+
+    async def stop(self) -> None:
+        self.drop_all()
+        self._server.close()
+        await self._server.wait_closed()
+
+
+BODY = json.dumps(report_doc(pod="raw")).encode()
+
+
+def fixed(n: int) -> bytes:
+    return b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(BODY), BODY)
+
+
+def chunked(n: int) -> bytes:
+    half = len(BODY) // 2
+    return (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+            + b"%x;ext=1\r\n%s\r\n" % (half, BODY[:half])
+            + b"%x\r\n%s\r\n" % (len(BODY) - half, BODY[half:]) + b"0\r\nX-Trailer: 1\r\n\r\n")
+
+
+async def collect_from(port: int, paths: list[str], **kw) -> tuple[Collector, list]:
+    svc = static_service([f"http://127.0.0.1:{port}/p"], [f"http://127.0.0.1:{port}{p}" for p in paths])
+    collector = Collector(source=StaticSource(), timeout_s=kw.pop("timeout_s", 2), **kw)
+    result = await collector.collect(svc)
+    return collector, list(result.fetched)
+
+
+@pytest.mark.parametrize("answer", [fixed, chunked], ids=["content-length", "chunked"])
+async def test_keep_alive_reuses_connections(answer):
+    raw = RawServer(answer)
+    port = await raw.start()
+    try:
+        collector, first = await collect_from(port, ["/a"], concurrency=1)
+        svc = static_service([f"http://127.0.0.1:{port}/p"], [f"http://127.0.0.1:{port}/a"])
+        second = (await collector.collect(svc)).fetched
+        await collector.close()
+    finally:
+        await raw.stop()
+    assert all(f.report is not None and f.report.pod == "raw" for f in first + list(second))
+    assert raw.connections == 1            # 4 requests, one connection
+
+
+async def test_connection_close_and_eof_delimited_bodies():
+    raw = RawServer(lambda n: b"HTTP/1.0 200 OK\r\n\r\n" + BODY, close_after=True)
+    port = await raw.start()
+    try:
+        collector, fetched = await collect_from(port, ["/a", "/b"], concurrency=1)
+        await collector.close()
+    finally:
+        await raw.stop()
+    assert all(f.report is not None for f in fetched)
+    assert raw.connections == 3            # no reuse after a close-delimited body
+
+
+async def test_server_dropping_an_idle_connection_is_retried_once():
+    raw = RawServer(fixed)
+    port = await raw.start()
+    try:
+        collector, _ = await collect_from(port, ["/a"], concurrency=1)
+        raw.drop_all()                     # keep-alive timeout on the server side
+        await asyncio.sleep(0.05)
+        svc = static_service([f"http://127.0.0.1:{port}/p"], [f"http://127.0.0.1:{port}/a"])
+        again = (await collector.collect(svc)).fetched
+        await collector.close()
+    finally:
+        await raw.stop()
+    assert all(f.report is not None for f in again)
+
+
+@pytest.mark.parametrize("answer,reason", [
+    (lambda n: b"SMTP ready\r\n\r\n", "protocol"),
+    (lambda n: b"HTTP/1.1 200 OK\r\nContent-Length: 99999999\r\n\r\n", "protocol"),
+    (lambda n: b"HTTP/1.1 200 OK\r\nContent-Length: nope\r\n\r\n", "protocol"),
+    (lambda n: b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", "protocol"),
+    (lambda n: b"HTTP/1.1 503 Busy\r\nContent-Length: 0\r\n\r\n", "http_status"),
+    (lambda n: b"HTTP/1.1 200 OK\r\nContent-Length: 50\r\n\r\nshort", "connect"),
+], ids=["not-http", "huge", "bad-length", "bad-chunk", "503", "truncated"])
+async def test_malformed_answers_are_classified(answer, reason):
+    raw = RawServer(answer, close_after=True)
+    port = await raw.start()
+    try:
+        collector, fetched = await collect_from(port, ["/a"], concurrency=1, timeout_s=1)
+        await collector.close()
+    finally:
+        await raw.stop()
+    assert {f.error for f in fetched} == {reason}
+
+
+async def test_https_urls_go_through_aiohttp(server):
+    # TLS to a plain-http port fails the handshake: classified, not raised.
+    svc = static_service([server.url("/p").replace("http://", "https://")],
+                         [server.url("/d").replace("http://", "https://")])
+    collector = Collector(source=StaticSource(), timeout_s=1)
+    try:
+        result = await collector.collect(svc)
+    finally:
+        await collector.close()
+    assert {f.error for f in result.fetched} == {"connect"}
