@@ -64,7 +64,7 @@ def test_rbac_grants_exactly_what_the_coordinator_calls(base):
                     rules[(group, resource)] = set(rule["verbs"])
     assert rules == {
         ("", "nodes"): {"get", "list", "watch"},
-        ("", "pods"): {"get", "list", "watch", "patch"},
+        ("", "pods"): {"get", "list", "watch", "patch", "delete"},
         ("", "pods/status"): {"patch"},
         ("", "events"): {"create", "patch"},
         ("apps", "deployments"): {"get", "list", "watch", "create", "patch", "delete"},
