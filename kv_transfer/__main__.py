@@ -21,7 +21,7 @@ import sys
 import time
 
 from kv_transfer import sidecar_ext
-from sidecar.errors import UsageError
+from sidecar.errors import ConfigError, UsageError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -72,6 +72,9 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return asyncio.run(_main(args))
+    except ConfigError as exc:
+        print(f"python -m kv_transfer: {exc.source}: {'; '.join(exc.problems)}", file=sys.stderr)
+        return 2
     except UsageError as exc:
         print(f"python -m kv_transfer: {exc}", file=sys.stderr)
         return 2

@@ -61,6 +61,8 @@ MAGIC = b"HSKVP1"
 NONCE_BYTES = 32
 MAC_BYTES = 32
 CHUNK_BYTES = 256 * 1024
+READ_LIMIT_BYTES = 4 * 1024 * 1024      # server StreamReader buffer (pauses reading at 2x)
+WRITE_BUFFER_BYTES = 4 * 1024 * 1024    # client transport buffer: keeps the socket fed across stalls
 _ZEROS = bytes(CHUNK_BYTES)
 
 STATUS_OK = 0
@@ -216,8 +218,10 @@ class ProbeServer:
 
     async def start(self) -> None:
         try:
+            # A large reader limit: the transport is paused only past 2 x limit, so a
+            # briefly descheduled server does not throttle the link it is measuring.
             self._server = await asyncio.start_server(self._handle, self._host, self._port,
-                                                      reuse_address=True)
+                                                      reuse_address=True, limit=READ_LIMIT_BYTES)
         except OSError as exc:
             raise ConfigError([f"cannot listen on {self._host}:{self._port}: {exc.strerror or exc}"],
                               source="--probe-listen") from exc
@@ -416,6 +420,7 @@ async def _exchange(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, 
         if struct.unpack(">Q", await reader.readexactly(8))[0] != seq:
             raise ProbeError("protocol", f"{address} echoed the wrong ping")
         rtts.append(time.perf_counter() - sent)
+    writer.transport.set_write_buffer_limits(high=WRITE_BUFFER_BYTES)
     bulk_started = time.perf_counter()
     remaining = payload_bytes
     view = memoryview(_ZEROS)

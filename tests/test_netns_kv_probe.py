@@ -72,11 +72,18 @@ class NetnsBed:
             if shaped.returncode != 0:
                 raise RuntimeError(f"tc tbf: {shaped.stderr.strip()}")
 
-    def spawn(self, role: str, *args: str) -> subprocess.Popen:
-        proc = subprocess.Popen(["ip", "netns", "exec", self.ns[role], sys.executable, "-m", "kv_transfer", *args],
+    def spawn(self, role: str, *args: str, module: str = "kv_transfer") -> subprocess.Popen:
+        proc = subprocess.Popen(["ip", "netns", "exec", self.ns[role], sys.executable, "-m", module, *args],
                                 cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         self.procs.append(proc)
         return proc
+
+    def get_json(self, role: str, url: str) -> dict:
+        """GET a URL from inside a namespace (the sidecars listen on their own loopback)."""
+        code = f"import urllib.request,sys; sys.stdout.write(urllib.request.urlopen({url!r}, timeout=2).read().decode())"
+        out = subprocess.run(["ip", "netns", "exec", self.ns[role], sys.executable, "-c", code],
+                             capture_output=True, text=True, timeout=10)
+        return json.loads(out.stdout) if out.returncode == 0 else {}
 
     def teardown(self) -> None:
         for proc in self.procs:
@@ -156,3 +163,45 @@ def test_shaped_links_are_measured_within_ten_percent_and_the_slow_pair_is_flagg
     assert abs(svc.same_switch_median_bytes_per_second - fast_bps) <= 0.10 * fast_bps
     assert abs(svc.cross_switch_median_bytes_per_second - slow_bps) <= 0.10 * slow_bps
     assert all(p.rtt_s is not None and p.rtt_s < 0.05 for p in svc.pairs)
+
+
+def test_real_sidecars_probe_each_other_and_the_map_reads_their_reports(testbed, tmp_path):
+    """The same testbed with the real ``heteroscale sidecar`` processes, reports fetched over HTTP."""
+    secret = tmp_path / "secret"
+    secret.write_text("netns-testbed-shared-secret\n")
+    common = ["sidecar", "--engine", "vllm", "--engine-url", "http://127.0.0.1:1", "--service", "chat",
+              "--gpu-source", "none", "--no-rdma", "--listen", "127.0.0.1:9400",
+              "--probe-secret-file", str(secret)]
+    for i, decode in enumerate(("d0", "d1")):
+        testbed.spawn(decode, *common, "--role", "decode", "--pod", f"decode-{i}", "--node", f"node-d{i}",
+                      "--probe-listen", f"10.231.{i}.2:{PORT}", module="sidecar")
+    time.sleep(1.0)      # let the probe servers bind before the first probe (a refusal would only delay it)
+    testbed.spawn("p", *common, "--role", "prefill", "--pod", "prefill-0", "--node", "node-p",
+                  "--probe-peers", f"10.231.0.2:{PORT},10.231.1.2:{PORT}", "--probe-bytes", str(PROBE_BYTES),
+                  "--probe-interval-s", "3", "--probe-max-rate", "1e9", module="sidecar")
+    deadline = time.monotonic() + 30
+    doc: dict = {}
+    while time.monotonic() < deadline:
+        doc = testbed.get_json("p", "http://127.0.0.1:9400/v1/report")
+        peers = doc.get("kv_transfer", {}).get("probe", {}).get("peers", [])
+        if len(peers) == 2 and all("bytes_per_second" in p for p in peers):
+            break
+        time.sleep(0.5)
+    else:
+        raise AssertionError(f"no probe results in the prefill report: {doc}")
+    decode_docs = [testbed.get_json(d, "http://127.0.0.1:9400/v1/report") for d in ("d0", "d1")]
+    reports = [SidecarReport.from_dict(d) for d in [doc, *decode_docs]]
+    switches = {"node-p": ("s2-a", "s1-a"), "node-d0": ("s2-a", "s1-a"), "node-d1": ("s2-a", "s1-b")}
+    svc = build_bandwidth_map(reports, switches=switches, now_s=time.time()).service("chat")
+    pairs = {p.decode: p for p in svc.pairs}
+    fast_bps, slow_bps = FAST_MBIT * 1e6 / 8, SLOW_MBIT * 1e6 / 8
+    print(f"\nsidecars: {pairs['decode-0'].bytes_per_second * 8 / 1e6:.1f} / "
+          f"{pairs['decode-1'].bytes_per_second * 8 / 1e6:.1f} Mbit/s")
+    assert abs(pairs["decode-0"].bytes_per_second - fast_bps) <= 0.10 * fast_bps
+    assert abs(pairs["decode-1"].bytes_per_second - slow_bps) <= 0.10 * slow_bps
+    assert [p.decode for p in svc.flagged] == ["decode-1"]
+    assert pairs["decode-1"].locality == CROSS_SWITCH
+    # The decode sidecars' probe servers saw the bytes, and refused nobody.
+    for d in decode_docs:
+        server = d["kv_transfer"]["probe"]["server"]
+        assert server["probes"] >= 1 and server["refusals"] == {}
