@@ -64,6 +64,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("heteroscale.local")
 
 ROLES = ("prefill", "decode")
+DEFAULT_TOPOLOGY = Path(__file__).resolve().parents[2] / "demo" / "topology.yaml"
 STATES = ("starting", "ready", "draining", "stopped", "failed")
 
 
@@ -301,9 +302,12 @@ class LocalActuator:
     name = "local"
     writes = True
 
-    def __init__(self, *, cluster: SimulatedCluster, settings: LocalSettings = LocalSettings(),
-                 in_flight: InFlight | None = None, clock: Callable[[], float] = time.time) -> None:
-        self.cluster = cluster
+    def __init__(self, config: Any = None, *, cluster: SimulatedCluster | None = None,
+                 settings: LocalSettings = LocalSettings(), in_flight: InFlight | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
+        # ``config`` is accepted for ``make_actuator``'s calling convention; the local
+        # backend reads each service's config when the reconciler hands it over.
+        self.cluster = cluster or SimulatedCluster.from_file(DEFAULT_TOPOLOGY)
         self.settings = settings
         self.in_flight = in_flight or (lambda name: 0)
         self.clock = clock
@@ -341,7 +345,8 @@ class LocalActuator:
             for alloc in result.allocations:
                 for _ in range(alloc.count):
                     await self._start(service, alloc.role, group=alloc.dg, node=alloc.node,
-                                      gpu_type=alloc.gpu_type, s1=alloc.s1, s2=alloc.s2, gpus=alloc.gpus)
+                                      gpu_type=alloc.gpu_type, s1=alloc.s1, s2=alloc.s2,
+                                      gpus=alloc.gpus // max(1, alloc.count))
             for release in result.releases:
                 self._release(service.name, release.dg, release.role, release.count)
         placed = result.placed(service.name)

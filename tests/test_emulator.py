@@ -1,0 +1,320 @@
+"""The engine emulator: vLLM's exact page format, the OpenAI API, the P/D KV push, modelled GPUs.
+
+Real HTTP servers on 127.0.0.1 (aiohttp's TestServer), the real prometheus_client
+parser, a real TCP KV transfer between two emulators. The emulators run with a high
+speed-up so modelled seconds take milliseconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import aiohttp
+import pytest
+from aiohttp.test_utils import TestServer
+from prometheus_client.parser import text_string_to_metric_families
+
+from engine_adapters.emulator import (
+    ITL_BUCKETS, TTFT_BUCKETS, EmulatorServer, EmulatorSettings, request_token_buckets)
+from simulator import perfmodel
+from sidecar.errors import UsageError
+
+REPO = Path(__file__).resolve().parents[1]
+FAST = dict(speedup=1000.0, tick_s=0.002, stream_interval_s=0.001, kv_wait_timeout_s=2.0)
+
+# Families a vLLM 0.32 single-API-server page carries (ENGINES.md §1.2), by parser name.
+VLLM_FAMILIES = {
+    "vllm:num_requests_running": "gauge", "vllm:num_requests_waiting": "gauge",
+    "vllm:num_requests_waiting_by_reason": "gauge", "vllm:kv_cache_usage_perc": "gauge",
+    "vllm:prompt_tokens": "counter", "vllm:generation_tokens": "counter",
+    "vllm:prompt_tokens_by_source": "counter", "vllm:request_success": "counter",
+    "vllm:prefix_cache_queries": "counter", "vllm:prefix_cache_hits": "counter",
+    "vllm:num_preemptions": "counter",
+    "vllm:time_to_first_token_seconds": "histogram", "vllm:inter_token_latency_seconds": "histogram",
+    "vllm:e2e_request_latency_seconds": "histogram", "vllm:iteration_tokens_total": "histogram",
+    "vllm:request_prompt_tokens": "histogram", "vllm:request_generation_tokens": "histogram",
+    "vllm:nixl_bytes_transferred": "histogram", "vllm:nixl_xfer_time_seconds": "histogram",
+    "vllm:nixl_num_failed_transfers": "counter",
+}
+
+
+def settings(role_name: str, **kw) -> EmulatorSettings:
+    base = dict(role=role_name, gpu="H20", model="8b", port=0, served_model_name="demo-model", **FAST)
+    base.update(kw)
+    return EmulatorSettings(**base)
+
+
+class Running:
+    """An emulator behind a real loopback HTTP server."""
+
+    def __init__(self, s: EmulatorSettings) -> None:
+        self.emulator = EmulatorServer(s)
+        self.server = TestServer(self.emulator.app(), host="127.0.0.1")
+
+    async def __aenter__(self) -> "Running":
+        await self.server.start_server()
+        self.session = aiohttp.ClientSession()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.session.close()
+        await self.server.close()
+
+    def url(self, path: str) -> str:
+        return str(self.server.make_url(path))
+
+    async def metrics(self) -> dict[str, dict]:
+        async with self.session.get(self.url("/metrics")) as resp:
+            assert resp.status == 200
+            assert resp.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+            text = await resp.text()
+        return {f.name: f for f in text_string_to_metric_families(text)}, text
+
+
+def sample(families: dict, family: str, name: str, **labels: str) -> float:
+    for s in families[family].samples:
+        if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+            return s.value
+    raise KeyError(f"{name} {labels}")
+
+
+async def stream_completion(session: aiohttp.ClientSession, url: str, body: dict) -> tuple[list[dict], int]:
+    chunks, usage = [], 0
+    async with session.post(url, json=body) as resp:
+        assert resp.status == 200, await resp.text()
+        assert resp.headers["Content-Type"].startswith("text/event-stream")
+        saw_done = False
+        async for line in resp.content:
+            line = line.strip()
+            if not line:
+                continue
+            assert line.startswith(b"data: ")
+            if line == b"data: [DONE]":
+                saw_done = True
+                continue
+            doc = json.loads(line[6:])
+            if doc.get("usage") and not doc["choices"]:
+                usage = doc["usage"]["completion_tokens"]
+            else:
+                chunks.append(doc)
+        assert saw_done
+    return chunks, usage
+
+
+def test_request_token_buckets_match_vllm():
+    # ENGINES.md §1.2: 32768 -> 1, 2, 5, ..., 20000
+    assert request_token_buckets(32768) == (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000)
+
+
+@pytest.mark.parametrize("bad, needle", [
+    (dict(role="router"), "--role"),
+    (dict(gpu="B200"), "unknown GPU type"),
+    (dict(model="405b"), "unknown model"),
+    (dict(model="70b", gpu="L20"), "does not fit"),
+    (dict(speedup=0.0), "--speedup"),
+    (dict(tick_s=0.0), "tick_s"),
+])
+def test_bad_settings_are_usage_errors(bad, needle):
+    with pytest.raises(UsageError, match=needle):
+        settings("decode", **bad)
+
+
+async def test_metrics_page_is_vllm_format_before_any_request():
+    async with Running(settings("decode")) as emu:
+        families, text = await emu.metrics()
+    for name, kind in VLLM_FAMILIES.items():
+        assert name in families, name
+        assert families[name].type == kind, name
+    # Counters are exposed with _total and have _created companions (single API server).
+    assert 'vllm:generation_tokens_total{engine="0",model_name="demo-model"} 0.0' in text
+    assert "vllm:generation_tokens_created{" in text
+    # Histogram buckets are vLLM's defaults, le formatted Go-style.
+    ttft = [s.labels["le"] for s in families["vllm:time_to_first_token_seconds"].samples
+            if s.name.endswith("_bucket")]
+    assert ttft == [repr(float(b)) for b in TTFT_BUCKETS] + ["+Inf"]
+    itl = [float(s.labels["le"]) for s in families["vllm:inter_token_latency_seconds"].samples
+           if s.name.endswith("_bucket") and s.labels["le"] != "+Inf"]
+    assert itl == list(ITL_BUCKETS)
+    assert 'le="8.589934592e+09"' in text          # NIXL bytes buckets reach 2^33
+    for fam in families.values():
+        for s in fam.samples:
+            if s.name.startswith("vllm:") and "admission" not in s.name and "cache_config" not in s.name:
+                assert s.labels.get("model_name") == "demo-model" and s.labels.get("engine") == "0", s
+
+
+async def test_streaming_completion_counts_every_token():
+    async with Running(settings("decode")) as emu:
+        chunks, usage = await stream_completion(emu.session, emu.url("/v1/completions"), {
+            "model": "demo-model", "prompt": "hello " * 40, "max_tokens": 37, "stream": True,
+            "stream_options": {"include_usage": True}})
+        families, _ = await emu.metrics()
+    text_tokens = sum(len(c["choices"][0]["text"].split()) for c in chunks)
+    assert text_tokens == usage == 37
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+    assert sample(families, "vllm:generation_tokens", "vllm:generation_tokens_total") == 37
+    assert sample(families, "vllm:prompt_tokens", "vllm:prompt_tokens_total") == 40
+    assert sample(families, "vllm:request_success", "vllm:request_success_total", finished_reason="length") == 1
+    assert sample(families, "vllm:time_to_first_token_seconds", "vllm:time_to_first_token_seconds_count") == 1
+    # one inter-token latency per generated token step
+    assert sample(families, "vllm:inter_token_latency_seconds", "vllm:inter_token_latency_seconds_count") == 37
+    assert sample(families, "vllm:num_requests_running", "vllm:num_requests_running") == 0
+
+
+async def test_non_streaming_completion_and_models():
+    async with Running(settings("prefill", gpu="L20")) as emu:
+        async with emu.session.post(emu.url("/v1/completions"),
+                                    json={"prompt": [5] * 12, "max_tokens": 3}) as resp:
+            doc = await resp.json()
+        async with emu.session.get(emu.url("/v1/models")) as resp:
+            models = await resp.json()
+    assert doc["usage"] == {"prompt_tokens": 12, "completion_tokens": 3, "total_tokens": 15}
+    assert doc["choices"][0]["finish_reason"] == "length"
+    assert models["data"][0]["id"] == "demo-model"
+
+
+async def test_pd_flow_moves_real_kv_bytes_over_tcp():
+    """Prefill pushes the KV to decode's KV port; both count the same real bytes."""
+    async with Running(settings("decode")) as dec, Running(settings("prefill", gpu="L20")) as pre:
+        kv_port = dec.emulator.kv_port
+        prompt = [7] * 300
+        async with pre.session.post(pre.url("/v1/completions"), json={
+                "prompt": prompt, "max_tokens": 1,
+                "kv_transfer_params": {"do_remote_decode": True, "remote_host": "127.0.0.1",
+                                       "remote_port": kv_port}}) as resp:
+            assert resp.status == 200
+            first = await resp.json()
+        params = first["kv_transfer_params"]
+        assert params["do_remote_prefill"] is True
+        chunks, usage = await stream_completion(dec.session, dec.url("/v1/completions"), {
+            "prompt": prompt, "max_tokens": 20, "stream": True, "stream_options": {"include_usage": True},
+            "kv_transfer_params": params})
+        d_fam, _ = await dec.metrics()
+        p_fam, _ = await pre.metrics()
+    # 300 tokens × 128 KiB (8b KV per token) / 1024 = 38,400 bytes actually sent
+    expected = 300 * perfmodel.kv_bytes_per_token(perfmodel.model("8b")) // 1024
+    assert expected == 38400
+    for fam in (d_fam, p_fam):
+        assert sample(fam, "vllm:nixl_bytes_transferred", "vllm:nixl_bytes_transferred_sum") == expected
+        assert sample(fam, "vllm:nixl_bytes_transferred", "vllm:nixl_bytes_transferred_count") == 1
+    assert usage == 20
+    assert sample(d_fam, "vllm:prompt_tokens_by_source", "vllm:prompt_tokens_by_source_total",
+                  source="external_kv_transfer") == 300
+    assert sample(d_fam, "vllm:prompt_tokens_by_source", "vllm:prompt_tokens_by_source_total",
+                  source="local_compute") == 0
+    assert sample(p_fam, "vllm:prompt_tokens_by_source", "vllm:prompt_tokens_by_source_total",
+                  source="local_compute") == 300
+    assert sample(d_fam, "vllm:generation_tokens", "vllm:generation_tokens_total") == 20
+    assert sample(p_fam, "vllm:generation_tokens", "vllm:generation_tokens_total") == 1
+
+
+@pytest.mark.parametrize("body, status, needle", [
+    ("not json", 400, "not valid JSON"),
+    ({"max_tokens": 4}, 400, "prompt"),
+    ({"prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
+    ({"prompt": "x", "model": "other"}, 404, "does not exist"),
+    ({"prompt": [1] * 40000, "max_tokens": 1}, 400, "maximum context length"),
+    ({"prompt": "x", "kv_transfer_params": {"do_remote_decode": True}}, 400, "remote_host"),
+    ({"prompt": "x", "kv_transfer_params": "yes"}, 400, "kv_transfer_params"),
+])
+async def test_bad_requests_get_openai_errors(body, status, needle):
+    async with Running(settings("decode")) as emu:
+        data = body if isinstance(body, str) else json.dumps(body)
+        async with emu.session.post(emu.url("/v1/completions"), data=data) as resp:
+            assert resp.status == status
+            doc = await resp.json()
+    assert needle in doc["error"]["message"]
+
+
+async def test_missing_kv_transfer_fails_the_request_not_the_engine():
+    async with Running(settings("decode", kv_wait_timeout_s=0.2)) as emu:
+        async with emu.session.post(emu.url("/v1/completions"), json={
+                "prompt": "a b c", "max_tokens": 4,
+                "kv_transfer_params": {"do_remote_prefill": True, "transfer_id": "never-sent"}}) as resp:
+            assert resp.status == 503
+        families, _ = await emu.metrics()
+        async with emu.session.get(emu.url("/health")) as resp:
+            assert resp.status == 200
+    assert sample(families, "vllm:request_success", "vllm:request_success_total", finished_reason="error") == 1
+
+
+async def test_push_to_a_closed_kv_port_is_counted_as_failed_transfer():
+    async with Running(settings("prefill", gpu="L20")) as pre:
+        from tests.conftest import free_port
+        async with pre.session.post(pre.url("/v1/completions"), json={
+                "prompt": "a b c", "max_tokens": 1,
+                "kv_transfer_params": {"do_remote_decode": True, "remote_host": "127.0.0.1",
+                                       "remote_port": free_port()}}) as resp:
+            assert resp.status == 503
+        families, _ = await pre.metrics()
+    assert sample(families, "vllm:nixl_num_failed_transfers", "vllm:nixl_num_failed_transfers_total") == 1
+
+
+async def test_modelled_gpu_readings_follow_the_paper_signals():
+    """Decode: any traffic keeps utilisation high; idle prefill reads zero."""
+    async with Running(settings("decode", speedup=50.0)) as dec, \
+            Running(settings("prefill", gpu="L20", speedup=50.0)) as pre:
+        body = {"prompt": "w " * 100, "max_tokens": 400, "stream": True}
+        await asyncio.gather(*(stream_completion(dec.session, dec.url("/v1/completions"), body)
+                               for _ in range(2)))
+        async with dec.session.get(dec.url("/emulator/gpu")) as resp:
+            d = await resp.json()
+        async with pre.session.get(pre.url("/emulator/gpu")) as resp:
+            p = await resp.json()
+    assert d["source"] == "emulator" and d["gpu_type"] == "H20"
+    (reading,) = d["gpus"]
+    assert set(reading) == {"gpu", "utilization_ratio", "sm_activity_ratio", "memory_used_bytes", "power_watts"}
+    assert reading["utilization_ratio"] > 0.0
+    assert reading["sm_activity_ratio"] < reading["utilization_ratio"]   # memory-bound: SMs stall
+    assert reading["memory_used_bytes"] == pytest.approx(96e9 * 0.9)       # vLLM preallocates
+    assert p["gpus"][0]["utilization_ratio"] == 0.0
+
+
+def test_decode_ticks_follow_the_perf_model():
+    """One tick of a 2-request batch makes exactly the modelled number of steps."""
+    async def scenario() -> tuple[float, list]:
+        emu = EmulatorServer(settings("decode", speedup=1.0))
+        engine = emu.engine
+        from engine_adapters.emulator import Request
+        a = Request(id="a", prompt_tokens=100, max_tokens=3, arrival_s=0.0)
+        b = Request(id="b", prompt_tokens=100, max_tokens=50, arrival_s=0.0)
+        engine.running = [a, b]
+        step = perfmodel.decode_step_time_s(perfmodel.model("8b"), perfmodel.gpu("H20"), 1, 2, 200)
+        used, _, progress = engine._advance(10.5 * step)
+        return step, used, progress
+    step, used, progress = asyncio.run(scenario())
+    made = {req.id: tokens for req, tokens, _ in progress}
+    # a finishes after 3 steps of the pair; b then runs alone for the rest of the budget
+    assert made["a"] == 3
+    assert made["b"] >= 10
+    assert used >= 10 * step * 0.99
+
+
+def test_cli_bad_flag_is_one_line_exit_2():
+    proc = subprocess.run([sys.executable, "-m", "sidecar", "emulate-engine", "--role", "decode", "--gpu", "B300",
+                           "--model", "8b", "--port", "1"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert "unknown GPU type" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_real_process_serves_and_stops_on_sigterm(unused_port):
+    proc = subprocess.Popen([sys.executable, "-m", "sidecar", "emulate-engine", "--role", "decode", "--gpu", "H20",
+                             "--model", "8b", "--port", str(unused_port)], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert "ready on" in line, line
+        import urllib.request
+        with urllib.request.urlopen(f"http://127.0.0.1:{unused_port}/metrics", timeout=5) as resp:
+            assert b"vllm:num_requests_running" in resp.read()
+        proc.terminate()
+        assert proc.wait(timeout=10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
