@@ -285,13 +285,30 @@ class Collector:
                                 discovery_error=str(exc) or type(exc).__name__)
             self.latest[service.name] = result
             return result
-        fetched = await asyncio.gather(*(self._fetch(t) for t in targets))
+        fetched = await self._fetch_all(targets)
         errors = Counter(f.error for f in fetched if f.error)
         for reason, count in errors.items():
             self.errors_total[(service.name, reason)] += count
         result = Collection(service=service.name, fetched=tuple(fetched), errors=dict(errors))
         self.latest[service.name] = result
         return result
+
+    async def _fetch_all(self, targets: Sequence[Target]) -> list[Fetched]:
+        # A few workers walking the list, instead of one task per target: at 10,000
+        # targets a tick the task bookkeeping alone was a tenth of the CPU.
+        results: list[Fetched | None] = [None] * len(targets)
+        cursor = iter(range(len(targets)))
+
+        async def worker() -> None:
+            for i in cursor:
+                results[i] = await self._fetch(targets[i])
+
+        workers = min(len(targets), self._concurrency)
+        if workers == 1:
+            await worker()
+        elif workers > 1:
+            await asyncio.gather(*(worker() for _ in range(workers)))
+        return [r for r in results if r is not None]
 
     def _split(self, url: str) -> tuple[str, str, int, str]:
         parsed = self._parsed.get(url)
