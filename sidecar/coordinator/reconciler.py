@@ -153,7 +153,9 @@ class Reconciler:
         if moved and self._may_write():
             applied, new_state = await self._apply(rt, decision, new_state)
         elif moved:
-            rt.last_error = None
+            # Not written (standby, dry run, advisory backend): the pools did not move,
+            # so no cooldown starts; the decision is shown as what would be done.
+            new_state = _unmoved(new_state, rt.state)
         rt.state = new_state
         rt.last_apply = applied
         rt.record(decision)
@@ -168,8 +170,7 @@ class Reconciler:
                      new_state: PolicyState) -> tuple[ApplyResult | None, PolicyState]:
         """Write through the fence; on failure keep the old cooldown stamps (nothing moved)."""
         name = rt.config.name
-        unmoved = replace(new_state, last_scale_out_s=rt.state.last_scale_out_s,
-                          last_scale_in_s=rt.state.last_scale_in_s)
+        unmoved = _unmoved(new_state, rt.state)
         try:
             if not await self.election.still_leader():
                 log.warning("%s: lost the lease before writing %s; not writing", name, decision.reason)
@@ -265,6 +266,12 @@ class Reconciler:
         if history:
             doc["history"] = list(rt.history)
         return doc
+
+
+def _unmoved(new_state: PolicyState, old_state: PolicyState) -> PolicyState:
+    """The new state, but with the cooldown stamps of a tick in which nothing moved."""
+    return replace(new_state, last_scale_out_s=old_state.last_scale_out_s,
+                   last_scale_in_s=old_state.last_scale_in_s)
 
 
 def _pool(current: Any, desired: Any, status: PoolStatus | None, role: str) -> dict[str, Any]:
