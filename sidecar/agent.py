@@ -12,6 +12,8 @@ Owns the scrape loop and the cached state behind ``/metrics`` and ``/v1/report``
   ``stale`` once the newest good sample is older than ``stale_after_s``
   (3 intervals). Old samples leave the rate window, so rates become ``None``
   (unknown) rather than a frozen last value;
+* every fetched engine page is also handed to extensions that observe pages
+  (``observe_engine_page``), so they need no second scrape of the engine;
 * ``/readyz`` turns ready after the first successful scrape.
 
 Decisions live elsewhere: rates and quantiles are pure (``engine_adapters.rates``),
@@ -39,11 +41,12 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from engine_adapters.rates import SignalWindow, WindowStats
-from engine_adapters.scrape import PARSERS, ScrapeSettings, scrape
+from engine_adapters.scrape import PARSERS, ScrapeSettings, fetch_page, parser_for
 from engine_adapters.snapshot import GENERATION_TOKENS, EngineSnapshot
 from sidecar.errors import ConfigError, ScrapeError, UsageError
 from sidecar.extensions import (
     KV_TRANSFER_NAME, SidecarExtension, add_extension_arguments, build_extensions, default_kv_direction,
+    observe_engine_page,
 )
 from sidecar.gpu.base import GpuReader, NoGpuReader
 from sidecar.http import make_app
@@ -259,7 +262,11 @@ class Agent:
         try:
             if self._session is None:
                 raise ScrapeError("connect", "agent not started (no HTTP session)")
-            snapshot = await scrape(self._session, self._scrape)
+            text = await fetch_page(self._session, self._scrape)
+            # Extensions that read other families of the same page (KV-transfer
+            # connector metrics) get it here instead of scraping the engine again.
+            observe_engine_page(self._started_extensions, text, t0)
+            snapshot = parser_for(self.settings.engine)(text)
         except ScrapeError as exc:
             self._on_failure(exc)
         else:

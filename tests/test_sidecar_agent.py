@@ -277,3 +277,38 @@ def test_flags_to_settings(monkeypatch):
     with pytest.raises(UsageError):
         settings_from_args(parser.parse_args(["--engine", "vllm", "--engine-url", "http://x", "--role", "decode",
                                               "--service", "s", "--listen", "nowhere"]))
+
+
+class PageObserver(RecordingExtension):
+    name = "pages"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pages = []
+
+    def observe_engine_page(self, text: str, now_s: float) -> None:
+        self.pages.append((now_s, text))
+
+
+async def test_extensions_observe_each_fetched_page_once(engine, session):
+    ext = PageObserver()
+    clock = Clock()
+    agent = Agent(settings(engine.url, interval_s=10.0, window_s=20.0, scrape_timeout_s=0.5),
+                  session=session, clock=clock, extensions=[ext])
+    page = vllm_page(gen=5.0)
+    engine.page = page
+    await agent.start()                # the loop runs its first cycle, then sleeps 10 s
+    try:
+        for _ in range(200):
+            if agent.ready:
+                break
+            await asyncio.sleep(0.01)
+        await agent.cycle()
+        assert len(ext.pages) == engine.requests == 2      # one observation per successful fetch
+        engine.mode = "500"
+        await agent.cycle()
+        assert len(ext.pages) == 2 and engine.requests == 3   # a failed fetch is not observed
+    finally:
+        await agent.stop()
+    assert ext.pages == [(clock.t, page), (clock.t, page)]   # the agent's clock, the page as fetched
+    assert agent.report_dict()["extensions"]["pages"] == {"bytes_per_second": 1.5e9, "transfers": 3}
