@@ -257,20 +257,24 @@ class Agent:
         self._stats = None      # new data: recompute on next read
 
     async def _scrape_engine(self) -> None:
-        t0 = self._clock()
-        wall0 = self._wall()
+        t0, wall0 = self._clock(), self._wall()
         try:
             if self._session is None:
                 raise ScrapeError("connect", "agent not started (no HTTP session)")
             text = await fetch_page(self._session, self._scrape)
+            # The engine rendered the page somewhere between request and answer:
+            # stamp the sample at the midpoint, so a slow answer from a busy
+            # engine does not bend the rate (error <= half the request time).
+            half_s = (self._clock() - t0) / 2
+            t_mono, t_wall = t0 + half_s, wall0 + half_s
             # Extensions that read other families of the same page (KV-transfer
             # connector metrics) get it here instead of scraping the engine again.
-            observe_engine_page(self._started_extensions, text, t0)
+            observe_engine_page(self._started_extensions, text, t_mono)
             snapshot = parser_for(self.settings.engine)(text)
         except ScrapeError as exc:
             self._on_failure(exc)
         else:
-            self._on_success(t0, wall0, snapshot)
+            self._on_success(t_mono, t_wall, snapshot)
         finally:
             self.scrape_duration_s = max(0.0, self._clock() - t0)
 
