@@ -312,3 +312,18 @@ async def test_extensions_observe_each_fetched_page_once(engine, session):
         await agent.stop()
     assert ext.pages == [(clock.t, page), (clock.t, page)]   # the agent's clock, the page as fetched
     assert agent.report_dict()["extensions"]["pages"] == {"bytes_per_second": 1.5e9, "transfers": 3}
+
+
+async def test_sample_is_stamped_at_the_middle_of_its_request(engine, session):
+    clock = Clock(100.0)
+
+    def slow_page() -> str:
+        clock.t += 0.4           # the engine takes 0.4 s (of the agent's clock) to answer
+        return vllm_page(gen=1.0)
+
+    engine.page_fn = slow_page
+    agent = Agent(settings(engine.url), session=session, clock=clock, wall=lambda: 1e9 + clock.t)
+    await agent.cycle()
+    assert agent.window.newest_t_s == pytest.approx(100.2)
+    assert agent.report().observed_at == pytest.approx(1e9 + 100.2)
+    assert agent.scrape_duration_s == pytest.approx(0.4)
