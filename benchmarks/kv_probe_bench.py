@@ -7,8 +7,9 @@ Builds two network namespaces joined by a veth pair (addresses exist only inside
 them), shapes the prefill side with ``tc tbf`` at each rate in turn, runs the real
 probe server (``python -m kv_transfer serve``) in the decode namespace and the
 real extension (``python -m kv_transfer sample``) in the prefill namespace, and
-records per rate: the receiver-measured bytes/s of each probe, its error against
-the shaped rate, the sender-side view, RTT, the probe's wall time and the client
+records per rate: the receiver-measured bytes/s of each probe, the median and
+the best of them (the bandwidth map judges a pair by the best of its recent
+probes) and their error against the shaped rate, the sender-side view, RTT, the probe's wall time and the client
 process's CPU time. The namespaces are removed at the end, even on failure.
 
 Expected bias: ``tbf`` counts Ethernet frames, the probe counts TCP payload, so
@@ -44,6 +45,7 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     rates = [int(r) for r in args.rates.split(",")]
+    load_at_start = os.getloadavg()[0]
     tag = str(os.getpid() % 100000)
     p_ns, d_ns = f"hskvb{tag}p", f"hskvb{tag}d"
     secret = Path(f"/tmp/hskvb{tag}.secret")
@@ -86,12 +88,15 @@ def main() -> int:
                                "process_cpu_s": (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)})
             shaped = mbit * 1e6 / 8
             measured = statistics.median(p["bytes_per_second"] for p in probes)
+            best = max(p["bytes_per_second"] for p in probes)
             runs.append({"shaped_mbit": mbit, "shaped_bytes_per_second": shaped,
                          "measured_median_bytes_per_second": measured,
+                         # what the bandwidth map judges by: the best of the recent probes
+                         "measured_best_bytes_per_second": best, "best_error_ratio": best / shaped - 1,
                          "error_ratio": measured / shaped - 1,
                          "within_10_percent": abs(measured / shaped - 1) <= 0.10, "probes": probes})
-            print(f"{mbit:5d} Mbit/s shaped -> {measured * 8 / 1e6:7.1f} Mbit/s measured "
-                  f"({measured / shaped - 1:+.1%}), probe {statistics.median(p['probe_duration_s'] for p in probes):.2f} s")
+            print(f"{mbit:5d} Mbit/s shaped -> median {measured * 8 / 1e6:7.1f} Mbit/s ({measured / shaped - 1:+.1%}),"
+                  f" best {best * 8 / 1e6:7.1f} ({best / shaped - 1:+.1%}), probe {statistics.median(p['probe_duration_s'] for p in probes):.2f} s")
     finally:
         if server is not None:
             server.terminate()
@@ -103,7 +108,9 @@ def main() -> int:
     RESULT.write_text(json.dumps({
         "command": "python benchmarks/kv_probe_bench.py " + " ".join(sys.argv[1:]),
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "machine": {"python": platform.python_version(), "cpus": os.cpu_count(), "platform": platform.platform()},
+        "machine": {"python": platform.python_version(), "cpus": os.cpu_count(), "platform": platform.platform(),
+                    # other work on the machine starves the probe's processes: record how busy it was
+                    "load_average_1m_at_start": load_at_start, "load_average_1m_at_end": os.getloadavg()[0]},
         "probe_bytes": PROBE_BYTES, "target": "within 10% of the shaped rate",
         "all_within_target": all(r["within_10_percent"] for r in runs), "runs": runs}, indent=2) + "\n")
     print(f"wrote {RESULT.relative_to(REPO)}")

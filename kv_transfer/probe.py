@@ -49,6 +49,7 @@ import os
 import random
 import struct
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable, Mapping
 
@@ -532,7 +533,14 @@ class ProbeOutcome:
     error: ProbeError | None
     measured_at: float                 # unix seconds
     measured_mono_s: float             # monotonic seconds, for ages
+    best_recent_bytes_per_second: float | None = None   # max of the last RECENT_PROBES successes
+    recent_probes: int = 0             # how many successes that max is over
 
+
+# Capacity is the upper envelope of what a link carried: one probe can read low
+# because real KV traffic or a busy CPU got in its way, never high. The best of the
+# last few probes (all within 3 intervals) is what the coordinator judges pairs by.
+RECENT_PROBES = 3
 
 Gate = Callable[[], tuple[bool, str | None]]
 ProbeFn = Callable[..., Awaitable[ProbeResult]]
@@ -563,6 +571,7 @@ class ProbeRunner:
         self.skipped: str | None = None
         self.errors: dict[tuple[str, str], int] = {}
         self.probes = 0
+        self._recent: dict[str, deque[tuple[float, float]]] = {}
 
     def start(self) -> None:
         if self._task is None:
@@ -590,17 +599,25 @@ class ProbeRunner:
 
     async def _probe_one(self, peer: Peer) -> None:
         s = self.settings
+        recent = self._recent.setdefault(peer.address, deque(maxlen=RECENT_PROBES))
+        result: ProbeResult | None = None
+        error: ProbeError | None = None
         try:
             result = await self._probe(peer.host, peer.port, secret=self._secret, payload_bytes=s.payload_bytes,
                                        pings=s.pings, timeout_s=s.timeout_s)
-            outcome = ProbeOutcome(peer, result, None, self._wall(), self._clock())
             self.probes += 1
         except ProbeError as exc:
             log.warning("kv-transfer probe of %s failed: %s", peer.address, exc)
             key = (peer.name or peer.address, exc.reason)
             self.errors[key] = self.errors.get(key, 0) + 1
-            outcome = ProbeOutcome(peer, None, exc, self._wall(), self._clock())
-        self.outcomes[peer.address] = outcome
+            error = exc
+        now = self._clock()
+        if result is not None:
+            recent.append((now, result.bytes_per_second))
+        fresh = [bps for t, bps in recent if now - t <= 3 * s.interval_s]
+        self.outcomes[peer.address] = ProbeOutcome(
+            peer, result, error, self._wall(), now,
+            best_recent_bytes_per_second=max(fresh) if fresh else None, recent_probes=len(fresh))
 
     async def _loop(self) -> None:
         # A random first offset spreads many prefill pods over the interval.
@@ -632,6 +649,9 @@ def outcome_to_dict(outcome: ProbeOutcome, *, now_mono_s: float) -> Mapping[str,
     }
     if outcome.result is not None:
         doc.update({k: v for k, v in outcome.result.to_dict().items() if k not in ("peer", "address")})
+    if outcome.best_recent_bytes_per_second is not None:
+        doc["best_recent_bytes_per_second"] = outcome.best_recent_bytes_per_second
+        doc["recent_probes"] = outcome.recent_probes
     if outcome.error is not None:
         doc["error"] = outcome.error.reason
     return doc

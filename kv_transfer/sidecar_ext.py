@@ -504,8 +504,8 @@ class KvTransferExtension:
             peers = [dict(outcome_to_dict(o, now_mono_s=time.monotonic()))
                      for _, o in sorted(runner.outcomes.items())]
             doc["peers"] = peers
-            fresh = [p["bytes_per_second"] for p in peers
-                     if "bytes_per_second" in p and p["age_s"] <= 3 * runner.settings.interval_s]
+            fresh = [p.get("best_recent_bytes_per_second", p.get("bytes_per_second")) for p in peers
+                     if "best_recent_bytes_per_second" in p and p["age_s"] <= 3 * runner.settings.interval_s]
             if fresh:
                 doc["bytes_per_second"] = median(fresh)
             if runner.skipped:

@@ -156,3 +156,13 @@ def test_bandwidth_families_read_back_through_a_registry():
     # The failed probe has no number: no series, never a 0.
     assert not any(k[0] == "heteroscale_kv_bandwidth_bytes_per_second" and ("decode", "d2") in k[1]
                    for k in samples)
+
+
+def test_best_recent_rate_is_preferred_over_the_latest_probe():
+    # d0's latest probe hit contention (5 MB/s) but its best recent is 25 MB/s: judged by 25.
+    d0 = peer("d0", 5 * MB)
+    d0["best_recent_bytes_per_second"] = 25 * MB
+    reports = [report("p0", "prefill", "n1", peers=[d0, peer("d1", 24 * MB)])]
+    svc = build_bandwidth_map(reports, switches=SWITCHES, now_s=NOW).service("chat")
+    assert {p.decode: p.bytes_per_second for p in svc.pairs} == {"d0": 25 * MB, "d1": 24 * MB}
+    assert svc.flagged == ()

@@ -236,3 +236,46 @@ async def test_server_refuses_while_its_engine_is_saturated():
         assert srv.counters.probes == 1
     finally:
         await srv.close()
+
+
+async def test_best_recent_is_the_upper_envelope_of_the_last_probes():
+    rates = iter([80e6, 100e6, 60e6, 50e6, 40e6])
+    now = [0.0]
+
+    async def fake_probe(host, port, **kwargs):
+        r = _fake_result(Peer(host, port))
+        return ProbeResult(**{**r.to_dict(), "peer": r.peer, "bytes_per_second": next(rates)})
+
+    settings = ProbeClientSettings(peers=(Peer("a", 1),), payload_bytes=MIB, interval_s=10)
+    runner = ProbeRunner(settings, secret=SECRET, probe=fake_probe, clock=lambda: now[0])
+    seen = []
+    for _ in range(5):
+        await runner.probe_all()
+        o = runner.outcomes["a:1"]
+        seen.append((o.result.bytes_per_second, o.best_recent_bytes_per_second, o.recent_probes))
+        now[0] += 10.0
+    # Best of the last 3 probes: 80 | 100 | 100 | 100 (100, 60, 50) | 60 (60, 50, 40).
+    assert seen == [(80e6, 80e6, 1), (100e6, 100e6, 2), (60e6, 100e6, 3), (50e6, 100e6, 3), (40e6, 60e6, 3)]
+
+
+async def test_best_recent_forgets_probes_older_than_three_intervals():
+    now = [0.0]
+    fail = [False]
+
+    async def fake_probe(host, port, **kwargs):
+        if fail[0]:
+            raise ProbeError("timeout", "slow")
+        return _fake_result(Peer(host, port))
+
+    settings = ProbeClientSettings(peers=(Peer("a", 1),), payload_bytes=MIB, interval_s=10)
+    runner = ProbeRunner(settings, secret=SECRET, probe=fake_probe, clock=lambda: now[0])
+    await runner.probe_all()
+    fail[0] = True
+    now[0] = 20.0
+    await runner.probe_all()                 # failed, but the success 20 s ago still counts
+    assert runner.outcomes["a:1"].error.reason == "timeout"
+    assert runner.outcomes["a:1"].best_recent_bytes_per_second == 1e8
+    now[0] = 31.0
+    await runner.probe_all()                 # the success is now 31 s > 3 x 10 s old
+    assert runner.outcomes["a:1"].best_recent_bytes_per_second is None
+    assert "best_recent_bytes_per_second" not in outcome_to_dict(runner.outcomes["a:1"], now_mono_s=31.0)

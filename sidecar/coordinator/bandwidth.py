@@ -5,7 +5,8 @@ the latest outcome per peer in its report under ``kv_transfer.probe.peers``.
 This module joins those outcomes with where the pods run and answers, per
 service:
 
-* every measured pair (prefill pod, decode pod): achievable bytes/s, RTT, age,
+* every measured pair (prefill pod, decode pod): achievable bytes/s (the best
+  of the peer's last few probes when the report carries it), RTT, age,
   Deployment Group, and whether the two pods share an S1 switch
   (``same_switch``), only an S2 or nothing (``cross_switch``), or cannot be
   placed (``unknown``: a node without switch labels, a peer without a report);
@@ -212,7 +213,11 @@ def _pair(report: SidecarReport, entry: Any, *, node_of: Mapping[str, str], swit
     measured_at = _number(entry.get("measured_at"))
     if not isinstance(decode, str) or not decode or measured_at is None:
         return None
-    bps = _number(entry.get("bytes_per_second"))
+    # The best of the peer's last few probes when the sidecar gives it (capacity is an
+    # upper envelope: a probe reads low when traffic or a busy CPU got in its way).
+    bps = _number(entry.get("best_recent_bytes_per_second"))
+    if bps is None:
+        bps = _number(entry.get("bytes_per_second"))
     error = entry.get("error") if isinstance(entry.get("error"), str) else None
     if bps is None and error is None or bps is not None and bps <= 0:
         return None
