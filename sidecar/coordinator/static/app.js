@@ -31,7 +31,7 @@ function pool(role, p) {
 }
 
 // A line chart on a canvas: series = [{values:[[t,v]...], color, label}].
-function chart(canvas, series, { title, yUnit = "" }) {
+function chart(canvas, series, { title, yUnit = "", integer = false }) {
   const dpr = window.devicePixelRatio || 1;
   const w = canvas.clientWidth || 400, h = canvas.clientHeight || 160;
   canvas.width = w * dpr; canvas.height = h * dpr;
@@ -42,16 +42,18 @@ function chart(canvas, series, { title, yUnit = "" }) {
   const pts = series.flatMap((s) => s.values.filter((p) => p[1] !== null && p[1] !== undefined));
   ctx.fillStyle = "#6b7385"; ctx.font = "11px system-ui, sans-serif";
   ctx.fillText(title, pad.l, 12);
+  canvas.dataset.points = String(pts.length);   // lets a headless browser test see what was drawn
   if (pts.length === 0) { ctx.fillText("no data yet", pad.l, h / 2); return; }
   const t0 = Math.min(...pts.map((p) => p[0])), t1 = Math.max(...pts.map((p) => p[0]));
-  const vmax = Math.max(1e-9, ...pts.map((p) => p[1])) * 1.1;
+  let vmax = Math.max(1e-9, ...pts.map((p) => p[1])) * 1.1;
+  if (integer) vmax = Math.max(4, Math.ceil(vmax / 4) * 4);   // whole-instance grid lines
   const x = (t) => pad.l + (t1 > t0 ? (t - t0) / (t1 - t0) : 1) * (w - pad.l - pad.r);
   const y = (v) => h - pad.b - (v / vmax) * (h - pad.t - pad.b);
   ctx.strokeStyle = "#dde1e8"; ctx.lineWidth = 1;
   for (let i = 0; i <= 4; i++) {
     const v = (vmax * i) / 4, yy = y(v);
     ctx.beginPath(); ctx.moveTo(pad.l, yy); ctx.lineTo(w - pad.r, yy); ctx.stroke();
-    ctx.fillText(`${fmt(v, v < 10 ? 1 : 0)}${yUnit}`, 2, yy + 4);
+    ctx.fillText(`${fmt(v, integer || v >= 10 ? 0 : 1)}${yUnit}`, 2, yy + 4);
   }
   ctx.fillText(time(t0), pad.l, h - 4);
   const last = time(t1); ctx.fillText(last, w - pad.r - ctx.measureText(last).width, h - 4);
@@ -101,7 +103,7 @@ function serviceCard(s) {
     pool("prefill", s.prefill), pool("decode", s.decode),
     kv("decode tok/s vs τ×decode", `${fmt(load)} / ${fmt(capacity)}`),
     kv("utilisation", util === null ? "–" : `${fmt(util * 100)}%`),
-    kv("τ per decode", fmt(s.target_decode_tps_per_instance)),
+    kv("target tok/s per decode (τ)", fmt(s.target_decode_tps_per_instance)),
     kv("TBT p90 / SLO", `${ms(s.latency.tbt_p90_s)} / ${ms(s.slo.tbt_s)}`, "v small"),
     kv("TTFT p90 / SLO", `${ms(s.latency.ttft_p90_s)} / ${ms(s.slo.ttft_s)}`, "v small"),
     kv("fresh decode reports", `${s.reports.fresh_decode} / ${s.reports.expected_decode}`, "v small"),
@@ -115,7 +117,7 @@ function serviceCard(s) {
     el("div", {}, c2, legend([["prefill", "#d9822b"], ["decode", "#2b6fd9"], ["desired (dashed)", "#6b7385"]]))));
   card.append(el("h2", {}, "Recent decisions"), decisionsTable(s.decisions || []));
   card.append(el("h2", {}, "Deployment Groups"), groupsTable(s.groups || []));
-  requestAnimationFrame(() => {
+  setTimeout(() => {   // after the card is in the document, so the canvas has a size
     chart(c1, [
       { values: hist.map((p) => [p.at, p.decode_tps]), color: "#1a9c5b" },
       { values: hist.map((p) => [p.at, p.smoothed_decode_tps]), color: "#0e5c35", dash: [2, 2] },
@@ -126,8 +128,8 @@ function serviceCard(s) {
       { values: hist.map((p) => [p.at, p.decode]), color: "#2b6fd9" },
       { values: hist.map((p) => [p.at, p.desired_prefill]), color: "#d9822b", dash: [4, 3] },
       { values: hist.map((p) => [p.at, p.desired_decode]), color: "#2b6fd9", dash: [4, 3] },
-    ], { title: "instances" });
-  });
+    ], { title: "instances", integer: true });
+  }, 0);
   return card;
 }
 
