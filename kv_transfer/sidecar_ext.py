@@ -81,6 +81,7 @@ class KvSettings:
     connector_url: str | None = None
     connector_timeout_s: float = 0.5          # below the agent's per-cycle bound (0.8 s by default)
     engine_metrics_url: str | None = None      # fallback self-scrape when the agent hands no pages
+    engine_scrape_interval_s: float = 5.0      # at most one fallback scrape per this many seconds
     rdma: RdmaSettings | None = field(default_factory=RdmaSettings)
     probe_server: ProbeServerSettings | None = None
     probe_listen: tuple[str, int] | None = None
@@ -329,6 +330,7 @@ class KvTransferExtension:
         self._engine_waiting: float | None = None
         self._engine_errors: dict[str, int] = {}
         self._agent_observes = False              # set once the agent hands us a page itself
+        self._self_scraped_s: float | None = None
         self._rdma_reader = rdma_reader or (SysfsRdmaReader(settings.rdma) if settings.rdma else None)
         self._rdma = _RdmaWindows(settings.window_s)
         self._session: aiohttp.ClientSession | None = None
@@ -429,7 +431,12 @@ class KvTransferExtension:
     async def _read_engine(self, now_s: float) -> None:
         if not self.settings.engine_metrics_url or self._agent_observes:
             return
-        # An agent without the page hook: read the engine's connector metrics ourselves.
+        # An agent without the page hook: read the engine's connector metrics ourselves,
+        # at a slower pace than the agent (a 30 s window needs no 1 Hz reads, and every
+        # extra read costs the engine a /metrics render).
+        if self._self_scraped_s is not None and now_s - self._self_scraped_s < self.settings.engine_scrape_interval_s:
+            return
+        self._self_scraped_s = now_s
         text = await self._fetch(self.settings.engine_metrics_url)
         if text is not None and not self._agent_observes:
             self._observe(text, now_s)

@@ -144,13 +144,17 @@ async def _serve(text_of):
 async def test_self_scrape_when_the_agent_hands_no_pages():
     pages = iter([nixl_page(bytes_sum=0, count=1, time_sum=0.1, failed=0),
                   nixl_page(bytes_sum=4e6, count=2, time_sum=0.2, failed=0)])
-    runner, url = await _serve(lambda: next(pages))
+    served = []
+    runner, url = await _serve(lambda: served.append(1) or next(pages))
     ext = ext_for("receive", engine_metrics_url=url + "/metrics")
     try:
         await ext.start()
         await ext.sample(0.0)
-        sample = await ext.sample(2.0)
-        assert sample["bytes_per_second"] == pytest.approx(2e6)          # 4e6 B / 2 s
+        await ext.sample(2.0)                                            # within 5 s of the last read: no request
+        assert len(served) == 1
+        sample = await ext.sample(5.0)
+        assert len(served) == 2
+        assert sample["bytes_per_second"] == pytest.approx(8e5)          # 4e6 B / 5 s
     finally:
         await ext.close()
         await runner.cleanup()
@@ -290,12 +294,12 @@ async def test_inside_the_real_agent_against_a_real_engine_server():
             await agent.start()
             try:
                 for i in range(3):
-                    # 5e6 bytes of KV received per second, on top of an ordinary vLLM page.
-                    engine.page = vllm_page(gen=100.0 * i) + nixl_page(bytes_sum=5e6 * i, count=1 + i,
+                    # 5e6 bytes of KV received per second (25e6 per 5 s step), on top of a vLLM page.
+                    engine.page = vllm_page(gen=100.0 * i) + nixl_page(bytes_sum=25e6 * i, count=1 + i,
                                                                        time_sum=0.01 * (1 + i), failed=0)
                     await agent.cycle()
-                    t[0] += 1.0
-                t[0] -= 1.0
+                    t[0] += 5.0          # the extension reads the engine itself at most every 5 s
+                t[0] -= 5.0
                 report = agent.report()
                 assert report.kv_transfer["bytes_per_second"] == pytest.approx(5e6)
                 assert report.kv_transfer["source"] == "engine" and report.kv_transfer["direction"] == "receive"
