@@ -49,6 +49,8 @@ Public API:
 * ``prefill_batch_time_s(model, gpu, tp, *, new_tokens, attention_pairs, eff=...)``
   for a batched/chunked pass (sum of per-sequence attention pairs ``n×c + n²/2``)
 * ``decode_step_time_s(model, gpu, tp, batch_size, context_tokens, *, eff=...)``
+* ``prefill_times_s(...)`` (vectorised over numpy arrays) and ``decode_coefficients(...)``
+  (the decode step as ``max(a + b·context, c·batch) + overhead``) for the simulator's hot loops
 * ``decode_compute_share(model, gpu, tp, batch_size, context_tokens, *, eff=...)``
 * ``kv_transfer_time_s(model, tokens, *, bandwidth_gbps)``
 * ``gpu_utilization(role, *, busy_fraction, ...)``, ``sm_activity(role, *, busy_fraction, ...)``
@@ -238,6 +240,48 @@ def prefill_time_s(m: ModelSpec, g: GpuSpec, tp: int, prompt_tokens: int, *,
     cached = min(max(0, cached_tokens), prompt_tokens)
     return prefill_batch_time_s(m, g, tp, new_tokens=prompt_tokens - cached,
                                 attention_pairs=attention_pairs(prompt_tokens, cached), eff=eff)
+
+
+def prefill_times_s(m: ModelSpec, g: GpuSpec, tp: int, prompt_tokens: "np.ndarray",
+                    cached_tokens: "np.ndarray", *, eff: Efficiency = DEFAULT_EFFICIENCY) -> "np.ndarray":
+    """``prefill_time_s`` for arrays of prompts at once (same formula, vectorised)."""
+    import numpy as np
+    prompt = np.asarray(prompt_tokens, dtype=np.float64)
+    cached = np.clip(np.asarray(cached_tokens, dtype=np.float64), 0.0, prompt)
+    new = prompt - cached
+    flops = 2.0 * m.params * new + _attn_flops(m, new * cached + new * new / 2.0)
+    scale = tp * tp_efficiency(g, tp, eff=eff)
+    compute_s = flops / (scale * g.bf16_tflops * 1e12 * eff.prefill_mfu)
+    weights_s = weight_bytes(m) / (scale * g.mem_bandwidth_tbps * 1e12 * eff.decode_bandwidth_eff)
+    return np.where(new > 0, np.maximum(compute_s, weights_s) + eff.pass_overhead_s, 0.0)
+
+
+@dataclass(frozen=True)
+class DecodeCoefficients:
+    """The decode step in linear form, for hot loops:
+    ``step_s = max(weights_s + kv_token_s × context, seq_compute_s × batch) + overhead_s``."""
+
+    weights_s: float
+    kv_token_s: float
+    seq_compute_s: float
+    overhead_s: float
+
+    def step_s(self, batch_size: int, context_tokens: float) -> float:
+        if batch_size <= 0:
+            return 0.0
+        mem = self.weights_s + self.kv_token_s * context_tokens
+        comp = self.seq_compute_s * batch_size
+        return (mem if mem > comp else comp) + self.overhead_s
+
+
+def decode_coefficients(m: ModelSpec, g: GpuSpec, tp: int, *,
+                        eff: Efficiency = DEFAULT_EFFICIENCY) -> DecodeCoefficients:
+    """The constants of ``decode_step_time_s`` for one instance type."""
+    scale = tp * tp_efficiency(g, tp, eff=eff)
+    bw = scale * g.mem_bandwidth_tbps * 1e12 * eff.decode_bandwidth_eff
+    return DecodeCoefficients(weights_s=weight_bytes(m) / bw, kv_token_s=kv_bytes_per_token(m) / bw,
+                              seq_compute_s=2.0 * m.params / (scale * g.bf16_tflops * 1e12 * eff.decode_mfu),
+                              overhead_s=eff.pass_overhead_s)
 
 
 def decode_step_time_s(m: ModelSpec, g: GpuSpec, tp: int, batch_size: int,

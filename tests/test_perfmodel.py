@@ -89,3 +89,20 @@ def test_utilization_shapes_match_the_paper():
 def test_efficiency_validated():
     with pytest.raises(ValueError, match="prefill_mfu"):
         pm.Efficiency(prefill_mfu=1.5)
+
+
+@given(st.integers(1, 300), st.integers(0, 2_000_000))
+def test_decode_coefficients_match_the_step_function(batch, ctx):
+    for name, tp in (("H20", 1), ("L20", 4), ("H100", 2)):
+        g = pm.gpu(name)
+        co = pm.decode_coefficients(M8, g, tp)
+        assert co.step_s(batch, ctx) == pytest.approx(pm.decode_step_time_s(M8, g, tp, batch, ctx))
+
+
+def test_vectorised_prefill_matches_scalar():
+    import numpy as np
+    prompts = np.array([1, 100, 3000, 8000])
+    cached = np.array([0, 50, 1024, 0])
+    got = pm.prefill_times_s(M8, H20, 2, prompts, cached)
+    want = [pm.prefill_time_s(M8, H20, 2, int(p), cached_tokens=int(c)) for p, c in zip(prompts, cached)]
+    assert got == pytest.approx(want)

@@ -95,7 +95,8 @@ class _Prefill:
     ready_s: float
     free_s: float = 0.0
     accepting: bool = True
-    removed_s: float | None = None
+    stopped_s: float | None = None       # when it stopped taking traffic
+    removed_s: float | None = None       # when its GPUs were released
 
 
 @dataclass
@@ -103,6 +104,7 @@ class _Decode:
     created_s: float
     ready_s: float
     accepting: bool = True
+    stopped_s: float | None = None
     removed_s: float | None = None
     steps: float = 0.0               # virtual step counter G
     sum_ctx0: float = 0.0            # Σ context at admission of running sequences
@@ -116,19 +118,18 @@ class _Decode:
         return len(self.running)
 
     def context(self) -> float:
-        return self.sum_ctx0 + self.n * self.steps - self.sum_g0
+        return self.sum_ctx0 + len(self.running) * self.steps - self.sum_g0
 
     def load(self) -> int:
         return len(self.running) + len(self.waiting)
 
 
 class SeriesRecorder:
-    """Per-second sums of what the sidecars measure, for one role pair."""
+    """Per-second sums of what the sidecars measure (instance counts are derived from
+    the instances' own start/stop times, see ``Cluster.instance_seconds``)."""
 
     NAMES = ("prefill_tokens", "prefill_uncached_tokens", "decode_tokens", "prefill_busy_s",
-             "decode_active_s", "decode_compute_s", "prefill_instances", "decode_instances",
-             "prefill_ready", "decode_ready", "decode_running", "decode_waiting", "kv_bytes",
-             "preemptions", "arrivals")
+             "decode_active_s", "decode_compute_s", "kv_bytes", "preemptions", "arrivals")
 
     def __init__(self, seconds: int) -> None:
         self.seconds = seconds
@@ -142,11 +143,8 @@ class SeriesRecorder:
         while t < end_s:
             sec = int(t)
             nxt = min(end_s, sec + 1.0)
-            arr[min(sec, last)] += (nxt - t) * weight
+            arr[sec if sec < last else last] += (nxt - t) * weight
             t = nxt
-
-    def add_at(self, arr: np.ndarray, t_s: float, value: float) -> None:
-        arr[min(int(t_s), self.seconds - 1)] += value
 
 
 class Cluster:
@@ -159,7 +157,6 @@ class Cluster:
     def __init__(self, spec: ClusterSpec, workload: Workload, *, horizon_s: float,
                  initial_prefill: int, initial_decode: int, seed: int = 0) -> None:
         self.spec = spec
-        self.wl = workload
         self.rng = random.Random(seed)
         self.now_s = 0.0
         self.rec = SeriesRecorder(int(math.ceil(horizon_s)) + 1)
@@ -168,15 +165,27 @@ class Cluster:
         self.tbt_s = np.full(n, np.nan)
         self.done_s = np.full(n, np.nan)
         self.first_token_s = np.full(n, np.nan)
+        # Python lists: scalar access in the hot loops is several times faster than numpy's.
+        self._arrival = workload.arrival_s.tolist()
+        self._prompt = workload.prompt_tokens.tolist()
+        self._cached = workload.cached_tokens.tolist()
+        self._steps = np.maximum(1, workload.output_tokens - 1).tolist()   # decode emits all but the first
+        p = spec.prefill
+        self._prefill_s = pm.prefill_times_s(p.model, p.gpu, p.tp, workload.prompt_tokens,
+                                             workload.cached_tokens, eff=p.eff).tolist()
+        self._kvb = pm.kv_bytes_per_token(spec.decode.model)
+        self._kv_s_per_token = self._kvb * 8.0 / (spec.kv_link_gbps * 1e9)
+        self._dco = pm.decode_coefficients(spec.decode.model, spec.decode.gpu, spec.decode.tp,
+                                           eff=spec.decode.eff)
+        self._cap = spec.decode.kv_capacity_tokens
         self.prefill: list[_Prefill] = [_Prefill(0.0, 0.0) for _ in range(initial_prefill)]
         self.decode: list[_Decode] = [_Decode(0.0, 0.0) for _ in range(initial_decode)]
         self.retired: list[_Prefill | _Decode] = []
+        self._taking: list[_Prefill] = list(self.prefill)
         self.kv_inbox: list[tuple[float, int]] = []     # (kv arrival at decode, rid)
         self.unplaced: deque[int] = deque()              # reached decode with no instance to take it
         self.preemptions = 0
         self.completed: list[int] = []                   # rids in completion order
-        self._cap = spec.decode.kv_capacity_tokens
-        self._kvb = pm.kv_bytes_per_token(spec.decode.model)
 
     # ------------------------------------------------------------------ counts
 
@@ -193,6 +202,7 @@ class Cluster:
         """Start or retire instances so that ``counts() == (prefill, decode)``."""
         self._resize(self.prefill, prefill, now_s, _Prefill)
         self._resize(self.decode, decode, now_s, _Decode)
+        self._taking = [p for p in self.prefill if p.accepting]
 
     def _resize(self, pool: list, want: int, now_s: float, kind: type) -> None:
         live = [x for x in pool if x.accepting]
@@ -207,32 +217,91 @@ class Cluster:
         ready.sort(key=(lambda x: x.free_s) if kind is _Prefill else (lambda x: x.load()))
         for inst in (starting + ready)[:extra]:
             inst.accepting = False
+            inst.stopped_s = now_s
             if isinstance(inst, _Decode):
                 self.unplaced.extend(rid for rid, _, _ in inst.waiting)
                 inst.waiting.clear()
 
+    def instance_seconds(self, role: str, lo_s: float, hi_s: float, *, ready_only: bool = False) -> float:
+        """Instance-seconds of ``role`` held in [lo_s, hi_s) (or ready for traffic)."""
+        total = 0.0
+        kind = _Prefill if role == "prefill" else _Decode
+        live = self.prefill if kind is _Prefill else self.decode
+        for inst in [*live, *reversed(self.retired)]:
+            if inst.removed_s is not None and inst.removed_s <= lo_s:
+                break                          # retired is in removal order: the rest are older
+            if not isinstance(inst, kind):
+                continue
+            if ready_only:
+                a = inst.ready_s
+                b = inst.stopped_s if inst.stopped_s is not None else math.inf
+            else:
+                a = inst.created_s
+                b = inst.removed_s if inst.removed_s is not None else math.inf
+            b = min(b, inst.removed_s if inst.removed_s is not None else math.inf)
+            overlap = min(b, hi_s) - max(a, lo_s)
+            if overlap > 0:
+                total += overlap
+        return total
+
+    def instance_series(self, role: str, seconds: int, *, ready_only: bool = False) -> np.ndarray:
+        """Instances held (or ready) per whole second, 0..seconds-1 (time-averaged)."""
+        diff = np.zeros(seconds + 2)
+        kind = _Prefill if role == "prefill" else _Decode
+        for inst in [*self.retired, *self.prefill, *self.decode]:
+            if not isinstance(inst, kind):
+                continue
+            a = inst.ready_s if ready_only else inst.created_s
+            end = inst.removed_s if inst.removed_s is not None else float(seconds)
+            if ready_only and inst.stopped_s is not None:
+                end = min(end, inst.stopped_s)
+            a, end = min(max(a, 0.0), seconds), min(max(end, 0.0), seconds)
+            if end <= a:
+                continue
+            # Fractional edges: spread into the boundary seconds exactly.
+            ia, ib = int(a), int(end)
+            if ia == ib:
+                diff[ia] += end - a
+                diff[ia + 1] -= end - a
+                continue
+            diff[ia] += ia + 1 - a
+            diff[ia + 1] += 1 - (ia + 1 - a)
+            diff[ib] -= 1 - (end - ib)
+            diff[ib + 1] -= end - ib
+        return np.cumsum(diff)[:seconds]
+
     # ------------------------------------------------------------------ prefill
 
     def submit(self, rid: int) -> None:
-        """Route request ``rid`` (arriving at ``wl.arrival_s[rid]``) to a prefill instance."""
-        arrive = float(self.wl.arrival_s[rid])
-        pool = [p for p in self.prefill if p.accepting] or self.prefill
-        best = min(pool, key=lambda p: max(p.free_s, p.ready_s))
-        prompt = int(self.wl.prompt_tokens[rid])
-        cached = int(self.wl.cached_tokens[rid])
-        service = self.spec.prefill.prefill_time_s(prompt, cached_tokens=cached)
-        start = max(arrive, best.free_s, best.ready_s)
-        end = start + service
+        """Route request ``rid`` (arriving at its arrival time) to a prefill instance."""
+        arrive = self._arrival[rid]
+        pool = self._taking or self.prefill
+        best = pool[0]
+        best_t = best.free_s if best.free_s > best.ready_s else best.ready_s
+        for p in pool:
+            t = p.free_s if p.free_s > p.ready_s else p.ready_s
+            if t < best_t:
+                best, best_t = p, t
+        prompt = self._prompt[rid]
+        cached = self._cached[rid]
+        start = best_t if best_t > arrive else arrive
+        end = start + self._prefill_s[rid]
         best.free_s = end
         rec = self.rec
-        rec.add_interval(rec.prefill_busy_s, start, end)
-        rec.add_at(rec.prefill_tokens, end, prompt)
-        rec.add_at(rec.prefill_uncached_tokens, end, prompt - cached)
-        rec.add_at(rec.arrivals, arrive, 1.0)
-        cross = self.spec.cross_switch_share > 0 and self.rng.random() < self.spec.cross_switch_share
-        gbps = self.spec.kv_link_gbps * (self.spec.cross_switch_ratio if cross else 1.0)
-        kv_s = pm.kv_transfer_time_s(self.spec.decode.model, prompt, bandwidth_gbps=gbps)
-        rec.add_at(rec.kv_bytes, end, prompt * self._kvb)
+        last = rec.seconds - 1
+        if end - start < 1.0 and int(end) == int(start):
+            rec.prefill_busy_s[min(int(start), last)] += end - start
+        else:
+            rec.add_interval(rec.prefill_busy_s, start, end)
+        sec = min(int(end), last)
+        rec.prefill_tokens[sec] += prompt
+        rec.prefill_uncached_tokens[sec] += prompt - cached
+        rec.kv_bytes[sec] += prompt * self._kvb
+        rec.arrivals[min(int(arrive), last)] += 1.0
+        kv_s = prompt * self._kv_s_per_token
+        share = self.spec.cross_switch_share
+        if share > 0 and self.rng.random() < share:
+            kv_s /= self.spec.cross_switch_ratio
         first = end + kv_s
         self.first_token_s[rid] = first
         self.ttft_s[rid] = first - arrive
@@ -260,26 +329,28 @@ class Cluster:
             else:
                 self.unplaced.append(rid)
         for d in self.decode:
-            if d.removed_s is None:
-                self._run(d, t, dt)
-        self._record_counts(t, dt)
+            self._run(d, t, dt)
         self._retire(end)
 
     def _place(self, rid: int, ready: list[_Decode]) -> None:
-        if len(ready) == 1:
+        k = len(ready)
+        if k == 1:
             d = ready[0]
         else:   # power of two choices: near-JSQ balance at O(1) cost
-            a, b = self.rng.sample(ready, 2)
+            rnd = self.rng.random
+            a, b = ready[int(rnd() * k)], ready[int(rnd() * k)]
             d = a if a.load() <= b.load() else b
-        steps = max(1, int(self.wl.output_tokens[rid]) - 1)
-        d.waiting.append((rid, float(self.wl.prompt_tokens[rid]), float(steps)))
+        d.waiting.append((rid, float(self._prompt[rid]), float(self._steps[rid])))
 
     def _admit(self, d: _Decode) -> None:
+        if not d.waiting:
+            return
         limit = self._cap * self.spec.kv_watermark
         ctx = d.context()
-        while d.waiting and d.n < self.spec.decode_max_batch:
+        max_batch = self.spec.decode_max_batch
+        while d.waiting and len(d.running) < max_batch:
             rid, ctx0, remaining = d.waiting[0]
-            if ctx + ctx0 > limit and d.n > 0:
+            if ctx + ctx0 > limit and d.running:
                 break
             d.waiting.popleft()
             finish = d.steps + remaining
@@ -291,39 +362,42 @@ class Cluster:
 
     def _run(self, d: _Decode, t: float, dt: float) -> None:
         self._admit(d)
-        n = d.n
+        n = len(d.running)
         if n == 0:
             return
-        ctx = d.context()
-        inst = self.spec.decode
-        step_s = pm.decode_step_time_s(inst.model, inst.gpu, inst.tp, n, ctx, eff=inst.eff)
-        share = pm.decode_compute_share(inst.model, inst.gpu, inst.tp, n, ctx, eff=inst.eff)
+        ctx = d.sum_ctx0 + n * d.steps - d.sum_g0
+        co = self._dco
+        mem = co.weights_s + co.kv_token_s * ctx
+        comp = co.seq_compute_s * n
+        step_s = (mem if mem > comp else comp) + co.overhead_s
         g0 = d.steps
         g1 = g0 + dt / step_s
         tokens = n * (g1 - g0)
         heap = d.heap
+        running = d.running
         while heap and heap[0][0] <= g1:
             finish, rid = heapq.heappop(heap)
-            entry = d.running.get(rid)
+            entry = running.get(rid)
             if entry is None or entry[2] != finish:
                 continue                       # stale: preempted and re-admitted since
-            del d.running[rid]
+            del running[rid]
             d.sum_ctx0 -= entry[1]
             d.sum_g0 -= entry[0]
             tokens -= g1 - finish
             done = t + (finish - g0) * step_s
             self.done_s[rid] = done
-            gen = max(1, int(self.wl.output_tokens[rid]) - 1)
-            self.tbt_s[rid] = (done - self.first_token_s[rid]) / gen
+            self.tbt_s[rid] = (done - self.first_token_s[rid]) / self._steps[rid]
             self.completed.append(rid)
         d.steps = g1
         rec = self.rec
-        sec = min(int(t), rec.seconds - 1)
+        sec = int(t)
+        if sec >= rec.seconds:
+            sec = rec.seconds - 1
         rec.decode_tokens[sec] += tokens
         rec.decode_active_s[sec] += dt
-        rec.decode_compute_s[sec] += dt * share
-        rec.decode_running[sec] += d.n * dt
-        self._preempt_overflow(d)
+        rec.decode_compute_s[sec] += dt * comp / step_s
+        if d.sum_ctx0 + len(running) * g1 - d.sum_g0 > self._cap:
+            self._preempt_overflow(d)
 
     def _preempt_overflow(self, d: _Decode) -> None:
         while d.n > 1 and d.context() > self._cap:
@@ -335,17 +409,10 @@ class Cluster:
             self.preemptions += 1
             self.rec.preemptions[min(int(self.now_s), self.rec.seconds - 1)] += 1
 
-    def _record_counts(self, t: float, dt: float) -> None:
-        rec = self.rec
-        sec = min(int(t), rec.seconds - 1)
-        rec.prefill_instances[sec] += dt * sum(1 for p in self.prefill if p.removed_s is None)
-        rec.decode_instances[sec] += dt * sum(1 for d in self.decode if d.removed_s is None)
-        rec.prefill_ready[sec] += dt * sum(1 for p in self.prefill if p.accepting and p.ready_s <= t)
-        rec.decode_ready[sec] += dt * sum(1 for d in self.decode if d.accepting and d.ready_s <= t)
-        rec.decode_waiting[sec] += dt * (sum(len(d.waiting) for d in self.decode) + len(self.unplaced))
-
     def _retire(self, now_s: float) -> None:
-        """Drop retired instances once drained (or at once if they never became ready)."""
+        """Release stopped instances once drained (at once if they never became ready)."""
+        if all(p.accepting for p in self.prefill) and all(d.accepting for d in self.decode):
+            return
         keep_p = []
         for p in self.prefill:
             if not p.accepting and (p.free_s <= now_s or p.ready_s > now_s):
@@ -356,7 +423,7 @@ class Cluster:
         self.prefill = keep_p
         keep_d = []
         for d in self.decode:
-            if not d.accepting and (d.n == 0 or d.ready_s > now_s):
+            if not d.accepting and (not d.running or d.ready_s > now_s):
                 d.removed_s = now_s
                 self.retired.append(d)
             else:
@@ -370,7 +437,7 @@ class Cluster:
         p_s = d_s = 0.0
         for inst in [*self.retired, *self.prefill, *self.decode]:
             until = inst.removed_s if inst.removed_s is not None else end_s
-            held = max(0.0, until - inst.created_s)
+            held = max(0.0, min(until, end_s) - inst.created_s)
             if isinstance(inst, _Prefill):
                 p_s += held * self.spec.prefill.tp
             else:

@@ -12,9 +12,7 @@ caller shows a progress bar (this module never prints).
 
 from __future__ import annotations
 
-import heapq
 import math
-from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
@@ -75,36 +73,39 @@ class RunResult:
 
 
 class _Latencies:
-    """TTFT and TBT samples visible to the sidecars: only once they have happened."""
+    """TTFT and TBT samples visible to the sidecars: only once they have happened.
+
+    Pointers into the cluster's arrays: a request's first token is visible once its
+    time has passed (requests are nearly in first-token order; one slow prompt may
+    hold back the few behind it by its own prefill time), completions in order.
+    """
 
     def __init__(self, cluster: Cluster) -> None:
         self.cluster = cluster
-        self.next_ttft = 0
-        self.pending: list[tuple[float, float]] = []
-        self.ttft: deque[tuple[float, float]] = deque()
-        self.tbt: deque[tuple[float, float]] = deque()
-        self.seen_done = 0
+        self.ttft_lo = self.ttft_hi = 0
+        self.tbt_lo = 0
 
     def update(self, now_s: float, window_s: float, submitted: int) -> None:
         c = self.cluster
-        while self.next_ttft < submitted:
-            rid = self.next_ttft
-            heapq.heappush(self.pending, (float(c.first_token_s[rid]), float(c.ttft_s[rid])))
-            self.next_ttft += 1
-        while self.pending and self.pending[0][0] <= now_s:
-            self.ttft.append(heapq.heappop(self.pending))
-        for rid in c.completed[self.seen_done:]:
-            self.tbt.append((float(c.done_s[rid]), float(c.tbt_s[rid])))
-        self.seen_done = len(c.completed)
-        for q in (self.ttft, self.tbt):
-            while q and q[0][0] < now_s - window_s:
-                q.popleft()
+        first = c.first_token_s
+        while self.ttft_hi < submitted and first[self.ttft_hi] <= now_s:
+            self.ttft_hi += 1
+        while self.ttft_lo < self.ttft_hi and first[self.ttft_lo] < now_s - window_s:
+            self.ttft_lo += 1
+        done = c.completed
+        while self.tbt_lo < len(done) and c.done_s[done[self.tbt_lo]] < now_s - window_s:
+            self.tbt_lo += 1
 
-    @staticmethod
-    def p90(q: deque[tuple[float, float]]) -> float | None:
-        if not q:
+    def ttft_p90(self) -> float | None:
+        if self.ttft_hi <= self.ttft_lo:
             return None
-        return float(np.percentile([v for _, v in q], 90))
+        return float(np.percentile(self.cluster.ttft_s[self.ttft_lo:self.ttft_hi], 90))
+
+    def tbt_p90(self) -> float | None:
+        rids = self.cluster.completed[self.tbt_lo:]
+        if not rids:
+            return None
+        return float(np.percentile(self.cluster.tbt_s[rids], 90))
 
 
 def simulate(workload: Workload, spec: ClusterSpec, controller: Controller, *,
@@ -112,6 +113,7 @@ def simulate(workload: Workload, spec: ClusterSpec, controller: Controller, *,
              progress: Callable[[float], None] | None = None) -> RunResult:
     """Replay ``workload`` through the cluster under ``controller``; see module docstring."""
     duration = settings.duration_s if settings.duration_s is not None else workload.duration_s + 60.0
+    duration = math.ceil(duration / spec.tick_s - 1e-9) * spec.tick_s   # whole decode ticks
     horizon = duration + 1.0
     cluster = Cluster(spec, workload, horizon_s=horizon, initial_prefill=initial.prefill,
                       initial_decode=initial.decode, seed=settings.seed)
@@ -123,7 +125,7 @@ def simulate(workload: Workload, spec: ClusterSpec, controller: Controller, *,
     t = 0.0
     interval = settings.interval_s
     while t < duration - 1e-9:
-        t_end = min(duration, t + interval)
+        t_end = min(duration, t + max(interval, spec.tick_s))
         while nxt < n and arrivals[nxt] < t_end:
             cluster.submit(nxt)
             nxt += 1
@@ -139,8 +141,11 @@ def simulate(workload: Workload, spec: ClusterSpec, controller: Controller, *,
             cluster.set_counts(desired.prefill, desired.decode, t)
         if progress is not None:
             progress(min(1.0, t / duration))
-    return RunResult(controller.name, _summary(cluster, settings, duration, decisions, nxt),
-                     _series(cluster, duration), decisions)
+    summary = _summary(cluster, settings, duration, decisions, nxt)
+    reasons = getattr(controller, "reasons", None)      # the coordinator policy's reason counts
+    if reasons:
+        summary["decision_reasons"] = dict(sorted(reasons.items()))
+    return RunResult(controller.name, summary, _series(cluster, duration), decisions)
 
 
 def _window(cluster: Cluster, lat: _Latencies, now_s: float, window_s: float) -> Window:
@@ -149,8 +154,9 @@ def _window(cluster: Cluster, lat: _Latencies, now_s: float, window_s: float) ->
     lo = max(0, hi - int(window_s))
     span = max(1, hi - lo)
     sl = slice(lo, hi)
-    p_inst = max(1e-9, rec.prefill_instances[sl].sum())
-    d_inst = max(1e-9, rec.decode_instances[sl].sum())
+    # Sidecars report per ready instance; the coordinator sums them.
+    p_inst = max(1e-9, cluster.instance_seconds("prefill", lo, hi, ready_only=True))
+    d_inst = max(1e-9, cluster.instance_seconds("decode", lo, hi, ready_only=True))
     p_busy = rec.prefill_busy_s[sl].sum() / p_inst
     d_active = rec.decode_active_s[sl].sum() / d_inst
     d_compute = rec.decode_compute_s[sl].sum() / max(1e-9, rec.decode_active_s[sl].sum())
@@ -160,7 +166,7 @@ def _window(cluster: Cluster, lat: _Latencies, now_s: float, window_s: float) ->
         prefill_tps=rec.prefill_tokens[sl].sum() / span,
         prefill_uncached_tps=rec.prefill_uncached_tokens[sl].sum() / span,
         decode_tps=rec.decode_tokens[sl].sum() / span,
-        ttft_p90_s=lat.p90(lat.ttft), tbt_p90_s=lat.p90(lat.tbt),
+        ttft_p90_s=lat.ttft_p90(), tbt_p90_s=lat.tbt_p90(),
         prefill_gpu_util=pm.gpu_utilization("prefill", busy_fraction=p_busy, eff=eff),
         decode_gpu_util=pm.gpu_utilization("decode", busy_fraction=d_active, eff=eff),
         prefill_sm=pm.sm_activity("prefill", busy_fraction=p_busy, eff=eff),
@@ -215,8 +221,8 @@ def _summary(cluster: Cluster, settings: RunSettings, duration: float,
     end = int(duration)
     sl = slice(0, end)
     p_gs, d_gs = cluster.gpu_seconds(duration)
-    p_inst = max(1e-9, rec.prefill_instances[sl].sum())
-    d_inst = max(1e-9, rec.decode_instances[sl].sum())
+    p_inst = max(1e-9, cluster.instance_seconds("prefill", 0.0, duration))
+    d_inst = max(1e-9, cluster.instance_seconds("decode", 0.0, duration))
     p_busy = float(rec.prefill_busy_s[sl].sum() / p_inst)
     d_active = float(rec.decode_active_s[sl].sum() / d_inst)
     d_compute = float(rec.decode_compute_s[sl].sum() / max(1e-9, rec.decode_active_s[sl].sum()))
@@ -266,7 +272,8 @@ def _series(cluster: Cluster, duration: float, bin_s: int = 60) -> dict[str, np.
         return arr[:cut].reshape(nb, bin_s).sum(axis=1)
 
     eff = cluster.spec.decode.eff
-    p_inst, d_inst = per_bin(rec.prefill_instances), per_bin(rec.decode_instances)
+    p_inst = per_bin(cluster.instance_series("prefill", rec.seconds))
+    d_inst = per_bin(cluster.instance_series("decode", rec.seconds))
     p_busy = per_bin(rec.prefill_busy_s) / np.maximum(p_inst, 1e-9)
     d_active = per_bin(rec.decode_active_s) / np.maximum(d_inst, 1e-9)
     d_comp = per_bin(rec.decode_compute_s) / np.maximum(per_bin(rec.decode_active_s), 1e-9)

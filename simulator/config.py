@@ -1,0 +1,273 @@
+"""The simulator's configuration: a coordinator config plus a ``simulation:`` block (pure).
+
+One YAML file serves both the live coordinator and the simulator: the ``services``
+(and optional ``coordinator``) sections are read by the coordinator's own
+``load_config`` — so the simulated policy runs with exactly the settings the live
+one would — and ``simulation:`` describes the hardware and the replay. Every
+problem in either part is reported at once in one ``ConfigError``.
+
+    simulation:
+      model: 8b                      # 8b | 32b | 70b (simulator.perfmodel.MODELS)
+      prefill: {gpu: L40S, tp: 1}    # GPU type from the catalog, tensor parallelism
+      decode:  {gpu: H20,  tp: 1}
+      startup_s: 120                 # scale-out to ready
+      kv_link_gbps: 400              # P→D KV bandwidth under one switch
+      cross_switch_ratio: 0.8        # share left across switches
+      cross_switch_share: 0.0        # share of transfers crossing switches (0 = DG placement)
+      decode_max_batch: 256
+      kv_watermark: 0.95
+      tick_s: 0.5                    # fluid decode step
+      window_s: 30                   # sidecar rate/quantile window
+      seed: 0
+      slo_goal: 0.99                 # curation: required SLO attainment
+      diurnal: {peak_rps: 20, start_hour: 0, profile: [24 relative rates]}
+      sizes: {prompt_mean: 3000, output_mean: 350, spread_ratio: 0.25}   # optional
+      initial: {prefill: 9, decode: 7}                                    # optional
+      pressure: {instances: 16, low_prefill: 7, high_prefill: 12, duration_s: 240,
+                 iterations: 9, margin: 0.9}
+      baselines: {target_utilization: 0.7, hpa_tolerance: 0.1, scale_in_stabilization_s: 300,
+                  latency_target: 0.8, peak_headroom: 1.1}
+
+The policy tick is the coordinator's ``interval_s``. ``coordinator.backend`` defaults
+to ``local`` here (no Kubernetes names are needed to simulate).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import yaml
+
+from sidecar.coordinator.config import Config, load_config
+from sidecar.errors import ConfigError
+from simulator import perfmodel as pm
+from simulator.curate import PressureSettings
+from simulator.model.cluster import ClusterSpec
+from simulator.policies import BaselineSettings
+from simulator.traces import DEFAULT_PROFILE
+
+
+@dataclass(frozen=True)
+class DiurnalSettings:
+    peak_rps: float = 20.0
+    start_hour: float = 0.0
+    profile: tuple[float, ...] = DEFAULT_PROFILE
+
+
+@dataclass(frozen=True)
+class SizeSettings:
+    prompt_mean: int
+    output_mean: int
+    spread_ratio: float = 0.25
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    coordinator: Config
+    cluster: ClusterSpec
+    window_s: float = 30.0
+    seed: int = 0
+    slo_goal: float = 0.99
+    diurnal: DiurnalSettings = DiurnalSettings()
+    sizes: SizeSettings | None = None
+    initial: tuple[int, int] | None = None
+    pressure: PressureSettings = PressureSettings()
+    pressure_instances: int = 16
+    pressure_low_prefill: int | None = None
+    pressure_high_prefill: int | None = None
+    baselines: BaselineSettings = field(default_factory=BaselineSettings)
+
+    @property
+    def interval_s(self) -> float:
+        return self.coordinator.coordinator.interval_s
+
+
+def load_sim_config(text: str, *, origin: str = "config") -> SimConfig:
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"not valid YAML: {str(exc).splitlines()[0]}"], source=origin) from exc
+    if not isinstance(doc, Mapping):
+        raise ConfigError(["must be a mapping with services: and simulation:"], source=origin)
+    doc = dict(doc)
+    sim = doc.pop("simulation", None)
+    problems: list[str] = []
+    coord_doc = dict(doc.get("coordinator") or {})
+    coord_doc.setdefault("backend", "local")
+    doc["coordinator"] = coord_doc
+    coordinator: Config | None = None
+    try:
+        coordinator = load_config(doc, origin=origin)
+    except ConfigError as exc:
+        problems.extend(exc.problems)
+    if not isinstance(sim, Mapping):
+        problems.append("simulation: is required (a mapping: model, prefill, decode, ...)")
+        raise ConfigError(problems, source=origin)
+    parsed = _simulation(sim, problems)
+    if problems or coordinator is None:
+        raise ConfigError(problems, source=origin)
+    return SimConfig(coordinator=coordinator, **parsed)
+
+
+_KNOWN = {"model", "prefill", "decode", "startup_s", "kv_link_gbps", "cross_switch_ratio",
+          "cross_switch_share", "decode_max_batch", "kv_watermark", "tick_s", "window_s", "seed",
+          "slo_goal", "diurnal", "sizes", "initial", "pressure", "baselines"}
+
+
+def _num(sim: Mapping[str, Any], key: str, default: float, problems: list[str], *, lo: float | None = None,
+         hi: float | None = None, where: str = "simulation") -> float:
+    value = sim.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        problems.append(f"{where}.{key}: must be a number, got {value!r}")
+        return default
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        problems.append(f"{where}.{key}: must be in [{lo}, {hi}], got {value!r}")
+        return default
+    return float(value)
+
+
+def _instance(sim: Mapping[str, Any], role: str, model: pm.ModelSpec | None,
+              problems: list[str]) -> pm.InstanceSpec | None:
+    node = sim.get(role)
+    if not isinstance(node, Mapping):
+        problems.append(f"simulation.{role}: is required ({{gpu: H20, tp: 1}})")
+        return None
+    unknown = set(node) - {"gpu", "tp"}
+    problems.extend(f"simulation.{role}.{k}: unknown key" for k in sorted(unknown))
+    try:
+        gpu = pm.gpu(str(node.get("gpu", "")))
+    except KeyError as exc:
+        problems.append(f"simulation.{role}.gpu: {exc.args[0]}")
+        return None
+    tp = node.get("tp", 1)
+    if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1 or tp & (tp - 1):
+        problems.append(f"simulation.{role}.tp: must be a power of two >= 1, got {tp!r}")
+        return None
+    if model is None:
+        return None
+    try:
+        return pm.InstanceSpec(model, gpu, tp)
+    except ValueError as exc:
+        problems.append(f"simulation.{role}: {exc}")
+        return None
+
+
+def _simulation(sim: Mapping[str, Any], problems: list[str]) -> dict[str, Any]:
+    problems.extend(f"simulation.{k}: unknown key" for k in sorted(set(sim) - _KNOWN))
+    try:
+        model = pm.model(str(sim.get("model", "8b")))
+    except KeyError as exc:
+        problems.append(f"simulation.model: {exc.args[0]}")
+        model = None
+    prefill = _instance(sim, "prefill", model, problems)
+    decode = _instance(sim, "decode", model, problems)
+    cluster_kw = dict(
+        startup_s=_num(sim, "startup_s", 120.0, problems, lo=0),
+        kv_link_gbps=_num(sim, "kv_link_gbps", 400.0, problems, lo=1e-3),
+        cross_switch_ratio=_num(sim, "cross_switch_ratio", 0.8, problems, lo=1e-3, hi=1),
+        cross_switch_share=_num(sim, "cross_switch_share", 0.0, problems, lo=0, hi=1),
+        decode_max_batch=int(_num(sim, "decode_max_batch", 256, problems, lo=1)),
+        kv_watermark=_num(sim, "kv_watermark", 0.95, problems, lo=0.01, hi=1),
+        tick_s=_num(sim, "tick_s", 0.5, problems, lo=0.01, hi=5),
+    )
+    out: dict[str, Any] = {
+        "window_s": _num(sim, "window_s", 30.0, problems, lo=1),
+        "seed": int(_num(sim, "seed", 0, problems, lo=0)),
+        "slo_goal": _num(sim, "slo_goal", 0.99, problems, lo=0, hi=1),
+    }
+    out["cluster"] = ClusterSpec(prefill=prefill, decode=decode, **cluster_kw) if prefill and decode else None
+    out.update(_diurnal(sim.get("diurnal"), problems))
+    out.update(_sizes(sim.get("sizes"), problems))
+    out.update(_initial(sim.get("initial"), problems))
+    out.update(_pressure(sim.get("pressure"), problems))
+    out.update(_baselines(sim.get("baselines"), problems))
+    return out
+
+
+def _section(raw: Any, name: str, keys: set[str], problems: list[str]) -> Mapping[str, Any] | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, Mapping):
+        problems.append(f"simulation.{name}: must be a mapping")
+        return None
+    problems.extend(f"simulation.{name}.{k}: unknown key" for k in sorted(set(raw) - keys))
+    return raw
+
+
+def _diurnal(raw: Any, problems: list[str]) -> dict[str, Any]:
+    node = _section(raw, "diurnal", {"peak_rps", "start_hour", "profile"}, problems)
+    if node is None:
+        return {}
+    w = "simulation.diurnal"
+    profile = node.get("profile", list(DEFAULT_PROFILE))
+    if (not isinstance(profile, list) or len(profile) < 2
+            or not all(isinstance(x, (int, float)) and not isinstance(x, bool) and x >= 0 for x in profile)
+            or max(profile) <= 0):
+        problems.append(f"{w}.profile: must be a list of >= 2 non-negative numbers, one positive")
+        profile = list(DEFAULT_PROFILE)
+    return {"diurnal": DiurnalSettings(
+        peak_rps=_num(node, "peak_rps", 20.0, problems, lo=1e-6, where=w),
+        start_hour=_num(node, "start_hour", 0.0, problems, lo=0, hi=24, where=w),
+        profile=tuple(float(x) for x in profile))}
+
+
+def _sizes(raw: Any, problems: list[str]) -> dict[str, Any]:
+    node = _section(raw, "sizes", {"prompt_mean", "output_mean", "spread_ratio"}, problems)
+    if node is None:
+        return {}
+    w = "simulation.sizes"
+    return {"sizes": SizeSettings(
+        prompt_mean=int(_num(node, "prompt_mean", 1000, problems, lo=1, where=w)),
+        output_mean=int(_num(node, "output_mean", 200, problems, lo=1, where=w)),
+        spread_ratio=_num(node, "spread_ratio", 0.25, problems, lo=0, hi=0.99, where=w))}
+
+
+def _initial(raw: Any, problems: list[str]) -> dict[str, Any]:
+    node = _section(raw, "initial", {"prefill", "decode"}, problems)
+    if node is None:
+        return {}
+    w = "simulation.initial"
+    return {"initial": (int(_num(node, "prefill", 1, problems, lo=1, where=w)),
+                        int(_num(node, "decode", 1, problems, lo=1, where=w)))}
+
+
+def _pressure(raw: Any, problems: list[str]) -> dict[str, Any]:
+    node = _section(raw, "pressure", {"instances", "low_prefill", "high_prefill", "duration_s",
+                                      "iterations", "margin"}, problems)
+    if node is None:
+        return {}
+    w = "simulation.pressure"
+    d = PressureSettings()
+    out: dict[str, Any] = {
+        "pressure": PressureSettings(
+            duration_s=_num(node, "duration_s", d.duration_s, problems, lo=60, where=w),
+            iterations=int(_num(node, "iterations", d.iterations, problems, lo=1, hi=30, where=w)),
+            margin=_num(node, "margin", d.margin, problems, lo=0.05, hi=1, where=w),
+            warmup_s=min(d.warmup_s, _num(node, "duration_s", d.duration_s, problems, lo=60, where=w) / 4)),
+        "pressure_instances": int(_num(node, "instances", 16, problems, lo=2, where=w)),
+    }
+    for key in ("low_prefill", "high_prefill"):
+        if key in node:
+            out[f"pressure_{key}"] = int(_num(node, key, 1, problems, lo=1, where=w))
+    return out
+
+
+def _baselines(raw: Any, problems: list[str]) -> dict[str, Any]:
+    keys = {"target_utilization", "hpa_tolerance", "scale_in_stabilization_s", "latency_target",
+            "peak_headroom", "prefill_tps_target"}
+    node = _section(raw, "baselines", keys, problems)
+    if node is None:
+        return {}
+    w = "simulation.baselines"
+    d = BaselineSettings()
+    tp = node.get("prefill_tps_target")
+    return {"baselines": BaselineSettings(
+        target_utilization=_num(node, "target_utilization", d.target_utilization, problems, lo=0.01, hi=1, where=w),
+        hpa_tolerance=_num(node, "hpa_tolerance", d.hpa_tolerance, problems, lo=0, hi=0.9, where=w),
+        scale_in_stabilization_s=_num(node, "scale_in_stabilization_s", d.scale_in_stabilization_s,
+                                      problems, lo=0, where=w),
+        latency_target=_num(node, "latency_target", d.latency_target, problems, lo=0.05, hi=2, where=w),
+        peak_headroom=_num(node, "peak_headroom", d.peak_headroom, problems, lo=1, hi=5, where=w),
+        prefill_tps_target=None if tp is None else _num(node, "prefill_tps_target", 1.0, problems,
+                                                        lo=1e-3, where=w))}
