@@ -35,6 +35,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import signal
 import statistics
 import sys
@@ -58,10 +59,13 @@ from sidecar.demo.loadgen import LoadGenerator, default_trace_path, read_sizes
 from sidecar.demo.router import Backend, RequestResult, Router
 from sidecar.demo.sizing import ServiceSizing, size_service
 from sidecar.errors import UsageError
+from simulator import perfmodel
 
 log = logging.getLogger("heteroscale.demo")
 
 DEFAULT_TOPOLOGY = Path(__file__).resolve().parent / "topology.yaml"
+PANEL = Path(__file__).resolve().parent / "demo.html"
+LATENCY_WINDOW_S = 5.0
 SERVICE = "chat"
 
 
@@ -73,7 +77,10 @@ class DemoSettings:
     speedup: modelled seconds per wall second (engines, start-up, arrivals).
     max_instances: the fleet the load's peak asks for (prefill + decode).
     startup_delay_s: modelled engine start-up (weights loading).
-    ttft_slo_s / tbt_slo_s: the service's SLOs, modelled seconds.
+    ttft_slo_s / tbt_slo_s: the service's SLOs, modelled seconds. The TTFT SLO defaults to
+        2.5 × the modelled prefill time of the trace's 90th-percentile prompt, rounded up
+        to 0.5 s: long prompts dominate TTFT's tail, and an SLO the hardware cannot meet
+        would keep the latency safety net firing at any load.
     """
 
     duration_s: float = 180.0
@@ -90,7 +97,7 @@ class DemoSettings:
     decode_gpu_types: tuple[str, ...] = ("NVIDIA-H20",)
     prefill_gpus_per_instance: int = 2
     decode_gpus_per_instance: int = 1
-    ttft_slo_s: float = 2.0
+    ttft_slo_s: float | None = None        # None: derived from the perf model (see build_world)
     tbt_slo_s: float = 0.05
     log_dir: Path | None = None
     quiet: bool = False
@@ -139,8 +146,18 @@ class World:
         return self.config.services[0]
 
 
-def build_world(settings: DemoSettings, *, mean_prompt: float, mean_output: float, lease_path: Path) -> World:
+def ttft_slo_for(settings: DemoSettings, *, p90_prompt: int) -> float:
+    """2.5 × modelled prefill of the p90 prompt on the first prefill GPU type, rounded up to 0.5 s."""
+    spec = perfmodel.InstanceSpec(perfmodel.model(settings.model),
+                                  perfmodel.gpu(emulator_gpu(settings.prefill_gpu_types[0])),
+                                  settings.prefill_gpus_per_instance)
+    return max(0.5, math.ceil(2.5 * spec.prefill_time_s(p90_prompt) * 2) / 2)
+
+
+def build_world(settings: DemoSettings, *, mean_prompt: float, mean_output: float, p90_prompt: int,
+                lease_path: Path) -> World:
     x = settings.speedup
+    ttft_slo = settings.ttft_slo_s or ttft_slo_for(settings, p90_prompt=p90_prompt)
     sizing = size_service(model=settings.model, prefill_gpu=emulator_gpu(settings.prefill_gpu_types[0]),
                           decode_gpu=emulator_gpu(settings.decode_gpu_types[0]),
                           prefill_tp=settings.prefill_gpus_per_instance,
@@ -168,7 +185,7 @@ def build_world(settings: DemoSettings, *, mean_prompt: float, mean_output: floa
             "name": SERVICE, "pd_ratio": f"{sizing.pd_ratio[0]}:{sizing.pd_ratio[1]}",
             "target_decode_tps_per_instance": round(sizing.target_decode_tps * x, 2),
             "min_decode": 1, "max_decode": sizing.max_decode, "affinity": "s2",
-            "slo": {"ttft_s": settings.ttft_slo_s / x, "tbt_s": settings.tbt_slo_s / x},
+            "slo": {"ttft_s": ttft_slo / x, "tbt_s": settings.tbt_slo_s / x},
             "prefill": {"gpu_types": list(settings.prefill_gpu_types),
                         "gpus_per_instance": settings.prefill_gpus_per_instance},
             "decode": {"gpu_types": list(settings.decode_gpu_types),
@@ -191,6 +208,9 @@ class Sample:
     util_prefill: float | None
     util_decode: float | None
     offered_rps: float
+    completed_rps: float = 0.0
+    ttft_p90_s: float | None = None
+    tbt_p90_s: float | None = None
 
 
 @dataclass
@@ -249,9 +269,10 @@ class Demo:
         sizes = read_sizes(Path(trace))
         cluster = SimulatedCluster.from_file(s.topology or DEFAULT_TOPOLOGY)
         workdir = Path(tempfile.mkdtemp(prefix="heteroscale-demo-"))
-        world = build_world(s, mean_prompt=statistics.fmean(x.prompt_tokens for x in sizes),
+        prompts = sorted(x.prompt_tokens for x in sizes)
+        world = build_world(s, mean_prompt=statistics.fmean(prompts),
                             mean_output=statistics.fmean(x.output_tokens for x in sizes),
-                            lease_path=workdir / "lease")
+                            p90_prompt=prompts[int(0.9 * (len(prompts) - 1))], lease_path=workdir / "lease")
         svc = world.service
         router: Router | None = None
         actuator = LocalActuator(cluster=cluster, settings=LocalSettings(
@@ -313,6 +334,7 @@ class Demo:
             await router.close()
             await collector.close()
             await runner.cleanup()
+            shutil.rmtree(workdir, ignore_errors=True)
 
     def _intro(self, world: World, trace: Path) -> None:
         z, svc, s = world.sizing, world.service, self.settings
@@ -323,7 +345,7 @@ class Demo:
                  f"up to {z.max_prefill}P+{z.max_decode}D")
         self.say(f"load: {trace.name}, peak {world.peak_rps_wall:.1f} req/s on a compressed day over "
                  f"{s.duration_s:.0f}s (speed-up {s.speedup:g})")
-        self.say(f"status page: {self.url}")
+        self.say(f"status page: {self.url}demo  (coordinator page alone: {self.url})")
 
     async def _bring_up(self, actuator: LocalActuator, svc, stop: asyncio.Event) -> None:  # noqa: ANN001
         """Start the minimum pools (a Deployment's initial replicas) and wait until they serve."""
@@ -389,16 +411,25 @@ class Demo:
             for g in report.gpus:
                 if g.utilization_ratio is not None:
                     util[report.role].append(g.utilization_ratio)
+        recent = _finished_since(loadgen.stats.results, time.monotonic() - LATENCY_WINDOW_S)
+        done = [r for r in recent if r.ok]
         self.tally.samples.append(Sample(
             at_s=round(self.elapsed(), 2), prefill=sum(1 for i in live if i.role == "prefill"),
             decode=sum(1 for i in live if i.role == "decode"), gpus=gpus,
             util_prefill=_mean(util["prefill"]), util_decode=_mean(util["decode"]),
-            offered_rps=round(loadgen.rate_now(), 3)))
+            offered_rps=round(loadgen.rate_now(), 3), completed_rps=round(len(recent) / LATENCY_WINDOW_S, 3),
+            ttft_p90_s=_quantile([r.ttft_s for r in done if r.ttft_s is not None], 0.9),
+            tbt_p90_s=_quantile([r.tbt_s for r in done if r.tbt_s is not None], 0.9)))
 
     def _add_demo_routes(self, app: web.Application, *, world: World, loadgen: LoadGenerator) -> None:
         async def demo_status(request: web.Request) -> web.Response:
             return web.json_response(self._live_doc(world, loadgen))
+
+        async def panel(request: web.Request) -> web.FileResponse:
+            return web.FileResponse(PANEL, headers={"Cache-Control": "no-store"})
+
         app.router.add_get("/api/v1/demo", demo_status)
+        app.router.add_get("/demo", panel)
 
     def _live_doc(self, world: World, loadgen: LoadGenerator) -> dict[str, Any]:
         results = loadgen.stats.results
@@ -406,6 +437,8 @@ class Demo:
         svc = world.service
         ok = [r for r in recent if r.ok]
         return {"elapsed_s": round(self.elapsed(), 1), "duration_s": self.settings.duration_s,
+                "speedup": self.settings.speedup, "pd_ratio": svc.pd_ratio_text,
+                "slo": {"ttft_s": svc.slo.ttft_s, "tbt_s": svc.slo.tbt_s},
                 "offered_rps": round(loadgen.rate_now(), 3), "requests": len(results),
                 "recent_slo_attainment": _attainment(recent, svc.slo.ttft_s, svc.slo.tbt_s),
                 "recent_ttft_p90_s": _quantile([r.ttft_s for r in ok if r.ttft_s is not None], 0.9),
@@ -447,8 +480,20 @@ class Demo:
             "elapsed_s": round(self.elapsed(), 1),
             "interrupted": interrupted,
             "processes_started": len(actuator.all_pids()),
+            "child_pids": actuator.all_pids(),
             "timeline": [asdict(x) for x in samples],
         }
+
+
+def _finished_since(results: list[RequestResult], since_mono: float) -> list[RequestResult]:
+    """Requests that finished after ``since_mono`` (results are appended as they finish)."""
+    out = []
+    for r in reversed(results):
+        end = r.arrival_s + (r.e2e_s if r.e2e_s is not None else 0.0)
+        if end < since_mono:
+            break
+        out.append(r)
+    return out
 
 
 def _attainment(results: list[RequestResult], ttft_s: float | None, tbt_s: float | None) -> float | None:

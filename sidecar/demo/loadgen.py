@@ -11,7 +11,7 @@ They are a non-homogeneous Poisson process drawn by thinning with an injected
 
 The default trace is the Azure conversation trace in ``../shared/traces/``; where that
 folder is absent a small sample shipped with the package is used
-(``sidecar/demo/data/azure_conv_sample.csv``: the first rows of the same trace,
+(``sidecar/demo/azure_conv_sample.csv``: the first 3,000 rows of the same trace,
 CC-BY-4.0, Splitwise ISCA'24).
 
 ``LoadGenerator.run`` sends each request as its own task through the router and
@@ -33,7 +33,7 @@ from simulator.traces import DEFAULT_PROFILE, load_trace
 
 from sidecar.demo.router import RequestResult
 
-PACKAGE_SAMPLE = Path(__file__).resolve().parent / "data" / "azure_conv_sample.csv"
+PACKAGE_SAMPLE = Path(__file__).resolve().parent / "azure_conv_sample.csv"
 SHARED_TRACE = Path("traces") / "AzureLLMInferenceTrace_conv.csv"
 # The day starts at hour 20: the trough, so the run opens quiet, peaks, and winds down.
 DEMO_START_HOUR = 20
