@@ -452,7 +452,6 @@ class LocalActuator:
             doc = dg.to_dict()
             members = [i for i in self.instances.values() if i.service == service and i.group == dg.name]
             doc["in_traffic"] = _count(i for i in members if i.in_traffic).as_dict()
-            doc["instances"] = [i.to_dict() for i in members]
             docs.append(doc)
         return docs
 
