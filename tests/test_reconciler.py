@@ -5,7 +5,7 @@ edits, API failures)."""
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import pytest
@@ -335,3 +335,20 @@ def test_factory_names_and_unknown_backends():
     assert actuator_class("static") is StaticActuator
     with pytest.raises(UsageError, match="unknown backend 'nomad'"):
         actuator_class("nomad")
+
+
+async def test_a_hung_observe_skips_the_service_not_the_loop(world: World):
+    class Hanging(InMemoryActuator):
+        async def observe(self, service):
+            if service.name == "chat":
+                await asyncio.Event().wait()          # an API call that never answers
+            return await super().observe(service)
+
+    rec = world.reconciler
+    hanging = Hanging(rec.config, clock=world.clock)
+    rec.actuator = hanging
+    rec.config = replace(rec.config, coordinator=replace(rec.config.coordinator, observe_timeout_s=0.05))
+    decisions = await world.ticks(1)
+    assert [d.service for d in decisions] == ["code"]
+    assert rec.errors_total[("chat", "observe")] == 1
+    assert "TimeoutError" in rec.services["chat"].last_error

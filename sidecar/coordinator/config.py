@@ -69,6 +69,7 @@ class CoordinatorConfig:
     collect: CollectConfig = CollectConfig()
     history_s: float = 3600.0       # how much per-tick history the status page keeps
     decisions_kept: int = 50        # recent decisions kept per service (ring buffer)
+    observe_timeout_s: float = 10.0  # bound on one actuator observe call (a hung API cannot stall the loop)
 
 
 @dataclass(frozen=True)
@@ -395,6 +396,7 @@ def _coordinator(node: _Node) -> CoordinatorConfig:
         collect=_collect(node.child("collect")),
         history_s=node.number("history_s", d.history_s, minimum=0, exclusive_min=True),
         decisions_kept=node.integer("decisions_kept", d.decisions_kept, minimum=1),
+        observe_timeout_s=node.number("observe_timeout_s", d.observe_timeout_s, minimum=0, exclusive_min=True),
     )
     node.finish()
     if out.collect.timeout_s >= out.interval_s:

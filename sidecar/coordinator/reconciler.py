@@ -10,8 +10,11 @@ comes from ``policy.decide``.
 It never crashes on a backend's bad day: an ``ApiError``, a timeout or any other
 exception from the actuator or discovery is logged, counted
 (``heteroscale_coordinator_errors_total{service,op}``) and the service is skipped
-for this tick; other services go on. When the current counts cannot be observed no
-decision is made at all (never act on stale or missing data).
+for this tick; other services go on. An ``observe`` call is bounded by
+``coordinator.observe_timeout_s`` so a hung API cannot stall the loop (``apply`` is not
+cut short: the actuator's own calls are bounded, and interrupting a two-pool write
+half-way is what its compensation exists to avoid). When the current counts cannot be
+observed no decision is made at all (never act on stale or missing data).
 
 State kept for the status page: per service the last observation and decision, the
 recent decisions (a ring buffer, newest first; a decision identical to the newest
@@ -141,8 +144,9 @@ class Reconciler:
         service = rt.config
         try:
             collection = await self.collector.collect(service)
-            status = await self.actuator.observe(service)
-        except Exception as exc:   # the loop survives any backend failure
+            async with asyncio.timeout(self.config.coordinator.observe_timeout_s):
+                status = await self.actuator.observe(service)
+        except Exception as exc:   # the loop survives any backend failure, a hang included
             return self._failed(rt, "observe", exc)
         now_s = self.clock()
         observation = aggregate(service, collection.fetched, pools=status, now_s=now_s)
