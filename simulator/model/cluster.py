@@ -109,6 +109,7 @@ class _Decode:
     steps: float = 0.0               # virtual step counter G
     sum_ctx0: float = 0.0            # Σ context at admission of running sequences
     sum_g0: float = 0.0              # Σ G at admission
+    late_steps: float = 0.0          # steps this tick that mid-tick arrivals did not run
     running: dict[int, tuple[float, float, float]] = field(default_factory=dict)  # rid -> (g0, ctx0, finish_step)
     heap: list[tuple[float, int]] = field(default_factory=list)
     waiting: deque[tuple[int, float, float]] = field(default_factory=deque)  # (rid, ctx0, remaining steps)
@@ -186,6 +187,7 @@ class Cluster:
         self.unplaced: deque[int] = deque()              # reached decode with no instance to take it
         self.preemptions = 0
         self.completed: list[int] = []                   # rids in completion order
+        self._tick_start = 0.0
 
     # ------------------------------------------------------------------ counts
 
@@ -328,6 +330,7 @@ class Cluster:
                 self._place(rid, ready)
             else:
                 self.unplaced.append(rid)
+        self._tick_start = t
         for d in self.decode:
             self._run(d, t, dt)
         self._retire(end)
@@ -348,15 +351,28 @@ class Cluster:
         limit = self._cap * self.spec.kv_watermark
         ctx = d.context()
         max_batch = self.spec.decode_max_batch
+        co = self._dco
+        first = self.first_token_s
         while d.waiting and len(d.running) < max_batch:
             rid, ctx0, remaining = d.waiting[0]
             if ctx + ctx0 > limit and d.running:
                 break
             d.waiting.popleft()
-            finish = d.steps + remaining
-            d.running[rid] = (d.steps, ctx0, finish)
+            # A sequence whose KV lands mid-tick starts that far into the tick: offset
+            # its start by the steps the batch runs before it arrives.
+            late_s = first[rid] - self._tick_start
+            g0 = d.steps
+            if late_s > 0:
+                n = len(d.running) + 1
+                mem = co.weights_s + co.kv_token_s * (ctx + ctx0)
+                comp = co.seq_compute_s * n
+                offset = late_s / ((mem if mem > comp else comp) + co.overhead_s)
+                g0 += offset
+                d.late_steps += offset
+            finish = g0 + remaining
+            d.running[rid] = (g0, ctx0, finish)
             d.sum_ctx0 += ctx0
-            d.sum_g0 += d.steps
+            d.sum_g0 += g0
             heapq.heappush(d.heap, (finish, rid))
             ctx += ctx0
 
@@ -372,7 +388,9 @@ class Cluster:
         step_s = (mem if mem > comp else comp) + co.overhead_s
         g0 = d.steps
         g1 = g0 + dt / step_s
-        tokens = n * (g1 - g0)
+        # Sequences admitted mid-tick (start step > g0) emit only from their start.
+        tokens = n * (g1 - g0) - d.late_steps
+        d.late_steps = 0.0
         heap = d.heap
         running = d.running
         while heap and heap[0][0] <= g1:

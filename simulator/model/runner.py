@@ -261,10 +261,12 @@ def _summary(cluster: Cluster, settings: RunSettings, duration: float,
     }
 
 
-def _series(cluster: Cluster, duration: float, bin_s: int = 60) -> dict[str, np.ndarray]:
-    """Per-minute means: load, instances, utilisation, SM activity, latency p90."""
+def _series(cluster: Cluster, duration: float) -> dict[str, np.ndarray]:
+    """Per-minute means (finer bins for runs under 10 minutes): load, instances,
+    utilisation, SM activity, latency p90."""
     rec = cluster.rec
     end = int(duration)
+    bin_s = 60 if end >= 600 else max(1, end // 10)
     nb = max(1, end // bin_s)
     cut = nb * bin_s
 
