@@ -352,3 +352,27 @@ async def test_a_hung_observe_skips_the_service_not_the_loop(world: World):
     assert [d.service for d in decisions] == ["code"]
     assert rec.errors_total[("chat", "observe")] == 1
     assert "TimeoutError" in rec.services["chat"].last_error
+
+
+async def test_serve_stops_cleanly_and_reports_a_crashed_loop(world: World):
+    from sidecar.coordinator.main import CoordinatorCrashed, Runtime, serve
+    from sidecar.coordinator.status import make_status_app
+    from tests.conftest import free_port
+
+    rec = world.reconciler
+    runtime = Runtime(config=rec.config, reconciler=rec, app=make_status_app(rec), election=rec.election)
+    stop = asyncio.Event()
+    task = asyncio.create_task(serve(runtime, host="127.0.0.1", port=free_port(), stop=stop), name="test-serve")
+    while rec.ticks < 1:
+        await asyncio.sleep(0.01)
+    stop.set()
+    await asyncio.wait_for(task, timeout=10)          # a normal stop returns
+
+    async def broken_tick():
+        raise RuntimeError("bug in a tick")
+
+    rec.tick = broken_tick
+    runtime = Runtime(config=rec.config, reconciler=rec, app=make_status_app(rec), election=rec.election)
+    with pytest.raises(CoordinatorCrashed, match="bug in a tick"):
+        await asyncio.wait_for(serve(runtime, host="127.0.0.1", port=free_port(), stop=asyncio.Event()),
+                               timeout=10)

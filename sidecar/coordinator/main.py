@@ -132,6 +132,10 @@ def report_source(config: Config, actuator: Any) -> ReportSource:
     return StaticSource()
 
 
+class CoordinatorCrashed(RuntimeError):
+    """The reconcile loop or the election ended with an error (exit status 1)."""
+
+
 @dataclass
 class Runtime:
     config: Config
@@ -183,10 +187,17 @@ async def serve(runtime: Runtime, *, host: str, port: int, stop: asyncio.Event) 
              " (dry run)" if rec.dry_run else "", host, port)
     election_task = asyncio.create_task(runtime.election.run(), name="coordinator-election")
     loop_task = asyncio.create_task(rec.run(stop=stop), name="coordinator-reconcile")
+    stop_task = asyncio.create_task(stop.wait(), name="coordinator-stop")
+    crashed: BaseException | None = None
     try:
-        await stop.wait()
+        # Normally only ``stop`` ends this; if the loop or the election dies, say so and
+        # stop too rather than serve a status page for a coordinator that does nothing.
+        done, _ = await asyncio.wait({stop_task, loop_task, election_task}, return_when=asyncio.FIRST_COMPLETED)
+        for task in done - {stop_task}:
+            crashed = task.exception() if not task.cancelled() else None
+            log.error("%s ended unexpectedly: %r; shutting down", task.get_name(), crashed)
     finally:
-        for task in (loop_task, election_task):   # loop first: no write after the lease goes
+        for task in (stop_task, loop_task, election_task):   # loop first: no write after the lease goes
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
@@ -198,6 +209,8 @@ async def serve(runtime: Runtime, *, host: str, port: int, stop: asyncio.Event) 
             with contextlib.suppress(Exception):
                 await runtime.kube.close()
         log.info("coordinator %s stopped", rec.identity)
+    if crashed is not None:
+        raise CoordinatorCrashed(str(crashed)) from crashed
 
 
 def run_coordinator(args: argparse.Namespace) -> int:
@@ -215,5 +228,9 @@ def run_coordinator(args: argparse.Namespace) -> int:
             loop.add_signal_handler(sig, stop.set)
         await serve(runtime, host=host, port=port, stop=stop)
 
-    asyncio.run(main())
+    try:
+        asyncio.run(main())
+    except CoordinatorCrashed as exc:
+        sys.stderr.write(f"heteroscale coordinator: stopped after an internal error: {exc}\n")
+        return 1
     return 0
