@@ -120,7 +120,7 @@ class HttpPool:
         self._max_idle = max_idle
         self._max_body = max_body_bytes
 
-    async def get(self, host: str, port: int, path: str) -> tuple[int, bytes]:
+    async def get(self, host: str, port: int, *, path: str) -> tuple[int, bytes]:
         key = (host, port)
         for attempt in (0, 1):
             conn = self._take(key)
@@ -349,7 +349,7 @@ class Collector:
         scheme, host, port, path = self._split(url)
         if scheme == "http" and host:
             async with asyncio.timeout(self._timeout_s):
-                return await self._pool.get(host, port, path)
+                return await self._pool.get(host, port, path=path)
         session = self._session_or_new()
         async with session.get(url, timeout=self._timeout) as resp:
             return resp.status, await resp.read()
