@@ -1,0 +1,119 @@
+"""``heteroscale simulate`` / ``heteroscale curate`` end to end, on small traces."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from sidecar.cli import main
+
+CONFIG = """
+coordinator: {interval_s: 10}
+services:
+  - name: chat
+    pd_ratio: "2:1"
+    target_decode_tps_per_instance: 800
+    slo: {ttft_s: 1.0, tbt_s: 0.04}
+    policy: {scale_in_stabilization_s: 60, smoothing_window_s: 20}
+    prefill: {gpus_per_instance: 1}
+    decode: {gpus_per_instance: 1}
+simulation:
+  model: 8b
+  prefill: {gpu: L40S, tp: 1}
+  decode: {gpu: H20, tp: 1}
+  startup_s: 30
+  diurnal: {peak_rps: 3}
+  pressure: {instances: 4, duration_s: 60, iterations: 3}
+"""
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> Path:
+    path = tmp_path / "sim.yaml"
+    path.write_text(CONFIG)
+    return path
+
+
+def test_simulate_on_a_mooncake_trace(config: Path, data_dir: Path, tmp_path: Path, capsys):
+    out = tmp_path / "out"
+    rc = main(["simulate", "--config", str(config), "--trace", str(data_dir / "mooncake_sample.jsonl"),
+               "--policies", "heteroscale,static-peak,hpa-gpu-util", "--out", str(out)])
+    assert rc == 0
+    doc = json.loads((out / "summary.json").read_text())
+    assert set(doc["policies"]) == {"heteroscale", "static-peak", "hpa-gpu-util"}
+    for summary in doc["policies"].values():
+        assert summary["requests"] == 240
+        assert summary["gpu_hours"] > 0
+        assert set(summary["mean_gpu_utilization"]) == {"prefill", "decode"}
+        assert 0 <= summary["slo_attainment"] <= 1
+        for key in ("ttft_p90_s", "tbt_p90_s", "scaling_actions"):
+            assert key in summary
+    assert doc["policies"]["heteroscale"]["decision_reasons"]
+    assert doc["meta"]["workload"]["cached_share"] > 0          # hash_ids prefix reuse
+    assert len(doc["signal_study"]) == 8
+    for name in ("report.md", "load_vs_gpus.png", "utilization.png", "latency.png", "signals.png"):
+        assert (out / name).stat().st_size > 0
+    assert (out / "load_vs_gpus.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| heteroscale |" in (out / "report.md").read_text()
+    err = capsys.readouterr().err
+    assert "100%" in err                                        # the progress bar
+
+
+def test_simulate_diurnal_from_burstgpt(config: Path, data_dir: Path, tmp_path: Path):
+    out = tmp_path / "out"
+    rc = main(["simulate", "--config", str(config), "--trace", str(data_dir / "burstgpt_sample.csv"),
+               "--diurnal", "--duration-h", "0.25", "--policies", "heteroscale", "--out", str(out),
+               "--no-progress"])
+    assert rc == 0
+    doc = json.loads((out / "summary.json").read_text())
+    assert doc["meta"]["diurnal"] is True
+    assert doc["policies"]["heteroscale"]["duration_s"] == 900.0
+
+
+def test_curate_recommends_ratio_target_and_policy(config: Path, data_dir: Path, tmp_path: Path, capsys):
+    out = tmp_path / "cur"
+    rc = main(["curate", "--config", str(config), "--trace", str(data_dir / "mooncake_sample.jsonl"),
+               "--service", "chat", "--policies", "heteroscale,static-peak", "--out", str(out),
+               "--no-progress"])
+    assert rc == 0
+    doc = json.loads((out / "summary.json").read_text())
+    points = doc["pressure_test"]["points"]
+    assert [p["ratio"] for p in points] == ["1P3D", "2P2D", "3P1D"]
+    best = max(points, key=lambda p: (p["decode_tps"], p["prefill_tps"]))
+    assert doc["pressure_test"]["best"] == best["ratio"]
+    rec = doc["recommended"]
+    assert rec["policy"] in {"heteroscale", "static-peak"}
+    assert rec["pd_ratio"] == f"{best['prefill']}:{best['decode']}"
+    assert rec["target_decode_tps_per_instance"] == pytest.approx(
+        0.9 * best["decode_tps"] / best["decode"], rel=1e-3)
+    assert (out / "ratio_sweep.png").stat().st_size > 0
+    assert "recommended: policy" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--policies", "nope"], "unknown policy nope"),
+    (["--trace", "/nonexistent.csv"], "no such file"),
+    (["--service", "other"], "no service 'other'"),
+])
+def test_user_mistakes_are_one_line_exit_2(config: Path, data_dir: Path, tmp_path: Path, capsys, args, message):
+    base = {"--config": str(config), "--trace": str(data_dir / "mooncake_sample.jsonl"),
+            "--out": str(tmp_path / "o"), "--policies": "heteroscale"}
+    for flag, value in zip(args[::2], args[1::2]):
+        base[flag] = value
+    argv = ["simulate", "--no-progress"] + [x for kv in base.items() for x in kv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+
+
+def test_bad_config_lists_every_problem(tmp_path: Path, data_dir: Path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(CONFIG.replace("gpu: L40S", "gpu: B300").replace("tp: 1}\n  startup", "tp: 3}\n  startup")
+                   .replace('pd_ratio: "2:1"', 'pd_ratio: "x"'))
+    rc = main(["simulate", "--config", str(bad), "--trace", str(data_dir / "mooncake_sample.jsonl"),
+               "--out", str(tmp_path / "o"), "--no-progress"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "pd_ratio" in err and "(and 2 more)" in err
