@@ -1,7 +1,8 @@
 """Benchmark: one coordinator tick at fleet scale; writes benchmarks/results/coordinator.json.
 
     .venv/bin/python benchmarks/coordinator_bench.py [--services 200] [--per-service 50]
-                                                     [--ticks 5] [--out benchmarks/results/coordinator.json]
+                                                     [--ticks 5] [--nice -10]
+                                                     [--out benchmarks/results/coordinator.json]
 
 Target (issue 3): 10,000 sidecar reports collected, aggregated and decided for 200
 services in <= 2 s per tick on one core, memory <= 300 MB.
@@ -69,6 +70,19 @@ def _report(path: str) -> bytes:
     return json.dumps(doc).encode()
 
 
+_CACHE: dict[str, tuple[float, bytes]] = {}
+
+
+def _cached_report(path: str) -> bytes:
+    # Re-rendered at most once a second per path: the server's cost is not what is measured.
+    now = time.monotonic()
+    hit = _CACHE.get(path)
+    if hit is None or now - hit[0] > 1.0:
+        hit = (now, _report(path))
+        _CACHE[path] = hit
+    return hit[1]
+
+
 class _Http(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport
@@ -80,7 +94,7 @@ class _Http(asyncio.Protocol):
             head, self.buffer = self.buffer.split(b"\r\n\r\n", 1)
             path = head.split(b" ", 2)[1].decode()
             try:
-                body, status = _report(path), b"200 OK"
+                body, status = _cached_report(path), b"200 OK"
             except (IndexError, ValueError):
                 body, status = b"{}", b"404 Not Found"
             self.transport.write(b"HTTP/1.1 " + status + b"\r\nContent-Type: application/json\r\n"
@@ -115,18 +129,24 @@ def _config(port: int, services: int, per_service: int):
         } for k in range(services)]})
 
 
-async def _measure(port: int, services: int, per_service: int, ticks: int) -> dict:
+def _process_cpu_s(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")   # utime + stime
+
+
+async def _measure(port: int, services: int, per_service: int, ticks: int, *, server_pid: int) -> dict:
     config = _config(port, services, per_service)
     collector = Collector.from_config(config.coordinator.collect, source=StaticSource())
     rec = Reconciler(config=config, actuator=StaticActuator(config), collector=collector)
     try:
         await rec.tick()                                # warm-up: opens the keep-alive connections
-        walls, cpus = [], []
+        walls, cpus, server_cpus = [], [], []
         for _ in range(ticks):
-            cpu0, wall0 = time.process_time(), time.perf_counter()
+            cpu0, wall0, srv0 = time.process_time(), time.perf_counter(), _process_cpu_s(server_pid)
             decisions = await rec.tick()
             walls.append(time.perf_counter() - wall0)
             cpus.append(time.process_time() - cpu0)
+            server_cpus.append(_process_cpu_s(server_pid) - srv0)
         reports = sum(1 for c in collector.latest.values() for f in c.fetched if f.report is not None)
         errors = sum(len(c.fetched) - sum(1 for f in c.fetched if f.report) for c in collector.latest.values())
         pure = []
@@ -140,7 +160,7 @@ async def _measure(port: int, services: int, per_service: int, ticks: int) -> di
             pure.append(time.perf_counter() - t0)
     finally:
         await collector.close()
-    return {"walls": walls, "cpus": cpus, "pure": pure, "reports": reports, "errors": errors,
+    return {"walls": walls, "cpus": cpus, "server_cpus": server_cpus, "pure": pure, "reports": reports, "errors": errors,
             "decisions": len(decisions), "reasons": sorted({d.reason for d in decisions})}
 
 
@@ -150,7 +170,12 @@ def main() -> int:
     parser.add_argument("--per-service", type=int, default=50)
     parser.add_argument("--ticks", type=int, default=5)
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "coordinator.json"))
+    parser.add_argument("--nice", type=int, default=0,
+                        help="scheduling niceness for both processes (e.g. -10 as root on a shared "
+                             "machine, so other work does not take turns on the measured core)")
     args = parser.parse_args()
+    if args.nice:
+        os.setpriority(os.PRIO_PROCESS, 0, args.nice)   # inherited by the server process
     load_before = round(os.getloadavg()[0], 2)   # other work on the machine skews wall time
     cpus = sorted(os.sched_getaffinity(0))
     pinned = len(cpus) >= 2
@@ -161,7 +186,7 @@ def main() -> int:
         port = queue.get(timeout=30)
         if pinned:
             os.sched_setaffinity(0, {cpus[0]})
-        m = asyncio.run(_measure(port, args.services, args.per_service, args.ticks))
+        m = asyncio.run(_measure(port, args.services, args.per_service, args.ticks, server_pid=server.pid))
     finally:
         server.terminate()
         server.join(5)
@@ -179,6 +204,7 @@ def main() -> int:
         "tick_wall_s_max": round(max(m["walls"]), 4),
         "tick_cpu_s_median": round(statistics.median(m["cpus"]), 4),
         "aggregate_and_decide_s_median": round(statistics.median(m["pure"]), 4),
+        "report_server_cpu_s_per_tick_median": round(statistics.median(m["server_cpus"]), 3),
         "peak_rss_mb": round(rss_mb, 1),
         "target_tick_s": TARGET_TICK_S,
         "target_rss_mb": TARGET_RSS_MB,
@@ -186,6 +212,7 @@ def main() -> int:
         "meets_tick_target_cpu": statistics.median(m["cpus"]) <= TARGET_TICK_S,
         "meets_memory_target": rss_mb <= TARGET_RSS_MB,
         "coordinator_pinned_to_one_core": pinned,
+        "niceness": os.getpriority(os.PRIO_PROCESS, 0),
         "load_average_1m_before": load_before,
         "load_average_1m_after": round(os.getloadavg()[0], 2),
         "machine": {"python": platform.python_version(), "cpus_available": len(cpus),
