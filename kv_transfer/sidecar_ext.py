@@ -331,6 +331,7 @@ class KvTransferExtension:
         self._engine_errors: dict[str, int] = {}
         self._agent_observes = False              # set once the agent hands us a page itself
         self._self_scraped_s: float | None = None
+        self.self_scrapes = 0                     # fallback reads of the engine page, for tests and logs
         self._rdma_reader = rdma_reader or (SysfsRdmaReader(settings.rdma) if settings.rdma else None)
         self._rdma = _RdmaWindows(settings.window_s)
         self._session: aiohttp.ClientSession | None = None
@@ -371,6 +372,11 @@ class KvTransferExtension:
     @property
     def probe_runner(self) -> ProbeRunner | None:
         return self._runner
+
+    @property
+    def engine_pages_from_agent(self) -> bool:
+        """True once the agent hands pages over (the fallback self-scrape then stops)."""
+        return self._agent_observes
 
     # inputs
 
@@ -437,6 +443,7 @@ class KvTransferExtension:
         if self._self_scraped_s is not None and now_s - self._self_scraped_s < self.settings.engine_scrape_interval_s:
             return
         self._self_scraped_s = now_s
+        self.self_scrapes += 1
         text = await self._fetch(self.settings.engine_metrics_url)
         if text is not None and not self._agent_observes:
             self._observe(text, now_s)

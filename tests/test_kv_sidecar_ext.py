@@ -294,12 +294,16 @@ async def test_inside_the_real_agent_against_a_real_engine_server():
             await agent.start()
             try:
                 for i in range(3):
-                    # 5e6 bytes of KV received per second (25e6 per 5 s step), on top of a vLLM page.
-                    engine.page = vllm_page(gen=100.0 * i) + nixl_page(bytes_sum=25e6 * i, count=1 + i,
+                    # 5e6 bytes of KV received per second, on top of an ordinary vLLM page.
+                    engine.page = vllm_page(gen=100.0 * i) + nixl_page(bytes_sum=5e6 * i, count=1 + i,
                                                                        time_sum=0.01 * (1 + i), failed=0)
                     await agent.cycle()
-                    t[0] += 5.0          # the extension reads the engine itself at most every 5 s
-                t[0] -= 5.0
+                    t[0] += 1.0
+                t[0] -= 1.0
+                # The agent handed its pages over: no second scrape of the engine.
+                assert ext.engine_pages_from_agent
+                # Only the very first cycle can race ahead of the first handed page.
+                assert ext.self_scrapes <= 1
                 report = agent.report()
                 assert report.kv_transfer["bytes_per_second"] == pytest.approx(5e6)
                 assert report.kv_transfer["source"] == "engine" and report.kv_transfer["direction"] == "receive"
