@@ -376,3 +376,36 @@ async def test_serve_stops_cleanly_and_reports_a_crashed_loop(world: World):
     with pytest.raises(CoordinatorCrashed, match="bug in a tick"):
         await asyncio.wait_for(serve(runtime, host="127.0.0.1", port=free_port(), stop=asyncio.Event()),
                                timeout=10)
+
+
+def test_build_runtime_wires_the_static_backend_with_a_local_lease(tmp_path):
+    from sidecar.coordinator.collect import StaticSource
+    from sidecar.coordinator.main import build_runtime
+
+    cfg = load_config({"coordinator": {"backend": "static", "lease": {"path": str(tmp_path / "lease")}},
+                       "services": [{"name": "chat", "pd_ratio": "1:1", "target_decode_tps_per_instance": 10,
+                                     "slo": {"tbt_s": 0.1},
+                                     "prefill": {"sidecars": ["http://127.0.0.1:1/r"]},
+                                     "decode": {"sidecars": ["http://127.0.0.1:2/r"]}}]})
+    runtime = build_runtime(cfg, identity="unit")
+    rec = runtime.reconciler
+    assert isinstance(rec.actuator, StaticActuator) and rec.actuator._collector is rec.collector
+    assert isinstance(rec.collector._source, StaticSource)
+    assert runtime.election.identity == "unit" and type(runtime.election).__name__ == "LeaseElection"
+    assert str(runtime.election.store.path) == str(tmp_path / "lease")
+
+
+def test_without_leader_module_it_runs_as_the_only_leader(monkeypatch, caplog):
+    import sys
+
+    from sidecar.coordinator.main import make_election
+    from sidecar.coordinator.reconciler import AlwaysLeader
+
+    import sidecar.coordinator as package
+
+    monkeypatch.setitem(sys.modules, "sidecar.coordinator.leader", None)   # as if not built
+    monkeypatch.delattr(package, "leader", raising=False)
+    with caplog.at_level("WARNING"):
+        election = make_election(config(), identity="solo")
+    assert isinstance(election, AlwaysLeader) and election.is_leader
+    assert "LEADER ELECTION UNAVAILABLE" in caplog.text
