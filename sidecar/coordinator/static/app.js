@@ -109,6 +109,13 @@ function serviceCard(s) {
     kv("fresh decode reports", `${s.reports.fresh_decode} / ${s.reports.expected_decode}`, "v small"),
     kv("last reason", last ? el("code", { class: "reason" }, last.reason) : "–", "v small")));
   if (s.last_error) card.append(el("p", { class: "err" }, `last error: ${s.last_error}`));
+  const applied = s.last_apply;
+  if (applied) {
+    const short = applied.shortfall.prefill + applied.shortfall.decode;
+    card.append(el("p", { class: short ? "err" : "muted" },
+      `last write: ${counts(applied.applied)}${short ? `, short by ${counts(applied.shortfall)}` : ""}`
+      + (applied.note ? ` (${applied.note})` : "")));
+  }
   if (s.manual_override) card.append(el("p", { class: "muted" }, "Replicas were changed by hand; adopted."));
   const hist = s.history || [];
   const c1 = el("canvas"), c2 = el("canvas");
