@@ -327,3 +327,19 @@ async def test_sample_is_stamped_at_the_middle_of_its_request(engine, session):
     assert agent.window.newest_t_s == pytest.approx(100.2)
     assert agent.report().observed_at == pytest.approx(1e9 + 100.2)
     assert agent.scrape_duration_s == pytest.approx(0.4)
+
+
+async def test_sglang_engine_end_to_end(engine, session):
+    from tests.conftest import DATA
+    base = (DATA / "sglang_decode_dp2_tp2.txt").read_text()
+    line = 'sglang:generation_tokens_total{engine_type="decode",model_name="Qwen/Qwen3-8B"} 1420000.0'
+    assert line in base
+    clock = Clock()
+    agent = Agent(settings(engine.url, engine="sglang"), session=session, clock=clock)
+    pages = [base.replace(line, line.replace("1420000.0", f"{1420000.0 + 800.0 * i}")) for i in range(3)]
+    await drive(agent, clock, engine, pages)
+    clock.t -= 1.0
+    report = agent.report()
+    assert report.engine == "sglang" and report.engine_up
+    assert report.decode_tps == pytest.approx(800.0)
+    assert report.requests_running == 64 + 65          # DP ranks summed, TP copies dropped
