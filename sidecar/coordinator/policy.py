@@ -284,12 +284,12 @@ def decide(*, service: "ServiceConfig", observation: Observation, state: PolicyS
     elif utilization < 1 - pol.tolerance.scale_in and want < current.decode:
         target, reason = want, "scale_in_tps"
     if lat_reason is not None:
+        # The step is at least +1, so a breach always overrides a scale-in: latency never
+        # lets the pools shrink. A larger proportional scale-out keeps its own reason.
         lat_d = latency_target(current.decode, step)
         if lat_d > max(target, current.decode):
             target, reason = lat_d, lat_reason
             detail = f"p90 latency at {lat_ratio:.2f}x SLO: +{step:.0%} both pools"
-        elif reason == "scale_in_tps":
-            target, reason = current.decode, "hold_tolerance"   # latency never lets us scale in
 
     if target > current.decode:
         return _scale_out(service, result, state, current=current, target=target, reason=reason,
