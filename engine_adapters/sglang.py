@@ -69,7 +69,14 @@ def parse(text: str) -> EngineSnapshot:
             TBT: _histogram(index, ITL_HIST),
         }),
         ranks=_ranks(index),
+        engine_role=_engine_type(index),
     )
+
+
+def _engine_type(index: SampleIndex) -> str | None:
+    """``prefill`` / ``decode`` / ``unified`` when the page names exactly one."""
+    types = {s.labels["engine_type"] for samples in index.values() for s in samples if "engine_type" in s.labels}
+    return types.pop() if len(types) == 1 else None
 
 
 def _rank_of(labels) -> tuple[int, ...]:

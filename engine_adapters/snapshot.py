@@ -116,6 +116,7 @@ class EngineSnapshot:
     gauges: Mapping[str, float] = field(default_factory=dict)
     histograms: Mapping[str, Histogram] = field(default_factory=dict)
     ranks: frozenset[str] = frozenset()
+    engine_role: str | None = None    # the role the page itself states (SGLang engine_type), if any
 
 
 # -- page -> samples ---------------------------------------------------------------

@@ -282,6 +282,10 @@ class Agent:
         if not self.engine_up:
             log.info("engine %s at %s is up", self.settings.engine, self._scrape.url)
         previous = self._last_snapshot
+        if snapshot.engine_role in ROLES and snapshot.engine_role != self.settings.role and (
+                previous is None or previous.engine_role != snapshot.engine_role):
+            log.warning("the engine says it is a %s engine but this sidecar runs with --role %s",
+                        snapshot.engine_role, self.settings.role)
         if self.started_at is None or _restarted(previous, snapshot):
             self.started_at = t_wall
         self.engine_up = True

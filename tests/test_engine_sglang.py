@@ -55,3 +55,8 @@ def test_sglang_page_is_wrong_engine_for_vllm():
     with pytest.raises(ScrapeError) as err:
         vllm.parse((DATA / "sglang_prefill_tp1.txt").read_text())
     assert err.value.reason == "wrong_engine"
+
+
+def test_engine_type_is_reported():
+    assert sglang.parse((DATA / "sglang_decode_dp2_tp2.txt").read_text()).engine_role == "decode"
+    assert sglang.parse((DATA / "sglang_prefill_tp1.txt").read_text()).engine_role == "prefill"

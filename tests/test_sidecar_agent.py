@@ -343,3 +343,14 @@ async def test_sglang_engine_end_to_end(engine, session):
     assert report.engine == "sglang" and report.engine_up
     assert report.decode_tps == pytest.approx(800.0)
     assert report.requests_running == 64 + 65          # DP ranks summed, TP copies dropped
+
+
+async def test_role_mismatch_is_logged_once(engine, session, caplog):
+    from tests.conftest import DATA
+    engine.page = (DATA / "sglang_prefill_tp1.txt").read_text()
+    agent = Agent(settings(engine.url, engine="sglang", role="decode"), session=session, clock=Clock())
+    with caplog.at_level("WARNING", logger="heteroscale.sidecar"):
+        await agent.cycle()
+        await agent.cycle()
+    warnings = [r for r in caplog.records if "says it is a prefill engine" in r.getMessage()]
+    assert len(warnings) == 1 and agent.engine_up
