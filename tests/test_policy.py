@@ -441,3 +441,15 @@ def test_no_flapping_under_constant_noisy_load(seed, base, noise, start):
     assert reversals == 0, moves
     assert set(directions[-200:]) == {"hold"}                       # settled for the last 1000 s
     assert c.current.decode * 1000 >= base * (1 - noise)             # and big enough for the load
+
+
+@settings(max_examples=300, deadline=None)
+@given(d=st.integers(min_value=2, max_value=40), tps=loads,
+       tbt=st.floats(min_value=0.0, max_value=0.5), ttft=st.floats(min_value=0.0, max_value=5.0))
+def test_latency_only_ever_adds(d, tps, tbt, ttft):
+    cur = (prefill_for_decode(SVC_DEFAULT, d), d)
+    plain, _ = once(SVC_DEFAULT, obs(cur, tps))
+    with_latency, _ = once(SVC_DEFAULT, obs(cur, tps, tbt=tbt, ttft=ttft))
+    assert with_latency.desired.decode >= plain.desired.decode
+    if tbt > 0.04 or ttft > 1.0:                 # over the SLO: never a scale-in
+        assert with_latency.desired.decode >= d
