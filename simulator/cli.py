@@ -239,6 +239,9 @@ def run_curate(args: argparse.Namespace) -> int:
                    "slo_goal": cfg.slo_goal}
     doc = {"meta": _meta(cfg, tuned, args, workload), "pressure_test": pressure,
            "recommended": recommended, "policies": _policy_summaries(results)}
+    if "static-peak" in results:
+        doc["signal_study"] = report.signal_study(results["static-peak"])
+        files.append(report.plot_signals(out, results["static-peak"]))
     report.write_summary(out, doc)
     sections = [("Pressure test", report.ratio_table(pressure) + [
         "", f"Recommended ratio **{pressure['pd_ratio']}**, τ = **{pressure['target_decode_tps_per_instance']:g}** "
