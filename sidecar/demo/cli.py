@@ -91,7 +91,7 @@ class DemoSettings:
     report: Path | None = None
     max_instances: int = 16
     seed: int = 1
-    startup_delay_s: float = 8.0
+    startup_delay_s: float = 3.0
     model: str = "32b"
     prefill_gpu_types: tuple[str, ...] = ("NVIDIA-L20", "NVIDIA-H20")
     decode_gpu_types: tuple[str, ...] = ("NVIDIA-H20",)
@@ -520,8 +520,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--topology", type=Path, default=None, help="simulated cluster YAML")
     parser.add_argument("--max-instances", type=int, default=16,
                         help="fleet size the load's peak asks for (default 16)")
-    parser.add_argument("--startup-delay", type=float, default=8.0, dest="startup_delay_s",
-                        help="modelled engine start-up seconds (default 8)")
+    parser.add_argument("--startup-delay", type=float, default=3.0, dest="startup_delay_s",
+                        help="modelled engine start-up seconds (default 3)")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--log-dir", type=Path, default=None, help="keep each child process's log here")
     parser.add_argument("--quiet", action="store_true", help="print nothing but errors")

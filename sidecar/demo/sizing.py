@@ -12,8 +12,9 @@ the policy's target and the load agree whatever model or GPUs are chosen:
 * prefill: batched passes of mean-size prompts give requests/s per instance; the
   ratio is the prefill instances one decode instance at ``τ`` needs, at the same
   ``target_load``, as a small fraction (denominator ≤ 2);
-* load: the peak request rate makes the policy ask for ``max_decode`` decode
-  instances at the peak of the profile.
+* load: the peak request rate is ``peak_share`` (0.85) of ``max_decode × τ``, so the
+  policy asks for ``max_decode`` decode instances at the peak of the profile, with a
+  little head-room.
 
 Everything is in *modelled* units; ``wall_*`` helpers convert with the speed-up
 (modelled seconds per wall second): rates multiply, durations divide.
@@ -79,7 +80,8 @@ def prefill_capacity_rps(spec: perfmodel.InstanceSpec, *, mean_prompt: float,
 
 def size_service(*, model: str, prefill_gpu: str, decode_gpu: str, mean_prompt: float,
                  mean_output: float, tbt_slo_s: float, max_instances: int,
-                 target_load: float = 0.7, prefill_tp: int = 1, decode_tp: int = 1) -> ServiceSizing:
+                 target_load: float = 0.7, peak_share: float = 0.85, prefill_tp: int = 1,
+                 decode_tp: int = 1) -> ServiceSizing:
     """Derive τ, the ratio and the peak load (see the module docstring)."""
     if max_instances < 2:
         raise ValueError("max_instances must be at least 2 (one prefill, one decode)")
@@ -98,8 +100,9 @@ def size_service(*, model: str, prefill_gpu: str, decode_gpu: str, mean_prompt: 
     p, d = ratio.numerator, ratio.denominator
     groups = max(1, max_instances // (p + d))
     max_decode, max_prefill = groups * d, groups * p
-    # Peak demand asks for max_decode instances: D = ceil(tps / τ) reaches it just below the peak.
-    peak_rps = 0.95 * max_decode * tau / mean_output
+    # Peak demand asks for max_decode instances (D = ceil(tps / τ) reaches it) with some
+    # head-room left, so the fleet can catch up with a steep compressed-day ramp.
+    peak_rps = peak_share * max_decode * tau / mean_output
     return ServiceSizing(decode_batch=batch, decode_step_s=step, decode_capacity_tps=capacity_tps,
                          target_decode_tps=tau, prefill_capacity_rps=prefill_rps, pd_ratio=(p, d),
                          max_decode=max_decode, max_prefill=max_prefill, peak_rps=peak_rps)
