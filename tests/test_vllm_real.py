@@ -207,12 +207,17 @@ def _tiled(rows: list[dict], *, tolerance_s: float = 0.05) -> list[dict]:
     Their token counts telescope (sum of rate x span = counter delta between the first
     and last sample), so timestamp errors remain only at the two ends of the stretch.
     """
-    chain: list[dict] = []
-    for row in rows:
-        start = row["observed_at"] - row["window_s"]
-        if not chain or abs(start - chain[-1]["observed_at"]) <= tolerance_s:
-            chain.append(row)
-    return chain
+    def chain_from(first: int) -> list[dict]:
+        chain = [rows[first]]
+        for row in rows[first + 1:]:
+            if abs(row["observed_at"] - row["window_s"] - chain[-1]["observed_at"]) <= tolerance_s:
+                chain.append(row)
+        return chain
+
+    def span_s(chain: list[dict]) -> float:
+        return chain[-1]["observed_at"] - (chain[0]["observed_at"] - chain[0]["window_s"])
+
+    return max((chain_from(i) for i in range(len(rows))), key=span_s, default=[])
 
 
 def test_sidecar_decode_tps_matches_client_count(vllm_server, sidecar):
