@@ -166,3 +166,48 @@ def test_parser_accepts_only_sound_pages_and_raises_nothing_else(doc):
             value = getattr(r, name)
             assert value is None or (math.isfinite(value) and value >= 0.0)
     assert len({r.gpu for r in readings}) == len(readings)
+
+
+# --------------------------------------------------------------------------- the real emulator
+
+
+@pytest.fixture
+def emulator_process():
+    """A real ``heteroscale emulate-engine`` (decode, H200, TP 2) on 127.0.0.1."""
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    from tests.conftest import REPO
+
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sidecar", "emulate-engine", "--role", "decode", "--gpu", "H200",
+         "--model", "8b", "--tp", "2", "--port", str(port)],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        for _ in range(100):
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1):
+                    break
+            except OSError:
+                time.sleep(0.1)
+        yield f"http://127.0.0.1:{port}/emulator/gpu"
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=15)
+
+
+async def test_reads_a_real_engine_emulator(emulator_process):
+    reader = EmulatorGpuReader(emulator_process)
+    try:
+        readings = await reader.read()
+        assert reader.errors_total == {}
+        assert [r.gpu for r in readings] == ["0", "1"]          # one per GPU of the TP 2 instance
+        for r in readings:
+            assert 0.0 <= r.utilization_ratio <= 1.0 and 0.0 <= r.sm_activity_ratio <= 1.0
+            assert r.memory_used_bytes > 0 and r.power_watts > 0
+    finally:
+        await reader.close()
