@@ -402,7 +402,7 @@ class NvmlReader:
         try:
             await self._thread.call(_close_blocking, self._nvml, self._devices,
                                     timeout_s=self._settings.call_timeout_s)
-        except (NvmlCallTimeout, Exception) as err:  # noqa: BLE001 -- shutdown is best effort
+        except Exception as err:  # noqa: BLE001 -- shutdown is best effort (incl. NvmlCallTimeout)
             log.debug("NVML shutdown: %s", err)
         finally:
             self._thread.stop()
