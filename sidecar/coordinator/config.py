@@ -25,11 +25,14 @@ from sidecar.coordinator.policy import prefill_for_decode
 from sidecar.errors import ConfigError
 
 BACKENDS = ("kubernetes", "local", "static")
+METRICS_SOURCES = ("sidecars", "prometheus")
 AFFINITIES = ("s1", "s2", "none")
 DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 _NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")   # a Kubernetes DNS label
 _RATIO_RE = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 _HHMM_RE = re.compile(r"^([01]\d|2[0-3]):([0-5]\d)$")
+_MATCHER = r'\s*[a-zA-Z_][a-zA-Z0-9_]*\s*(=|!=|=~|!~)\s*"(?:[^"\\]|\\.)*"\s*'
+_SELECTOR_RE = re.compile(rf"^({_MATCHER})(,{_MATCHER})*,?\s*$")   # PromQL label matchers, no braces
 
 
 # ---------------------------------------------------------------- dataclasses
@@ -60,6 +63,18 @@ class CollectConfig:
 
 
 @dataclass(frozen=True)
+class MetricsSourceConfig:
+    """Where per-instance signals come from: ``sidecars`` (pull ``/v1/report``) or
+    ``prometheus`` (instant PromQL queries over the sidecars' metrics; docs/prometheus.md)."""
+
+    type: str = "sidecars"
+    url: str | None = None          # Prometheus base URL (type prometheus)
+    timeout_s: float = 2.0          # bound on one tick's queries, all together (< interval_s)
+    selector: str = ""              # extra label matchers added to every query, e.g. job="heteroscale"
+    lookback_s: float = 300.0       # instances seen this recently but gone now count as "vanished"
+
+
+@dataclass(frozen=True)
 class CoordinatorConfig:
     interval_s: float = 5.0
     backend: str = "kubernetes"
@@ -70,6 +85,7 @@ class CoordinatorConfig:
     history_s: float = 3600.0       # how much per-tick history the status page keeps
     decisions_kept: int = 50        # recent decisions kept per service (ring buffer)
     observe_timeout_s: float = 10.0  # bound on one actuator observe call (a hung API cannot stall the loop)
+    metrics_source: MetricsSourceConfig = MetricsSourceConfig()
 
 
 @dataclass(frozen=True)
@@ -385,6 +401,32 @@ def _collect(node: _Node) -> CollectConfig:
     return out
 
 
+def _selector(value: str) -> str | None:
+    if not _SELECTOR_RE.match(value):
+        return ("must be PromQL label matchers without braces, like 'job=\"heteroscale\", cluster=~\"a|b\"', "
+                f"got {value!r}")
+    return None
+
+
+def _metrics_source(node: _Node) -> MetricsSourceConfig:
+    d = MetricsSourceConfig()
+    out = MetricsSourceConfig(
+        type=node.string("type", d.type, choices=METRICS_SOURCES),
+        url=node.string("url", d.url, check=_url),
+        timeout_s=node.number("timeout_s", d.timeout_s, minimum=0, exclusive_min=True),
+        selector=node.string("selector", None, check=_selector) or d.selector,
+        lookback_s=node.number("lookback_s", d.lookback_s, minimum=0, exclusive_min=True),
+    )
+    node.finish()
+    if out.type == "prometheus" and out.url is None:
+        node.problem("url", "is required with type: prometheus (e.g. http://prometheus:9090)")
+    if out.type == "sidecars":
+        for key in ("url", "selector", "lookback_s"):
+            if key in node.doc:
+                node.problem(key, "is only used with type: prometheus")
+    return out
+
+
 def _coordinator(node: _Node) -> CoordinatorConfig:
     d = CoordinatorConfig()
     out = CoordinatorConfig(
@@ -397,11 +439,15 @@ def _coordinator(node: _Node) -> CoordinatorConfig:
         history_s=node.number("history_s", d.history_s, minimum=0, exclusive_min=True),
         decisions_kept=node.integer("decisions_kept", d.decisions_kept, minimum=1),
         observe_timeout_s=node.number("observe_timeout_s", d.observe_timeout_s, minimum=0, exclusive_min=True),
+        metrics_source=_metrics_source(node.child("metrics_source")),
     )
     node.finish()
     if out.collect.timeout_s >= out.interval_s:
         node.problem("collect.timeout_s", f"must be shorter than interval_s "
                      f"({out.collect.timeout_s:g} >= {out.interval_s:g})")
+    if out.metrics_source.type == "prometheus" and out.metrics_source.timeout_s >= out.interval_s:
+        node.problem("metrics_source.timeout_s", f"must be shorter than interval_s "
+                     f"({out.metrics_source.timeout_s:g} >= {out.interval_s:g})")
     return out
 
 
@@ -451,7 +497,7 @@ def _policy(node: _Node) -> PolicyConfig:
     return out
 
 
-def _role(node: _Node, *, backend: str) -> RoleConfig:
+def _role(node: _Node, *, backend: str, needs_sidecars: bool = True) -> RoleConfig:
     options = node.raw("options")
     if options is _MISSING or options is None:
         options = {}
@@ -477,7 +523,7 @@ def _role(node: _Node, *, backend: str) -> RoleConfig:
         node.problem("", "give either deployment or statefulset, not both")
     if backend == "kubernetes" and not (role.deployment or role.statefulset):
         node.problem("", "backend kubernetes needs a deployment or statefulset name")
-    if backend == "static" and not role.sidecars:
+    if backend == "static" and needs_sidecars and not role.sidecars:
         node.problem("sidecars", "backend static needs at least one sidecar report URL")
     return role
 
@@ -550,7 +596,7 @@ def _ratio(node: _Node) -> tuple[int, int]:
     return (int(match.group(1)), int(match.group(2)))
 
 
-def _service(node: _Node, *, backend: str) -> ServiceConfig:
+def _service(node: _Node, *, backend: str, needs_sidecars: bool = True) -> ServiceConfig:
     pd = _ratio(node)
     schedules_raw = node.raw("schedules")
     schedules: list[ScheduleEntry] = []
@@ -572,8 +618,8 @@ def _service(node: _Node, *, backend: str) -> ServiceConfig:
         pd_ratio=pd,
         target_decode_tps_per_instance=node.number("target_decode_tps_per_instance", 1.0, minimum=0,
                                                    exclusive_min=True, required=True),
-        prefill=_role(node.child("prefill"), backend=backend),
-        decode=_role(node.child("decode"), backend=backend),
+        prefill=_role(node.child("prefill"), backend=backend, needs_sidecars=needs_sidecars),
+        decode=_role(node.child("decode"), backend=backend, needs_sidecars=needs_sidecars),
         min_decode=node.integer("min_decode", 1, minimum=1),
         max_decode=node.integer("max_decode", 64, minimum=1),
         min_prefill=node.integer("min_prefill", None, minimum=0, allow_null=True),
@@ -635,7 +681,9 @@ def load_config(source: str | Mapping[str, Any], *, origin: str = "config") -> C
         problems.append("services: must be a non-empty list")
     else:
         for i, item in enumerate(raw_services):
-            services.append(_service(_Node(item, f"services[{i}]", problems), backend=coordinator.backend))
+            # With the Prometheus source the static backend reads instances from PromQL, not URLs.
+            services.append(_service(_Node(item, f"services[{i}]", problems), backend=coordinator.backend,
+                                     needs_sidecars=coordinator.metrics_source.type == "sidecars"))
     root.finish()
     names = [s.name for s in services]
     for name in sorted({n for n in names if names.count(n) > 1}):

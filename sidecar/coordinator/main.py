@@ -132,6 +132,15 @@ def report_source(config: Config, actuator: Any) -> ReportSource:
     return StaticSource()
 
 
+def make_collector(config: Config, actuator: Any) -> Any:
+    """Where signals come from: ``/v1/report`` pulls, or PromQL (``coordinator.metrics_source``)."""
+    source = config.coordinator.metrics_source
+    if source.type == "prometheus":
+        from sidecar.coordinator.promql import PromCollector
+        return PromCollector.from_config(source, interval_s=config.coordinator.interval_s)
+    return Collector.from_config(config.coordinator.collect, source=report_source(config, actuator))
+
+
 class CoordinatorCrashed(RuntimeError):
     """The reconcile loop or the election ended with an error (exit status 1)."""
 
@@ -164,7 +173,7 @@ def build_runtime(config: Config, *, actuator: Any = None, election: Any = None,
         cls = actuator_class(config.coordinator.backend)
         actuator = cls(config, **_accepted(cls, {"api": kube, "fence": election.still_leader,
                                                  "dry_run": effective_dry_run}))
-    collector = Collector.from_config(config.coordinator.collect, source=report_source(config, actuator))
+    collector = make_collector(config, actuator)
     reconciler = Reconciler(config=config, actuator=actuator, collector=collector, election=election,
                             dry_run=dry_run)
     return Runtime(config=config, reconciler=reconciler, app=make_status_app(reconciler),
