@@ -372,3 +372,47 @@ async def test_local_lease_across_real_processes(tmp_path):
                 proc.kill()
             proc.wait(10)
         await asyncio.gather(*readers, return_exceptions=True)
+
+
+class GatedStore:
+    """Wraps a store; while ``gate`` is armed, ``get`` waits for it to open."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+        self.description = inner.description
+        self.gate: asyncio.Event | None = None
+        self.waiting = asyncio.Event()
+
+    async def get(self):
+        if self.gate is not None:
+            self.waiting.set()
+            await self.gate.wait()
+        return await self.inner.get()
+
+    async def create(self, record):
+        return await self.inner.create(record)
+
+    async def update(self, record, version):
+        return await self.inner.update(record, version)
+
+
+async def test_cancel_racing_a_finishing_renew_still_stops_the_loop(fake, clock):
+    # Regression: with asyncio.wait_for (Python 3.11) a cancel that arrives in the same
+    # loop step as the renew call finishing was swallowed, and the "stopped" election
+    # kept renewing forever. The cancel must win, and the lease must be released.
+    from sidecar.coordinator.leader import LeaseElection
+
+    store = GatedStore(candidate(fake, clock, "a").store)
+    a = LeaseElection(store=store, identity="a", timing=ElectionTiming(**TIMING), clock=clock)
+    task = await _run(a)
+    await clock.advance(0.1)
+    assert a.is_leader
+    store.gate = asyncio.Event()
+    await clock.advance(2)                     # the next renew starts and blocks in get()
+    assert store.waiting.is_set()
+    store.gate.set()                           # the renew can finish...
+    task.cancel()                              # ...in the same step as the cancel
+    store.gate = None
+    await clock.settle()
+    assert task.done() and task.cancelled()
+    assert lease_spec(fake)["holderIdentity"] == ""   # released on the way out

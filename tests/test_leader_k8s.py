@@ -3,7 +3,9 @@ crash failover, clean handover, the fence, and two real processes with SIGKILL.
 
 Short timings keep it fast: lease 2 s, renew deadline 1.5 s, retry 0.5 s. The documented
 takeover bound after a crash is duration + 2 acquire intervals (retry × (1 + 1.2 jitter))
-= 2 + 2 × 1.1 = 4.2 s; the assertions add 1.5 s for API latency on a loaded 2-core box.
+= 2 + 2 × 1.1 = 4.2 s; the assertions add 3 s for API latency on a loaded 2-core box
+(CI shares two cores with everything else). The release test uses a 6 s lease so that
+"handed over well before a lease duration" has room to show under load.
 """
 
 from __future__ import annotations
@@ -29,14 +31,15 @@ pytestmark = pytest.mark.k8s
 
 DURATION, DEADLINE, RETRY = 2, 1.5, 0.5
 TAKEOVER_BOUND_S = DURATION + 2 * RETRY * 2.2
-SLACK_S = 1.5
+SLACK_S = 3.0
 LEASE = "heteroscale-coordinator"
 
 
 def candidate(kube, namespace: str, identity: str, **kw) -> KubernetesLeaseElection:
+    timing = dict(duration_s=DURATION, renew_deadline_s=DEADLINE, retry_period_s=RETRY)
+    timing.update({k: kw.pop(k) for k in list(kw) if k in timing})
     return KubernetesLeaseElection(api=kube, name=LEASE, namespace=namespace, identity=identity,
-                                   duration_s=DURATION, renew_deadline_s=DEADLINE,
-                                   retry_period_s=RETRY, **kw)
+                                   **timing, **kw)
 
 
 async def wait_for(predicate, *, timeout_s: float, step_s: float = 0.05) -> float:
@@ -83,8 +86,9 @@ async def test_one_leader_then_crash_failover(kube, k8s_namespace):
 
 
 async def test_clean_release_hands_over_fast(kube, k8s_namespace):
-    a = candidate(kube, k8s_namespace, "a")
-    b = candidate(kube, k8s_namespace, "b")
+    long = dict(duration_s=6, renew_deadline_s=4)      # a crash would need >= 6 s
+    a = candidate(kube, k8s_namespace, "a", **long)
+    b = candidate(kube, k8s_namespace, "b", **long)
     ta = asyncio.create_task(a.run(), name="election-a")
     await wait_for(lambda: a.is_leader, timeout_s=10)
     tb = asyncio.create_task(b.run(), name="election-b")
@@ -93,9 +97,9 @@ async def test_clean_release_hands_over_fast(kube, k8s_namespace):
         await stop(ta)                                   # clean shutdown: releases
         spec = await read_lease(kube, k8s_namespace)
         assert spec["holderIdentity"] == "" and spec["leaseDurationSeconds"] == 1
-        waited = await wait_for(lambda: b.is_leader, timeout_s=10)
+        waited = await wait_for(lambda: b.is_leader, timeout_s=15)
         print(f"handover after release {waited:.2f}s")
-        assert waited < DURATION                         # no lease duration to wait out
+        assert waited < 6 - 1                            # no lease duration to wait out
         assert (await read_lease(kube, k8s_namespace))["leaseTransitions"] == 1
     finally:
         await stop(ta, tb)

@@ -179,8 +179,9 @@ class LeaseElection:
         if not self.verify_fence:
             return True
         try:
-            got = await asyncio.wait_for(self.store.get(), timeout=self.timing.retry_period_s)
-        except (TransientError, asyncio.TimeoutError) as exc:
+            async with asyncio.timeout(self.timing.retry_period_s):
+                got = await self.store.get()
+        except (TransientError, TimeoutError) as exc:
             log.warning("%s: fence cannot confirm the lease: %s", self.identity, exc)
             return False
         return got is not None and got[0].holder == self.identity and self.is_leader
@@ -213,7 +214,7 @@ class LeaseElection:
                 desired = replace(desired, transitions=record.transitions + 1)
             new_version = await self.store.update(desired, version)
         except LeaseConflict:
-            log.debug("%s: lost a race for %s", self.identity, self.store.description)
+            log.info("%s: lost a race for %s", self.identity, self.store.description)
             return False
         except TransientError as exc:
             self.last_error = str(exc)
@@ -266,11 +267,16 @@ class LeaseElection:
 
     async def _bounded_tick(self) -> bool:
         # client-go bounds each renew attempt by the renew deadline; the store's own
-        # call timeout is usually shorter.
+        # call timeout is usually shorter. asyncio.timeout, not wait_for: Python 3.11's
+        # wait_for can swallow a cancellation that races the inner call's completion,
+        # which left a cancelled election renewing forever (seen under load).
         try:
-            return await asyncio.wait_for(self.tick(), timeout=self.timing.renew_deadline_s)
-        except asyncio.TimeoutError:
+            async with asyncio.timeout(self.timing.renew_deadline_s):
+                return await self.tick()
+        except TimeoutError:
             self.last_error = "lease call timed out"
+            log.warning("%s: lease call on %s timed out after %.1fs", self.identity,
+                        self.store.description, self.timing.renew_deadline_s)
             return False
 
     async def release(self) -> bool:
@@ -281,9 +287,9 @@ class LeaseElection:
         record = LeaseRecord(holder="", duration_s=1, acquire_time_s=wall, renew_time_s=wall,
                              transitions=self._observed.transitions)
         try:
-            version = await asyncio.wait_for(self.store.update(record, self._observed_version),
-                                             timeout=self.timing.retry_period_s)
-        except (LeaseConflict, TransientError, asyncio.TimeoutError) as exc:
+            async with asyncio.timeout(self.timing.retry_period_s):
+                version = await self.store.update(record, self._observed_version)
+        except (LeaseConflict, TransientError, TimeoutError) as exc:
             log.warning("%s: could not release %s: %s", self.identity, self.store.description, exc)
             return False
         self._observed, self._observed_version = record, version
