@@ -440,7 +440,9 @@ def test_no_flapping_under_constant_noisy_load(seed, base, noise, start):
     reversals = sum(1 for a, b in zip(moves, moves[1:]) if a != b)
     assert reversals == 0, moves
     assert set(directions[-200:]) == {"hold"}                       # settled for the last 1000 s
-    assert c.current.decode * 1000 >= base * (1 - noise)             # and big enough for the load
+    # ... inside the band: every sample is at least base*(1-noise), so a size whose
+    # capacity x 1.1 is below that would have scaled out.
+    assert c.current.decode * 1000 * 1.10 >= base * (1 - noise)
 
 
 @settings(max_examples=300, deadline=None)
