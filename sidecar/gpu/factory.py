@@ -11,6 +11,10 @@ The agent calls this once at start-up (``await``). Sources:
   (demo and tests); needs ``emulator_url``.
 * ``"none"``: no GPU readings at all (e.g. a CPU engine).
 
+With ``nvml``, ``gpus`` may also be ``kubelet`` or ``file:PATH``: the engine's
+GPUs are learnt after start-up (``sidecar.gpu.assigned``) and the reader reports
+mode ``pending`` until they are known.
+
 Only user mistakes raise (``UsageError``/``ConfigError``: unknown source, bad
 ``--gpus``, emulator source without URL); the CLI turns them into one line, exit 2.
 """
@@ -18,10 +22,13 @@ Only user mistakes raise (``UsageError``/``ConfigError``: unknown source, bad
 from __future__ import annotations
 
 import logging
+import os
 from types import ModuleType
 from typing import Mapping, Sequence
 
 from sidecar.errors import UsageError
+from sidecar.gpu.assigned import (AssignedGpuReader, assignment_method, file_resolver,
+                                  kubelet_resolver)
 from sidecar.gpu.base import GpuReader, NoGpuReader
 from sidecar.gpu.emulator_source import EmulatorGpuReader
 from sidecar.gpu.nvml import NvmlSettings, open_nvml_reader
@@ -49,6 +56,17 @@ async def open_reader(source: str = "nvml", gpus: str | Sequence[str] | None = N
         return reader
     if source == "none":
         return NoGpuReader("GPU readings switched off (--gpu-source none)")
+    method = assignment_method(gpus)
+    if method is not None:
+        environ = os.environ if env is None else env
+        first = gpus if isinstance(gpus, str) else gpus[0]  # type: ignore[index]
+        resolve = (kubelet_resolver(environ) if method == "kubelet"
+                   else file_resolver(first.strip()[len("file:"):]))
+
+        async def open_for(uuids: tuple[str, ...]) -> GpuReader:
+            return await open_nvml_reader(gpus=uuids, env=environ, nvml=nvml, settings=settings)
+
+        return AssignedGpuReader(method=method, resolve=resolve, open_reader=open_for)
     reader = await open_nvml_reader(gpus=gpus, env=env, nvml=nvml, settings=settings)
     if reader.mode != "none":
         log.info("GPU readings: %s", reader.reason)
