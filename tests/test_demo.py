@@ -49,7 +49,12 @@ def test_size_service_worked_example():
     per_decode = (z.target_decode_tps / 211) / (0.7 * z.prefill_capacity_rps)
     p, d = z.pd_ratio
     assert abs(p / d - per_decode) <= 0.5
-    assert z.max_prefill + z.max_decode <= 16 and (z.max_prefill, z.max_decode) == (5 * (16 // 7), 2 * (16 // 7))
+    assert (p, d) == (5, 2)
+    # 16 instances: D = floor(16·2/7) = 4, P = round(4·5/2) = 10 → 14 instances
+    assert (z.max_prefill, z.max_decode) == (10, 4)
+    small = size_service(model="32b", prefill_gpu="L20", decode_gpu="H20", prefill_tp=2,
+                         mean_prompt=1155, mean_output=211, tbt_slo_s=0.05, max_instances=4)
+    assert (small.max_prefill, small.max_decode) == (3, 1)      # round(2.5) = 3, ties up
     # the profile's peak asks for max_decode: ceil(peak tps / τ) == max_decode
     assert -(-(z.peak_rps * 211) // z.target_decode_tps) == z.max_decode
 
@@ -219,4 +224,31 @@ def test_ctrl_c_stops_everything_and_leaves_no_process():
     assert proc.returncode == 130, rest
     assert "interrupted" in rest and "Traceback" not in rest
     time.sleep(0.5)
+    assert not [pid for pid in children if _alive(pid)]
+
+
+@pytest.mark.slow
+def test_children_die_with_a_killed_demo():
+    """Even SIGKILL, which no handler sees, leaves no child behind (PR_SET_PDEATHSIG)."""
+    (port,) = free_ports(1)
+    proc = _demo("--duration", "120", "--max-instances", "7", "--startup-delay", "1",
+                 "--listen", f"127.0.0.1:{port}")
+    children: set[int] = set()
+    try:
+        deadline = time.monotonic() + 120
+        line = ""
+        while "serving:" not in line and time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            assert line, "the demo ended before serving"
+        children = _descendants(proc.pid)
+        assert len(children) >= 8
+        proc.kill()
+        proc.wait(timeout=10)
+        deadline = time.monotonic() + 15
+        while [pid for pid in children if _alive(pid)] and time.monotonic() < deadline:
+            time.sleep(0.2)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
     assert not [pid for pid in children if _alive(pid)]

@@ -86,6 +86,7 @@ class DemoSettings:
     duration_s: float = 180.0
     speedup: float = 1.0
     listen: str = "127.0.0.1:9500"
+    listen_fallback: bool = False          # the default port is taken: use any free one
     trace: Path | None = None
     topology: Path | None = None
     report: Path | None = None
@@ -301,7 +302,12 @@ class Demo:
             try:
                 await site.start()
             except OSError as exc:
-                raise UsageError(f"cannot listen on {s.listen}: {exc.strerror or exc}") from None
+                if not s.listen_fallback:
+                    raise UsageError(f"cannot listen on {s.listen}: {exc.strerror or exc}") from None
+                port = free_ports(1, host)[0]
+                self.say(f"{s.listen} is taken ({exc.strerror or exc}); using port {port}")
+                site = web.TCPSite(runner, host, port)
+                await site.start()
             self.url = f"http://{host}:{port}/"
             self._intro(world, trace)
             tasks.append(asyncio.create_task(election.run(), name="demo-election"))
@@ -515,7 +521,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--duration", type=float, default=180.0, help="seconds of load (default 180)")
     parser.add_argument("--speedup", type=float, default=1.0,
                         help="modelled seconds per wall second (default 1: real time)")
-    parser.add_argument("--listen", default="127.0.0.1:9500", help="status page HOST:PORT (port 0: any free port)")
+    parser.add_argument("--listen", default=None,
+                        help="status page HOST:PORT (default 127.0.0.1:9500, or any free port if that is "
+                             "taken; port 0: any free port)")
     parser.add_argument("--report", type=Path, default=None, help="write a JSON summary here at the end")
     parser.add_argument("--topology", type=Path, default=None, help="simulated cluster YAML")
     parser.add_argument("--max-instances", type=int, default=16,
@@ -528,7 +536,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def settings_from_args(args: argparse.Namespace) -> DemoSettings:
-    settings = DemoSettings(duration_s=args.duration, speedup=args.speedup, listen=args.listen,
+    settings = DemoSettings(duration_s=args.duration, speedup=args.speedup,
+                            listen=args.listen or DemoSettings.listen, listen_fallback=args.listen is None,
                             trace=args.trace, topology=args.topology, report=args.report,
                             max_instances=args.max_instances, seed=args.seed,
                             startup_delay_s=args.startup_delay_s, log_dir=args.log_dir, quiet=args.quiet)

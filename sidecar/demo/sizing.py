@@ -98,8 +98,13 @@ def size_service(*, model: str, prefill_gpu: str, decode_gpu: str, mean_prompt: 
     if ratio <= 0:
         ratio = Fraction(1, 4)
     p, d = ratio.numerator, ratio.denominator
-    groups = max(1, max_instances // (p + d))
-    max_decode, max_prefill = groups * d, groups * p
+    # The most decode instances whose pools fit in max_instances; prefill follows the
+    # policy's rounding (nearest integer to D·p/d, ties up).
+    max_decode = max(1, (max_instances * d) // (p + d))
+    max_prefill = max(1, (2 * max_decode * p + d) // (2 * d))
+    while max_decode > 1 and max_decode + max_prefill > max_instances:
+        max_decode -= 1
+        max_prefill = max(1, (2 * max_decode * p + d) // (2 * d))
     # Peak demand asks for max_decode instances (D = ceil(tps / τ) reaches it) with some
     # head-room left, so the fleet can catch up with a steep compressed-day ramp.
     peak_rps = peak_share * max_decode * tau / mean_output
