@@ -204,7 +204,8 @@ async def _run(election) -> asyncio.Task:
 async def _stop(*tasks: asyncio.Task) -> None:
     for task in tasks:
         task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
+    async with asyncio.timeout(5):      # a cancel that is swallowed must fail, not hang
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def test_run_renews_and_steps_down_when_the_api_fails(fake, clock):

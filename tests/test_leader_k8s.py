@@ -53,9 +53,11 @@ async def wait_for(predicate, *, timeout_s: float, step_s: float = 0.05) -> floa
 
 
 async def stop(*tasks: asyncio.Task) -> None:
+    """Cancel and wait, bounded: a stop that never finishes is a bug, not a hang."""
     for task in tasks:
         task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
+    async with asyncio.timeout(15):
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def read_lease(kube, namespace: str) -> dict:
