@@ -467,7 +467,11 @@ class EmulatedEngine:
             step = perfmodel.decode_step_time_s(self.spec.model, self.spec.gpu, s.tp, len(batch), context)
             share = perfmodel.decode_compute_share(self.spec.model, self.spec.gpu, s.tp, len(batch), context)
             left = min(r.remaining - made.get(id(r), 0) for r in batch)
-            steps = max(1, min(left, int((budget_sim - used) / step)))
+            steps = min(left, int((budget_sim - used) / step))
+            if steps <= 0:
+                if used > 0:        # the rest of the budget is less than a step: next tick
+                    break
+                steps = 1           # a tick always makes progress, even when a step is long
             used += steps * step
             weighted += steps * step * share
             self._observe_steps(steps, step / s.speedup, len(batch))

@@ -275,22 +275,25 @@ async def test_modelled_gpu_readings_follow_the_paper_signals():
 
 def test_decode_ticks_follow_the_perf_model():
     """One tick of a 2-request batch makes exactly the modelled number of steps."""
-    async def scenario() -> tuple[float, list]:
-        emu = EmulatorServer(settings("decode", speedup=1.0))
-        engine = emu.engine
+    m, g = perfmodel.model("8b"), perfmodel.gpu("H20")
+    pair_step = perfmodel.decode_step_time_s(m, g, 1, 2, 200)       # both at 100 tokens of context
+    alone_step = perfmodel.decode_step_time_s(m, g, 1, 1, 103)      # b after 3 steps
+
+    async def scenario():
         from engine_adapters.emulator import Request
+        engine = EmulatorServer(settings("decode", speedup=1.0)).engine
         a = Request(id="a", prompt_tokens=100, max_tokens=3, arrival_s=0.0)
         b = Request(id="b", prompt_tokens=100, max_tokens=50, arrival_s=0.0)
         engine.running = [a, b]
-        step = perfmodel.decode_step_time_s(perfmodel.model("8b"), perfmodel.gpu("H20"), 1, 2, 200)
-        used, _, progress = engine._advance(10.5 * step)
-        return step, used, progress
-    step, used, progress = asyncio.run(scenario())
+        return engine._advance(10.5 * pair_step)
+
+    used, _, progress = asyncio.run(scenario())
     made = {req.id: tokens for req, tokens, _ in progress}
-    # a finishes after 3 steps of the pair; b then runs alone for the rest of the budget
-    assert made["a"] == 3
-    assert made["b"] >= 10
-    assert used >= 10 * step * 0.99
+    # a finishes after 3 steps of the pair; b then runs alone for what is left of the budget
+    alone = int((10.5 - 3) * pair_step / alone_step)
+    assert made == {"a": 3, "b": 3 + alone}
+    assert used == pytest.approx(3 * pair_step + alone * alone_step)
+    assert used <= 10.5 * pair_step
 
 
 def test_cli_bad_flag_is_one_line_exit_2():

@@ -51,6 +51,7 @@ from sidecar.coordinator.actuators.local import (LocalActuator, LocalSettings, S
                                                  emulator_gpu, free_ports)
 from sidecar.coordinator.collect import Collector
 from sidecar.coordinator.config import Config, load_config
+from sidecar.coordinator.leader import LocalLeaseElection
 from sidecar.coordinator.policy import prefill_for_decode
 from sidecar.coordinator.reconciler import Reconciler
 from sidecar.coordinator.status import make_status_app
@@ -282,7 +283,6 @@ class Demo:
         self.actuator = actuator
         router = Router(RouterSource(actuator), model=s.model)
         collector = Collector(source=actuator, timeout_s=world.config.coordinator.collect.timeout_s)
-        from sidecar.coordinator.leader import LocalLeaseElection
         lease = world.config.coordinator.lease
         election = LocalLeaseElection(path=lease.path, identity=f"demo-{os.getpid()}",
                                       duration_s=lease.duration_s, renew_deadline_s=lease.renew_deadline_s,

@@ -143,7 +143,8 @@ class Router:
                                        "remote_port": decode.kv_port}}
         async with session.post(f"{prefill.url}/v1/completions", json=body) as resp:
             if resp.status != 200:
-                return self._failed(f"prefill HTTP {resp.status}", prompt_tokens, arrival, prefill, decode)
+                return self._failed(f"prefill HTTP {resp.status}", prompt_tokens=prompt_tokens, arrival=arrival,
+                                    prefill=prefill, decode=decode)
             doc = await resp.json()
         kv = doc["kv_transfer_params"]
         body = {"model": self.model, "prompt": prompt, "max_tokens": max_tokens, "stream": True,
@@ -152,7 +153,8 @@ class Router:
         tokens = 0
         async with session.post(f"{decode.url}/v1/completions", json=body) as resp:
             if resp.status != 200:
-                return self._failed(f"decode HTTP {resp.status}", prompt_tokens, arrival, prefill, decode)
+                return self._failed(f"decode HTTP {resp.status}", prompt_tokens=prompt_tokens, arrival=arrival,
+                                    prefill=prefill, decode=decode)
             async for line in resp.content:
                 if not line.startswith(b"data: ") or line.startswith(b"data: [DONE]"):
                     continue
@@ -168,13 +170,14 @@ class Router:
                     last = now
         end = self.clock()
         if first is None or tokens <= 0:
-            return self._failed("decode produced no tokens", prompt_tokens, arrival, prefill, decode)
+            return self._failed("decode produced no tokens", prompt_tokens=prompt_tokens, arrival=arrival,
+                                prefill=prefill, decode=decode)
         tbt = (last - first) / (tokens - 1) if tokens > 1 else 0.0
         return RequestResult(True, prompt_tokens, tokens, arrival, ttft_s=first - arrival, tbt_s=tbt,
                              e2e_s=end - arrival, prefill=prefill.instance, decode=decode.instance)
 
     @staticmethod
-    def _failed(error: str, prompt_tokens: int, arrival: float, prefill: Backend,
+    def _failed(error: str, *, prompt_tokens: int, arrival: float, prefill: Backend,
                 decode: Backend) -> RequestResult:
         return RequestResult(False, prompt_tokens, 0, arrival, error=error,
                              prefill=prefill.instance, decode=decode.instance)
