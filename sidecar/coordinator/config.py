@@ -442,7 +442,7 @@ def _coordinator(node: _Node) -> CoordinatorConfig:
         metrics_source=_metrics_source(node.child("metrics_source")),
     )
     node.finish()
-    if out.collect.timeout_s >= out.interval_s:
+    if out.metrics_source.type == "sidecars" and out.collect.timeout_s >= out.interval_s:
         node.problem("collect.timeout_s", f"must be shorter than interval_s "
                      f"({out.collect.timeout_s:g} >= {out.interval_s:g})")
     if out.metrics_source.type == "prometheus" and out.metrics_source.timeout_s >= out.interval_s:
