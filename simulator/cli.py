@@ -227,6 +227,14 @@ def run_curate(args: argparse.Namespace) -> int:
     progress = Progress(not args.no_progress)
     pressure = curation.pressure_test(cfg.cluster, source, service=service, splits=splits, ps=cfg.pressure,
                                       progress=lambda f: progress("pressure test", f))
+    if not pressure["feasible"]:
+        report.write_summary(out, {"meta": _meta(cfg, service, args, workload), "pressure_test": pressure,
+                                   "recommended": None})
+        report.write_markdown(out, title=f"Curation: {service.name}", meta=_meta(cfg, service, args, workload),
+                              sections=[("Pressure test", report.ratio_table(pressure))])
+        raise UsageError(f"no P/D split of {total} instances meets the SLO at any load (unloaded p90 TTFT "
+                         f"{pressure['unloaded_ttft_p90_s']:.2f}s vs SLO {service.slo.ttft_s}s); relax the SLO "
+                         f"or use faster prefill GPUs (details in {out / 'report.md'})")
     duration = _duration(args, workload)
     tuned, results, best = curation.curate(
         cfg.cluster, workload, service=service, pressure=pressure, candidates=names,

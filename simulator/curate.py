@@ -21,6 +21,7 @@ import numpy as np
 
 from sidecar.coordinator.config import ServiceConfig
 from sidecar.coordinator.types import PoolCounts
+from simulator import perfmodel as pm
 from simulator import policies, traces
 from simulator.model.cluster import ClusterSpec
 from simulator.model.runner import RunResult, RunSettings, simulate
@@ -90,6 +91,7 @@ def _probe(spec: ClusterSpec, source: Workload, split: tuple[int, int], rate: fl
     ttft = float(np.nanmax(s["ttft_p90_s"][keep])) if keep.any() and not np.isnan(s["ttft_p90_s"][keep]).all() else None
     tbt = float(np.nanmax(s["tbt_p90_s"][keep])) if keep.any() and not np.isnan(s["tbt_p90_s"][keep]).all() else None
     completed_share = res.summary["completed"] / max(1, res.summary["requests"])
+    enough = res.summary["completed"] >= 50          # a p90 over a handful of requests means nothing
     ttft_ok = ttft is not None and (service.slo.ttft_s is None or ttft <= service.slo.ttft_s)
     tbt_ok = tbt is not None and (service.slo.tbt_s is None or tbt <= service.slo.tbt_s)
     limited = "" if ttft_ok and tbt_ok else ("prefill (TTFT)" if not ttft_ok else "decode (TBT)")
@@ -99,7 +101,7 @@ def _probe(spec: ClusterSpec, source: Workload, split: tuple[int, int], rate: fl
         "pu": float(s["prefill_gpu_util"][keep].mean()), "du": float(s["decode_gpu_util"][keep].mean()),
         "ps": float(s["prefill_sm"][keep].mean()), "ds": float(s["decode_sm"][keep].mean()),
     }
-    return ttft_ok and tbt_ok and completed_share > 0.9, obs, limited
+    return ttft_ok and tbt_ok and completed_share > 0.9 and enough, obs, limited
 
 
 def max_rate_within_slo(spec: ClusterSpec, source: Workload, split: tuple[int, int], *,
@@ -137,7 +139,17 @@ def pressure_test(spec: ClusterSpec, source: Workload, *, service: ServiceConfig
     tau = ps.margin * best.decode_tps / best.decode if best.decode else 0.0
     return {"points": [pt.as_dict() for pt in points], "best": best.label,
             "pd_ratio": f"{best.prefill}:{best.decode}",
-            "target_decode_tps_per_instance": round(tau, 1), "margin": ps.margin}
+            "target_decode_tps_per_instance": round(tau, 1), "margin": ps.margin,
+            "feasible": best.max_rps > 0 and tau > 0,
+            "unloaded_ttft_p90_s": round(unloaded_ttft_p90_s(spec, source), 4)}
+
+
+def unloaded_ttft_p90_s(spec: ClusterSpec, source: Workload) -> float:
+    """p90 of prefill + KV-transfer time with no queueing: the floor no load can beat."""
+    p = spec.prefill
+    prefill = pm.prefill_times_s(p.model, p.gpu, p.tp, source.prompt_tokens, source.cached_tokens, eff=p.eff)
+    kv = source.prompt_tokens * pm.kv_bytes_per_token(spec.decode.model) * 8.0 / (spec.kv_link_gbps * 1e9)
+    return float(np.percentile(prefill + kv, 90))
 
 
 def score(summary: dict[str, Any], slo_goal: float) -> tuple[int, float]:

@@ -117,3 +117,16 @@ def test_bad_config_lists_every_problem(tmp_path: Path, data_dir: Path, capsys):
     assert rc == 2
     err = capsys.readouterr().err
     assert "pd_ratio" in err and "(and 2 more)" in err
+
+
+def test_curate_says_when_no_split_can_meet_the_slo(config: Path, data_dir: Path, tmp_path: Path, capsys):
+    tight = tmp_path / "tight.yaml"
+    tight.write_text(CONFIG.replace("ttft_s: 1.0", "ttft_s: 0.01"))
+    out = tmp_path / "cur"
+    rc = main(["curate", "--config", str(tight), "--trace", str(data_dir / "mooncake_sample.jsonl"),
+               "--out", str(out), "--no-progress"])
+    assert rc == 2
+    err = capsys.readouterr().err.strip()
+    assert "meets the SLO at any load" in err and len(err.splitlines()) == 1
+    doc = json.loads((out / "summary.json").read_text())
+    assert doc["pressure_test"]["feasible"] is False and doc["recommended"] is None
