@@ -257,9 +257,6 @@ EMPTY_HERE = {
     # The sidecar only exports KV-transfer throughput when a KV connector extension
     # measures it (real P/D transfer); completions sent straight to emulators do none.
     "sum by (service, direction) (heteroscale_kv_transfer_bytes_per_second{service=~\".*\"})",
-    # The sidecars' scrapes of the emulators all succeed: the counters exist but stay 0,
-    # and rate() over [5m] needs two samples, which the first seconds of a run may lack.
-    "sum by (service, reason) (rate(heteroscale_scrape_errors_total{service=~\".*\"}[5m]))",
 }
 
 
