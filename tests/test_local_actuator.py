@@ -19,7 +19,7 @@ from hypothesis import given, strategies as st
 
 from sidecar.coordinator.actuators.local import (
     DEFAULT_TOPOLOGY, LocalActuator, LocalSettings, SimulatedCluster, compact_nodes, emulator_gpu,
-    gate_admit, ratio_error)
+    gate_admit)
 from sidecar.coordinator.config import load_config
 from sidecar.coordinator.types import Decision, PoolCounts
 from sidecar.errors import ConfigError
@@ -74,26 +74,24 @@ def test_emulator_gpu_names():
 
 # ---------------------------------------------------------------- the gate
 
+def ratio_error(p: int, d: int, ratio: tuple[int, int]) -> float:
+    return float("inf") if p == 0 or d == 0 else abs((p / d) / (ratio[0] / ratio[1]) - 1)
+
+
 def test_gate_worked_examples():
-    r = (2, 1)
-    # nothing serves yet: a balanced-enough pair joins at once (error 1.0 < inf)
-    assert gate_admit(PoolCounts(0, 0), PoolCounts(1, 1), ratio=r, tolerance=0.3) == PoolCounts(1, 1)
-    # (2, 1) is exact, so with two ready prefills both join with the decode
-    assert gate_admit(PoolCounts(0, 0), PoolCounts(2, 1), ratio=r, tolerance=0.3) == PoolCounts(2, 1)
-    # a lone prefill waits for its decode: (3, 1) is 50% off 2:1
-    assert gate_admit(PoolCounts(2, 1), PoolCounts(1, 0), ratio=r, tolerance=0.3) == PoolCounts(0, 0)
-    # ... and joins once the decode is ready: (3, 2) is 25% off, (4, 2) exact
-    assert gate_admit(PoolCounts(2, 1), PoolCounts(2, 1), ratio=r, tolerance=0.3) == PoolCounts(2, 1)
-    # decode-only candidates: (2, 2) is 50% off but closer than nothing? no: (2,1) is exact already
-    assert gate_admit(PoolCounts(2, 1), PoolCounts(0, 1), ratio=r, tolerance=0.3) == PoolCounts(0, 0)
-    # a DG left out of balance (a prefill died: (1, 1)) may take the decode-free fix
-    assert gate_admit(PoolCounts(1, 1), PoolCounts(1, 0), ratio=r, tolerance=0.3) == PoolCounts(1, 0)
-
-
-def test_ratio_error_examples():
-    assert ratio_error(4, 2, (2, 1)) == 0.0
-    assert ratio_error(3, 2, (2, 1)) == pytest.approx(0.25)   # (3/2)/(2/1) = 0.75
-    assert ratio_error(0, 2, (2, 1)) == float("inf")
+    r = (5, 2)
+    # the demo's first DG: (3, 1) is within 34% of 2.5 (3/1 = 3.0, 20% off): all join
+    assert gate_admit(PoolCounts(0, 0), PoolCounts(3, 1), ratio=r, tolerance=0.34) == PoolCounts(3, 1)
+    # prefills ready before their decode wait
+    assert gate_admit(PoolCounts(0, 0), PoolCounts(2, 0), ratio=r, tolerance=0.34) == PoolCounts(0, 0)
+    # growing 3P1D by 2P1D: the prefills alone would make 5:1 (100% off) — they wait ...
+    assert gate_admit(PoolCounts(3, 1), PoolCounts(2, 0), ratio=r, tolerance=0.34) == PoolCounts(0, 0)
+    # ... and join with the decode: 5:2 exactly
+    assert gate_admit(PoolCounts(3, 1), PoolCounts(2, 1), ratio=r, tolerance=0.34) == PoolCounts(2, 1)
+    # a decode alone waits: 3:2 is 40% off 2.5, and |3 - 2.5·2| = 2 is farther than |3 - 2.5·1| = 0.5
+    assert gate_admit(PoolCounts(3, 1), PoolCounts(0, 1), ratio=r, tolerance=0.34) == PoolCounts(0, 0)
+    # the local rule: a DG that cannot serve takes a ready pair even if unbalanced (1:1 vs 5:2)
+    assert gate_admit(PoolCounts(0, 0), PoolCounts(1, 1), ratio=r, tolerance=0.34) == PoolCounts(1, 1)
 
 
 @given(p=st.integers(0, 6), d=st.integers(0, 6), cp=st.integers(0, 6), cd=st.integers(0, 6),
@@ -101,9 +99,13 @@ def test_ratio_error_examples():
 def test_gate_never_admits_more_than_ready_and_never_worsens(p, d, cp, cd, rp, rd, tol):
     allow = gate_admit(PoolCounts(p, d), PoolCounts(cp, cd), ratio=(rp, rd), tolerance=tol)
     assert 0 <= allow.prefill <= cp and 0 <= allow.decode <= cd
-    if allow.total():
+    if allow.total() and p and d:
         after = ratio_error(p + allow.prefill, d + allow.decode, (rp, rd))
-        assert after <= tol + 1e-9 or after < ratio_error(p, d, (rp, rd))
+        assert after <= tol + 1e-9 or after < ratio_error(p, d, (rp, rd)) + 1e-9
+    if p == 0 or d == 0:
+        # a DG that cannot serve never stays unable to when a pair is ready
+        if (p + cp) and (d + cd):
+            assert (p + allow.prefill) and (d + allow.decode)
 
 
 # ---------------------------------------------------------------- real processes

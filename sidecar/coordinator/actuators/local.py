@@ -20,7 +20,8 @@ Lifecycle of an instance::
   after loading weights; until then the instance is *pending*.
 * **Ready-ratio gate**: a ready instance joins traffic only when the Deployment
   Group's in-traffic prefill:decode ratio stays within ``gate_tolerance`` of the
-  service's ratio (or moves closer to it) — ``gate_admit``.
+  service's ratio (or moves closer to it) — the Kubernetes DG actuator's ``admit``,
+  see ``gate_admit``.
 * **Drain before stop**: an instance picked for removal leaves traffic at once; it is
   stopped only when the router reports no request of its in flight (``in_flight``
   hook), or after ``drain_timeout_s``.
@@ -52,8 +53,8 @@ import aiohttp
 import yaml
 
 from sidecar.coordinator.collect import Target
-from sidecar.coordinator.placement import (DeploymentGroup, RoleDemand, RoleGroup, ServiceDemand,
-                                           plan)
+from sidecar.coordinator.actuators.groups import admit
+from sidecar.coordinator.placement import DeploymentGroup, RoleGroup, demand_from_service, plan
 from sidecar.coordinator.topology import ClusterView, TopologyKeys, build_view, nodes_from_document
 from sidecar.coordinator.types import ApplyResult, Decision, PoolCounts, PoolStatus
 from sidecar.errors import ConfigError
@@ -144,44 +145,25 @@ def emulator_gpu(gpu_type: str) -> str:
 
 # ---------------------------------------------------------------- the ready-ratio gate
 
-def ratio_error(prefill: int, decode: int, ratio: tuple[int, int]) -> float:
-    """|(P/D) / (p/d) − 1|; infinite while either role is missing (the DG cannot serve)."""
-    if prefill <= 0 or decode <= 0:
-        return float("inf")
-    return abs((prefill * ratio[1]) / (decode * ratio[0]) - 1.0)
-
-
 def gate_admit(in_traffic: PoolCounts, candidates: PoolCounts, *, ratio: tuple[int, int],
                tolerance: float) -> PoolCounts:
     """How many ready-but-gated instances of each role may join traffic now.
 
-    The most instances whose admission leaves the DG's in-traffic ratio within
-    ``tolerance``; if no admission does, the one that moves the ratio closest to the
-    target (a DG out of balance may only get better). Worked example, ratio 2:1,
-    tolerance 0.3: in traffic (0, 0), ready (1, 1) → (1, 1) has error 1.0 but is the
-    only improvement on "cannot serve", so both join; then a lone ready prefill waits
-    ((2, 1) is exact) ... until its decode partner is ready too.
+    The Kubernetes DG actuator's own gate (``groups.admit``: the most instances that keep
+    the DG's in-traffic P:D within ``tolerance`` of the ratio, else a move strictly
+    closer to it), plus one local rule: a DG with *no* complete P+D pair in traffic that
+    has one ready takes everything ready at once, since a DG that cannot serve is worse
+    than an unbalanced one (``admit`` treats an empty DG as perfectly balanced).
+    Worked example, ratio 5:2, tolerance 0.34: (0, 0) in traffic with (2, 0) ready waits
+    for a decode; (3, 1) ready joins whole (3/1 is within 34% of 2.5).
     """
-    current = ratio_error(in_traffic.prefill, in_traffic.decode, ratio)
-    best_ok: tuple[int, int] | None = None
-    best_improve: tuple[float, int, int] | None = None
-    for a in range(candidates.prefill + 1):
-        for b in range(candidates.decode + 1):
-            if a == b == 0:
-                continue
-            err = ratio_error(in_traffic.prefill + a, in_traffic.decode + b, ratio)
-            if err <= tolerance + 1e-9:
-                if best_ok is None or a + b > sum(best_ok):
-                    best_ok = (a, b)
-            elif err < current:
-                key = (err, -(a + b), a)
-                if best_improve is None or key < best_improve:
-                    best_improve = key
-    if best_ok is not None:
-        return PoolCounts(*best_ok)
-    if best_improve is not None:
-        return PoolCounts(best_improve[2], -best_improve[1] - best_improve[2])
-    return PoolCounts(0, 0)
+    p, d = admit(admitted=(in_traffic.prefill, in_traffic.decode),
+                 waiting=(candidates.prefill, candidates.decode), target=ratio, tolerance=tolerance)
+    cannot_serve = in_traffic.prefill == 0 or in_traffic.decode == 0
+    could_serve = (in_traffic.prefill + candidates.prefill > 0) and (in_traffic.decode + candidates.decode > 0)
+    if p == d == 0 and cannot_serve and could_serve:
+        return candidates
+    return PoolCounts(p, d)
 
 
 # ---------------------------------------------------------------- processes
@@ -427,12 +409,6 @@ class LocalActuator:
                               source="config")
         return types
 
-    def _demand(self, svc: "ServiceConfig") -> ServiceDemand:
-        return ServiceDemand(
-            name=svc.name, priority=svc.priority, affinity=svc.affinity, ratio=tuple(svc.pd_ratio),
-            prefill=RoleDemand(self._role_types(svc, "prefill"), svc.prefill.gpus_per_instance),
-            decode=RoleDemand(self._role_types(svc, "decode"), svc.decode.gpus_per_instance))
-
     def _plan(self, svc: "ServiceConfig", desired: PoolCounts):  # noqa: ANN202 - PlacementPlan
         used: dict[str, int] = {}
         for inst in self.instances.values():
@@ -440,7 +416,7 @@ class LocalActuator:
                 used[inst.node] = used.get(inst.node, 0) + inst.gpus
         groups = self._current_groups(svc.name)
         # Name new groups ourselves so a DG name is never reused within a run.
-        result = plan(view=self.cluster.view(used), services=[self._demand(svc)],
+        result = plan(view=self.cluster.view(used), services=[demand_from_service(svc)],
                       current={svc.name: groups}, desired={svc.name: desired})
         return result
 
