@@ -154,6 +154,8 @@ def _descendants(pid: int) -> set[int]:
     (["--listen", "nowhere"], "--listen"),
     (["--trace", "/no/such/trace.csv"], "no such file"),
     (["--max-instances", "2"], "--max-instances"),
+    (["--trace", __file__], "unknown format"),
+    (["--topology", str(REPO / "pyproject.toml")], "not valid YAML"),
 ])
 def test_bad_flags_are_one_line_and_exit_2(flags, needle):
     proc = subprocess.run([sys.executable, "-m", "sidecar", "demo", *flags], cwd=REPO,
