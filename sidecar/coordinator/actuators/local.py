@@ -201,13 +201,22 @@ class LocalSettings:
     emulator_args: tuple[str, ...] = ()
 
 
+def _load_libc() -> Any:
+    try:
+        return ctypes.CDLL(None, use_errno=True)
+    except OSError:   # pragma: no cover - not glibc/Linux: no parent-death signal
+        return None
+
+
+# Resolved in the parent: the child, between fork and exec, only calls the function.
+_LIBC = _load_libc()
+PR_SET_PDEATHSIG = 1
+
+
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
     """Ask the kernel to SIGTERM this child when its parent dies (Linux prctl)."""
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGTERM)   # PR_SET_PDEATHSIG
-    except OSError:
-        pass
+    if _LIBC is not None:
+        _LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
