@@ -17,6 +17,8 @@ Also runnable as ``python -m tests.k8s_envtest candidate --kubeconfig K --namesp
 --identity I`` (or ``--lease-file PATH`` for the local lease): one election candidate
 process for the multi-process failover tests; it prints ``LEADER <identity>`` /
 ``FOLLOWER <identity>`` on every change. SIGKILL is a crash, SIGINT a clean shutdown.
+``python -m tests.k8s_envtest failover [--runs N] [--out FILE]`` measures crash takeover
+and release handover times on a real control plane (docs/kubernetes.md quotes it).
 """
 
 from __future__ import annotations
@@ -189,6 +191,84 @@ async def _candidate(args: argparse.Namespace) -> None:
             await api.close()
 
 
+async def _measure_once(api, namespace: str, *, release: bool, timing: dict, pause_s: float) -> float:
+    from sidecar.coordinator.leader import KubernetesLeaseElection
+
+    lease = f"failover-{uuid.uuid4().hex[:8]}"
+    a, b = (KubernetesLeaseElection(api=api, name=lease, namespace=namespace, identity=ident,
+                                    release_on_cancel=rel, **timing)
+            for ident, rel in (("a", release), ("b", True)))
+    ta = asyncio.create_task(a.run(), name="measure-a")
+    async with asyncio.timeout(30):
+        while not a.is_leader:
+            await asyncio.sleep(0.02)
+    tb = asyncio.create_task(b.run(), name="measure-b")
+    await asyncio.sleep(pause_s)
+    ta.cancel()
+    await asyncio.gather(ta, return_exceptions=True)
+    started = time.monotonic()
+    try:
+        async with asyncio.timeout(60):
+            while not b.is_leader:
+                await asyncio.sleep(0.01)
+        return time.monotonic() - started
+    finally:
+        tb.cancel()
+        await asyncio.gather(tb, return_exceptions=True)
+
+
+async def _measure(args: argparse.Namespace) -> dict:
+    import json
+    import random
+    import statistics
+
+    from sidecar.coordinator.kube import NAMESPACES, kube_from_config
+
+    api = kube_from_config(kubeconfig=args.kubeconfig, timeout_s=5)
+    namespace = f"failover-{uuid.uuid4().hex[:6]}"
+    timing = dict(duration_s=args.duration, renew_deadline_s=args.renew_deadline,
+                  retry_period_s=args.retry)
+    rng = random.Random(args.seed)
+    results: dict = {"timing_s": timing, "runs": args.runs, "cores": os.cpu_count()}
+    try:
+        await api.create(NAMESPACES, {"metadata": {"name": namespace}})
+        for release in (False, True):
+            # kill at a random point of the renew cycle
+            samples = [await _measure_once(api, namespace, release=release, timing=timing,
+                                           pause_s=1.0 + rng.random() * 2 * args.retry)
+                       for _ in range(args.runs)]
+            results["release_handover_s" if release else "crash_takeover_s"] = {
+                "min": min(samples), "median": statistics.median(samples), "max": max(samples),
+                "samples": [round(x, 3) for x in samples]}
+        results["crash_bound_s"] = args.duration + 2 * args.retry * 2.2
+        await api.delete(NAMESPACES, namespace)
+    finally:
+        await api.close()
+    print(json.dumps(results, indent=1))
+    return results
+
+
+def _failover(args: argparse.Namespace) -> int:
+    import json
+
+    cluster = None
+    if not args.kubeconfig:
+        ok, why = envtest_available()
+        if not ok:
+            print(f"failover: {why}", file=sys.stderr)
+            return 2
+        cluster = _start()
+        args.kubeconfig = str(cluster.kubeconfig)
+    try:
+        results = asyncio.run(_measure(args))
+    finally:
+        if cluster is not None:
+            _stop(cluster)
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.k8s_envtest")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -201,7 +281,17 @@ def main(argv: list[str] | None = None) -> int:
     cand.add_argument("--duration", type=float, default=2)
     cand.add_argument("--renew-deadline", type=float, default=1.5)
     cand.add_argument("--retry", type=float, default=0.5)
+    measure = sub.add_parser("failover", help="measure crash takeover and release handover times")
+    measure.add_argument("--kubeconfig", help="default: start a throw-away control plane")
+    measure.add_argument("--runs", type=int, default=10)
+    measure.add_argument("--duration", type=float, default=2)
+    measure.add_argument("--renew-deadline", type=float, default=1.5)
+    measure.add_argument("--retry", type=float, default=0.5)
+    measure.add_argument("--seed", type=int, default=1)
+    measure.add_argument("--out", help="also write the JSON here")
     args = parser.parse_args(argv)
+    if args.command == "failover":
+        return _failover(args)
     try:
         asyncio.run(_candidate(args))
     except KeyboardInterrupt:
