@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 ROLES = ("prefill", "decode")
 SCHEMA_VERSION = 1
@@ -75,8 +76,7 @@ class SidecarReport:
     def from_dict(cls, doc: Mapping[str, Any]) -> "SidecarReport":
         if not isinstance(doc, Mapping):
             raise ReportFormatError("report is not a JSON object")
-        known = {f.name for f in fields(cls)}
-        kwargs: dict[str, Any] = {k: v for k, v in doc.items() if k in known}
+        kwargs: dict[str, Any] = {k: v for k, v in doc.items() if k in _KNOWN}
         for name in ("service", "role", "pod", "engine"):
             if not isinstance(kwargs.get(name), str) or not kwargs[name]:
                 raise ReportFormatError(f"field '{name}' must be a non-empty string")
@@ -87,10 +87,12 @@ class SidecarReport:
                 raise ReportFormatError(f"field '{name}' must be a boolean")
         for name in ("observed_at", "window_s"):
             kwargs[name] = _number(kwargs.get(name), name, required=True)
-        for name in ("started_at", "decode_tps", "prefill_tps", "prefill_uncached_tps",
-                     "requests_running", "requests_waiting", "kv_cache_usage_ratio",
-                     "ttft_p50_s", "ttft_p90_s", "ttft_p99_s", "tbt_p50_s", "tbt_p90_s", "tbt_p99_s"):
-            kwargs[name] = _number(kwargs.get(name), name, required=False)
+        for name in _OPTIONAL_NUMBERS:
+            value = kwargs.get(name)
+            # Fast path for the common case (a finite float); anything else is checked in full.
+            if value is not None and not (type(value) is float and _isfinite(value)):
+                value = _number(value, name, required=False)
+            kwargs[name] = value
         for name in ("decode_tps", "prefill_tps", "prefill_uncached_tps"):
             if kwargs[name] is not None and kwargs[name] < 0:
                 raise ReportFormatError(f"field '{name}' must not be negative")
@@ -107,6 +109,13 @@ class SidecarReport:
         if not isinstance(kwargs.get("schema_version", SCHEMA_VERSION), int):
             raise ReportFormatError("field 'schema_version' must be an integer")
         return cls(**kwargs)
+
+
+_KNOWN = frozenset(f.name for f in fields(SidecarReport))
+_OPTIONAL_NUMBERS = ("started_at", "decode_tps", "prefill_tps", "prefill_uncached_tps",
+                     "requests_running", "requests_waiting", "kv_cache_usage_ratio",
+                     "ttft_p50_s", "ttft_p90_s", "ttft_p99_s", "tbt_p50_s", "tbt_p90_s", "tbt_p99_s")
+_isfinite = math.isfinite
 
 
 def _number(value: Any, name: str, *, required: bool) -> float | None:
