@@ -33,6 +33,7 @@ _RATIO_RE = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 _HHMM_RE = re.compile(r"^([01]\d|2[0-3]):([0-5]\d)$")
 _MATCHER = r'\s*[a-zA-Z_][a-zA-Z0-9_]*\s*(=|!=|=~|!~)\s*"(?:[^"\\]|\\.)*"\s*'
 _SELECTOR_RE = re.compile(rf"^({_MATCHER})(,{_MATCHER})*,?\s*$")   # PromQL label matchers, no braces
+_LABEL_KEY_RE = re.compile(r"^([a-z0-9]([-a-z0-9.]*[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$")
 
 
 # ---------------------------------------------------------------- dataclasses
@@ -75,6 +76,21 @@ class MetricsSourceConfig:
 
 
 @dataclass(frozen=True)
+class PlacementConfig:
+    """Topology-aware placement for services run as Deployment Groups (role ``template``).
+
+    Node label keys and the GPU resource name (``topology.TopologyKeys``), the ready-ratio
+    gate's tolerance and the soft scale-in window (``actuators.groups.GroupSettings``)."""
+
+    gpu_type_label: str = "nvidia.com/gpu.product"
+    s1_label: str = "heteroscale.io/s1"
+    s2_label: str = "heteroscale.io/s2"
+    gpu_resource: str = "nvidia.com/gpu"
+    ratio_tolerance: float = 0.25   # relative drift of a DG's admitted P:D from its spec ratio
+    drain_window_s: float = 60.0    # a drained instance stays (out of traffic) this long
+
+
+@dataclass(frozen=True)
 class CoordinatorConfig:
     interval_s: float = 5.0
     backend: str = "kubernetes"
@@ -86,6 +102,7 @@ class CoordinatorConfig:
     decisions_kept: int = 50        # recent decisions kept per service (ring buffer)
     observe_timeout_s: float = 10.0  # bound on one actuator observe call (a hung API cannot stall the loop)
     metrics_source: MetricsSourceConfig = MetricsSourceConfig()
+    placement: PlacementConfig = PlacementConfig()
 
 
 @dataclass(frozen=True)
@@ -136,8 +153,11 @@ class Slo:
 class RoleConfig:
     """Where one role's instances live and what they need.
 
-    Exactly one of ``deployment``/``statefulset`` for the kubernetes backend;
-    ``sidecars`` (report URLs) for the static backend, optional elsewhere.
+    Exactly one of ``deployment``/``statefulset`` (a workload scaled in place) or
+    ``template`` (a Deployment, kept at 0 replicas, whose pod template the service's
+    Deployment Groups are stamped from) for the kubernetes backend; both roles of a
+    service use the same mode. ``sidecars`` (report URLs) for the static backend,
+    optional elsewhere.
     ``gpu_types`` (ordered preference) and ``gpus_per_instance`` feed placement and
     the GPU budget. ``options`` is an opaque, backend-specific mapping.
     """
@@ -149,6 +169,12 @@ class RoleConfig:
     gpu_types: tuple[str, ...] = ()
     gpus_per_instance: int = 1
     options: Mapping[str, Any] = field(default_factory=dict)
+    template: str | None = None
+
+    @property
+    def group_template(self) -> tuple[str, str] | None:
+        """The Deployment Groups' template workload, if this role is run as DGs."""
+        return ("Deployment", self.template) if self.template else None
 
     @property
     def workload(self) -> tuple[str, str] | None:
@@ -197,6 +223,11 @@ class ServiceConfig:
     schedules: tuple[ScheduleEntry, ...] = ()
     priority: int = 0
     affinity: str = "none"
+
+    @property
+    def uses_groups(self) -> bool:
+        """Run as Deployment Groups (role ``template``) rather than scaled in place."""
+        return self.prefill.template is not None and self.decode.template is not None
 
     @property
     def ratio(self) -> Fraction:
@@ -427,6 +458,29 @@ def _metrics_source(node: _Node) -> MetricsSourceConfig:
     return out
 
 
+def _label_key(value: str) -> str | None:
+    if len(value) > 316 or not _LABEL_KEY_RE.match(value):
+        return f"must be a Kubernetes label key like example.com/name, got {value!r}"
+    return None
+
+
+def _placement(node: _Node) -> PlacementConfig:
+    d = PlacementConfig()
+    out = PlacementConfig(
+        gpu_type_label=node.string("gpu_type_label", d.gpu_type_label, check=_label_key),
+        s1_label=node.string("s1_label", d.s1_label, check=_label_key),
+        s2_label=node.string("s2_label", d.s2_label, check=_label_key),
+        gpu_resource=node.string("gpu_resource", d.gpu_resource, check=_label_key),
+        ratio_tolerance=node.number("ratio_tolerance", d.ratio_tolerance, minimum=0, maximum=9.99),
+        drain_window_s=node.number("drain_window_s", d.drain_window_s, minimum=0),
+    )
+    node.finish()
+    labels = [out.gpu_type_label, out.s1_label, out.s2_label]
+    if len(set(labels)) != len(labels):
+        node.problem("", "gpu_type_label, s1_label and s2_label must be three different labels")
+    return out
+
+
 def _coordinator(node: _Node) -> CoordinatorConfig:
     d = CoordinatorConfig()
     out = CoordinatorConfig(
@@ -440,6 +494,7 @@ def _coordinator(node: _Node) -> CoordinatorConfig:
         decisions_kept=node.integer("decisions_kept", d.decisions_kept, minimum=1),
         observe_timeout_s=node.number("observe_timeout_s", d.observe_timeout_s, minimum=0, exclusive_min=True),
         metrics_source=_metrics_source(node.child("metrics_source")),
+        placement=_placement(node.child("placement")),
     )
     node.finish()
     if out.metrics_source.type == "sidecars" and out.collect.timeout_s >= out.interval_s:
@@ -517,12 +572,16 @@ def _role(node: _Node, *, backend: str, needs_sidecars: bool = True) -> RoleConf
         gpu_types=node.strings("gpu_types"),
         gpus_per_instance=node.integer("gpus_per_instance", 1, minimum=1),
         options=dict(options),
+        template=node.string("template", None, check=_dns_label),
     )
     node.finish()
     if role.deployment and role.statefulset:
         node.problem("", "give either deployment or statefulset, not both")
-    if backend == "kubernetes" and not (role.deployment or role.statefulset):
-        node.problem("", "backend kubernetes needs a deployment or statefulset name")
+    if role.template and (role.deployment or role.statefulset):
+        node.problem("template", "a Deployment Group template replaces deployment/statefulset: give one")
+    if backend == "kubernetes" and not (role.deployment or role.statefulset or role.template):
+        node.problem("", "backend kubernetes needs a deployment or statefulset name "
+                     "(scaled in place), or a template (Deployment Groups)")
     if backend == "static" and needs_sidecars and not role.sidecars:
         node.problem("sidecars", "backend static needs at least one sidecar report URL")
     return role
@@ -630,6 +689,8 @@ def _service(node: _Node, *, backend: str, needs_sidecars: bool = True) -> Servi
         priority=node.integer("priority", 0),
         affinity=node.string("affinity", "none", choices=AFFINITIES),
     )
+    if (svc.prefill.template is None) != (svc.decode.template is None):
+        node.problem("", "both roles must give a template (Deployment Groups) or neither")
     if "prefill" not in node.doc:
         node.problem("prefill", "is required (the prefill role block)")
     if "decode" not in node.doc:

@@ -4,7 +4,10 @@
 only loaded when the kubernetes backend is used, and a backend that is not built in
 this version says so in one line instead of a traceback:
 
-- ``kubernetes`` → ``sidecar.coordinator.actuators.kubernetes:KubernetesActuator``
+- ``kubernetes`` → ``sidecar.coordinator.actuators.cluster:KubernetesBackend`` (per service:
+  ``actuators.kubernetes:KubernetesActuator`` scales named workloads in place,
+  ``actuators.groups:DeploymentGroupActuator`` runs services with a role ``template``
+  as Deployment Groups; one API client and one leader fence for both)
 - ``local``      → ``sidecar.coordinator.actuators.local:LocalActuator``
 - ``static``     → ``sidecar.coordinator.actuators.static:StaticActuator`` (advisory:
   counts what the sidecars report, never writes)
@@ -25,7 +28,7 @@ if TYPE_CHECKING:
     from sidecar.coordinator.types import Actuator
 
 BACKENDS: dict[str, tuple[str, str]] = {
-    "kubernetes": ("sidecar.coordinator.actuators.kubernetes", "KubernetesActuator"),
+    "kubernetes": ("sidecar.coordinator.actuators.cluster", "KubernetesBackend"),
     "local": ("sidecar.coordinator.actuators.local", "LocalActuator"),
     "static": ("sidecar.coordinator.actuators.static", "StaticActuator"),
 }

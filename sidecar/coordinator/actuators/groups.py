@@ -61,7 +61,7 @@ from sidecar.coordinator.kube import (DEPLOYMENTS, EVENTS, NODES, PODS, WORKLOAD
                                       SystemClock, format_time, kube_from_config, parse_time)
 from sidecar.coordinator.placement import (DeploymentGroup, PlacementPlan, RoleGroup,
                                            demand_from_service, plan)
-from sidecar.coordinator.topology import TopologyKeys, build_view
+from sidecar.coordinator.topology import TIER_VALUE, TopologyKeys, build_view
 from sidecar.coordinator.types import ROLES, ApplyResult, Decision, PoolCounts, PoolStatus
 from sidecar.errors import ApiError, ConfigError
 
@@ -105,6 +105,19 @@ class GroupSettings:
             problems.append("drain_window_s must be >= 0")
         if problems:
             raise ValueError("; ".join(problems))
+
+    @classmethod
+    def from_config(cls, placement: Any) -> GroupSettings:
+        """From the validated ``coordinator.placement`` section (``config.PlacementConfig``)."""
+        return cls(ratio_tolerance=placement.ratio_tolerance, drain_window_s=placement.drain_window_s,
+                   keys=TopologyKeys(gpu_type_label=placement.gpu_type_label, s1_label=placement.s1_label,
+                                     s2_label=placement.s2_label, gpu_resource=placement.gpu_resource))
+
+
+def template_of(service: Any, role: str) -> tuple[str, str] | None:
+    """The role's DG template workload: ``template`` (config), else its deployment/statefulset."""
+    cfg = service.role(role)
+    return getattr(cfg, "group_template", None) or cfg.workload
 
 
 # ---------------------------------------------------------------- pure helpers
@@ -299,12 +312,17 @@ class DeploymentGroupActuator:
         self.dry_run = bool(dry_run if dry_run is not None else getattr(coordinator, "dry_run", False))
         self.writes = not self.dry_run
         self.api = api if api is not None else kube_from_config()
-        self.settings = settings or GroupSettings()
+        placement = getattr(coordinator, "placement", None)
+        self.settings = settings or (GroupSettings.from_config(placement) if placement is not None
+                                     else GroupSettings())
         self.fence = fence
         self.clock: Clock = clock or SystemClock()
         self.identity = identity
         self.last_plan: dict[str, PlacementPlan] = {}
         self.last_sync_error: str | None = None
+        # node name -> (s2, s1), and pod name -> DG, as of the latest observe (bandwidth map)
+        self.switches: dict[str, tuple[str, str]] = {}
+        self.pod_groups: dict[str, str] = {}
 
     # ------------------------------------------------------------ reads
     async def _objects(self, service: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -336,9 +354,38 @@ class DeploymentGroupActuator:
                 self.last_sync_error = None
             if wrote:
                 deps, pods = await self._objects(service)
-        return self._status(service, deps, pods)
+        tiers = await self._topology(pods)
+        return self._status(service, deps, pods, tiers=tiers)
 
-    def _status(self, service: Any, deps: list[dict[str, Any]], pods: list[dict[str, Any]]) -> PoolStatus:
+    async def _topology(self, pods: list[dict[str, Any]]) -> dict[tuple[str, ...], str]:
+        """Remember the node switches and pod groups; the tier of each switch domain."""
+        view = build_view(await self.api.list(NODES), keys=self.settings.keys)
+        self.switches.update({n.name: (n.s2, n.s1) for n in view.nodes})
+        for pod in pods:
+            dg = _labels(pod).get(LABEL_DG)
+            if dg:
+                self.pod_groups[pod["metadata"]["name"]] = dg
+        tiers: dict[tuple[str, ...], str] = {("s2", s2): t for s2, t in view.s2_tiers().items()}
+        tiers.update({("s1", s2, s1): t for (s2, s1), t in view.s1_tiers().items()})
+        if view.nodes:
+            tiers[("cluster",)] = max((n.tier for n in view.nodes), key=TIER_VALUE.__getitem__)
+        return tiers
+
+    async def list_pods(self, service: Any, role: str) -> list[tuple[str, str]]:
+        """``(pod name, pod IP)`` of the role's running DG pods that take traffic (not
+        draining), for report collection."""
+        _, pods = await self._objects(service)
+        found = []
+        for pod in pods:
+            meta, status = pod.get("metadata") or {}, pod.get("status") or {}
+            if (_labels(pod).get(LABEL_ROLE) != role or is_draining(pod) or is_released(pod)
+                    or status.get("phase") != "Running" or not status.get("podIP")):
+                continue
+            found.append((str(meta.get("name")), str(status["podIP"])))
+        return sorted(found)
+
+    def _status(self, service: Any, deps: list[dict[str, Any]], pods: list[dict[str, Any]], *,
+                tiers: Mapping[tuple[str, ...], str] | None = None) -> PoolStatus:
         groups = groups_from_objects(service.name, deps, pods)
         current = {role: sum(g.role(role).count for g in groups) for role in ROLES}
         ready = {role: 0 for role in ROLES}
@@ -355,8 +402,10 @@ class DeploymentGroupActuator:
                     unready_since.append(created)
         ready = {role: min(ready[role], current[role]) for role in ROLES}
         pending = {role: current[role] - ready[role] for role in ROLES}
+        tiers = tiers or {}
         described = tuple(g.to_dict() | {"draining": sum(1 for p in pods if is_draining(p)
-                                                          and _labels(p).get(LABEL_DG) == g.name)}
+                                                          and _labels(p).get(LABEL_DG) == g.name),
+                                         "tier": tiers.get(g.domain)}
                           for g in groups)
         return PoolStatus(current=PoolCounts(**current), ready=PoolCounts(**ready),
                           pending=PoolCounts(**pending),
@@ -577,7 +626,7 @@ class DeploymentGroupActuator:
         await self._set_gate(pod, False, "Draining", "chosen for scale-in: out of traffic, under observation")
 
     async def _template(self, service: Any, role: str) -> Mapping[str, Any]:
-        workload = service.role(role).workload
+        workload = template_of(service, role)
         if workload is None:
             raise ConfigError([f"{service.name}.{role}: needs a deployment or statefulset as the "
                                "template of its Deployment Groups"], source="kubernetes backend")
@@ -585,7 +634,7 @@ class DeploymentGroupActuator:
         return await self.api.get(WORKLOADS[kind], name, namespace=service.namespace)
 
     async def _shortfall_event(self, service: Any, short: PoolCounts, result: PlacementPlan) -> None:
-        workload = service.role("decode").workload
+        workload = template_of(service, "decode")
         if workload is None:
             return
         kind, name = workload
