@@ -11,7 +11,10 @@ Families: ``heteroscale_coordinator_is_leader``, ``heteroscale_desired_replicas`
 ``heteroscale_coordinator_collection_errors_total`` {service, reason};
 ``heteroscale_coordinator_errors_total`` {service, op} (observe/apply/fenced);
 ``heteroscale_coordinator_excluded_reports`` {service, reason} (last tick);
-``heteroscale_coordinator_tick_duration_seconds``; ``heteroscale_coordinator_ticks_total``.
+``heteroscale_coordinator_tick_duration_seconds``; ``heteroscale_coordinator_ticks_total``;
+``heteroscale_placement_shortfall`` {service, role} (instances the latest write could not
+place; Deployment Group services); the KV bandwidth map's families
+(``kv_transfer.bandwidth_metrics``: ``heteroscale_kv_bandwidth_*``).
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ from typing import TYPE_CHECKING, Iterator
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from kv_transfer.bandwidth_metrics import bandwidth_families
 
 if TYPE_CHECKING:
     from sidecar.coordinator.reconciler import Reconciler
@@ -61,7 +66,15 @@ class CoordinatorCollector:
                     tps.add_metric([name], rt.observation.decode_tps)
                 for reason, count in sorted(rt.observation.excluded.items()):
                     excluded.add_metric([name, reason], float(count))
-        yield from (desired, current, ready, tps, excluded)
+        shortfall = GaugeMetricFamily("heteroscale_placement_shortfall",
+                                      "instances the latest write asked for but placement could not place",
+                                      labels=["service", "role"])
+        for name, rt in rec.services.items():
+            if rt.shortfall is not None:
+                for role in ("prefill", "decode"):
+                    shortfall.add_metric([name, role], float(getattr(rt.shortfall, role)))
+        yield from (desired, current, ready, tps, excluded, shortfall)
+        yield from bandwidth_families(rec.bandwidth_map())
         decisions = CounterMetricFamily("heteroscale_scaling_decisions",
                                         "policy decisions by direction and reason",
                                         labels=["service", "direction", "reason"])

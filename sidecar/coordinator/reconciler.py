@@ -33,8 +33,9 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Callable
 
 from sidecar.coordinator.aggregate import aggregate
+from sidecar.coordinator.bandwidth import BandwidthMap, ServiceBandwidth, build_bandwidth_map
 from sidecar.coordinator.policy import PolicyState, decide
-from sidecar.coordinator.types import ApplyResult, Decision, Observation, PoolStatus
+from sidecar.coordinator.types import ApplyResult, Decision, Observation, PoolCounts, PoolStatus
 
 if TYPE_CHECKING:
     from sidecar.coordinator.collect import Collector
@@ -72,6 +73,8 @@ class ServiceRuntime:
     observation: Observation | None = None
     last: Decision | None = None
     last_apply: ApplyResult | None = None
+    shortfall: PoolCounts | None = None         # what the latest write could not place
+    bandwidth: ServiceBandwidth | None = None   # KV-transfer map from this tick's reports
     last_error: str | None = None
     last_tick_s: float | None = None
     decisions: deque = field(default_factory=deque)
@@ -149,6 +152,7 @@ class Reconciler:
         except Exception as exc:   # the loop survives any backend failure, a hang included
             return self._failed(rt, "observe", exc)
         now_s = self.clock()
+        rt.bandwidth = self._bandwidth(service.name, collection.fetched, now_s=now_s)
         observation = aggregate(service, collection.fetched, pools=status, now_s=now_s)
         decision, new_state = decide(service=service, observation=observation, state=rt.state, now_s=now_s)
         rt.status, rt.observation, rt.last, rt.last_tick_s = status, observation, decision, now_s
@@ -166,6 +170,22 @@ class Reconciler:
         self.decisions_total[(service.name, decision.direction, decision.reason)] += 1
         self._remember(rt, decision, observation, now_s)
         return decision
+
+    def _bandwidth(self, name: str, fetched: Any, *, now_s: float) -> ServiceBandwidth | None:
+        """The service's prefill x decode bandwidth map, if its prefill sidecars probe.
+        Switches come from the node topology where the actuator has it (Deployment
+        Groups); elsewhere pairs are of locality ``unknown``."""
+        reports = [f.report for f in fetched if f.report is not None]
+        if not any(r.role == "prefill" and r.kv_transfer for r in reports):
+            return None
+        bmap = build_bandwidth_map(reports, switches=getattr(self.actuator, "switches", None) or {},
+                                   groups=getattr(self.actuator, "pod_groups", None) or {}, now_s=now_s)
+        return bmap.service(name)
+
+    def bandwidth_map(self) -> BandwidthMap:
+        """Every service's latest bandwidth map, as one (for ``/metrics``)."""
+        services = tuple(rt.bandwidth for rt in self.services.values() if rt.bandwidth is not None)
+        return BandwidthMap(services=services, generated_at=self.clock())
 
     def _may_write(self) -> bool:
         return not self.dry_run and self.actuator.writes and self.election.is_leader
@@ -185,6 +205,7 @@ class Reconciler:
             self._failed(rt, "apply", exc)
             return None, unmoved
         rt.last_error = None
+        rt.shortfall = result.shortfall
         log.info("%s: %s %sP%sD -> %sP%sD (%s)", name, decision.reason, decision.current.prefill,
                  decision.current.decode, result.applied.prefill, result.applied.decode, decision.detail)
         return result, new_state
@@ -266,6 +287,8 @@ class Reconciler:
             "last_error": rt.last_error,
             "manual_override": bool(rt.status.manual_override) if rt.status else False,
             "groups": [dict(g) for g in rt.status.groups] if rt.status else [],
+            "placement_shortfall": rt.shortfall.as_dict() if rt.shortfall is not None else None,
+            "kv_bandwidth": rt.bandwidth.to_dict() if rt.bandwidth is not None else None,
         }
         if history:
             doc["history"] = list(rt.history)

@@ -85,11 +85,32 @@ function decisionsTable(decisions) {
 }
 
 function groupsTable(groups) {
-  if (!groups.length) return el("p", { class: "muted" }, "No Deployment Groups (placement not in use for this backend).");
-  const keys = Array.from(new Set(groups.flatMap((g) => Object.keys(g))));
-  return el("table", {}, el("tr", {}, ...keys.map((k) => el("th", {}, k))),
-    ...groups.map((g) => el("tr", {}, ...keys.map((k) => el("td", {},
-      typeof g[k] === "object" ? JSON.stringify(g[k]) : String(g[k] ?? "")))))); 
+  if (!groups.length) return el("p", { class: "muted" }, "No Deployment Groups (placement not in use for this service).");
+  const sw = (g) => g.level === "s1" ? `${g.s2} / ${g.s1}` : g.level === "s2" ? g.s2 : "cluster";
+  const role = (r) => `${r.count} × ${r.gpu_type || "?"}`;
+  return el("table", {}, el("tr", {}, ...["group", "switch (level)", "tier", "prefill", "decode", "draining"]
+    .map((h) => el("th", {}, h))),
+    ...groups.map((g) => el("tr", {}, el("td", {}, g.name), el("td", {}, `${sw(g)} (${g.level})`),
+      el("td", {}, g.tier || "–"), el("td", {}, role(g.prefill)), el("td", {}, role(g.decode)),
+      el("td", {}, fmt(g.draining)))));
+}
+
+const rate = (bps) => (bps === null || bps === undefined) ? "–" : `${fmt(bps / 1e9, 2)} GB/s`;
+
+function bandwidthTable(bw) {
+  if (!bw) return el("p", { class: "muted" }, "No KV-transfer probes reported.");
+  const ratio = bw.cross_to_same_ratio;
+  const summary = el("p", { class: "muted" }, `${bw.pairs.length} pair(s); same-switch median `
+    + `${rate(bw.same_switch_median_bytes_per_second)}, cross-switch median `
+    + `${rate(bw.cross_switch_median_bytes_per_second)}`
+    + (ratio === null || ratio === undefined ? "" : ` (cross/same ${fmt(ratio * 100)}%)`)
+    + `; ${bw.flagged.length} flagged`);
+  const rows = bw.pairs.slice(0, 20).map((p) => el("tr", { class: p.flagged ? "err" : "" },
+    el("td", {}, p.prefill), el("td", {}, p.decode), el("td", {}, p.locality),
+    el("td", {}, p.error ? `error: ${p.error}` : rate(p.bytes_per_second)),
+    el("td", {}, ms(p.rtt_s)), el("td", { class: "muted" }, p.reason || "")));
+  return el("div", {}, summary, el("table", {}, el("tr", {},
+    ...["prefill", "decode", "locality", "rate", "rtt", "flag"].map((h) => el("th", {}, h))), ...rows));
 }
 
 function serviceCard(s) {
@@ -123,7 +144,12 @@ function serviceCard(s) {
     el("div", {}, c1, legend([["decode tok/s", "#1a9c5b"], ["smoothed", "#0e5c35"], ["τ × decode", "#8a93a6"]])),
     el("div", {}, c2, legend([["prefill", "#d9822b"], ["decode", "#2b6fd9"], ["desired (dashed)", "#6b7385"]]))));
   card.append(el("h2", {}, "Recent decisions"), decisionsTable(s.decisions || []));
+  const short = s.placement_shortfall;
+  if (short && short.prefill + short.decode) {
+    card.append(el("p", { class: "err" }, `placement shortfall: ${counts(short)} could not be placed`));
+  }
   card.append(el("h2", {}, "Deployment Groups"), groupsTable(s.groups || []));
+  card.append(el("h2", {}, "KV-transfer bandwidth"), bandwidthTable(s.kv_bandwidth));
   setTimeout(() => {   // after the card is in the document, so the canvas has a size
     chart(c1, [
       { values: hist.map((p) => [p.at, p.decode_tps]), color: "#1a9c5b" },
