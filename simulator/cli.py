@@ -57,7 +57,7 @@ def add_curate_arguments(parser: argparse.ArgumentParser) -> None:
 # ------------------------------------------------------------------ shared steps
 
 class Progress:
-    """A one-line progress bar on stderr (only when it is a terminal or forced)."""
+    """A one-line progress bar on stderr, redrawn per whole percent (off with --no-progress)."""
 
     def __init__(self, enabled: bool) -> None:
         self.enabled = enabled

@@ -200,7 +200,7 @@ class Cluster:
         return (sum(1 for p in self.prefill if p.accepting and p.ready_s <= now_s),
                 sum(1 for d in self.decode if d.accepting and d.ready_s <= now_s))
 
-    def set_counts(self, prefill: int, decode: int, now_s: float) -> None:
+    def set_counts(self, prefill: int, decode: int, *, now_s: float) -> None:
         """Start or retire instances so that ``counts() == (prefill, decode)``."""
         self._resize(self.prefill, prefill, now_s, _Prefill)
         self._resize(self.decode, decode, now_s, _Decode)
@@ -224,7 +224,7 @@ class Cluster:
                 self.unplaced.extend(rid for rid, _, _ in inst.waiting)
                 inst.waiting.clear()
 
-    def instance_seconds(self, role: str, lo_s: float, hi_s: float, *, ready_only: bool = False) -> float:
+    def instance_seconds(self, role: str, *, lo_s: float, hi_s: float, ready_only: bool = False) -> float:
         """Instance-seconds of ``role`` held in [lo_s, hi_s) (or ready for traffic)."""
         total = 0.0
         kind = _Prefill if role == "prefill" else _Decode

@@ -138,7 +138,7 @@ def simulate(workload: Workload, spec: ClusterSpec, controller: Controller, *,
         if desired != obs.pools.current:
             decisions.append({"at": round(t, 1), "from": obs.pools.current.as_dict(),
                               "to": desired.as_dict()})
-            cluster.set_counts(desired.prefill, desired.decode, t)
+            cluster.set_counts(desired.prefill, desired.decode, now_s=t)
         if progress is not None:
             progress(min(1.0, t / duration))
     summary = _summary(cluster, settings, duration, decisions, nxt)
@@ -155,8 +155,8 @@ def _window(cluster: Cluster, lat: _Latencies, now_s: float, window_s: float) ->
     span = max(1, hi - lo)
     sl = slice(lo, hi)
     # Sidecars report per ready instance; the coordinator sums them.
-    p_inst = max(1e-9, cluster.instance_seconds("prefill", lo, hi, ready_only=True))
-    d_inst = max(1e-9, cluster.instance_seconds("decode", lo, hi, ready_only=True))
+    p_inst = max(1e-9, cluster.instance_seconds("prefill", lo_s=lo, hi_s=hi, ready_only=True))
+    d_inst = max(1e-9, cluster.instance_seconds("decode", lo_s=lo, hi_s=hi, ready_only=True))
     p_busy = rec.prefill_busy_s[sl].sum() / p_inst
     d_active = rec.decode_active_s[sl].sum() / d_inst
     d_compute = rec.decode_compute_s[sl].sum() / max(1e-9, rec.decode_active_s[sl].sum())
@@ -221,8 +221,8 @@ def _summary(cluster: Cluster, settings: RunSettings, duration: float,
     end = int(duration)
     sl = slice(0, end)
     p_gs, d_gs = cluster.gpu_seconds(duration)
-    p_inst = max(1e-9, cluster.instance_seconds("prefill", 0.0, duration))
-    d_inst = max(1e-9, cluster.instance_seconds("decode", 0.0, duration))
+    p_inst = max(1e-9, cluster.instance_seconds("prefill", lo_s=0.0, hi_s=duration))
+    d_inst = max(1e-9, cluster.instance_seconds("decode", lo_s=0.0, hi_s=duration))
     p_busy = float(rec.prefill_busy_s[sl].sum() / p_inst)
     d_active = float(rec.decode_active_s[sl].sum() / d_inst)
     d_compute = float(rec.decode_compute_s[sl].sum() / max(1e-9, rec.decode_active_s[sl].sum()))
@@ -323,6 +323,3 @@ def _latency_series(cluster: Cluster, nb: int, bin_s: int) -> tuple[np.ndarray, 
         res.append(out)
     return res[0], res[1]
 
-
-def ceil_div(a: float, b: float) -> int:
-    return int(math.ceil(a / b - 1e-9))
