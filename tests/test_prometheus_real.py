@@ -317,11 +317,12 @@ async def _capture(url: str, source: PromCollector, *, name: str) -> None:
 # The PromQL source reads the gauge Prometheus scraped up to SCRAPE_S ago; the direct
 # pull reads the sidecar's value now. Both are rates over the same 5 s window, which
 # slides by at most SCRAPE_S + one sidecar interval (0.5 s) between the two reads, so
-# under steady load they differ by the change of a 5 s rate over 1.5 s. Measured on
-# this 2-core box: see docs/prometheus.md. 25% of the value bounds it with room for a
-# busy machine; a double count (a vanished or duplicated instance) would be >= +100%
-# for chat's two decodes or +100% for code's one, and a missing instance -50%.
-REL_TOLERANCE = 0.25
+# under steady load they differ by how much a 5 s rate moves in 1.5 s. Measured on this
+# shared 2-core box: ratios 0.985..1.029 over 8 runs (docs/prometheus.md). 20% leaves
+# room for a loaded machine stalling the load threads, and still catches every real
+# fault: a double-counted instance is +100% for code (one decode) and +50% for chat
+# (two), a missing one -50% for chat.
+REL_TOLERANCE = 0.20
 
 
 def test_promql_source_matches_direct_pulls(world: dict) -> None:
@@ -356,6 +357,7 @@ def test_killed_sidecar_is_excluded_never_counted(world: dict) -> None:
     fleet: Fleet = world["fleet"]
     key = ("chat", "decode", "chat-decode-1")
     proc = fleet.sidecar_procs[key]
+    killed_at = time.monotonic()
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(5)
     prom: PrometheusServer = world["prom"]
@@ -371,4 +373,5 @@ def test_killed_sidecar_is_excluded_never_counted(world: dict) -> None:
         chat = next(s for s in json.loads(body)["services"] if s["name"] == "chat") if status == 200 else None
         return chat if chat and chat["reports"]["fresh_decode"] == 1 else None
     chat = _wait("coordinator drops the killed sidecar", coordinator_sees_one, deadline_s=10)
+    print(f"killed sidecar out of the coordinator's count after {time.monotonic() - killed_at:.1f}s")
     assert chat["reports"]["excluded"].get("vanished") == 1
