@@ -132,6 +132,17 @@ def test_image_install_steps_in_a_clean_venv(tmp_path):
     out = subprocess.run([str(venv / "bin" / "heteroscale"), "--version"],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and out.stdout.startswith("heteroscale "), out.stderr
+    # The installed copy (not the source tree) carries every file the commands read at run time.
+    probe = ("import importlib.resources as r; "
+             "c = r.files('sidecar.coordinator') / 'static'; d = r.files('sidecar.demo'); "
+             "names = ['index.html', 'app.js', 'style.css']; "
+             "assert all((c / n).is_file() for n in names), list(c.iterdir()); "
+             "assert all((d / n).is_file() for n in ['demo.html', 'topology.yaml', 'azure_conv_sample.csv']); "
+             "print(r.files('sidecar'))")
+    out = subprocess.run([str(venv / "bin" / "python"), "-c", probe], capture_output=True, text=True,
+                         timeout=60, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert str(venv) in out.stdout      # read from site-packages, not from the checkout
 
 
 @pytest.fixture(scope="module")
