@@ -21,6 +21,7 @@ from simulator import curate as curation
 from simulator import policies, report, traces
 from simulator.config import SimConfig, load_sim_config
 from simulator.model.runner import RunResult, RunSettings, simulate
+from simulator.placement import Placement, demand_for
 from simulator.traces import Workload
 
 
@@ -146,9 +147,17 @@ def _run_policies(names: list[str], *, cfg: SimConfig, service: ServiceConfig, w
     for name in names:
         ctl = policies.build(name, service=service, workload=workload, baselines=cfg.baselines)
         results[name] = simulate(workload, cfg.cluster, ctl, settings=settings, initial=initial,
+                                 placement=_placement(cfg, service),
                                  progress=lambda f, n=name: progress(n, f))
         progress(name, 1.0)
     return results
+
+
+def _placement(cfg: SimConfig, service: ServiceConfig) -> Placement | None:
+    """A fresh replay of the coordinator's placement planner, if a topology is configured."""
+    if cfg.topology is None:
+        return None
+    return Placement(cfg.topology, demand_for(service, cfg.cluster))
 
 
 def _duration(args: argparse.Namespace, workload: Workload) -> float:
@@ -168,7 +177,8 @@ def _meta(cfg: SimConfig, service: ServiceConfig, args: argparse.Namespace, work
         "hardware": {"model": c.prefill.model.name,
                      "prefill": f"{c.prefill.tp}x{c.prefill.gpu.name}",
                      "decode": f"{c.decode.tp}x{c.decode.gpu.name}",
-                     "startup_s": c.startup_s, "cross_switch_share": c.cross_switch_share},
+                     "startup_s": c.startup_s, "cross_switch_share": c.cross_switch_share,
+                     "topology": None if cfg.topology is None else vars(cfg.topology)},
         "trace": str(args.trace), "diurnal": bool(args.diurnal),
         "workload": workload.summary(),
     }
@@ -239,6 +249,7 @@ def run_curate(args: argparse.Namespace) -> int:
     tuned, results, best = curation.curate(
         cfg.cluster, workload, service=service, pressure=pressure, candidates=names,
         settings=_settings(cfg, service, duration), slo_goal=cfg.slo_goal, baselines=cfg.baselines,
+        placement_for=None if cfg.topology is None else (lambda svc: _placement(cfg, svc)),
         progress=progress)
     files = [report.plot_ratio_sweep(out, pressure, title=f"{service.name}: P/D sweep at {total} instances")]
     files += report.plot_policies(out, results)

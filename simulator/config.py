@@ -27,6 +27,8 @@ problem in either part is reported at once in one ``ConfigError``.
                  iterations: 9, margin: 0.9}
       baselines: {target_utilization: 0.7, hpa_tolerance: 0.1, scale_in_stabilization_s: 300,
                   latency_target: 0.8, peak_headroom: 1.1}
+      topology: {s2: 2, s1_per_s2: 2, nodes_per_s1: 8, gpus_per_node: 8, mix: s1}   # optional:
+                                     # place through the coordinator's planner (simulator/placement.py)
 
 The policy tick is the coordinator's ``interval_s``. ``coordinator.backend`` defaults
 to ``local`` here (no Kubernetes names are needed to simulate).
@@ -44,6 +46,7 @@ from sidecar.errors import ConfigError
 from simulator import perfmodel as pm
 from simulator.curate import PressureSettings
 from simulator.model.cluster import ClusterSpec
+from simulator.placement import MIXES, TopologySpec
 from simulator.policies import BaselineSettings
 from simulator.traces import DEFAULT_PROFILE
 
@@ -77,6 +80,7 @@ class SimConfig:
     pressure_low_prefill: int | None = None
     pressure_high_prefill: int | None = None
     baselines: BaselineSettings = field(default_factory=BaselineSettings)
+    topology: TopologySpec | None = None
 
     @property
     def interval_s(self) -> float:
@@ -112,7 +116,7 @@ def load_sim_config(text: str, *, origin: str = "config") -> SimConfig:
 
 _KNOWN = {"model", "prefill", "decode", "startup_s", "kv_link_gbps", "cross_switch_ratio",
           "cross_switch_share", "decode_max_batch", "kv_watermark", "tick_s", "window_s", "seed",
-          "slo_goal", "diurnal", "sizes", "initial", "pressure", "baselines"}
+          "slo_goal", "diurnal", "sizes", "initial", "pressure", "baselines", "topology"}
 
 
 def _num(sim: Mapping[str, Any], key: str, default: float, problems: list[str], *, lo: float | None = None,
@@ -182,7 +186,22 @@ def _simulation(sim: Mapping[str, Any], problems: list[str]) -> dict[str, Any]:
     out.update(_initial(sim.get("initial"), problems))
     out.update(_pressure(sim.get("pressure"), problems))
     out.update(_baselines(sim.get("baselines"), problems))
+    out.update(_topology(sim.get("topology"), problems))
     return out
+
+
+def _topology(raw: Any, problems: list[str]) -> dict[str, Any]:
+    node = _section(raw, "topology", {"s2", "s1_per_s2", "nodes_per_s1", "gpus_per_node", "mix"}, problems)
+    if node is None:
+        return {}
+    w = "simulation.topology"
+    mix = node.get("mix", "s1")
+    if mix not in MIXES:
+        problems.append(f"{w}.mix: must be one of {', '.join(MIXES)}, got {mix!r}")
+        mix = "s1"
+    counts = {k: int(_num(node, k, d, problems, lo=1, hi=10_000, where=w))
+              for k, d in (("s2", 2), ("s1_per_s2", 2), ("nodes_per_s1", 8), ("gpus_per_node", 8))}
+    return {"topology": TopologySpec(mix=mix, **counts)}
 
 
 def _section(raw: Any, name: str, keys: set[str], problems: list[str]) -> Mapping[str, Any] | None:

@@ -25,6 +25,7 @@ from simulator import perfmodel as pm
 from simulator import policies, traces
 from simulator.model.cluster import ClusterSpec
 from simulator.model.runner import RunResult, RunSettings, simulate
+from simulator.placement import Placement
 from simulator.traces import Workload
 
 
@@ -162,6 +163,7 @@ def score(summary: dict[str, Any], slo_goal: float) -> tuple[int, float]:
 def curate(spec: ClusterSpec, workload: Workload, *, service: ServiceConfig,
            pressure: dict[str, Any], candidates: Sequence[str], settings: RunSettings,
            slo_goal: float, baselines: policies.BaselineSettings = policies.BaselineSettings(),
+           placement_for: Callable[[ServiceConfig], Placement | None] | None = None,
            progress: Callable[[str, float], None] | None = None) -> tuple[ServiceConfig, dict[str, RunResult], str]:
     """Algorithm 1: simulate each candidate with the pressure test's r and τ; pick the best."""
     p, d = (int(x) for x in pressure["pd_ratio"].split(":"))
@@ -172,6 +174,7 @@ def curate(spec: ClusterSpec, workload: Workload, *, service: ServiceConfig,
         ctl = policies.build(name, service=tuned, workload=workload, baselines=baselines)
         start = policies.counts_for_tps(tuned, float(policies.peak_decode_tps(workload)[:1].max()), 1.2)
         results[name] = simulate(workload, spec, ctl, settings=settings, initial=start,
+                                 placement=None if placement_for is None else placement_for(tuned),
                                  progress=None if progress is None else (lambda f, n=name: progress(n, f)))
     best = max(results, key=lambda n: score(results[n].summary, slo_goal))
     return tuned, results, best

@@ -41,10 +41,10 @@ def _load(rps: float, duration_s: float, *, prompt: int = 1000, output: int = 10
     return traces.poisson(src, rate_rps=rps, duration_s=duration_s, seed=seed)
 
 
-def _run(wl, counts=(2, 1), controller=None, spec=None, duration_s=None, **settings):
+def _run(wl, counts=(2, 1), controller=None, spec=None, duration_s=None, placement=None, **settings):
     counts = PoolCounts(*counts)
     ctl = controller or policies.Static("fixed", counts)
-    return simulate(wl, spec or _spec(), ctl, initial=counts,
+    return simulate(wl, spec or _spec(), ctl, initial=counts, placement=placement,
                     settings=RunSettings(interval_s=10, duration_s=duration_s, slo_ttft_s=1.0,
                                          slo_tbt_s=0.04, **settings))
 
@@ -217,3 +217,59 @@ def test_periodic_uses_the_coordinators_schedules():
 def test_cluster_spec_validates():
     with pytest.raises(ValueError, match="cross_switch_ratio"):
         _spec(cross_switch_ratio=0.0)
+
+
+# ---------------------------------------------------------------- placement replay
+
+import sidecar.coordinator.placement as coordinator_placement  # noqa: E402
+from simulator.placement import Placement, TopologySpec, demand_for  # noqa: E402
+
+
+def _placement(service, topology: TopologySpec) -> Placement:
+    return Placement(topology, demand_for(service, _spec()))
+
+
+def test_simulation_places_through_the_coordinators_planner(monkeypatch):
+    calls = []
+    real = coordinator_placement.plan
+
+    def spy(**kwargs):
+        calls.append(kwargs)
+        return real(**kwargs)
+
+    monkeypatch.setattr(coordinator_placement, "plan", spy)
+    service = _service(affinity="s1", target_decode_tps_per_instance=400.0)
+    wl = _load(6.0, 600.0, prompt=800, output=200)
+    placement = _placement(service, TopologySpec(s2=1, s1_per_s2=2, nodes_per_s1=4, gpus_per_node=8, mix="s1"))
+    ctl = policies.build("heteroscale", service=service, workload=wl)
+    res = _run(wl, counts=(2, 1), controller=ctl, duration_s=600, placement=placement)
+    assert calls and calls[0]["desired"] == {"svc": PoolCounts(2, 1)}
+    assert res.summary["placement"]["plans"] == len(calls)
+    # Every count the cluster ran was a placed one, held in Deployment Groups.
+    last = res.decisions[-1]["to"]
+    assert placement.groups and sum(g.decode.count for g in placement.groups) == last["decode"]
+    # An S1-affinity DG keeps prefill and decode under one switch: no cross-switch KV.
+    assert placement.cross_switch_share() == 0.0
+    assert res.summary["cross_switch_transfer_share"] == 0.0
+
+
+def test_topology_blind_placement_crosses_switches():
+    # Each S1 holds one GPU type (mix s2): prefill (L40S) and decode (H20) of any DG
+    # sit under different S1 switches.
+    service = _service(affinity="s2")
+    placement = _placement(service, TopologySpec(s2=1, s1_per_s2=2, nodes_per_s1=4, gpus_per_node=8, mix="s2"))
+    placed = placement.apply(PoolCounts(4, 2))
+    assert placed == PoolCounts(4, 2)
+    assert placement.cross_switch_share() == 1.0
+    wl = _load(3.0, 120.0)
+    res = _run(wl, counts=(4, 2), duration_s=150, placement=placement)
+    assert res.summary["cross_switch_transfer_share"] == 1.0
+
+
+def test_placement_shortfall_caps_a_scale_out():
+    service = _service(affinity="s1")
+    # One S1 with one 8-GPU node per type: at most 8 prefill and 8 decode single-GPU instances.
+    placement = _placement(service, TopologySpec(s2=1, s1_per_s2=1, nodes_per_s1=2, gpus_per_node=8, mix="s1"))
+    placed = placement.apply(PoolCounts(20, 10))
+    assert placed.prefill <= 8 and placed.decode <= 8
+    assert placement.shortfalls == 1

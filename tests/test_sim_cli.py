@@ -130,3 +130,16 @@ def test_curate_says_when_no_split_can_meet_the_slo(config: Path, data_dir: Path
     assert "meets the SLO at any load" in err and len(err.splitlines()) == 1
     doc = json.loads((out / "summary.json").read_text())
     assert doc["pressure_test"]["feasible"] is False and doc["recommended"] is None
+
+
+def test_simulate_with_a_topology_uses_placement(tmp_path: Path, data_dir: Path):
+    cfg = tmp_path / "topo.yaml"
+    cfg.write_text(CONFIG.replace("    decode: {gpus_per_instance: 1}\n",
+                                  "    decode: {gpus_per_instance: 1}\n    affinity: s1\n")
+                   + "  topology: {s2: 1, s1_per_s2: 2, nodes_per_s1: 4, gpus_per_node: 8, mix: s1}\n")
+    out = tmp_path / "out"
+    assert main(["simulate", "--config", str(cfg), "--trace", str(data_dir / "mooncake_sample.jsonl"),
+                 "--policies", "heteroscale", "--out", str(out), "--no-progress"]) == 0
+    doc = json.loads((out / "summary.json").read_text())
+    assert doc["policies"]["heteroscale"]["placement"]["plans"] >= 1
+    assert doc["meta"]["hardware"]["topology"]["mix"] == "s1"

@@ -186,6 +186,8 @@ class Cluster:
         self.kv_inbox: list[tuple[float, int]] = []     # (kv arrival at decode, rid)
         self.unplaced: deque[int] = deque()              # reached decode with no instance to take it
         self.preemptions = 0
+        self.cross_share = spec.cross_switch_share      # placement may update it as DGs change
+        self.cross_transfers = 0
         self.completed: list[int] = []                   # rids in completion order
         self._tick_start = 0.0
 
@@ -301,9 +303,10 @@ class Cluster:
         rec.kv_bytes[sec] += prompt * self._kvb
         rec.arrivals[min(int(arrive), last)] += 1.0
         kv_s = prompt * self._kv_s_per_token
-        share = self.spec.cross_switch_share
+        share = self.cross_share
         if share > 0 and self.rng.random() < share:
             kv_s /= self.spec.cross_switch_ratio
+            self.cross_transfers += 1
         first = end + kv_s
         self.first_token_s[rid] = first
         self.ttft_s[rid] = first - arrive

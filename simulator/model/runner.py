@@ -21,6 +21,7 @@ import numpy as np
 from sidecar.coordinator.types import Observation, PoolCounts, PoolStatus
 from simulator import perfmodel as pm
 from simulator.model.cluster import Cluster, ClusterSpec
+from simulator.placement import Placement
 from simulator.traces import Workload
 
 
@@ -110,13 +111,22 @@ class _Latencies:
 
 def simulate(workload: Workload, spec: ClusterSpec, controller: Controller, *,
              settings: RunSettings, initial: PoolCounts,
+             placement: Placement | None = None,
              progress: Callable[[float], None] | None = None) -> RunResult:
-    """Replay ``workload`` through the cluster under ``controller``; see module docstring."""
+    """Replay ``workload`` through the cluster under ``controller``; see module docstring.
+
+    With ``placement`` every change of counts goes through the coordinator's placement
+    planner first: the cluster gets what was placed, and the KV cross-switch share
+    follows the Deployment Groups."""
+    if placement is not None:
+        initial = placement.apply(initial)
     duration = settings.duration_s if settings.duration_s is not None else workload.duration_s + 60.0
     duration = math.ceil(duration / spec.tick_s - 1e-9) * spec.tick_s   # whole decode ticks
     horizon = duration + 1.0
     cluster = Cluster(spec, workload, horizon_s=horizon, initial_prefill=initial.prefill,
                       initial_decode=initial.decode, seed=settings.seed)
+    if placement is not None:
+        cluster.cross_share = placement.cross_switch_share()
     lat = _Latencies(cluster)
     arrivals = workload.arrival_s
     n = int(np.searchsorted(arrivals, duration))
@@ -136,12 +146,21 @@ def simulate(workload: Workload, spec: ClusterSpec, controller: Controller, *,
         obs = _observation(cluster, window, t)
         desired = controller.step(now_s=t, window=window, observation=obs)
         if desired != obs.pools.current:
-            decisions.append({"at": round(t, 1), "from": obs.pools.current.as_dict(),
-                              "to": desired.as_dict()})
-            cluster.set_counts(desired.prefill, desired.decode, now_s=t)
+            placed = desired if placement is None else placement.apply(desired)
+            if placed != obs.pools.current:
+                entry = {"at": round(t, 1), "from": obs.pools.current.as_dict(), "to": placed.as_dict()}
+                if placed != desired:
+                    entry["asked"] = desired.as_dict()
+                decisions.append(entry)
+                cluster.set_counts(placed.prefill, placed.decode, now_s=t)
+                if placement is not None:
+                    cluster.cross_share = placement.cross_switch_share()
         if progress is not None:
             progress(min(1.0, t / duration))
     summary = _summary(cluster, settings, duration, decisions, nxt)
+    if placement is not None:
+        summary["placement"] = {"plans": placement.plans, "plans_with_shortfall": placement.shortfalls,
+                                "deployment_groups": len(placement.groups)}
     reasons = getattr(controller, "reasons", None)      # the coordinator policy's reason counts
     if reasons:
         summary["decision_reasons"] = dict(sorted(reasons.items()))
@@ -256,6 +275,7 @@ def _summary(cluster: Cluster, settings: RunSettings, duration: float,
         "scaling_actions": len(decisions),
         "direction_reversals": _reversals(decisions),
         "preemptions": int(cluster.preemptions),
+        "cross_switch_transfer_share": round(cluster.cross_transfers / max(1, submitted), 4),
         "decode_tokens": round(float(rec.decode_tokens[sl].sum()), 0),
         "prefill_tokens": round(float(rec.prefill_tokens[sl].sum()), 0),
     }

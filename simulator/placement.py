@@ -1,0 +1,123 @@
+"""Replay adapter for the coordinator's placement planner (pure).
+
+When ``simulation.topology`` is configured, every scaling decision in the
+simulator goes through ``sidecar.coordinator.placement.plan`` — the function the
+live actuators call — against a synthetic cluster of S2/S1 switches and GPU nodes.
+What the plan places is what the simulated service gets (a shortfall caps a
+scale-out), and the plan's Deployment Groups decide how much KV traffic crosses
+switches: a request's prefill and decode instances are taken to be a random pair
+inside one DG (DGs weighted by their instance count), and a pair under different
+S1 switches transfers at ``cross_switch_ratio`` of the same-switch bandwidth.
+
+``TopologySpec`` builds the nodes: ``s2`` switches × ``s1_per_s2`` S1 switches ×
+``nodes_per_s1`` nodes of ``gpus_per_node`` GPUs. ``mix: s1`` puts every GPU type
+under each S1 (alternating nodes: the paper's high tier); ``mix: s2`` keeps each S1
+to one type and alternates types across the S1s of an S2 (medium tier).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from sidecar.coordinator import placement as coord_placement
+from sidecar.coordinator.topology import ClusterView, NodeView, classify_tiers
+from sidecar.coordinator.types import PoolCounts
+
+if TYPE_CHECKING:
+    from sidecar.coordinator.config import ServiceConfig
+    from simulator.model.cluster import ClusterSpec
+
+MIXES = ("s1", "s2")
+
+
+@dataclass(frozen=True)
+class TopologySpec:
+    s2: int = 2
+    s1_per_s2: int = 2
+    nodes_per_s1: int = 8
+    gpus_per_node: int = 8
+    mix: str = "s1"
+
+    def __post_init__(self) -> None:
+        if min(self.s2, self.s1_per_s2, self.nodes_per_s1, self.gpus_per_node) < 1:
+            raise ValueError("topology: every count must be >= 1")
+        if self.mix not in MIXES:
+            raise ValueError(f"topology.mix must be one of {', '.join(MIXES)}")
+
+    def nodes(self, gpu_types: tuple[str, ...]) -> tuple[NodeView, ...]:
+        out = []
+        for a in range(self.s2):
+            for b in range(self.s1_per_s2):
+                for c in range(self.nodes_per_s1):
+                    k = c if self.mix == "s1" else b
+                    out.append(NodeView(name=f"n-{a}-{b}-{c}", gpu_type=gpu_types[k % len(gpu_types)],
+                                        s1=f"s1-{a}-{b}", s2=f"s2-{a}",
+                                        allocatable_gpus=self.gpus_per_node, free_gpus=self.gpus_per_node))
+        return classify_tiers(out)
+
+
+def demand_for(service: "ServiceConfig", cluster: "ClusterSpec") -> coord_placement.ServiceDemand:
+    """The planner's view of a simulated service: its configured GPU types if any, else the
+    simulated ones, and GPUs per instance = the simulated tensor parallelism."""
+    def role(cfg, inst) -> coord_placement.RoleDemand:
+        return coord_placement.RoleDemand(tuple(cfg.gpu_types) or (inst.gpu.name,), inst.tp)
+    return coord_placement.ServiceDemand(name=service.name, priority=service.priority,
+                                         affinity=service.affinity, ratio=tuple(service.pd_ratio),
+                                         prefill=role(service.prefill, cluster.prefill),
+                                         decode=role(service.decode, cluster.decode))
+
+
+class Placement:
+    """Keeps one service's Deployment Groups across simulated scaling decisions."""
+
+    def __init__(self, topology: TopologySpec, demand: coord_placement.ServiceDemand) -> None:
+        self.demand = demand
+        types = tuple(dict.fromkeys((*demand.prefill.gpu_types, *demand.decode.gpu_types)))
+        self.nodes = topology.nodes(types)
+        self.groups: tuple[coord_placement.DeploymentGroup, ...] = ()
+        self.shortfalls = 0
+        self.plans = 0
+
+    def _view(self) -> ClusterView:
+        used: dict[str, int] = {}
+        for g in self.groups:
+            for role in ("prefill", "decode"):
+                per = self.demand.role(role).gpus_per_instance
+                for node, count in g.role(role).nodes.items():
+                    used[node] = used.get(node, 0) + count * per
+        return ClusterView(nodes=tuple(
+            NodeView(n.name, n.gpu_type, n.s1, n.s2, n.allocatable_gpus,
+                     n.allocatable_gpus - used.get(n.name, 0), n.tier) for n in self.nodes))
+
+    def apply(self, desired: PoolCounts) -> PoolCounts:
+        """Plan ``desired`` with the coordinator's planner; return what was placed."""
+        name = self.demand.name
+        result = coord_placement.plan(view=self._view(), services=[self.demand],
+                                      current={name: self.groups}, desired={name: desired})
+        self.plans += 1
+        self.groups = tuple(result.groups.get(name, ()))
+        short = result.shortfall.get(name)
+        if short is not None and short.total() > 0:
+            self.shortfalls += 1
+        return result.placed(name)
+
+    def cross_switch_share(self) -> float:
+        """Share of (prefill, decode) instance pairs inside a DG that sit under different S1s."""
+        s1_of = {n.name: n.s1_key for n in self.nodes}
+        pairs = cross = 0.0
+        for g in self.groups:
+            total = g.prefill.count + g.decode.count
+            if not g.prefill.nodes or not g.decode.nodes or total == 0:
+                continue
+            p_nodes, d_nodes = g.prefill.nodes, g.decode.nodes
+            group_pairs = g.prefill.count * g.decode.count
+            group_cross = sum(pc * dc for pn, pc in p_nodes.items() for dn, dc in d_nodes.items()
+                              if s1_of.get(pn) != s1_of.get(dn))
+            weight = total / group_pairs
+            pairs += group_pairs * weight
+            cross += group_cross * weight
+        return cross / pairs if pairs else 0.0
+
+    def describe(self) -> list[dict]:
+        return [g.to_dict() for g in self.groups]
