@@ -432,8 +432,8 @@ class FileLeaseStore:
         except FileNotFoundError:
             return None
         except ValueError as exc:
-            # a garbled file cannot be trusted by anyone: treat as a fresh, released lease
-            # at version "corrupt" so the next update (by whoever) rewrites it
+            # a garbled file cannot be trusted by anyone: treat it as a released lease at
+            # version "0", so the next update (by whoever wins the lock) rewrites it
             log.warning("%s: unreadable (%s); treating as released", self.description, exc)
             return LeaseRecord("", 0.0, None, None, 0), "0"
         record = LeaseRecord(holder=str(data.get("holderIdentity") or ""),
