@@ -292,6 +292,49 @@ async def test_prometheus_failure_is_counted_and_held_never_acted_on(mode: str, 
         assert decision.reason == "hold_missing_data" and decision.desired == decision.current
 
 
+async def test_a_cancelled_caller_does_not_cancel_the_snapshot_for_the_others() -> None:
+    config = _config()
+    async with FakeProm(_load("fleet")) as prom:
+        source = PromCollector(url=prom.url, selector='job=~"sidecar-.*"')
+        try:
+            first = asyncio.create_task(source.collect(config.service("chat")))
+            second = asyncio.create_task(source.collect(config.service("code")))
+            await asyncio.sleep(0)           # both are now waiting on the one snapshot
+            first.cancel()
+            code = await second
+            assert len(code.fetched) == 1 and code.errors == {}
+            assert len(prom.queries) == len(SIGNALS)
+            with pytest.raises(asyncio.CancelledError):
+                await first
+        finally:
+            await source.close()
+
+
+async def test_close_cancels_a_snapshot_in_flight() -> None:
+    config = _config()
+    async with FakeProm(_load("fleet"), mode="hang") as prom:
+        source = PromCollector(url=prom.url, timeout_s=30)
+        waiter = asyncio.create_task(source.collect(config.service("chat")))
+        while not prom.queries:
+            await asyncio.sleep(0.01)
+        inflight = source._inflight
+        waiter.cancel()
+        await asyncio.gather(waiter, return_exceptions=True)
+        assert inflight is not None and not inflight.done()     # owned by the collector, still running
+        await source.close()
+        assert inflight.cancelled()
+
+
+def test_label_values_that_are_not_strings_are_not_attributed() -> None:
+    doc = {"status": "success", "data": {"resultType": "vector", "result": [
+        {"metric": {"service": "chat", "role": "decode", "pod": 7}, "value": [1.0, "1"]},
+        {"metric": {"service": "chat", "role": "decode", "pod": "p"}, "value": [1.0, "1"]}]}}
+    up = parse_vector(doc)
+    snap = build_snapshot({"engine_up": up, "observed_at": [s._replace(value=1.0) for s in up]})
+    assert snap.unattributed == 2      # the pod=7 series, in each of the two signals
+    assert [f.report.pod for _, f in snap.by_service["chat"]] == ["p"]
+
+
 async def test_prometheus_down_is_a_connect_error() -> None:
     config = _config()
     source = PromCollector(url=f"http://127.0.0.1:{free_port()}", timeout_s=1.0)

@@ -323,14 +323,21 @@ class PromCollector:
         return result
 
     async def _snapshot(self) -> Snapshot | PromQueryError:
-        if self._inflight is not None:
-            return await asyncio.shield(self._inflight)
-        if self._last is not None and self._clock() - self._last[0] < self._reuse_s:
-            return self._last[1]
-        self._inflight = asyncio.create_task(self._take(), name="promql-snapshot")
-        try:
-            return await asyncio.shield(self._inflight)
-        finally:
+        """This tick's snapshot: the one being taken, one taken within ``reuse_s``, or a new one.
+
+        The task is owned by the collector, not by whichever service asked first: a
+        cancelled caller does not cancel it for the others (shield), and ``close()``
+        cancels it if it is still running."""
+        task = self._inflight
+        if task is None:
+            if self._last is not None and self._clock() - self._last[0] < self._reuse_s:
+                return self._last[1]
+            task = self._inflight = asyncio.create_task(self._take(), name="promql-snapshot")
+            task.add_done_callback(self._finished)
+        return await asyncio.shield(task)
+
+    def _finished(self, task: asyncio.Task) -> None:
+        if self._inflight is task:
             self._inflight = None
 
     async def _take(self) -> Snapshot | PromQueryError:
