@@ -1,12 +1,14 @@
 """An in-memory fake of the Kubernetes API subset HeteroScale uses, behind the same
 ``KubeTransport`` seam as the real client, plus a fake clock.
 
-Faithful where our code depends on it (checked against kube-apiserver v1.20 by the
-``k8s`` tier, which runs the same scenarios on the real server):
+Faithful where our code depends on it. ``tests/test_kube_parity.py`` runs the same
+scenarios through ``Kube`` on this fake and on kube-apiserver v1.20 (``k8s`` tier) and
+expects the same answers:
 - ``resourceVersion``: one global counter, bumped on every write; a PUT (or a patch
   carrying ``metadata.resourceVersion``) with a stale one is ``409 Conflict``;
   create of an existing name is ``409 AlreadyExists``; unknown objects ``404``;
   namespaced objects need their Namespace (``404`` otherwise).
+- a write that changes nothing keeps the ``resourceVersion``; new pods start ``Pending``;
 - ``generateName``, ``uid``, ``creationTimestamp`` (from the fake clock),
   ``generation`` bumped on spec changes; the main endpoint ignores ``status``, the
   ``/status`` subresource ignores everything else.
@@ -433,6 +435,8 @@ class FakeKube(Faults):
             spec.setdefault("replicas", 1)
             body["status"] = {"observedGeneration": 0}
             meta["generation"] = 1
+        elif plural == "pods":
+            body["status"] = {"phase": "Pending", "qosClass": "BestEffort"}   # as the pod strategy does
         elif plural in HAS_STATUS and plural != "namespaces":
             body.setdefault("status", {})
         key = (api_version, plural, namespace, name)
