@@ -377,3 +377,10 @@ def test_bad_kubeconfig_is_a_usage_error(tmp_path):
 
 def test_namespaces_resource_is_cluster_scoped():
     assert NAMESPACES.path(name="x") == "/api/v1/namespaces/x"
+
+
+def test_in_cluster_outside_a_pod_is_a_usage_error(monkeypatch):
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    with pytest.raises(UsageError) as info:
+        kube_from_config(in_cluster=True)
+    assert "in-cluster" in str(info.value)
