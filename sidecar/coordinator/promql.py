@@ -283,6 +283,7 @@ class PromCollector:
         self._clock = clock
         self._inflight: asyncio.Task | None = None
         self._last: tuple[float, Snapshot | PromQueryError] | None = None
+        self._failing: str | None = None
         self.latest: dict[str, Collection] = {}
         self.errors_total: Counter[tuple[str, str]] = Counter()
         self.queries_total = 0
@@ -347,15 +348,23 @@ class PromCollector:
                 answers = await asyncio.gather(*(self._query(q) for q in self._queries.values()))
             snap: Snapshot | PromQueryError = build_snapshot(dict(zip(self._queries, answers)))
         except PromQueryError as exc:
-            log.warning("prometheus query failed: %s", exc)
             snap = exc
         except (asyncio.TimeoutError, TimeoutError):
-            log.warning("prometheus queries took over %.1fs", self._timeout_s)
             snap = PromQueryError("timeout", f"queries took over {self._timeout_s:g}s")
+        self._log_change(snap)
         self.snapshots_total += 1
         self.last_query_duration_s = self._clock() - started
         self._last = (self._clock(), snap)
         return snap
+
+    def _log_change(self, snap: Snapshot | PromQueryError) -> None:
+        # Log on change only: a Prometheus that is down for an hour must not write 720 lines.
+        failing = str(snap) if isinstance(snap, PromQueryError) else None
+        if failing and failing != self._failing:
+            log.warning("prometheus queries failed (holding every service): %s", failing)
+        elif failing is None and self._failing:
+            log.info("prometheus queries answer again")
+        self._failing = failing
 
     def _session_or_new(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
