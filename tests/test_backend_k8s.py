@@ -203,7 +203,6 @@ async def test_a_shortfall_is_shown_in_status_and_metrics(world):
         errors_total: dict = {}
 
         async def collect(self, service):
-            from sidecar.coordinator.collect import Collection
             return Collection(service=service.name, fetched=(), errors={})
 
         async def close(self) -> None:
