@@ -434,7 +434,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gpu-source", default="nvml", choices=GPU_SOURCES,
                         help="where GPU readings come from (default nvml; none = no-GPU mode)")
     parser.add_argument("--gpus", default=None,
-                        help="comma-separated GPU indices or UUIDs of this engine (default: NVIDIA_VISIBLE_DEVICES)")
+                        help="this engine's GPUs: comma-separated indices or UUIDs; 'file:PATH' (UUIDs the engine "
+                             "container wrote there); 'kubelet' (ask the kubelet pod-resources API); "
+                             "default: NVIDIA_VISIBLE_DEVICES. See docs/gpu.md")
     parser.add_argument("--emulator-gpu-url", default=None, help="engine emulator URL for --gpu-source emulator")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     add_extension_arguments(parser)
