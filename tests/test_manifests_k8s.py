@@ -106,6 +106,10 @@ def test_service_account_may_do_what_the_coordinator_does_and_no_more(dynamic):
         dict(verb="patch", resource="deployments", group="apps", subresource="scale"),
         dict(verb="update", resource="deployments", group="apps", subresource="scale"),
         dict(verb="create", resource="deployments", group="apps"),
+        dict(verb="delete", resource="deployments", group="apps"),            # an emptied Deployment Group
+        dict(verb="get", resource="deployments", group="apps", subresource="scale"),
+        dict(verb="list", resource="pods", namespace=""),                      # free GPUs: pods of every namespace
+        dict(verb="patch", resource="pods"),                                   # drain annotations, deletion cost
         dict(verb="patch", resource="statefulsets", group="apps", subresource="scale"),
         dict(verb="patch", resource="pods", subresource="status"),
         dict(verb="delete", resource="pods"),
