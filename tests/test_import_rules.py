@@ -34,6 +34,11 @@ PURE_PATTERNS = (
     "simulator/perfmodel.py",
     "simulator/model/*.py",
     "simulator/traces.py",
+    "simulator/placement.py",
+    "simulator/policies.py",
+    "simulator/curate.py",
+    "simulator/config.py",
+    "sidecar/demo/sizing.py",
 )
 
 # Modules allowed to use prometheus_client's pure text parser (and nothing else of it).
