@@ -183,6 +183,24 @@ def test_latency_never_scales_in():
     assert d.reason == "latency_moderate"
 
 
+def test_a_latency_step_up_is_held_for_the_stabilisation_window():
+    # The simulator found the net and the proportional rule undoing each other: latency
+    # adds an instance, the next tick's tokens/s asks for fewer, and the pools flap.
+    # 10 decode at 80% of target (19200 tok/s, inside the band). TBT 45 ms -> +10%:
+    # D = 11. Then latency recovers; 19200 / (11 x 2400) = 73% < 80% asks for
+    # ceil(8.0) = 8, but the window still holds the latency net's 11.
+    svc = service(policy={"scale_in_stabilization_s": 300})
+    d, state = once(svc, obs((13, 10), 19200, tbt=0.045), now_s=1000.0)
+    assert (d.reason, d.desired.decode) == ("latency_moderate", 11)
+    d, state = once(svc, obs((14, 11), 19200), state=state, now_s=1005.0)
+    assert (d.reason, d.desired.decode) == ("hold_stabilization", 11)
+    d, state = once(svc, obs((14, 11), 19200), state=state, now_s=1299.0)
+    assert d.reason == "hold_stabilization"
+    # After the window, the tokens/s recommendation rules again.
+    d, state = once(svc, obs((14, 11), 19200), state=state, now_s=1306.0)
+    assert d.reason == "scale_in_tps" and d.desired.decode < 11
+
+
 def test_proportional_wins_when_larger_than_the_latency_step():
     # 40000 tok/s wants ceil(16.7) = 17 (damped to 20 max) > latency's 11.
     d, _ = once(service(), obs((13, 10), 40000, tbt=0.045))

@@ -25,7 +25,8 @@ One tick, in order (PAPER §5.3–5.5, PEERS §5):
    longer than ``pending_timeout_s``), nor within ``scale_out_cooldown_s`` of the last
    one; the step is damped to at most ``max_scale_out_factor``× (at least +1).
 7. Scale-in: the HIGHEST recommendation over ``scale_in_stabilization_s`` wins (as in
-   Kubernetes HPA); the step is damped to at least ``max_scale_in_factor``× (at least
+   Kubernetes HPA; a tick's recommendation is the larger of the proportional target and
+   the latency net's, so a latency step-up is held for the window); the step is damped to at least ``max_scale_in_factor``× (at least
    −1); a consolidation check keeps enough instances that the survivors carry the
    load (the larger of the smoothed and the latest tokens/s) at no more than
    ``consolidation_margin`` of their target.
@@ -265,9 +266,6 @@ def decide(*, service: "ServiceConfig", observation: Observation, state: PolicyS
     tps = smoothed_tps(state.tps_samples) or 0.0
     tau = service.target_decode_tps_per_instance
     want = proportional_decode(tps, tau)
-    state = replace(state, recommendations=_trim_recs(
-        state.recommendations + ((now_s, want),), now_s=now_s,
-        window_s=pol.scale_in_stabilization_s))
     utilization = tps / (current.decode * tau) if current.decode > 0 else math.inf
     step, lat_reason, lat_ratio = latency_step(service, tbt_p90_s=observation.tbt_p90_s,
                                                ttft_p90_s=observation.ttft_p90_s)
@@ -283,13 +281,23 @@ def decide(*, service: "ServiceConfig", observation: Observation, state: PolicyS
         target, reason = want, "scale_out_tps"
     elif utilization < 1 - pol.tolerance.scale_in and want < current.decode:
         target, reason = want, "scale_in_tps"
+    recommendation = want
     if lat_reason is not None:
         # The step is at least +1, so a breach always overrides a scale-in: latency never
         # lets the pools shrink. A larger proportional scale-out keeps its own reason.
         lat_d = latency_target(current.decode, step)
+        recommendation = max(want, lat_d)
+        inputs["latency_recommendation"] = lat_d
         if lat_d > max(target, current.decode):
             target, reason = lat_d, lat_reason
             detail = f"p90 latency at {lat_ratio:.2f}x SLO: +{step:.0%} both pools"
+    # The window keeps each tick's final recommendation, the latency net's included (as
+    # HPA keeps its computed replicas): a size that latency asked for is not given back by
+    # a tokens/s scale-in before the stabilisation window has passed. Keeping only the
+    # tokens/s recommendation made the net and the proportional rule undo each other.
+    state = replace(state, recommendations=_trim_recs(
+        state.recommendations + ((now_s, recommendation),), now_s=now_s,
+        window_s=pol.scale_in_stabilization_s))
 
     if target > current.decode:
         return _scale_out(service, result, state, current=current, target=target, reason=reason,
