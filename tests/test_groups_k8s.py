@@ -361,3 +361,17 @@ async def test_fake_sync_failure_still_reports_counts(fake):
     await act.observe(svc)
     await kubelet(api, "ns")
     assert (await act.observe(svc)).ready == PoolCounts(1, 1) and act.last_sync_error is None
+
+
+async def test_fake_scale_writes_survive_conflicts(fake):
+    # The Deployment controller bumps resourceVersion right after every change, so a
+    # compare-and-swap on the scale subresource meets 409s on a real server: the
+    # actuator re-reads and writes again instead of failing the tick.
+    api, transport, clock, act = fake
+    svc = service_config("ns")
+    await act.apply(svc, decision(PoolCounts(0, 0), PoolCounts(3, 2)))
+    transport.inject(409, method="PUT", path_contains="/scale", times=2)
+    # no pods exist yet, so the scale-in shrinks the specs directly
+    await act.apply(svc, decision(PoolCounts(3, 2), PoolCounts(2, 1), reason="scale_in_tps"))
+    assert (await api.get(DEPLOYMENTS, "chat-g0-prefill", namespace="ns"))["spec"]["replicas"] == 2
+    assert (await api.get(DEPLOYMENTS, "chat-g0-decode", namespace="ns"))["spec"]["replicas"] == 1

@@ -449,11 +449,7 @@ class DeploymentGroupActuator:
             return wrote
         for dep_name, drained in sorted(due.items()):
             await self._check_fence(f"scale down {dep_name}")
-            scale = await self.api.get_scale(DEPLOYMENTS, dep_name, namespace=namespace)
-            replicas = int((scale.get("spec") or {}).get("replicas") or 0)
-            new = max(0, replicas - len(drained))
-            await self.api.replace_scale(DEPLOYMENTS, dep_name, namespace=namespace, replicas=new,
-                                         resource_version=scale["metadata"].get("resourceVersion"))
+            replicas, new = await self._rescale(namespace, dep_name, lambda n, k=len(drained): max(0, n - k))
             log.info("%s/%s: drain window over, %d -> %d", namespace, dep_name, replicas, new)
             for pod in drained:
                 await self.api.patch(PODS, pod["metadata"]["name"], {"metadata": {"annotations": {
@@ -612,10 +608,26 @@ class DeploymentGroupActuator:
 
     async def _scale_by(self, namespace: str, name: str, delta: int) -> None:
         await self._check_fence(f"scale {name}")
-        scale = await self.api.get_scale(DEPLOYMENTS, name, namespace=namespace)
-        replicas = int((scale.get("spec") or {}).get("replicas") or 0)
-        await self.api.replace_scale(DEPLOYMENTS, name, namespace=namespace, replicas=max(0, replicas + delta),
-                                     resource_version=scale["metadata"].get("resourceVersion"))
+        await self._rescale(namespace, name, lambda n: max(0, n + delta))
+
+    async def _rescale(self, namespace: str, name: str, compute: Callable[[int], int]) -> tuple[int, int]:
+        """Set a Deployment's replicas to ``compute(current)`` with compare-and-swap on the
+        scale subresource. The Deployment controller bumps resourceVersion right after each
+        change (status writes), so a 409 is expected: re-read and recompute from the fresh
+        count (``Kube.read_modify_write``). Returns (before, after)."""
+        seen: dict[str, int] = {}
+
+        def mutate(scale: dict[str, Any]) -> dict[str, Any] | None:
+            before = int((scale.get("spec") or {}).get("replicas") or 0)
+            after = compute(before)
+            seen["before"], seen["after"] = before, after
+            if after == before:
+                return None
+            scale.setdefault("spec", {})["replicas"] = after
+            return scale
+
+        await self.api.read_modify_write(DEPLOYMENTS, name, mutate, namespace=namespace, subresource="scale")
+        return seen["before"], seen["after"]
 
     async def _drain(self, pod: Mapping[str, Any]) -> None:
         meta = pod["metadata"]
