@@ -345,6 +345,19 @@ async def test_prometheus_down_is_a_connect_error() -> None:
     assert collection.errors == {"prometheus_connect": 1} and "prometheus" in (collection.discovery_error or "")
 
 
+async def test_a_lasting_failure_is_logged_once(caplog: pytest.LogCaptureFixture) -> None:
+    config = _config()
+    source = PromCollector(url=f"http://127.0.0.1:{free_port()}", timeout_s=1.0, reuse_s=0.0)
+    try:
+        with caplog.at_level("INFO", logger="heteroscale.coordinator.promql"):
+            for _ in range(3):
+                await source.collect(config.service("chat"))
+    finally:
+        await source.close()
+    assert source.errors_total[("chat", "prometheus_connect")] == 3
+    assert [r.levelname for r in caplog.records] == ["WARNING"]
+
+
 async def test_wiring_picks_the_source_from_config() -> None:
     config = _config(selector='job="x"', timeout_s=0.5)
     collector = make_collector(config, actuator=None)

@@ -284,6 +284,7 @@ class PromCollector:
         self._inflight: asyncio.Task | None = None
         self._last: tuple[float, Snapshot | PromQueryError] | None = None
         self._failing: str | None = None
+        self._closed = False
         self.latest: dict[str, Collection] = {}
         self.errors_total: Counter[tuple[str, str]] = Counter()
         self.queries_total = 0
@@ -300,6 +301,7 @@ class PromCollector:
         return dict(self._queries)
 
     async def close(self) -> None:
+        self._closed = True
         task, self._inflight = self._inflight, None
         if task is not None and not task.done():
             task.cancel()
@@ -343,14 +345,20 @@ class PromCollector:
 
     async def _take(self) -> Snapshot | PromQueryError:
         started = self._clock()
+        tasks = [asyncio.create_task(self._query(q), name=f"promql-{key}") for key, q in self._queries.items()]
         try:
             async with asyncio.timeout(self._timeout_s):
-                answers = await asyncio.gather(*(self._query(q) for q in self._queries.values()))
+                answers = await asyncio.gather(*tasks)
             snap: Snapshot | PromQueryError = build_snapshot(dict(zip(self._queries, answers)))
         except PromQueryError as exc:
             snap = exc
         except (asyncio.TimeoutError, TimeoutError):
             snap = PromQueryError("timeout", f"queries took over {self._timeout_s:g}s")
+        finally:
+            # One failed query fails the tick: stop the others instead of leaving them running.
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
         self._log_change(snap)
         self.snapshots_total += 1
         self.last_query_duration_s = self._clock() - started
@@ -367,6 +375,8 @@ class PromCollector:
         self._failing = failing
 
     def _session_or_new(self) -> aiohttp.ClientSession:
+        if self._closed:
+            raise PromQueryError("connect", "the collector is closed")
         if self._session is None or self._session.closed:
             self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self._timeout_s))
             self._own_session = True
