@@ -335,6 +335,17 @@ def test_label_values_that_are_not_strings_are_not_attributed() -> None:
     assert [f.report.pod for _, f in snap.by_service["chat"]] == ["p"]
 
 
+async def test_an_oversized_answer_is_refused() -> None:
+    config = _config()
+    async with FakeProm(_load("fleet")) as prom:
+        source = PromCollector(url=prom.url, selector='job=~"sidecar-.*"', max_body_bytes=1000)
+        try:
+            chat = await source.collect(config.service("chat"))
+        finally:
+            await source.close()
+    assert chat.fetched == () and chat.errors == {"prometheus_bad_response": 1}
+
+
 async def test_prometheus_down_is_a_connect_error() -> None:
     config = _config()
     source = PromCollector(url=f"http://127.0.0.1:{free_port()}", timeout_s=1.0)

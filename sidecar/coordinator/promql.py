@@ -51,7 +51,7 @@ from sidecar.coordinator.collect import Collection
 from sidecar.report import GpuReading, SidecarReport
 
 if TYPE_CHECKING:
-    from sidecar.coordinator.config import PrometheusSourceConfig, ServiceConfig
+    from sidecar.coordinator.config import MetricsSourceConfig, ServiceConfig
 
 log = logging.getLogger("heteroscale.coordinator.promql")
 
@@ -272,7 +272,7 @@ class PromCollector:
 
     def __init__(self, *, url: str, timeout_s: float = 2.0, selector: str = "", lookback_s: float = 300.0,
                  reuse_s: float = 1.0, concurrency: int = 8, session: aiohttp.ClientSession | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 max_body_bytes: int = 256 << 20, clock: Callable[[], float] = time.monotonic) -> None:
         self._url = url.rstrip("/") + "/api/v1/query"
         self._timeout_s = timeout_s
         self._queries = {s.key: build_query(s, selector=selector, lookback_s=lookback_s) for s in SIGNALS}
@@ -285,6 +285,7 @@ class PromCollector:
         self._last: tuple[float, Snapshot | PromQueryError] | None = None
         self._failing: str | None = None
         self._closed = False
+        self._max_body_bytes = max_body_bytes     # one answer; 10,000 instances take about 2 MB a signal
         self.latest: dict[str, Collection] = {}
         self.errors_total: Counter[tuple[str, str]] = Counter()
         self.queries_total = 0
@@ -292,8 +293,8 @@ class PromCollector:
         self.last_query_duration_s: float | None = None
 
     @classmethod
-    def from_config(cls, config: "PrometheusSourceConfig", *, interval_s: float) -> "PromCollector":
-        return cls(url=config.url, timeout_s=config.timeout_s, selector=config.selector or "",
+    def from_config(cls, config: "MetricsSourceConfig", *, interval_s: float) -> "PromCollector":
+        return cls(url=config.url or "", timeout_s=config.timeout_s, selector=config.selector or "",
                    lookback_s=config.lookback_s, reuse_s=interval_s / 2)
 
     @property
@@ -382,14 +383,22 @@ class PromCollector:
             self._own_session = True
         return self._session
 
+    async def _read_capped(self, resp: aiohttp.ClientResponse) -> bytes:
+        out = bytearray()
+        async for chunk in resp.content.iter_chunked(1 << 16):
+            out += chunk
+            if len(out) > self._max_body_bytes:
+                raise PromQueryError("bad_response", f"answer over {self._max_body_bytes} bytes")
+        return bytes(out)
+
     async def _query(self, expr: str) -> list[Sample]:
         async with self._limit:
             self.queries_total += 1
             try:
                 async with self._session_or_new().post(self._url, data={"query": expr}) as resp:
-                    status, body = resp.status, await resp.read()
+                    status, body = resp.status, await self._read_capped(resp)
             except (asyncio.TimeoutError, TimeoutError):
-                raise
+                raise                       # TimeoutError is an OSError: keep it apart from "connect"
             except (aiohttp.ClientError, OSError, ValueError) as exc:
                 raise PromQueryError("connect", f"{type(exc).__name__}: {exc}") from None
         try:
