@@ -147,9 +147,11 @@ class PodRunner:
     """Plays the kubelet for one namespace (see the module docstring)."""
 
     def __init__(self, api: Kube, namespace: str, *, logs: Path, sidecar_port: int, engine_port: int,
-                 gpu_of_role: dict[str, str]) -> None:
+                 probe_port: int, gpu_of_role: dict[str, str]) -> None:
         self.api, self.namespace, self.logs = api, namespace, logs
-        self.sidecar_port, self.engine_port = sidecar_port, engine_port
+        self.sidecar_port, self.engine_port, self.probe_port = sidecar_port, engine_port, probe_port
+        self.secret = logs / "probe-secret"
+        self.secret.write_text(uuid.uuid4().hex * 2)
         self.gpu_of_role = gpu_of_role
         self.net = random.randint(40, 250)
         self.next_host = 11
@@ -162,6 +164,15 @@ class PodRunner:
         self.next_host += 1
         entry = PodProcs(ip=ip, role=role, node=node, started_s=time.monotonic())
         out = open(self.logs / f"{name}.log", "ab")   # noqa: SIM115 (closed with the process)
+        # KV-transfer probes: decode sidecars serve them, a prefill sidecar probes the decode
+        # pods running when it starts (the coordinator's bandwidth map joins the results)
+        if role == "decode":
+            probe = ["--probe-listen", f"{ip}:{self.probe_port}"]
+        else:
+            peers = ",".join(f"{n}={e.ip}:{self.probe_port}" for n, e in sorted(self.pods.items())
+                             if e.role == "decode")
+            probe = ["--probe-peers", peers, "--probe-interval-s", "1", "--probe-bytes", "262144"] if peers else []
+        probe += ["--probe-secret-file", str(self.secret)] if probe else []
         entry.procs.append(subprocess.Popen(
             HETEROSCALE + ["emulate-engine", "--role", role, "--gpu", self.gpu_of_role[role], "--model", "8b",
                            "--host", ip, "--port", str(self.engine_port), "--log-level", "warning"],
@@ -170,7 +181,7 @@ class PodRunner:
             HETEROSCALE + ["sidecar", "--engine", "vllm", "--engine-url", f"http://{ip}:{self.engine_port}",
                            "--role", role, "--service", "chat", "--listen", f"{ip}:{self.sidecar_port}",
                            "--interval", "0.5", "--window", "2", "--gpu-source", "none", "--no-rdma",
-                           "--pod", name, "--node", node, "--log-level", "WARNING"],
+                           "--pod", name, "--node", node, "--log-level", "WARNING", *probe],
             stdout=out, stderr=subprocess.STDOUT))
         out.close()
         return entry
@@ -320,13 +331,13 @@ async def test_load_up_and_down_through_a_real_coordinator_process(k8s_cluster, 
     apply_rbac(k8s_cluster)
     kubeconfig = sa_kubeconfig(k8s_cluster, tmp_path / "sa-kubeconfig")
 
-    port, sidecar_port, engine_port = free_port(), free_port(), free_port()
+    port, sidecar_port, engine_port, probe_port = free_port(), free_port(), free_port(), free_port()
     config = tmp_path / "coordinator.yaml"
     config.write_text(yaml.safe_dump(coordinator_config(namespace=k8s_namespace, port=port,
                                                         sidecar_port=sidecar_port, lease=f"e2e-{tag}",
                                                         types=types)))
     runner = PodRunner(kube, k8s_namespace, logs=tmp_path, sidecar_port=sidecar_port, engine_port=engine_port,
-                       gpu_of_role={"prefill": "L20", "decode": "H20"})
+                       probe_port=probe_port, gpu_of_role={"prefill": "L20", "decode": "H20"})
     coordinator_log = open(tmp_path / "coordinator.log", "wb")   # noqa: SIM115
     started = time.monotonic()
     coordinator = subprocess.Popen(HETEROSCALE + ["coordinator", "--config", str(config), "--kubeconfig",
@@ -381,6 +392,16 @@ async def test_load_up_and_down_through_a_real_coordinator_process(k8s_cluster, 
         (group,) = svc["groups"]
         assert group["level"] == "s1" and group["tier"] == "high"
         assert (group["prefill"]["gpu_type"], group["decode"]["gpu_type"]) == (types["prefill"], types["decode"])
+        # the prefill sidecar probes the decode pod; the two share S1 "a1" (node topology via the DG backend)
+        async def probed():
+            bw = (await service()).get("kv_bandwidth") or {}
+            return bw if any(p["bytes_per_second"] for p in bw.get("pairs", ())) else None
+        bw = await eventually(probed, what="a probed prefill->decode pair in kv_bandwidth", timeout_s=20)
+        timings["start_to_kv_pair_s"] = time.monotonic() - started
+        (pair,) = bw["pairs"]
+        assert pair["locality"] == "same_switch" and pair["shared_domain"] == "s1" and pair["group"] == "chat-g0"
+        assert bw["same_switch_median_bytes_per_second"] == pair["bytes_per_second"]
+        assert "heteroscale_kv_bandwidth_median_bytes_per_second{" in await fetch_text(f"{base}/metrics")
 
         # 2. load up: decode tokens/s far above 1 x tau -> both pools grow to 2 in one step
         load = asyncio.create_task(drive_load(runner, streams=16), name="e2e-load")
@@ -410,16 +431,18 @@ async def test_load_up_and_down_through_a_real_coordinator_process(k8s_cluster, 
         load = None
         load_off = time.monotonic()
 
+        def gate(pod: dict) -> dict:
+            return next((c for c in pod["status"].get("conditions") or () if c["type"] == GATE), {})
+
         async def draining():
+            # the drain is two writes (annotation, then the gate): wait for both
             pods = await live_pods()
-            out = [p for p in pods if is_draining(p)]
+            out = [p for p in pods if is_draining(p) and gate(p).get("status") == "False"]
             return out if len(out) == 2 else None
         drained = await eventually(draining, what="two instances draining", timeout_s=30, step_s=0.1)
         timings["load_down_to_drain_s"] = time.monotonic() - load_off
         assert sorted(p["metadata"]["labels"][LABEL_ROLE] for p in drained) == ["decode", "prefill"]
-        for pod in drained:
-            gate = [c for c in pod["status"]["conditions"] if c["type"] == GATE]
-            assert gate and gate[0]["status"] == "False" and gate[0]["reason"] == "Draining"
+        assert all(gate(p)["reason"] == "Draining" for p in drained)
         drained_names = {p["metadata"]["name"] for p in drained}
 
         # ... and after the drain window the ReplicaSets delete exactly those pods
