@@ -338,7 +338,7 @@ def test_label_values_that_are_not_strings_are_not_attributed() -> None:
 async def test_an_oversized_answer_is_refused() -> None:
     config = _config()
     async with FakeProm(_load("fleet")) as prom:
-        source = PromCollector(url=prom.url, selector='job=~"sidecar-.*"', max_body_bytes=200)   # every captured answer is larger
+        source = PromCollector(url=prom.url, selector='job=~"sidecar-.*"', max_body_bytes=200)   # each non-empty captured answer is larger
         try:
             chat = await source.collect(config.service("chat"))
         finally:
