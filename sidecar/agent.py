@@ -351,9 +351,12 @@ class Agent:
             now = self._clock()
             if next_t < now:      # overran (should not: every call is bounded) -> skip, do not burst
                 next_t = now + interval
+            # asyncio.timeout, not wait_for: Python 3.11's wait_for can swallow a
+            # cancellation that races the timeout, and the loop would run on.
             try:
-                await asyncio.wait_for(self._stopping.wait(), timeout=next_t - now)
-            except asyncio.TimeoutError:
+                async with asyncio.timeout(next_t - now):
+                    await self._stopping.wait()
+            except TimeoutError:
                 pass
 
     async def stop(self) -> None:

@@ -130,9 +130,12 @@ class Reconciler:
             started = loop.time()
             await self.tick()
             wait = max(0.0, interval - (loop.time() - started))
+            # asyncio.timeout, not wait_for: Python 3.11's wait_for can swallow a
+            # cancellation that races the timeout, and the loop would run on.
             try:
-                await asyncio.wait_for(stop.wait(), timeout=wait)
-            except asyncio.TimeoutError:
+                async with asyncio.timeout(wait):
+                    await stop.wait()
+            except TimeoutError:
                 pass
 
     async def tick(self) -> list[Decision]:

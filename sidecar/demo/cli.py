@@ -325,8 +325,9 @@ class Demo:
             if not interrupted:
                 # Give the coordinator a few ticks over the quiet tail.
                 try:
-                    await asyncio.wait_for(stop.wait(), timeout=3.0)
-                except asyncio.TimeoutError:
+                    async with asyncio.timeout(3.0):
+                        await stop.wait()
+                except TimeoutError:
                     pass
                 interrupted = stop.is_set()
             return self._report(world, loadgen, actuator, interrupted=interrupted)
@@ -377,9 +378,10 @@ class Demo:
         seen: set[tuple[float, str]] = set()
         last = time.monotonic()
         while not stop.is_set():
-            try:
-                await asyncio.wait_for(stop.wait(), timeout=1.0)
-            except asyncio.TimeoutError:
+            try:      # asyncio.timeout: 3.11's wait_for can swallow a racing cancel
+                async with asyncio.timeout(1.0):
+                    await stop.wait()
+            except TimeoutError:
                 pass
             now = time.monotonic()
             rt = reconciler.services[SERVICE]
