@@ -118,6 +118,17 @@ def test_shortfall_is_printed(files):
     assert "note: shortfall" in proc.stdout
 
 
+def test_gpu_types_that_match_no_node_are_named(files, tmp_path):
+    # "H20" instead of the label value "NVIDIA-H20": the note names the cause, not "no room".
+    cfg = tmp_path / "typo.yaml"
+    cfg.write_text(CONFIG.replace("NVIDIA-H20", "H20").replace("NVIDIA-L20", "L20"))
+    proc = place("--nodes", files["nodes"], "--config", str(cfg), "--service", "chat",
+                 "--prefill", "2", "--decode", "1")
+    assert proc.returncode == 0, proc.stderr
+    assert "no schedulable node has a decode GPU type H20 (types present:" in proc.stdout
+    assert "NVIDIA-H20" in proc.stdout.split("types present:")[1]
+
+
 @pytest.mark.parametrize("change,message", [
     ({"--service": "nope"}, "no service 'nope'"),
     ({"--nodes": "/nonexistent/nodes.yaml"}, "no such nodes file"),

@@ -612,9 +612,19 @@ def _scale_out(work: _Working, svc: ServiceDemand, groups: list[_Group], delta: 
             notes.append(f"cannot add {short.prefill} prefill / {short.decode} decode alone: "
                          "a new DG needs both roles")
         else:
-            notes.append(f"shortfall: no compatible domain ({svc.affinity} affinity, prefill "
-                         f"{'/'.join(svc.prefill.gpu_types)}, decode {'/'.join(svc.decode.gpu_types)}) "
-                         f"has room for {short.prefill} prefill + {short.decode} decode more")
+            present = {node.gpu_type for node in work.nodes.values()}
+            unknown = [(role, demand.gpu_types) for role, demand in (("prefill", svc.prefill), ("decode", svc.decode))
+                       if not present & set(demand.gpu_types)]
+            if unknown:
+                # The usual cause is a type spelled differently from the node labels
+                # (GPU feature discovery writes e.g. NVIDIA-H20): say that, not "no room".
+                for role, types in unknown:
+                    notes.append(f"shortfall: no schedulable node has a {role} GPU type "
+                                 f"{'/'.join(types)} (types present: {', '.join(sorted(present)) or 'none'})")
+            else:
+                notes.append(f"shortfall: no compatible domain ({svc.affinity} affinity, prefill "
+                             f"{'/'.join(svc.prefill.gpu_types)}, decode {'/'.join(svc.decode.gpu_types)}) "
+                             f"has room for {short.prefill} prefill + {short.decode} decode more")
     return short
 
 
