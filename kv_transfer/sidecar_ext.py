@@ -5,12 +5,12 @@ flags to ``heteroscale sidecar``; ``build(args)`` returns one
 ``KvTransferExtension`` (see ``sidecar.extensions`` for the protocol). Its
 sample fills the report's ``kv_transfer`` object:
 
-* ``bytes_per_second`` / ``direction`` / ``source``: the headline the sidecar
-  exports as ``heteroscale_kv_transfer_bytes_per_second{direction}`` - bytes the
+* ``bytes_per_second`` / ``direction`` / ``source``: the headline - bytes the
   pod actually moved, from the engine's connector metrics when it has them, else
-  the RDMA port counters; ``None`` (gauge absent) when neither is there;
+  the RDMA port counters; ``None`` when neither is there;
 * ``sources.engine`` / ``sources.rdma`` / ``sources.probe``: each source's own
-  numbers, present only when that source is (absent, never zero);
+  numbers, present only when that source is (absent, never zero); the sidecar
+  exports each as ``heteroscale_kv_transfer_bytes_per_second{direction,source}``;
 * ``probe``: on a prefill pod the latest outcome per decode peer (the
   coordinator's bandwidth map reads these), on a decode pod the probe server's
   counters.
@@ -531,19 +531,11 @@ class KvTransferExtension:
         return doc
 
     def collect(self) -> Iterable[Metric]:
-        """Families from the last sample (the §3.2 headline gauge is the sidecar's own)."""
+        """Families from the last sample. The bytes/s per source are the sidecar's own
+        ``heteroscale_kv_transfer_bytes_per_second{direction,source}`` (from ``sample``)."""
         sample = self._last_sample
         direction = self.settings.direction
         sources = sample.get("sources", {})
-        by_source = GaugeMetricFamily(
-            "heteroscale_kv_transfer_source_bytes_per_second",
-            "KV-transfer bytes/s per source (engine: connector metrics; rdma: NIC port counters; "
-            "probe: median achievable rate to the decode peers)", labels=["direction", "source"])
-        for name in (SOURCE_ENGINE, SOURCE_RDMA, SOURCE_PROBE):
-            value = sources.get(name, {}).get("bytes_per_second")
-            if value is not None:
-                by_source.add_metric([direction, name], value)
-        yield by_source
         engine = sources.get(SOURCE_ENGINE, {})
         latency = GaugeMetricFamily("heteroscale_kv_transfer_latency_seconds",
                                     "per-transfer KV latency over the window (engine connector metrics)",

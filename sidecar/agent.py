@@ -204,7 +204,7 @@ class Agent:
             self._stats = (now, self.window.stats(now))
         return self._stats[1]
 
-    def _kv(self) -> tuple[float | None, str]:
+    def _kv(self) -> tuple[tuple[tuple[str, float], ...], str]:
         return view_kv(self.extension_samples.get(KV_TRANSFER_NAME),
                        default_direction=default_kv_direction(self.settings.role))
 
@@ -237,11 +237,12 @@ class Agent:
 
     def metrics_view(self) -> MetricsView:
         st = self.stats()
-        kv_bps, kv_direction = self._kv()
+        kv_sources, kv_direction = self._kv()
         return MetricsView(
             service=self.settings.service, role=self.settings.role, engine_up=self.engine_up,
             stale=self.stale(), stats=st, window_s=st.span_s, gpu_mode=self.gpu_reader.mode, gpus=self.gpus,
-            kv_bytes_per_second=kv_bps, kv_direction=kv_direction, scrape_errors=dict(self.errors),
+            kv_sources=kv_sources, kv_direction=kv_direction, started_at=self.started_at,
+            scrape_errors=dict(self.errors),
             scrape_duration_s=self.scrape_duration_s, extension_metrics=self._extension_metrics,
         )
 

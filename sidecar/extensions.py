@@ -11,12 +11,14 @@ the report's ``kv_transfer`` object; any other extension appears under
 ``extensions.<name>`` (the report's ``from_dict`` ignores keys it does not know,
 so an older coordinator is not disturbed).
 
-The §3.2 metric ``heteroscale_kv_transfer_bytes_per_second{direction}`` is
+The §3.2 metric ``heteroscale_kv_transfer_bytes_per_second{direction,source}`` is
 exported by the sidecar's own collector (``sidecar.metrics``) from the
 ``kv_transfer`` sample, so its name, labels and absence rules stay in one place:
 
-* ``sample[KV_BYTES_PER_SECOND]``: float bytes/s over the extension's window,
-  or ``None`` when not measured (the gauge is then absent, never 0);
+* ``sample["sources"][NAME][KV_BYTES_PER_SECOND]``: float bytes/s of source NAME
+  (``engine``, ``rdma``, ``probe``), one series each; a source that did not
+  measure is left out (never 0). A sample with no ``sources`` but a headline
+  ``sample[KV_BYTES_PER_SECOND]`` counts under ``sample["source"]`` (default ``engine``);
 * ``sample[KV_DIRECTION]``: ``"send"`` or ``"receive"``; when missing the
   sidecar uses the role's default (``send`` on prefill, ``receive`` on decode).
 

@@ -16,10 +16,15 @@ Exported:
         heteroscale_requests_running, heteroscale_requests_waiting, heteroscale_kv_cache_usage_ratio,
         heteroscale_ttft_seconds{quantile}, heteroscale_tbt_seconds{quantile},
         heteroscale_gpu_{utilization_ratio,sm_activity_ratio,memory_used_bytes,power_watts}{gpu},
-        heteroscale_kv_transfer_bytes_per_second{direction}, heteroscale_scrape_errors_total{reason},
+        heteroscale_kv_transfer_bytes_per_second{direction,source} (one series per source that
+        measured: engine connector metrics, rdma NIC counters, probe; ``source`` added to the
+        §3.2 label set as issue 5 asks), heteroscale_scrape_errors_total{reason},
         heteroscale_scrape_duration_seconds
   extra heteroscale_gpu_mode{mode} (1 for the active GPU source; mode="none" = no-GPU mode),
-        heteroscale_report_stale, heteroscale_rate_window_seconds, and whatever extensions collect.
+        heteroscale_report_stale, heteroscale_rate_window_seconds,
+        heteroscale_engine_started_at_seconds (unix time the engine was first seen up, or
+        restarted: the coordinator's warm-up rule reads it over PromQL), and whatever
+        extensions collect.
 """
 
 from __future__ import annotations
@@ -51,8 +56,9 @@ class MetricsView:
     window_s: float = 0.0
     gpu_mode: str = "none"
     gpus: tuple[GpuReading, ...] = ()
-    kv_bytes_per_second: float | None = None
+    kv_sources: tuple[tuple[str, float], ...] = ()      # (source, bytes/s) that measured
     kv_direction: str = "send"
+    started_at: float | None = None
     scrape_errors: Mapping[str, int] = field(default_factory=dict)
     scrape_duration_s: float | None = None
     extension_metrics: Callable[[], Iterable[Metric]] | None = None
@@ -104,9 +110,16 @@ class SidecarCollector:
         yield labelled("heteroscale_tbt_seconds", "Time between tokens, windowed quantiles from histogram deltas.",
                        "quantile", ((_q(q), val) for q, val in s.tbt_s.items()))
         yield from self._gpu_families(v, names, values)
-        yield labelled("heteroscale_kv_transfer_bytes_per_second",
-                       "KV-cache transfer throughput: send on prefill, receive on decode.",
-                       "direction", [(v.kv_direction, v.kv_bytes_per_second)])
+        kv = GaugeMetricFamily("heteroscale_kv_transfer_bytes_per_second",
+                               "KV-cache transfer throughput (send on prefill, receive on decode) by source: "
+                               "engine connector metrics, rdma NIC counters, or the active probe's achievable rate.",
+                               labels=names + ["direction", "source"])
+        for source, value in v.kv_sources:
+            kv.add_metric(values + [v.kv_direction, source], value)
+        yield kv
+        yield gauge("heteroscale_engine_started_at_seconds",
+                    "Unix time the engine was first seen up (or seen to restart): warm-up starts here.",
+                    v.started_at)
         errors = CounterMetricFamily("heteroscale_scrape_errors", "Failed engine scrapes by reason.",
                                      labels=names + ["reason"])
         for reason in sorted(set(SCRAPE_ERROR_REASONS) | set(v.scrape_errors)):
@@ -154,14 +167,36 @@ def _safe(produce: Callable[[], Iterable[Metric]]) -> list[Metric]:
         return []
 
 
-def view_kv(sample: Mapping[str, Any] | None, *, default_direction: str) -> tuple[float | None, str]:
-    """(bytes/s, direction) from a ``kv_transfer`` extension sample (see sidecar.extensions)."""
+def view_kv(sample: Mapping[str, Any] | None, *,
+            default_direction: str) -> tuple[tuple[tuple[str, float], ...], str]:
+    """((source, bytes/s), ...) and the direction, from a ``kv_transfer`` extension sample.
+
+    Per-source values come from ``sample["sources"][name]["bytes_per_second"]``; a sample
+    with only a headline ``bytes_per_second`` counts under ``sample["source"]`` (default
+    ``engine``). Anything that is not a finite, non-negative number is left out.
+    """
     if not sample:
-        return None, default_direction
-    value = sample.get(KV_BYTES_PER_SECOND)
+        return (), default_direction
     direction = sample.get(KV_DIRECTION, default_direction)
     if direction not in KV_DIRECTIONS:
         direction = default_direction
+    out: list[tuple[str, float]] = []
+    sources = sample.get("sources")
+    if isinstance(sources, Mapping):
+        for name in sorted(sources):
+            entry = sources[name]
+            value = _rate(entry.get(KV_BYTES_PER_SECOND)) if isinstance(entry, Mapping) else None
+            if isinstance(name, str) and value is not None:
+                out.append((name, value))
+    if not out:
+        value = _rate(sample.get(KV_BYTES_PER_SECOND))
+        source = sample.get("source")
+        if value is not None:
+            out.append((source if isinstance(source, str) and source else "engine", value))
+    return tuple(out), direction
+
+
+def _rate(value: Any) -> float | None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0 or value == float("inf"):
-        value = None
-    return (None if value is None else float(value)), direction
+        return None
+    return float(value)

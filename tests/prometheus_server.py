@@ -43,9 +43,9 @@ class PrometheusServer:
         self.url = f"http://127.0.0.1:{self.port}"
         workdir.mkdir(parents=True, exist_ok=True)
         config = {
-            "global": {"scrape_interval": f"{scrape_interval_s}s", "evaluation_interval": f"{scrape_interval_s}s"},
+            "global": {"scrape_interval": f"{scrape_interval_s:g}s", "evaluation_interval": f"{scrape_interval_s:g}s"},
             "scrape_configs": [
-                {"job_name": job, "scrape_interval": f"{scrape_interval_s}s",
+                {"job_name": job, "scrape_interval": f"{scrape_interval_s:g}s",
                  "static_configs": [{"targets": list(addrs), "labels": dict((labels or {}).get(job, {}))}]}
                 for job, addrs in targets.items()
             ],

@@ -13,6 +13,7 @@ from kv_transfer import sidecar_ext
 from kv_transfer.sidecar_ext import KvSettings, KvTransferExtension
 from sidecar.errors import ConfigError
 from sidecar.extensions import SidecarExtension, build_extensions, observe_engine_page
+from sidecar.metrics import view_kv
 
 
 def nixl_page(*, bytes_sum: float, count: int, time_sum: float, failed: int, waiting: int = 0,
@@ -82,9 +83,9 @@ async def test_engine_page_rates_latency_and_failures():
     assert engine["failures_in_window"] == 2 and engine["failures_total"] == 2
     assert (sample["bytes_per_second"], sample["direction"], sample["source"]) == (pytest.approx(5e7), "receive",
                                                                                    "engine")
+    # the sidecar exports it as heteroscale_kv_transfer_bytes_per_second{direction,source}
+    assert view_kv(sample, default_direction="receive") == ((("engine", pytest.approx(5e7)),), "receive")
     m = metrics_of(ext)
-    assert m["heteroscale_kv_transfer_source_bytes_per_second"] == [
-        ({"direction": "receive", "source": "engine"}, pytest.approx(5e7))]
     assert ({"stat": "mean"}, pytest.approx(0.02)) in m["heteroscale_kv_transfer_latency_seconds"]
     assert m["heteroscale_kv_transfer_failures_total"] == [({"connector": "vllm_nixl"}, 2.0)]
 
@@ -96,7 +97,7 @@ async def test_a_byte_counter_that_never_moved_is_absent_not_zero():
     sample = await ext.sample(5.0)
     assert "bytes_per_second" not in sample["sources"]["engine"]
     assert sample["bytes_per_second"] is None
-    assert "heteroscale_kv_transfer_source_bytes_per_second" not in metrics_of(ext)
+    assert view_kv(sample, default_direction="send") == ((), "send")
 
 
 async def test_garbage_and_engine_without_connector_give_no_engine_source():
@@ -265,8 +266,7 @@ async def test_probe_server_and_client_extensions_on_loopback(tmp_path):
             assert sample["bytes_per_second"] is None      # the probe is capacity, never the headline
             m = metrics_of(prefill)
             assert m["heteroscale_kv_transfer_probe_bytes_per_second"][0][0] == {"peer": "decode-7"}
-            assert ({"direction": "send", "source": "probe"}, peer["bytes_per_second"]) in \
-                m["heteroscale_kv_transfer_source_bytes_per_second"]
+            assert ("probe", peer["bytes_per_second"]) in view_kv(sample, default_direction="send")[0]
         finally:
             await prefill.close()
         server_doc = (await decode.sample(2.0))["probe"]["server"]
@@ -308,9 +308,7 @@ async def test_inside_the_real_agent_against_a_real_engine_server():
                 assert report.kv_transfer["bytes_per_second"] == pytest.approx(5e6)
                 assert report.kv_transfer["source"] == "engine" and report.kv_transfer["direction"] == "receive"
                 view = agent.metrics_view()
-                assert (view.kv_bytes_per_second, view.kv_direction) == (pytest.approx(5e6), "receive")
-                names = {m.name for m in view.extension_metrics()}
-                assert "heteroscale_kv_transfer_source_bytes_per_second" in names
+                assert (view.kv_sources, view.kv_direction) == ((("engine", pytest.approx(5e6)),), "receive")
             finally:
                 await agent.stop()
     finally:

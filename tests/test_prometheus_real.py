@@ -256,7 +256,7 @@ def _dashboard_exprs() -> list[tuple[str, str]]:
 EMPTY_HERE = {
     # The sidecar only exports KV-transfer throughput when a KV connector extension
     # measures it (real P/D transfer); completions sent straight to emulators do none.
-    "sum by (service, direction) (heteroscale_kv_transfer_bytes_per_second{service=~\".*\"})",
+    "sum by (service, direction, source) (heteroscale_kv_transfer_bytes_per_second{service=~\".*\"})",
 }
 
 

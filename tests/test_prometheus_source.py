@@ -71,7 +71,10 @@ def test_every_captured_answer_parses() -> None:
     results = _results(_load("fleet"))
     assert len(results["engine_up"]) == 4 and all(s.value == 1.0 for s in results["engine_up"])
     assert len(results["ttft"]) == 4 and {s.labels["quantile"] for s in results["ttft"]} == {"0.9"}
-    assert results["started_at"] == [] and results["kv_transfer"] == []   # not exported by these sidecars
+    # every sidecar exports when its engine came up (warm-up over PromQL)
+    assert len(results["started_at"]) == 4 and all(s.value > 1.7e9 for s in results["started_at"])
+    # KV bytes moved are grouped by direction only (the probe's capacity series is excluded)
+    assert all(s.labels["direction"] in ("send", "receive") for s in results["kv_transfer"])
 
 
 def test_prometheus_error_answer_is_rejected() -> None:

@@ -178,7 +178,7 @@ async def test_extension_sample_reaches_report_and_metrics_view(engine, session)
     assert ext.started and ext.closed and clock.t in ext.calls
     assert agent.report().kv_transfer == {"bytes_per_second": 1.5e9, "transfers": 3}
     view = agent.metrics_view()
-    assert (view.kv_bytes_per_second, view.kv_direction) == (1.5e9, "receive")      # decode receives
+    assert (view.kv_sources, view.kv_direction) == ((("engine", 1.5e9),), "receive")  # decode receives
     assert [m.name for m in view.extension_metrics()] == []   # stopped: extensions released
 
 

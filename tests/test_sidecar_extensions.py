@@ -1,5 +1,5 @@
 """The extension seam: modules add flags and build extensions; absent modules are skipped;
-the kv_transfer sample becomes heteroscale_kv_transfer_bytes_per_second{direction}."""
+the kv_transfer sample becomes heteroscale_kv_transfer_bytes_per_second{direction,source}."""
 
 from __future__ import annotations
 
@@ -66,9 +66,17 @@ def test_absent_module_is_skipped_but_a_broken_one_is_loud(tmp_path, monkeypatch
 
 def test_kv_sample_to_metric_value():
     assert default_kv_direction("prefill") == "send" and default_kv_direction("decode") == "receive"
-    assert view_kv({"bytes_per_second": 2e9}, default_direction="send") == (2e9, "send")
-    assert view_kv({"bytes_per_second": 5, "direction": "receive"}, default_direction="send") == (5.0, "receive")
-    assert view_kv({"bytes_per_second": 5, "direction": "up"}, default_direction="send") == (5.0, "send")
+    # a headline alone counts under its source (default engine)
+    assert view_kv({"bytes_per_second": 2e9}, default_direction="send") == ((("engine", 2e9),), "send")
+    assert view_kv({"bytes_per_second": 5, "direction": "receive", "source": "rdma"},
+                   default_direction="send") == ((("rdma", 5.0),), "receive")
+    assert view_kv({"bytes_per_second": 5, "direction": "up"}, default_direction="send") == ((("engine", 5.0),), "send")
+    # per-source values win over the headline; a source without a number is left out
+    sample = {"bytes_per_second": 7.0, "source": "engine", "direction": "send",
+              "sources": {"engine": {"bytes_per_second": 7.0}, "probe": {"bytes_per_second": 9e8},
+                          "rdma": {"bytes_per_second": None}}}
+    assert view_kv(sample, default_direction="send") == ((("engine", 7.0), ("probe", 9e8)), "send")
     for bad in (None, {}, {"bytes_per_second": None}, {"bytes_per_second": -1}, {"bytes_per_second": "x"},
-                {"bytes_per_second": float("nan")}, {"bytes_per_second": float("inf")}, {"bytes_per_second": True}):
-        assert view_kv(bad, default_direction="receive") == (None, "receive")
+                {"bytes_per_second": float("nan")}, {"bytes_per_second": float("inf")}, {"bytes_per_second": True},
+                {"sources": {"engine": {"bytes_per_second": -3}}}, {"sources": {"engine": 5}}):
+        assert view_kv(bad, default_direction="receive") == ((), "receive")

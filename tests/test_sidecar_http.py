@@ -6,12 +6,12 @@ from __future__ import annotations
 import aiohttp
 import pytest
 from aiohttp import web
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from sidecar.agent import Agent, AgentSettings
 from sidecar.http import make_app
-from sidecar.metrics import SCRAPE_ERROR_REASONS, SidecarCollector
+from sidecar.metrics import SCRAPE_ERROR_REASONS, MetricsView, SidecarCollector
 from sidecar.report import GpuReading
 from tests.test_sidecar_fakes import FakeEngine, vllm_page
 
@@ -127,6 +127,19 @@ async def test_readyz_then_metrics_and_report(stack):
                 "ttft_p90_s", "tbt_p90_s", "observed_at", "window_s"):
         assert key in doc
     assert doc["decode_tps"] == pytest.approx(150.0) and doc["engine_up"] is True and doc["stale"] is False
+    # the same start time as the report, for the coordinator's warm-up rule over PromQL
+    assert value(fams, "heteroscale_engine_started_at_seconds") == pytest.approx(doc["started_at"])
+
+
+def test_kv_transfer_is_one_series_per_measured_source():
+    view = MetricsView(service="chat", role="prefill", kv_direction="send",
+                       kv_sources=(("engine", 4.0e9), ("probe", 9.5e9)))
+    registry = CollectorRegistry()
+    registry.register(SidecarCollector(lambda: view))
+    fams = families(generate_latest(registry).decode())
+    samples = {(s.labels["direction"], s.labels["source"]): s.value
+               for s in fams["heteroscale_kv_transfer_bytes_per_second"].samples}
+    assert samples == {("send", "engine"): 4.0e9, ("send", "probe"): 9.5e9}    # rdma did not measure: absent
 
 
 async def test_faults_show_in_metrics(stack):

@@ -82,7 +82,8 @@ class CoordinatorCollector:
             decisions.add_metric([service, direction, reason], float(count))
         yield decisions
         collection = CounterMetricFamily("heteroscale_coordinator_collection_errors",
-                                         "sidecar reports that could not be fetched or parsed",
+                                         "instance signals that could not be fetched or parsed (sidecar reports, or "
+                                         "Prometheus queries: reasons prometheus_*)",
                                          labels=["service", "reason"])
         for (service, reason), count in sorted(rec.collector.errors_total.items()):
             collection.add_metric([service, reason], float(count))

@@ -90,7 +90,10 @@ SIGNALS: tuple[Signal, ...] = (
     Signal("gpu_sm_activity_ratio", "heteroscale_gpu_sm_activity_ratio", extra="gpu"),
     Signal("gpu_memory_used_bytes", "heteroscale_gpu_memory_used_bytes", extra="gpu"),
     Signal("gpu_power_watts", "heteroscale_gpu_power_watts", extra="gpu"),
-    Signal("kv_transfer", "heteroscale_kv_transfer_bytes_per_second", extra="direction"),
+    # Bytes actually moved (engine connector metrics or RDMA counters); the probe's series
+    # is achievable capacity, not traffic.
+    Signal("kv_transfer", "heteroscale_kv_transfer_bytes_per_second", extra="direction",
+           matchers='source!="probe"'),
 )
 
 
