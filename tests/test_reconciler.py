@@ -409,3 +409,24 @@ def test_without_leader_module_it_runs_as_the_only_leader(monkeypatch, caplog):
         election = make_election(config(), identity="solo")
     assert isinstance(election, AlwaysLeader) and election.is_leader
     assert "LEADER ELECTION UNAVAILABLE" in caplog.text
+
+
+async def test_an_actuator_that_knows_its_instances_is_the_report_source():
+    # backend local: no sidecar URLs in the config; the actuator started the instances and
+    # names their report URLs itself, so the coordinator pulls those.
+    from sidecar.coordinator.collect import Target
+    from sidecar.coordinator.config import load_config
+    from sidecar.coordinator.main import report_source
+
+    config = load_config({"coordinator": {"backend": "local"}, "services": [{
+        "name": "chat", "pd_ratio": "2:1", "target_decode_tps_per_instance": 100,
+        "slo": {"tbt_s": 0.05}, "prefill": {"gpu_types": ["NVIDIA-L20"]},
+        "decode": {"gpu_types": ["NVIDIA-H20"]}}]})
+
+    class Started:
+        async def targets(self, service):
+            return [Target(url="http://127.0.0.1:9/v1/report", role="decode", pod=f"{service.name}-d0")]
+
+    source = report_source(config, Started())
+    assert await source.targets(config.services[0]) == [
+        Target(url="http://127.0.0.1:9/v1/report", role="decode", pod="chat-d0")]

@@ -125,7 +125,10 @@ def _accepted(cls: Any, offered: dict[str, Any]) -> dict[str, Any]:
 
 
 def report_source(config: Config, actuator: Any) -> ReportSource:
-    """Config URLs first; then pod IPs if the actuator can list pods (``list_pods``)."""
+    """Config URLs first; then what the actuator knows: the instances it started itself
+    (an actuator that is a ``ReportSource``, like the local one) or pod IPs (``list_pods``)."""
+    if callable(getattr(actuator, "targets", None)):
+        return ChainSource(StaticSource(), actuator)
     lister = getattr(actuator, "list_pods", None)
     if callable(lister):
         return ChainSource(StaticSource(), PodSource(lister, port=config.coordinator.collect.sidecar_port))
