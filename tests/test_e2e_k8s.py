@@ -61,25 +61,41 @@ SA_NAMESPACE, SA_NAME = "heteroscale-system", "heteroscale-coordinator"
 
 # ---------------------------------------------------------------- cluster setup
 
-def apply_rbac(cluster: Cluster) -> None:
-    """The base manifests' namespace, ServiceAccount and RBAC, created as they are."""
+RBAC_KINDS = ("Namespace", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding")
+
+
+def rbac_objects(cluster: Cluster, *, delete: list[dict] | None = None) -> list[dict]:
+    """Create the base manifests' namespace, ServiceAccount and RBAC as they are; returns
+    the objects this call created. With ``delete``: delete those instead (the session's
+    control plane is shared: tests/test_manifests_k8s.py dry-runs the same objects and
+    needs them absent), except the Namespace, which other tests tolerate."""
     from kubernetes import config, dynamic
-    from kubernetes.dynamic.exceptions import ConflictError
+    from kubernetes.dynamic.exceptions import ConflictError, NotFoundError
 
     api_client = config.new_client_from_config(config_file=str(cluster.kubeconfig))
+    created: list[dict] = []
     try:
         dyn = dynamic.DynamicClient(api_client)
-        kinds = ("Namespace", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding")
-        docs = sorted((d for d in render("base") if d["kind"] in kinds), key=lambda d: kinds.index(d["kind"]))
+        if delete is None:
+            docs = sorted((d for d in render("base") if d["kind"] in RBAC_KINDS),
+                          key=lambda d: RBAC_KINDS.index(d["kind"]))
+        else:
+            docs = [d for d in reversed(delete) if d["kind"] != "Namespace"]
         for doc in docs:
             resource = dyn.resources.get(api_version=doc["apiVersion"], kind=doc["kind"])
-            with contextlib.suppress(ConflictError):   # another test of the session applied it
-                if resource.namespaced:
-                    dyn.create(resource, body=doc, namespace=doc["metadata"]["namespace"])
-                else:
-                    dyn.create(resource, body=doc)
+            where = {"namespace": doc["metadata"]["namespace"]} if resource.namespaced else {}
+            if delete is not None:
+                with contextlib.suppress(NotFoundError):
+                    dyn.delete(resource, name=doc["metadata"]["name"], **where)
+                continue
+            try:
+                dyn.create(resource, body=doc, **where)
+                created.append(doc)
+            except ConflictError:   # another test of the session applied it: leave it to that one
+                pass
     finally:
         api_client.close()
+    return created
 
 
 def sa_kubeconfig(cluster: Cluster, path: Path) -> Path:
@@ -323,12 +339,23 @@ async def test_load_up_and_down_through_a_real_coordinator_process(k8s_cluster, 
     nodes = [gpu_node(f"e2e-{tag}-a-l20", gpu_type=types["prefill"], s2=f"a-{tag}", s1="a1", gpus=2),
              gpu_node(f"e2e-{tag}-a-h20", gpu_type=types["decode"], s2=f"a-{tag}", s1="a1", gpus=2),
              gpu_node(f"e2e-{tag}-b-h20", gpu_type=types["decode"], s2=f"b-{tag}", s1="b1", gpus=8)]
+    rbac = rbac_objects(k8s_cluster)
+    try:
+        for node in nodes:
+            await kube.create(NODES, node)
+        for role in ("prefill", "decode"):
+            await kube.create(DEPLOYMENTS, template(f"chat-{role}", role, k8s_namespace), namespace=k8s_namespace)
+        await run_loop(k8s_cluster, kube, k8s_namespace, tmp_path, tag=tag, types=types, nodes=nodes)
+    finally:
+        rbac_objects(k8s_cluster, delete=rbac)
+        for node in nodes:
+            with contextlib.suppress(Exception):
+                await kube.delete(NODES, node["metadata"]["name"])
+
+
+async def run_loop(k8s_cluster: Cluster, kube: Kube, k8s_namespace: str, tmp_path: Path, *,  # noqa: F811
+                   tag: str, types: dict[str, str], nodes: list[dict]) -> None:
     labels_of = {n["metadata"]["name"]: n["metadata"]["labels"] for n in nodes}
-    for node in nodes:
-        await kube.create(NODES, node)
-    for role in ("prefill", "decode"):
-        await kube.create(DEPLOYMENTS, template(f"chat-{role}", role, k8s_namespace), namespace=k8s_namespace)
-    apply_rbac(k8s_cluster)
     kubeconfig = sa_kubeconfig(k8s_cluster, tmp_path / "sa-kubeconfig")
 
     port, sidecar_port, engine_port, probe_port = free_port(), free_port(), free_port(), free_port()
@@ -477,6 +504,3 @@ async def test_load_up_and_down_through_a_real_coordinator_process(k8s_cluster, 
         coordinator_log.close()
         if os.environ.get("HETEROSCALE_E2E_LOG"):
             sys.stderr.write((tmp_path / "coordinator.log").read_text(errors="replace")[-8000:])
-        for node in nodes:
-            with contextlib.suppress(Exception):
-                await kube.delete(NODES, node["metadata"]["name"])
