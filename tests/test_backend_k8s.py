@@ -239,7 +239,7 @@ async def test_kv_bandwidth_map_reaches_status_and_metrics_with_switches_from_th
     cfg = load_config(doc())
     backend = KubernetesBackend(cfg, api=api, clock=clock)
     assert backend.groups is not None
-    backend.groups.switches.update({"n-a": ("a", "a1"), "n-b": ("b", "b1")})
+    backend.groups.switches = {"n-a": ("a", "a1"), "n-b": ("b", "b1")}
     now = time.time()
     peers = [{"peer": "d0", "measured_at": now - 5, "bytes_per_second": 10e9, "rtt_s": 1e-4},
              {"peer": "d1", "measured_at": now - 5, "bytes_per_second": 6e9, "rtt_s": 2e-4}]

@@ -320,9 +320,10 @@ class DeploymentGroupActuator:
         self.identity = identity
         self.last_plan: dict[str, PlacementPlan] = {}
         self.last_sync_error: str | None = None
-        # node name -> (s2, s1), and pod name -> DG, as of the latest observe (bandwidth map)
+        # node name -> (s2, s1), and per service pod name -> DG, as of the latest observe
+        # (for the KV bandwidth map)
         self.switches: dict[str, tuple[str, str]] = {}
-        self.pod_groups: dict[str, str] = {}
+        self._pod_groups: dict[str, dict[str, str]] = {}
 
     # ------------------------------------------------------------ reads
     async def _objects(self, service: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -354,17 +355,20 @@ class DeploymentGroupActuator:
                 self.last_sync_error = None
             if wrote:
                 deps, pods = await self._objects(service)
-        tiers = await self._topology(pods)
+        tiers = await self._topology(service.name, pods)
         return self._status(service, deps, pods, tiers=tiers)
 
-    async def _topology(self, pods: list[dict[str, Any]]) -> dict[tuple[str, ...], str]:
+    @property
+    def pod_groups(self) -> dict[str, str]:
+        """pod name -> DG, every service's pods as of its latest observe."""
+        return {pod: dg for per in self._pod_groups.values() for pod, dg in per.items()}
+
+    async def _topology(self, service: str, pods: list[dict[str, Any]]) -> dict[tuple[str, ...], str]:
         """Remember the node switches and pod groups; the tier of each switch domain."""
         view = build_view(await self.api.list(NODES), keys=self.settings.keys)
-        self.switches.update({n.name: (n.s2, n.s1) for n in view.nodes})
-        for pod in pods:
-            dg = _labels(pod).get(LABEL_DG)
-            if dg:
-                self.pod_groups[pod["metadata"]["name"]] = dg
+        self.switches = {n.name: (n.s2, n.s1) for n in view.nodes}
+        self._pod_groups[service] = {pod["metadata"]["name"]: _labels(pod)[LABEL_DG] for pod in pods
+                                     if _labels(pod).get(LABEL_DG)}
         tiers: dict[tuple[str, ...], str] = {("s2", s2): t for s2, t in view.s2_tiers().items()}
         tiers.update({("s1", s2, s1): t for (s2, s1), t in view.s1_tiers().items()})
         if view.nodes:
