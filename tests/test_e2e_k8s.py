@@ -222,8 +222,11 @@ class PodRunner:
             if not node:
                 continue
             entry = self.pods.get(name)
+            role = pod["metadata"]["labels"][LABEL_ROLE]
+            if entry is None and role == "prefill" and not self.decode_ips():
+                continue   # its sidecar's probe peers are the decode pods: start those first
             if entry is None:
-                entry = self.pods[name] = self._spawn(name, pod["metadata"]["labels"][LABEL_ROLE], node)
+                entry = self.pods[name] = self._spawn(name, role, node)
             engine = await self._engine_up(entry)
             conds = {c["type"]: c.get("status") for c in pod.get("status", {}).get("conditions") or []}
             gates = [g["conditionType"] for g in pod["spec"].get("readinessGates") or []]
