@@ -2,8 +2,9 @@
 
 Every object of the base and the examples overlay goes through a server-side dry
 run (``dryRun=All``: admission, defaulting and validation run, nothing is
-stored), except objects whose API version the server does not serve: those are
-named in the skip list of the test result. The RBAC is then applied for real and
+stored), fresh and over an existing install (server-side apply), except objects
+whose API version the server does not serve: those are named in the skip list
+of the test result. The RBAC is then applied for real and
 the API server's own authorizer (SubjectAccessReview) is asked whether the
 coordinator's ServiceAccount may do what the code does, and may not do more.
 """
@@ -31,14 +32,32 @@ def _served(dyn, api_version: str, kind: str) -> bool:
         return False
 
 
-def _apply(dyn, doc: dict, *, dry_run: bool) -> None:
+def _apply(dyn, doc: dict, *, dry_run: bool) -> bool:
+    """Create ``doc`` (for real, or as a server-side dry run). Returns False when it
+    already existed. A dry run of an object that exists (an upgrade; or another test
+    on the shared control plane made it) is checked as a dry-run server-side apply,
+    as ``kubectl apply --server-side --dry-run=server`` does: a plain replace would
+    drop server-set fields such as a Service's clusterIP."""
+    from kubernetes.dynamic.exceptions import ConflictError
+
     resource = dyn.resources.get(api_version=doc["apiVersion"], kind=doc["kind"])
     kwargs = {"dry_run": "All"} if dry_run else {}
-    namespace = doc["metadata"].get("namespace")
-    if resource.namespaced:
-        dyn.create(resource, body=doc, namespace=namespace, **kwargs)
-    else:
-        dyn.create(resource, body=doc, **kwargs)
+    scope = {"namespace": doc["metadata"].get("namespace")} if resource.namespaced else {}
+    try:
+        dyn.create(resource, body=doc, **scope, **kwargs)
+        return True
+    except ConflictError:
+        if not dry_run:
+            return False
+    dyn.server_side_apply(resource, body=doc, name=doc["metadata"]["name"], field_manager="heteroscale-test",
+                          force_conflicts=True, **scope, **kwargs)
+    return False
+
+
+def _delete(dyn, doc: dict) -> None:
+    resource = dyn.resources.get(api_version=doc["apiVersion"], kind=doc["kind"])
+    scope = {"namespace": doc["metadata"].get("namespace")} if resource.namespaced else {}
+    dyn.delete(resource, name=doc["metadata"]["name"], **scope)
 
 
 @pytest.fixture(scope="module")
@@ -52,14 +71,9 @@ def dynamic(k8s_cluster):  # noqa: F811
 
 
 def _ensure_namespaces(dyn, docs: list[dict]) -> None:
-    from kubernetes.dynamic.exceptions import ConflictError
-
     for doc in docs:
         if doc["kind"] == "Namespace":
-            try:
-                _apply(dyn, doc, dry_run=False)
-            except ConflictError:
-                pass
+            _apply(dyn, doc, dry_run=False)
 
 
 @pytest.mark.parametrize("overlay", ["base", "examples"])
@@ -80,6 +94,21 @@ def test_every_object_passes_a_server_side_dry_run(dynamic, overlay):
     assert "Deployment" in checked and "ClusterRole" in checked
 
 
+def test_dry_run_over_an_existing_install(dynamic):
+    # An upgrade: the objects are already there, so each is checked as a dry-run server-side apply.
+    docs = [d for d in render("base") if _served(dynamic, d["apiVersion"], d["kind"])]
+    _ensure_namespaces(dynamic, docs)
+    installed = [d for d in docs if d["kind"] != "Namespace" and _apply(dynamic, d, dry_run=False)]
+    try:
+        assert installed, "nothing was installed, so the replace path would go unchecked"
+        for doc in docs:
+            if doc["kind"] != "Namespace":
+                assert _apply(dynamic, doc, dry_run=True) is False     # existed: applied, as a dry run
+    finally:
+        for doc in reversed(installed):
+            _delete(dynamic, doc)
+
+
 def _allowed(dyn, *, verb: str, resource: str, group: str = "", namespace: str = "llm",
              subresource: str = "") -> bool:
     review = dyn.resources.get(api_version="authorization.k8s.io/v1", kind="SubjectAccessReview")
@@ -91,16 +120,19 @@ def _allowed(dyn, *, verb: str, resource: str, group: str = "", namespace: str =
 
 
 def test_service_account_may_do_what_the_coordinator_does_and_no_more(dynamic):
-    from kubernetes.dynamic.exceptions import ConflictError
-
     docs = render("base")
     _ensure_namespaces(dynamic, docs)
-    for doc in docs:
-        if doc["kind"] in ("ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding"):
-            try:
-                _apply(dynamic, doc, dry_run=False)
-            except ConflictError:
-                pass
+    created = [doc for doc in docs
+               if doc["kind"] in ("ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding")
+               and _apply(dynamic, doc, dry_run=False)]
+    try:
+        _check_authorization(dynamic)
+    finally:
+        for doc in reversed(created):      # the control plane is shared by the session
+            _delete(dynamic, doc)
+
+
+def _check_authorization(dynamic) -> None:
     may = [
         dict(verb="list", resource="nodes", namespace=""),
         dict(verb="patch", resource="deployments", group="apps", subresource="scale"),
