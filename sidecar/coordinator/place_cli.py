@@ -28,7 +28,7 @@ from typing import Any
 
 import yaml
 
-from sidecar.coordinator.config import load_config
+from sidecar.coordinator.main import read_config
 from sidecar.coordinator.placement import DeploymentGroup, PlacementPlan, demand_from_service, plan
 from sidecar.coordinator.topology import (
     DEFAULT_GPU_RESOURCE, DEFAULT_GPU_TYPE_LABEL, DEFAULT_S1_LABEL, DEFAULT_S2_LABEL, ClusterView,
@@ -117,14 +117,7 @@ def _pinned(groups: list[DeploymentGroup], gpus: dict[str, int]) -> dict[str, in
 
 def build_plan(args: argparse.Namespace) -> tuple[ClusterView, PlacementPlan, Any, list[DeploymentGroup]]:
     """Everything but the printing; raises ``UsageError`` for any bad input."""
-    config_text_path = args.config
-    try:
-        config_text = Path(config_text_path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise UsageError(f"no such config file: {config_text_path}") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UsageError(f"cannot read config file {config_text_path}: {exc}") from None
-    config = load_config(config_text, origin=config_text_path)
+    config = read_config(args.config)
     try:
         service = config.service(args.service)
     except KeyError:
