@@ -51,6 +51,7 @@ import aiohttp  # noqa: E402
 from engine_adapters import vllm  # noqa: E402
 from engine_adapters.rates import SignalWindow  # noqa: E402
 from sidecar.agent import Agent, AgentSettings  # noqa: E402
+from sidecar.ports import free_ports  # noqa: E402
 from vllm_page import build_page  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results" / "sidecar.json"
@@ -72,9 +73,7 @@ web.run_app(app, host="127.0.0.1", port=int(sys.argv[2]), print=None, access_log
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
 
 
 def dp2_from_real(text: str) -> str:

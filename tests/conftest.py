@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 from pathlib import Path
 
 import pytest
+
+from sidecar.ports import free_port as _free_port
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -26,9 +27,8 @@ def shared_dir() -> Path:
 
 
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A port below the ephemeral range (see sidecar.ports): safe to hand to a child process."""
+    return _free_port()
 
 
 @pytest.fixture

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import shutil
 import signal
-import socket
 import subprocess
 import time
 import urllib.parse
@@ -22,11 +21,9 @@ from typing import Mapping, Sequence
 import pytest
 import yaml
 
+from sidecar.ports import free_port
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+
 
 
 def prometheus_binary() -> str:
@@ -39,7 +36,7 @@ def prometheus_binary() -> str:
 class PrometheusServer:
     def __init__(self, workdir: Path, *, targets: Mapping[str, Sequence[str]],
                  scrape_interval_s: float = 1.0, labels: Mapping[str, Mapping[str, str]] | None = None) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         workdir.mkdir(parents=True, exist_ok=True)
         config = {

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from simulator import perfmodel
-from sidecar.coordinator.actuators.local import free_ports
+from sidecar.ports import free_ports
 from sidecar.demo.cli import DemoSettings, _attainment, build_world
 from sidecar.demo.loadgen import (PACKAGE_SAMPLE, LoadGenerator, RequestSize, arrival_times,
                                   default_trace_path, profile_at, read_sizes)

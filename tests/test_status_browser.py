@@ -24,7 +24,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from sidecar.coordinator.actuators.local import free_ports
+from sidecar.ports import free_ports
 
 REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

@@ -48,7 +48,7 @@ from typing import Any
 from aiohttp import web
 
 from sidecar.coordinator.actuators.local import (LocalActuator, LocalSettings, SimulatedCluster,
-                                                 emulator_gpu, free_ports)
+                                                 emulator_gpu)
 from sidecar.coordinator.collect import Collector
 from sidecar.coordinator.config import Config, load_config
 from sidecar.coordinator.leader import LocalLeaseElection
@@ -60,6 +60,7 @@ from sidecar.demo.loadgen import LoadGenerator, default_trace_path, read_sizes
 from sidecar.demo.router import Backend, RequestResult, Router
 from sidecar.demo.sizing import ServiceSizing, size_service
 from sidecar.errors import UsageError
+from sidecar.ports import free_ports
 from simulator import perfmodel
 
 log = logging.getLogger("heteroscale.demo")

@@ -42,7 +42,6 @@ import itertools
 import logging
 import os
 import signal
-import socket
 import sys
 import time
 from dataclasses import dataclass, field
@@ -53,6 +52,7 @@ import aiohttp
 import yaml
 
 from sidecar.coordinator.collect import Target
+from sidecar.ports import free_ports
 from sidecar.coordinator.actuators.groups import admit
 from sidecar.coordinator.placement import DeploymentGroup, RoleGroup, demand_from_service, plan
 from sidecar.coordinator.topology import ClusterView, TopologyKeys, build_view, nodes_from_document
@@ -217,20 +217,6 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child between 
     """Ask the kernel to SIGTERM this child when its parent dies (Linux prctl)."""
     if _LIBC is not None:
         _LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
-def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
-    """``count`` distinct ports the kernel says are free now (bound and released together)."""
-    socks = []
-    try:
-        for _ in range(count):
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            sock.bind((host, 0))
-            socks.append(sock)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for sock in socks:
-            sock.close()
 
 
 @dataclass
