@@ -146,6 +146,19 @@ def deployment_body(name: str, replicas: int) -> dict:
                                   "spec": {"containers": [{"name": "engine", "image": "example.invalid/vllm:0"}]}}}}
 
 
+async def eventually(check, *, timeout_s: float = 30, step_s: float = 0.25, what: str = "condition"):
+    """Poll an async ``check`` until it returns a truthy value, which is returned (real
+    controllers and processes are asynchronous); fail the test after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = await check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what}: not within {timeout_s} s")
+        await asyncio.sleep(step_s)
+
+
 async def mark_pods_ready(api, namespace: str, app: str, count: int) -> list[str]:
     """Act as the kubelet for ``count`` of the app's pods: phase Running, Ready True, and a
     pod IP from 10.244.0.0/16 (made up: nothing listens there)."""

@@ -18,7 +18,7 @@ from sidecar.coordinator.actuators.kubernetes import (ANNOTATION_DECISION, ANNOT
 from sidecar.coordinator.kube import DEPLOYMENTS, EVENTS, PODS, Kube, RetryPolicy
 from sidecar.coordinator.types import Decision, PoolCounts
 from sidecar.errors import ApiError
-from tests.k8s_envtest import (deployment_body, k8s_cluster, k8s_namespace, kube,  # noqa: F401
+from tests.k8s_envtest import (deployment_body, eventually, k8s_cluster, k8s_namespace, kube,  # noqa: F401
                                mark_pods_ready)
 from tests.k8s_fake import FaultyTransport
 
@@ -39,18 +39,6 @@ def decision(cur, new, reason="scale_out_tps") -> Decision:
 async def setup(kube: Kube, namespace: str, prefill: int = 1, decode: int = 2) -> None:
     await kube.create(DEPLOYMENTS, deployment_body("chat-prefill", prefill), namespace=namespace)
     await kube.create(DEPLOYMENTS, deployment_body("chat-decode", decode), namespace=namespace)
-
-
-async def eventually(check, *, timeout_s: float = 20, step_s: float = 0.2):
-    """Poll an async check until it returns a truthy value (real controllers are async)."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = await check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail("condition not met in time")
-        await asyncio.sleep(step_s)
 
 
 async def replicas(kube: Kube, namespace: str) -> tuple[int, int]:

@@ -49,7 +49,7 @@ from sidecar.coordinator.actuators.groups import (ANNOTATION_GROUP, GATE, LABEL_
                                                   is_draining)
 from sidecar.coordinator.kube import DEPLOYMENTS, NODES, PODS, Kube, format_time
 from tests.conftest import free_port
-from tests.k8s_envtest import Cluster, k8s_cluster, k8s_namespace, kube  # noqa: F401
+from tests.k8s_envtest import Cluster, eventually, k8s_cluster, k8s_namespace, kube  # noqa: F401
 from tests.test_groups_k8s import template
 from tests.test_manifests import render
 
@@ -281,17 +281,6 @@ async def drive_load(runner: PodRunner, *, streams: int) -> None:
 
 
 # ---------------------------------------------------------------- helpers
-
-async def eventually(check, *, what: str, timeout_s: float, step_s: float = 0.25):
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = await check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"{what}: not within {timeout_s} s")
-        await asyncio.sleep(step_s)
-
 
 async def stop_task(task: asyncio.Task) -> None:
     task.cancel()

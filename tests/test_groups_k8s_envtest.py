@@ -11,7 +11,6 @@ in pod status to exercise the ready-ratio gate and soft scale-in.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 import uuid
@@ -22,7 +21,7 @@ from sidecar.coordinator.actuators.groups import (ANNOTATION_GROUP, LABEL_DG, LA
                                                   DeploymentGroupActuator, GroupSettings, is_draining)
 from sidecar.coordinator.kube import DEPLOYMENTS, EVENTS, NODES, PODS, Kube
 from sidecar.coordinator.types import PoolCounts
-from tests.k8s_envtest import k8s_cluster, k8s_namespace, kube  # noqa: F401
+from tests.k8s_envtest import eventually, k8s_cluster, k8s_namespace, kube  # noqa: F401
 from tests.k8s_fake import FakeClock
 from tests.test_groups_k8s import (H20, L20, decision, gate_of, kubelet, service_config, template,
                                    tier_nodes)
@@ -42,17 +41,6 @@ async def cluster_nodes(kube: Kube):  # noqa: F811
         await kube.delete(NODES, node["metadata"]["name"])
 
 
-async def eventually(check, *, timeout_s: float = 45, step_s: float = 0.25):
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = await check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"condition not met in {timeout_s} s")
-        await asyncio.sleep(step_s)
-
-
 async def dg_pods(kube: Kube, namespace: str) -> list[dict]:  # noqa: F811
     pods = await kube.list(PODS, namespace=namespace, label_selector=f"{MANAGED_BY}=heteroscale")
     return [p for p in pods if not p["metadata"].get("deletionTimestamp")]
@@ -62,7 +50,7 @@ async def all_bound(kube: Kube, namespace: str, count: int):  # noqa: F811
     async def check():
         pods = await dg_pods(kube, namespace)
         return pods if len(pods) == count and all(p["spec"].get("nodeName") for p in pods) else None
-    return await eventually(check)
+    return await eventually(check, timeout_s=45)
 
 
 async def setup_templates(kube: Kube, namespace: str) -> None:  # noqa: F811
@@ -164,7 +152,7 @@ async def test_ready_ratio_gate_and_soft_scale_in_with_real_replicasets(kube, k8
     async def settled():
         live = {p["metadata"]["name"] for p in await dg_pods(kube, k8s_namespace)}
         return live if len(live) == 4 else None
-    live = await eventually(settled)
+    live = await eventually(settled, timeout_s=45)
     assert not live & drained
     for name in ("chat-g0-prefill", "chat-g0-decode"):
         assert (await kube.get(DEPLOYMENTS, name, namespace=k8s_namespace))["spec"]["replicas"] == 2
