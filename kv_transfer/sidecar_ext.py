@@ -534,7 +534,6 @@ class KvTransferExtension:
         """Families from the last sample. The bytes/s per source are the sidecar's own
         ``heteroscale_kv_transfer_bytes_per_second{direction,source}`` (from ``sample``)."""
         sample = self._last_sample
-        direction = self.settings.direction
         sources = sample.get("sources", {})
         engine = sources.get(SOURCE_ENGINE, {})
         latency = GaugeMetricFamily("heteroscale_kv_transfer_latency_seconds",

@@ -60,6 +60,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:       # numpy is imported where the vectorised forms run
+    import numpy as np
 
 ROLES = ("prefill", "decode")
 
