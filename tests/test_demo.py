@@ -199,21 +199,30 @@ def test_short_demo_scales_out_and_in_keeping_the_ratio(tmp_path):
     assert report["child_pids"] and not [pid for pid in report["child_pids"] if _alive(pid)]
 
 
-@pytest.mark.slow
-def test_ctrl_c_stops_everything_and_leaves_no_process():
+def _serving_demo() -> subprocess.Popen:
+    """A demo started in the background and read up to its 'serving:' line (instances up)."""
     (port,) = free_ports(1)
     proc = _demo("--duration", "120", "--max-instances", "7", "--startup-delay", "1",
                  "--listen", f"127.0.0.1:{port}")
+    deadline = time.monotonic() + 120
+    lines: list[str] = []
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        lines.append(line)
+        if "serving:" in line or not line:
+            break
+    if "serving:" not in lines[-1]:
+        proc.kill()
+        proc.wait()
+        pytest.fail("the demo did not start serving:\n" + "".join(lines))
+    return proc
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_everything_and_leaves_no_process():
+    proc = _serving_demo()
     children: set[int] = set()
     try:
-        deadline = time.monotonic() + 120
-        lines = []
-        while time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            lines.append(line)
-            if "serving:" in line or not line:
-                break
-        assert "serving:" in lines[-1], "".join(lines)
         time.sleep(2.0)
         children = _descendants(proc.pid)
         assert len(children) >= 8                             # 3P+1D: an emulator and a sidecar each
@@ -232,16 +241,9 @@ def test_ctrl_c_stops_everything_and_leaves_no_process():
 @pytest.mark.slow
 def test_children_die_with_a_killed_demo():
     """Even SIGKILL, which no handler sees, leaves no child behind (PR_SET_PDEATHSIG)."""
-    (port,) = free_ports(1)
-    proc = _demo("--duration", "120", "--max-instances", "7", "--startup-delay", "1",
-                 "--listen", f"127.0.0.1:{port}")
+    proc = _serving_demo()
     children: set[int] = set()
     try:
-        deadline = time.monotonic() + 120
-        line = ""
-        while "serving:" not in line and time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            assert line, "the demo ended before serving"
         children = _descendants(proc.pid)
         assert len(children) >= 8
         proc.kill()
