@@ -8,10 +8,13 @@ FROM python:3.12-slim AS build
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
 COPY pyproject.toml README.md ./
+COPY heteroscale ./heteroscale
 COPY sidecar ./sidecar
 COPY engine_adapters ./engine_adapters
 COPY kv_transfer ./kv_transfer
+COPY coordinator ./coordinator
 COPY simulator ./simulator
+COPY demo ./demo
 RUN python -m venv /opt/heteroscale \
  && /opt/heteroscale/bin/pip install --no-compile . \
  && /opt/heteroscale/bin/heteroscale --version

@@ -41,12 +41,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from sidecar.coordinator.actuators.static import StaticActuator  # noqa: E402
-from sidecar.coordinator.aggregate import aggregate  # noqa: E402
-from sidecar.coordinator.collect import Collector, StaticSource  # noqa: E402
-from sidecar.coordinator.config import load_config  # noqa: E402
-from sidecar.coordinator.policy import PolicyState, decide  # noqa: E402
-from sidecar.coordinator.reconciler import Reconciler  # noqa: E402
+from heteroscale.coordinator.actuators.static import StaticActuator  # noqa: E402
+from heteroscale.coordinator.core.aggregate import aggregate  # noqa: E402
+from heteroscale.coordinator.collect import Collector, StaticSource  # noqa: E402
+from heteroscale.coordinator.config import load_config  # noqa: E402
+from heteroscale.coordinator.core.policy import PolicyState, decide  # noqa: E402
+from heteroscale.coordinator.reconciler import Reconciler  # noqa: E402
 
 TARGET_TICK_S = 2.0
 TARGET_RSS_MB = 300.0

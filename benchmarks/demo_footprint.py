@@ -68,7 +68,7 @@ def main() -> int:
     parser.add_argument("demo_args", nargs="*", help="flags for heteroscale demo (after --)")
     args = parser.parse_args()
     report = Path(tempfile.mkdtemp(prefix="demo-footprint-")) / "report.json"
-    cmd = [sys.executable, "-m", "sidecar", "demo", "--listen", "127.0.0.1:0", "--report", str(report),
+    cmd = [sys.executable, "-m", "heteroscale", "demo", "--listen", "127.0.0.1:0", "--report", str(report),
            *args.demo_args]
     started = time.monotonic()
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

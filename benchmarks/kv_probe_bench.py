@@ -5,8 +5,8 @@ benchmarks/results/kv_probe.json.
 
 Builds two network namespaces joined by a veth pair (addresses exist only inside
 them), shapes the prefill side with ``tc tbf`` at each rate in turn, runs the real
-probe server (``python -m kv_transfer serve``) in the decode namespace and the
-real extension (``python -m kv_transfer sample``) in the prefill namespace, and
+probe server (``python -m heteroscale.kv_transfer serve``) in the decode namespace and the
+real extension (``python -m heteroscale.kv_transfer sample``) in the prefill namespace, and
 records per rate: the receiver-measured bytes/s of each probe, the median and
 the best of them (the bandwidth map judges a pair by the best of its recent
 probes) and their error against the shaped rate, the sender-side view, RTT, the probe's wall time and the client

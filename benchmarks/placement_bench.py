@@ -34,9 +34,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from sidecar.coordinator.placement import RoleDemand, ServiceDemand, plan  # noqa: E402
-from sidecar.coordinator.topology import build_view  # noqa: E402
-from sidecar.coordinator.types import PoolCounts  # noqa: E402
+from heteroscale.coordinator.core.placement import RoleDemand, ServiceDemand, plan  # noqa: E402
+from heteroscale.coordinator.core.topology import build_view  # noqa: E402
+from heteroscale.coordinator.core.types import PoolCounts  # noqa: E402
 
 L20, H20 = "NVIDIA-L20", "NVIDIA-H20"
 TARGET_MS = 100.0

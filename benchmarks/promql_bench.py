@@ -38,8 +38,8 @@ from aiohttp import web
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from sidecar.coordinator.config import load_config  # noqa: E402
-from sidecar.coordinator.promql import SIGNALS, PromCollector, build_snapshot, parse_vector  # noqa: E402
+from heteroscale.coordinator.config import load_config  # noqa: E402
+from heteroscale.coordinator.promql import SIGNALS, PromCollector, build_snapshot, parse_vector  # noqa: E402
 from tests.prometheus_server import PrometheusServer  # noqa: E402
 
 GAUGES = ("heteroscale_engine_up", "heteroscale_report_stale", "heteroscale_rate_window_seconds",

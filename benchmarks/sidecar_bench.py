@@ -48,10 +48,10 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 import aiohttp  # noqa: E402
 
-from engine_adapters import vllm  # noqa: E402
-from engine_adapters.rates import SignalWindow  # noqa: E402
-from sidecar.agent import Agent, AgentSettings  # noqa: E402
-from sidecar.ports import free_ports  # noqa: E402
+from heteroscale.engine_adapters import vllm  # noqa: E402
+from heteroscale.engine_adapters.rates import SignalWindow  # noqa: E402
+from heteroscale.sidecar.agent import Agent, AgentSettings  # noqa: E402
+from heteroscale.net import free_ports  # noqa: E402
 from vllm_page import build_page  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results" / "sidecar.json"
@@ -193,7 +193,7 @@ def run_kind(kind: str, args: argparse.Namespace) -> dict:
                 "cycles": args.cycles,
             }
             sidecar = subprocess.Popen(
-                [sys.executable, "-m", "sidecar", "sidecar", "--engine", "vllm", "--engine-url", url,
+                [sys.executable, "-m", "heteroscale", "sidecar", "--engine", "vllm", "--engine-url", url,
                  "--role", "decode", "--service", "bench", "--listen", f"127.0.0.1:{sport}",
                  "--interval", "1", "--gpu-source", "none", "--log-level", "WARNING"], cwd=REPO)
             wait_port(sport)

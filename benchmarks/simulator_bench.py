@@ -23,9 +23,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from simulator import policies, traces  # noqa: E402
-from simulator.config import load_sim_config  # noqa: E402
-from simulator.model.runner import RunSettings, simulate  # noqa: E402
+from heteroscale.simulator import policies, traces  # noqa: E402
+from heteroscale.simulator.config import load_sim_config  # noqa: E402
+from heteroscale.simulator.model.runner import RunSettings, simulate  # noqa: E402
 
 CONFIG = """
 coordinator: {interval_s: 15}

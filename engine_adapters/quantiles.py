@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 from typing import Iterable, Sequence
 
-from engine_adapters.snapshot import Histogram
+from heteroscale.engine_adapters.snapshot import Histogram
 
 QUANTILES = (0.5, 0.9, 0.99)
 

@@ -29,8 +29,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
-from engine_adapters import quantiles as q
-from engine_adapters.snapshot import (
+from heteroscale.engine_adapters import quantiles as q
+from heteroscale.engine_adapters.snapshot import (
     GENERATION_TOKENS, KV_CACHE_USAGE, PROMPT_CACHED_TOKENS, PROMPT_TOKENS, PROMPT_UNCACHED_TOKENS,
     REQUESTS_RUNNING, REQUESTS_WAITING, TBT, TTFT, EngineSnapshot,
 )

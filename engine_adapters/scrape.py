@@ -15,7 +15,7 @@ caller), and a size cap. Every failure becomes a ``ScrapeError`` whose
 ``empty``      an empty page
 =============  ===========================================================
 
-Parsing is pure (``engine_adapters.vllm`` / ``sglang``) and fast enough
+Parsing is pure (``heteroscale.engine_adapters.vllm`` / ``sglang``) and fast enough
 (well under a millisecond on a full page) to run on the event loop.
 """
 
@@ -27,9 +27,9 @@ from typing import Callable
 
 import aiohttp
 
-from engine_adapters import sglang, vllm
-from engine_adapters.snapshot import EngineSnapshot
-from sidecar.errors import ScrapeError
+from heteroscale.engine_adapters import sglang, vllm
+from heteroscale.engine_adapters.snapshot import EngineSnapshot
+from heteroscale.errors import ScrapeError
 
 ACCEPT = "text/plain; version=0.0.4"
 DEFAULT_MAX_BYTES = 8 * 1024 * 1024

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from engine_adapters.snapshot import (
+from heteroscale.engine_adapters.snapshot import (
     GENERATION_TOKENS, KV_CACHE_USAGE, PROMPT_CACHED_TOKENS, PROMPT_TOKENS, REQUESTS_RUNNING,
     REQUESTS_WAITING, TBT, TTFT, EngineSnapshot, SampleIndex, drop_none, histogram_series, mean_values,
     merge_histograms, parse_page, samples_of, sum_values,

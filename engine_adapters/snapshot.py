@@ -39,7 +39,7 @@ from typing import Callable, Iterable, Mapping, Sequence
 
 from prometheus_client.parser import Sample, _parse_sample, _parse_value, text_string_to_metric_families
 
-from sidecar.errors import ScrapeError
+from heteroscale.errors import ScrapeError
 
 # Keys of EngineSnapshot.counters
 GENERATION_TOKENS = "generation_tokens"

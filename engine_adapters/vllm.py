@@ -31,7 +31,7 @@ which is what "uncached prefill tokens/s" must exclude.
 
 from __future__ import annotations
 
-from engine_adapters.snapshot import (
+from heteroscale.engine_adapters.snapshot import (
     GENERATION_TOKENS, KV_CACHE_USAGE, PROMPT_CACHED_TOKENS, PROMPT_TOKENS, PROMPT_UNCACHED_TOKENS,
     REQUESTS_RUNNING, REQUESTS_WAITING, TBT, TTFT, EngineSnapshot, SampleIndex, counter_total,
     drop_none, histogram_series, mean_values, merge_histograms, parse_page, samples_of, sum_values,

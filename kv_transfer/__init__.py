@@ -4,8 +4,8 @@
 * ``connectors``  - pure: vLLM NIXL / SGLang / NIXL telemetry / Mooncake TENT pages -> readings
 * ``rdma``        - sysfs port counters (configurable root)
 * ``probe``       - the authenticated, capped bulk-TCP probe (server, client, schedule)
-* ``sidecar_ext`` - the sidecar extension (flags, sources, report sample, metrics)
-* ``bandwidth_metrics`` - Prometheus families for the coordinator's bandwidth map
+* ``extension``   - the sidecar extension (flags, sources, report sample, metrics)
 
+The coordinator's bandwidth map (pure) is ``heteroscale.coordinator.core.bandwidth``.
 See docs/kv-transfer.md.
 """

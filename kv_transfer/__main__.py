@@ -1,4 +1,4 @@
-"""``python -m kv_transfer``: the KV-transfer extension without the rest of the sidecar.
+"""``python -m heteroscale.kv_transfer``: the KV-transfer extension without the rest of the sidecar.
 
 Two commands, both built from the very flags ``heteroscale sidecar`` takes:
 
@@ -20,24 +20,24 @@ import signal
 import sys
 import time
 
-from kv_transfer import sidecar_ext
-from sidecar.errors import ConfigError, UsageError
+from heteroscale.kv_transfer import extension
+from heteroscale.errors import ConfigError, UsageError
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m kv_transfer")
+    parser = argparse.ArgumentParser(prog="python -m heteroscale.kv_transfer")
     sub = parser.add_subparsers(dest="command", required=True)
     for name in ("serve", "sample"):
         p = sub.add_parser(name)
         p.add_argument("--role", choices=("prefill", "decode"), default="prefill" if name == "sample" else "decode")
         p.add_argument("--pod", help="this pod's name (announced by the probe server)")
-        sidecar_ext.add_arguments(p)
+        extension.add_arguments(p)
         if name == "sample":
             p.add_argument("--rounds", type=int, default=1, help="probe rounds before printing (default 1)")
     return parser
 
 
-async def _serve(ext: sidecar_ext.KvTransferExtension) -> int:
+async def _serve(ext: extension.KvTransferExtension) -> int:
     if ext.probe_server_port is None:
         raise UsageError("serve needs --probe-listen")
     stop = asyncio.Event()
@@ -50,7 +50,7 @@ async def _serve(ext: sidecar_ext.KvTransferExtension) -> int:
     return 0
 
 
-async def _sample(ext: sidecar_ext.KvTransferExtension, rounds: int) -> int:
+async def _sample(ext: extension.KvTransferExtension, rounds: int) -> int:
     runner = ext.probe_runner
     if runner is not None:
         for _ in range(max(1, rounds)):         # no background schedule: rounds run here, back to back
@@ -60,7 +60,7 @@ async def _sample(ext: sidecar_ext.KvTransferExtension, rounds: int) -> int:
 
 
 async def _main(args: argparse.Namespace) -> int:
-    ext = sidecar_ext.build(args, schedule_probes=False)
+    ext = extension.build(args, schedule_probes=False)
     await ext.start()
     try:
         return await (_serve(ext) if args.command == "serve" else _sample(ext, args.rounds))
@@ -73,10 +73,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return asyncio.run(_main(args))
     except ConfigError as exc:
-        print(f"python -m kv_transfer: {exc.source}: {'; '.join(exc.problems)}", file=sys.stderr)
+        print(f"python -m heteroscale.kv_transfer: {exc.source}: {'; '.join(exc.problems)}", file=sys.stderr)
         return 2
     except UsageError as exc:
-        print(f"python -m kv_transfer: {exc}", file=sys.stderr)
+        print(f"python -m heteroscale.kv_transfer: {exc}", file=sys.stderr)
         return 2
 
 

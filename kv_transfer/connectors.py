@@ -43,8 +43,8 @@ from typing import Iterable, Mapping, Sequence
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from kv_transfer.stats import HistogramSample, merge_histograms
-from sidecar.errors import ScrapeError
+from heteroscale.kv_transfer.stats import HistogramSample, merge_histograms
+from heteroscale.errors import ScrapeError
 
 VLLM_NIXL = "vllm_nixl"
 SGLANG = "sglang"

@@ -53,8 +53,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable, Mapping
 
-from sidecar.errors import ConfigError, TransientError
-from kv_transfer.stats import median
+from heteroscale.errors import ConfigError, TransientError
+from heteroscale.kv_transfer.stats import median
 
 log = logging.getLogger("heteroscale.kv_transfer.probe")
 

@@ -11,7 +11,7 @@ Reads, for every selected ``<device>/ports/<n>``, the kernel's PMA counters
 The root (default ``/sys/class/infiniband``) is a setting so tests, and pods
 that mount sysfs elsewhere, can point it at a directory tree. A device or port
 that is missing, unreadable or holds garbage is left out of the reading (absent,
-never 0); the caller differences readings with ``kv_transfer.stats``, which
+never 0); the caller differences readings with ``heteroscale.kv_transfer.stats``, which
 handles wrap and reset.
 
 Port counters are port-wide (every QP, every process on that port): they

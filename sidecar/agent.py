@@ -16,7 +16,7 @@ Owns the scrape loop and the cached state behind ``/metrics`` and ``/v1/report``
   (``observe_engine_page``), so they need no second scrape of the engine;
 * ``/readyz`` turns ready after the first successful scrape.
 
-Decisions live elsewhere: rates and quantiles are pure (``engine_adapters.rates``),
+Decisions live elsewhere: rates and quantiles are pure (``heteroscale.engine_adapters.rates``),
 the page parsers are pure, and the HTTP app only reads what is cached here.
 """
 
@@ -40,18 +40,18 @@ import aiohttp
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from engine_adapters.rates import SignalWindow, WindowStats
-from engine_adapters.scrape import PARSERS, ScrapeSettings, fetch_page, parser_for
-from engine_adapters.snapshot import GENERATION_TOKENS, EngineSnapshot
-from sidecar.errors import ConfigError, ScrapeError, UsageError
-from sidecar.extensions import (
+from heteroscale.engine_adapters.rates import SignalWindow, WindowStats
+from heteroscale.engine_adapters.scrape import PARSERS, ScrapeSettings, fetch_page, parser_for
+from heteroscale.engine_adapters.snapshot import GENERATION_TOKENS, EngineSnapshot
+from heteroscale.errors import ConfigError, ScrapeError, UsageError
+from heteroscale.sidecar.extensions import (
     KV_TRANSFER_NAME, SidecarExtension, add_extension_arguments, build_extensions, default_kv_direction,
     observe_engine_page,
 )
-from sidecar.gpu.base import GpuReader, NoGpuReader
-from sidecar.http import make_app
-from sidecar.metrics import MetricsView, SidecarCollector, view_kv
-from sidecar.report import ROLES, GpuReading, SidecarReport
+from heteroscale.sidecar.gpu.base import GpuReader, NoGpuReader
+from heteroscale.sidecar.http import make_app
+from heteroscale.sidecar.metrics import MetricsView, SidecarCollector, view_kv
+from heteroscale.report import ROLES, GpuReading, SidecarReport
 
 log = logging.getLogger("heteroscale.sidecar")
 
@@ -400,7 +400,7 @@ async def open_gpu_reader(settings: AgentSettings) -> GpuReader:
         log.info("GPU readings disabled (--gpu-source none): no-GPU mode")
         return NoGpuReader("disabled by --gpu-source none")
     try:
-        from sidecar.gpu import open_reader  # type: ignore[attr-defined]
+        from heteroscale.sidecar.gpu import open_reader  # type: ignore[attr-defined]
     except ImportError:
         log.warning("GPU support is not built into this version: no-GPU mode")
         return NoGpuReader("GPU support not built")

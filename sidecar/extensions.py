@@ -12,7 +12,7 @@ the report's ``kv_transfer`` object; any other extension appears under
 so an older coordinator is not disturbed).
 
 The §3.2 metric ``heteroscale_kv_transfer_bytes_per_second{direction,source}`` is
-exported by the sidecar's own collector (``sidecar.metrics``) from the
+exported by the sidecar's own collector (``heteroscale.sidecar.metrics``) from the
 ``kv_transfer`` sample, so its name, labels and absence rules stay in one place:
 
 * ``sample["sources"][NAME][KV_BYTES_PER_SECOND]``: float bytes/s of source NAME
@@ -43,7 +43,7 @@ from typing import Any, Iterable, Mapping, Protocol, runtime_checkable
 from prometheus_client.core import Metric
 
 # Modules that may contribute extensions; looked up lazily, each optional.
-EXTENSION_MODULES: tuple[str, ...] = ("kv_transfer.sidecar_ext",)
+EXTENSION_MODULES: tuple[str, ...] = ("heteroscale.kv_transfer.extension",)
 
 KV_TRANSFER_NAME = "kv_transfer"
 KV_BYTES_PER_SECOND = "bytes_per_second"

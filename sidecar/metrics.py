@@ -35,9 +35,9 @@ from typing import Any, Callable, Iterable, Mapping
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from engine_adapters.rates import WindowStats
-from sidecar.extensions import KV_BYTES_PER_SECOND, KV_DIRECTION, KV_DIRECTIONS
-from sidecar.report import GpuReading
+from heteroscale.engine_adapters.rates import WindowStats
+from heteroscale.sidecar.extensions import KV_BYTES_PER_SECOND, KV_DIRECTION, KV_DIRECTIONS
+from heteroscale.report import GpuReading
 
 log = logging.getLogger("heteroscale.sidecar")
 

@@ -14,15 +14,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sidecar.coordinator.config import ServiceConfig
-from sidecar.coordinator.types import PoolCounts
-from sidecar.errors import UsageError
-from simulator import curate as curation
-from simulator import policies, report, traces
-from simulator.config import SimConfig, load_sim_config
-from simulator.model.runner import RunResult, RunSettings, simulate
-from simulator.placement import Placement, demand_for
-from simulator.traces import Workload
+from heteroscale.coordinator.config import ServiceConfig
+from heteroscale.coordinator.core.types import PoolCounts
+from heteroscale.errors import UsageError
+from heteroscale.simulator import curate as curation
+from heteroscale.simulator import policies, report, traces
+from heteroscale.simulator.config import SimConfig, load_sim_config
+from heteroscale.simulator.model.runner import RunResult, RunSettings, simulate
+from heteroscale.simulator.placement import Placement, demand_for
+from heteroscale.simulator.traces import Workload
 
 
 # ------------------------------------------------------------------ arguments

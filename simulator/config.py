@@ -7,7 +7,7 @@ one would — and ``simulation:`` describes the hardware and the replay. Every
 problem in either part is reported at once in one ``ConfigError``.
 
     simulation:
-      model: 8b                      # 8b | 32b | 70b (simulator.perfmodel.MODELS)
+      model: 8b                      # 8b | 32b | 70b (heteroscale.simulator.perfmodel.MODELS)
       prefill: {gpu: L40S, tp: 1}    # GPU type from the catalog, tensor parallelism
       decode:  {gpu: H20,  tp: 1}
       startup_s: 120                 # scale-out to ready
@@ -41,14 +41,14 @@ from typing import Any, Mapping
 
 import yaml
 
-from sidecar.coordinator.config import Config, load_config
-from sidecar.errors import ConfigError
-from simulator import perfmodel as pm
-from simulator.curate import PressureSettings
-from simulator.model.cluster import ClusterSpec
-from simulator.placement import MIXES, TopologySpec
-from simulator.policies import BaselineSettings
-from simulator.traces import DEFAULT_PROFILE
+from heteroscale.coordinator.config import Config, load_config
+from heteroscale.errors import ConfigError
+from heteroscale.simulator import perfmodel as pm
+from heteroscale.simulator.curate import PressureSettings
+from heteroscale.simulator.model.cluster import ClusterSpec
+from heteroscale.simulator.placement import MIXES, TopologySpec
+from heteroscale.simulator.policies import BaselineSettings
+from heteroscale.simulator.traces import DEFAULT_PROFILE
 
 
 @dataclass(frozen=True)

@@ -19,14 +19,14 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from sidecar.coordinator.config import ServiceConfig
-from sidecar.coordinator.types import PoolCounts
-from simulator import perfmodel as pm
-from simulator import policies, traces
-from simulator.model.cluster import ClusterSpec
-from simulator.model.runner import RunResult, RunSettings, simulate
-from simulator.placement import Placement
-from simulator.traces import Workload
+from heteroscale.coordinator.config import ServiceConfig
+from heteroscale.coordinator.core.types import PoolCounts
+from heteroscale.simulator import perfmodel as pm
+from heteroscale.simulator import policies, traces
+from heteroscale.simulator.model.cluster import ClusterSpec
+from heteroscale.simulator.model.runner import RunResult, RunSettings, simulate
+from heteroscale.simulator.placement import Placement
+from heteroscale.simulator.traces import Workload
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """Replay adapter for the coordinator's placement planner (pure).
 
 When ``simulation.topology`` is configured, every scaling decision in the
-simulator goes through ``sidecar.coordinator.placement.plan`` — the function the
+simulator goes through ``heteroscale.coordinator.core.placement.plan`` — the function the
 live actuators call — against a synthetic cluster of S2/S1 switches and GPU nodes.
 What the plan places is what the simulated service gets (a shortfall caps a
 scale-out), and the plan's Deployment Groups decide how much KV traffic crosses
@@ -20,13 +20,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from sidecar.coordinator import placement as coord_placement
-from sidecar.coordinator.topology import ClusterView, NodeView, classify_tiers
-from sidecar.coordinator.types import PoolCounts
+from heteroscale.coordinator.core import placement as coord_placement
+from heteroscale.coordinator.core.topology import ClusterView, NodeView, classify_tiers
+from heteroscale.coordinator.core.types import PoolCounts
 
 if TYPE_CHECKING:
-    from sidecar.coordinator.config import ServiceConfig
-    from simulator.model.cluster import ClusterSpec
+    from heteroscale.coordinator.config import ServiceConfig
+    from heteroscale.simulator.model.cluster import ClusterSpec
 
 MIXES = ("s1", "s2")
 

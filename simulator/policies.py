@@ -1,7 +1,7 @@
 """The scaling policies the simulator compares, as ``Controller`` objects.
 
 ``heteroscale`` is a replay adapter, not a copy: every tick it calls
-``sidecar.coordinator.policy.decide`` — the very function the live reconciler
+``heteroscale.coordinator.core.policy.decide`` — the very function the live reconciler
 calls — with the coordinator's ``ServiceConfig`` and an ``Observation`` built from
 the simulated sidecars, and carries the returned ``PolicyState`` to the next tick.
 (The module attribute is looked up at call time, so a test can spy on it.)
@@ -29,11 +29,11 @@ from typing import Any, Callable
 
 import numpy as np
 
-from sidecar.coordinator import policy as coord_policy
-from sidecar.coordinator.config import ScheduleEntry, ServiceConfig
-from sidecar.coordinator.types import Observation, PoolCounts
-from simulator.model.runner import Controller, Window
-from simulator.traces import Workload
+from heteroscale.coordinator.core import policy as coord_policy
+from heteroscale.coordinator.config import ScheduleEntry, ServiceConfig
+from heteroscale.coordinator.core.types import Observation, PoolCounts
+from heteroscale.simulator.model.runner import Controller, Window
+from heteroscale.simulator.traces import Workload
 
 POLICY_NAMES = ("heteroscale", "hpa-gpu-util", "independent-tps", "latency-only",
                 "static-peak", "periodic")

@@ -13,7 +13,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from simulator.model.runner import RunResult
+from heteroscale.simulator.model.runner import RunResult
 
 SIGNALS = (
     ("prefill_uncached_tps", "prefill tokens/s (uncached)"),

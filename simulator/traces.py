@@ -37,7 +37,7 @@ from typing import Sequence
 
 import numpy as np
 
-from sidecar.errors import UsageError
+from heteroscale.errors import UsageError
 
 MOONCAKE_BLOCK_TOKENS = 512
 

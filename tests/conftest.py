@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from sidecar.ports import free_port as _free_port
+from heteroscale.net import free_port as _free_port
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -27,7 +27,7 @@ def shared_dir() -> Path:
 
 
 def free_port() -> int:
-    """A port below the ephemeral range (see sidecar.ports): safe to hand to a child process."""
+    """A port below the ephemeral range (see heteroscale.net): safe to hand to a child process."""
     return _free_port()
 
 

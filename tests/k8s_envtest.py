@@ -131,7 +131,7 @@ def k8s_namespace(k8s_cluster: Cluster, request) -> str:
 
 @pytest.fixture
 async def kube(k8s_cluster: Cluster):
-    from sidecar.coordinator.kube import kube_from_config
+    from heteroscale.coordinator.kube import kube_from_config
 
     api = kube_from_config(kubeconfig=str(k8s_cluster.kubeconfig), timeout_s=10)
     yield api
@@ -162,7 +162,7 @@ async def eventually(check, *, timeout_s: float = 30, step_s: float = 0.25, what
 async def mark_pods_ready(api, namespace: str, app: str, count: int) -> list[str]:
     """Act as the kubelet for ``count`` of the app's pods: phase Running, Ready True, and a
     pod IP from 10.244.0.0/16 (made up: nothing listens there)."""
-    from sidecar.coordinator.kube import PODS, format_time
+    from heteroscale.coordinator.kube import PODS, format_time
 
     pods = await api.list(PODS, namespace=namespace, label_selector=f"app={app}")
     names = sorted(p["metadata"]["name"] for p in pods)[:count]
@@ -180,8 +180,8 @@ async def mark_pods_ready(api, namespace: str, app: str, count: int) -> list[str
 # ---------------------------------------------------------------- candidate process
 
 async def _candidate(args: argparse.Namespace) -> None:
-    from sidecar.coordinator.kube import kube_from_config
-    from sidecar.coordinator.leader import KubernetesLeaseElection, LocalLeaseElection
+    from heteroscale.coordinator.kube import kube_from_config
+    from heteroscale.coordinator.leader import KubernetesLeaseElection, LocalLeaseElection
 
     def changed(leader: bool) -> None:
         print(f"{'LEADER' if leader else 'FOLLOWER'} {args.identity}", flush=True)
@@ -205,7 +205,7 @@ async def _candidate(args: argparse.Namespace) -> None:
 
 
 async def _measure_once(api, namespace: str, *, release: bool, timing: dict, pause_s: float) -> float:
-    from sidecar.coordinator.leader import KubernetesLeaseElection
+    from heteroscale.coordinator.leader import KubernetesLeaseElection
 
     lease = f"failover-{uuid.uuid4().hex[:8]}"
     a, b = (KubernetesLeaseElection(api=api, name=lease, namespace=namespace, identity=ident,
@@ -235,7 +235,7 @@ async def _measure(args: argparse.Namespace) -> dict:
     import random
     import statistics
 
-    from sidecar.coordinator.kube import NAMESPACES, kube_from_config
+    from heteroscale.coordinator.kube import NAMESPACES, kube_from_config
 
     api = kube_from_config(kubeconfig=args.kubeconfig, timeout_s=5)
     namespace = f"failover-{uuid.uuid4().hex[:6]}"

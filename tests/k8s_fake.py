@@ -38,8 +38,8 @@ import re
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
-from sidecar.coordinator.kube import JSON_PATCH, STRATEGIC_MERGE_PATCH, format_time
-from sidecar.errors import ApiError
+from heteroscale.coordinator.kube import JSON_PATCH, STRATEGIC_MERGE_PATCH, format_time
+from heteroscale.errors import ApiError
 
 JSON = dict[str, Any]
 

@@ -21,7 +21,7 @@ from typing import Mapping, Sequence
 import pytest
 import yaml
 
-from sidecar.ports import free_port
+from heteroscale.net import free_port
 
 
 

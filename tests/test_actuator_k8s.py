@@ -9,14 +9,14 @@ from types import SimpleNamespace
 
 import pytest
 
-from sidecar.coordinator.actuators.kubernetes import (ANNOTATION_DECISION, ANNOTATION_REPLICAS,
+from heteroscale.coordinator.actuators.kubernetes import (ANNOTATION_DECISION, ANNOTATION_REPLICAS,
                                                       KubernetesActuator, NotLeaderError,
                                                       targets_of)
-from sidecar.coordinator.kube import (DEPLOYMENTS, EVENTS, PODS, STATEFULSETS, Kube, RetryPolicy,
+from heteroscale.coordinator.kube import (DEPLOYMENTS, EVENTS, PODS, STATEFULSETS, Kube, RetryPolicy,
                                       format_time)
-from sidecar.coordinator.leader import KubernetesLeaseElection
-from sidecar.coordinator.types import Decision, PoolCounts
-from sidecar.errors import ApiError, ConfigError
+from heteroscale.coordinator.leader import KubernetesLeaseElection
+from heteroscale.coordinator.core.types import Decision, PoolCounts
+from heteroscale.errors import ApiError, ConfigError
 from tests.k8s_fake import FakeClock, FakeKube
 
 NS = "llm"
@@ -160,7 +160,7 @@ def test_targets_need_a_workload():
 
 
 def test_targets_from_the_coordinator_config():
-    config = pytest.importorskip("sidecar.coordinator.config")
+    config = pytest.importorskip("heteroscale.coordinator.config")
     cfg = config.load_config({
         "coordinator": {"backend": "kubernetes"},
         "services": [{"name": "chat", "namespace": NS, "pd_ratio": "3:4",

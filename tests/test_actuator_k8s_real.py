@@ -13,11 +13,11 @@ from types import SimpleNamespace
 
 import pytest
 
-from sidecar.coordinator.actuators.kubernetes import (ANNOTATION_DECISION, ANNOTATION_REPLICAS,
+from heteroscale.coordinator.actuators.kubernetes import (ANNOTATION_DECISION, ANNOTATION_REPLICAS,
                                                       KubernetesActuator)
-from sidecar.coordinator.kube import DEPLOYMENTS, EVENTS, PODS, Kube, RetryPolicy
-from sidecar.coordinator.types import Decision, PoolCounts
-from sidecar.errors import ApiError
+from heteroscale.coordinator.kube import DEPLOYMENTS, EVENTS, PODS, Kube, RetryPolicy
+from heteroscale.coordinator.core.types import Decision, PoolCounts
+from heteroscale.errors import ApiError
 from tests.k8s_envtest import (deployment_body, eventually, k8s_cluster, k8s_namespace, kube,  # noqa: F401
                                mark_pods_ready)
 from tests.k8s_fake import FaultyTransport

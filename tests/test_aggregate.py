@@ -8,10 +8,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sidecar.coordinator.aggregate import Fetched, aggregate, weighted_mean
-from sidecar.coordinator.config import load_config
-from sidecar.coordinator.types import PoolCounts, PoolStatus
-from sidecar.report import SidecarReport
+from heteroscale.coordinator.core.aggregate import Fetched, aggregate, weighted_mean
+from heteroscale.coordinator.config import load_config
+from heteroscale.coordinator.core.types import PoolCounts, PoolStatus
+from heteroscale.report import SidecarReport
 
 NOW = 10_000.0
 SVC = load_config({"coordinator": {"backend": "static"}, "services": [{

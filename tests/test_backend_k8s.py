@@ -13,17 +13,17 @@ import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from sidecar.coordinator.actuators import actuator_class, make_actuator
-from sidecar.coordinator.actuators.cluster import KubernetesBackend
-from sidecar.coordinator.actuators.groups import DeploymentGroupActuator
-from sidecar.coordinator.actuators.kubernetes import KubernetesActuator
-from sidecar.coordinator.collect import Collection, Collector, Target
-from sidecar.coordinator.config import load_config
-from sidecar.coordinator.kube import DEPLOYMENTS, NODES, Kube, RetryPolicy
-from sidecar.coordinator.metrics import registry_for
-from sidecar.coordinator.reconciler import Reconciler
-from sidecar.coordinator.types import Decision, PoolCounts, PoolStatus
-from sidecar.errors import ConfigError
+from heteroscale.coordinator.actuators import actuator_class, make_actuator
+from heteroscale.coordinator.actuators.cluster import KubernetesBackend
+from heteroscale.coordinator.actuators.groups import DeploymentGroupActuator
+from heteroscale.coordinator.actuators.kubernetes import KubernetesActuator
+from heteroscale.coordinator.collect import Collection, Collector, Target
+from heteroscale.coordinator.config import load_config
+from heteroscale.coordinator.kube import DEPLOYMENTS, NODES, Kube, RetryPolicy
+from heteroscale.coordinator.metrics import registry_for
+from heteroscale.coordinator.reconciler import Reconciler
+from heteroscale.coordinator.core.types import Decision, PoolCounts, PoolStatus
+from heteroscale.errors import ConfigError
 from tests.k8s_fake import FakeClock, FakeKube
 from tests.test_collect import ReportServer, report_doc
 from tests.test_groups_k8s import H20, L20, template

@@ -5,11 +5,11 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from sidecar.cli import SUBCOMMANDS, main
+from heteroscale.cli import SUBCOMMANDS, main
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "sidecar", *args],
+    return subprocess.run([sys.executable, "-m", "heteroscale", *args],
                           capture_output=True, text=True, timeout=60)
 
 

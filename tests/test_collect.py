@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from sidecar.coordinator.collect import ChainSource, Collector, PodSource, StaticSource, Target
-from sidecar.coordinator.config import load_config
+from heteroscale.coordinator.collect import ChainSource, Collector, PodSource, StaticSource, Target
+from heteroscale.coordinator.config import load_config
 from tests.conftest import free_port
 
 

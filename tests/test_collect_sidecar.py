@@ -15,14 +15,14 @@ from pathlib import Path
 
 import pytest
 
-from sidecar.coordinator.aggregate import aggregate
-from sidecar.coordinator.collect import Collector, StaticSource
-from sidecar.coordinator.config import load_config
-from sidecar.coordinator.types import PoolCounts, PoolStatus
+from heteroscale.coordinator.core.aggregate import aggregate
+from heteroscale.coordinator.collect import Collector, StaticSource
+from heteroscale.coordinator.config import load_config
+from heteroscale.coordinator.core.types import PoolCounts, PoolStatus
 from tests.conftest import free_port
 
 pytestmark = pytest.mark.slow
-HETEROSCALE = [sys.executable, "-m", "sidecar"]
+HETEROSCALE = [sys.executable, "-m", "heteroscale"]
 
 
 def _get(url: str, timeout_s: float = 1.0) -> tuple[int, bytes]:

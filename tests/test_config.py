@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from sidecar.cli import main as cli_main
-from sidecar.coordinator.config import Config, LeaseConfig, load_config
-from sidecar.errors import ConfigError
+from heteroscale.cli import main as cli_main
+from heteroscale.coordinator.config import Config, LeaseConfig, load_config
+from heteroscale.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = sorted((REPO / "examples").glob("coordinator-*.yaml"))

@@ -20,13 +20,13 @@ from pathlib import Path
 
 import pytest
 
-from simulator import perfmodel
-from sidecar.ports import free_ports
-from sidecar.demo.cli import DemoSettings, _attainment, build_world
-from sidecar.demo.loadgen import (PACKAGE_SAMPLE, LoadGenerator, RequestSize, arrival_times,
+from heteroscale.simulator import perfmodel
+from heteroscale.net import free_ports
+from heteroscale.demo.app import DemoSettings, _attainment, build_world
+from heteroscale.demo.loadgen import (PACKAGE_SAMPLE, LoadGenerator, RequestSize, arrival_times,
                                   default_trace_path, profile_at, read_sizes)
-from sidecar.demo.router import RequestResult
-from sidecar.demo.sizing import decode_capacity, size_service
+from heteroscale.demo.router import RequestResult
+from heteroscale.demo.sizing import decode_capacity, size_service
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -119,7 +119,7 @@ def test_slo_attainment_counts_failures_as_misses():
 # ---------------------------------------------------------------- the command
 
 def _demo(*flags: str, **kw) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "sidecar", "demo", *flags], cwd=REPO,
+    return subprocess.Popen([sys.executable, "-m", "heteroscale", "demo", *flags], cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
 
 
@@ -158,7 +158,7 @@ def _descendants(pid: int) -> set[int]:
     (["--topology", str(REPO / "pyproject.toml")], "not valid YAML"),
 ])
 def test_bad_flags_are_one_line_and_exit_2(flags, needle):
-    proc = subprocess.run([sys.executable, "-m", "sidecar", "demo", *flags], cwd=REPO,
+    proc = subprocess.run([sys.executable, "-m", "heteroscale", "demo", *flags], cwd=REPO,
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     assert needle in proc.stderr and len(proc.stderr.strip().splitlines()) == 1

@@ -45,9 +45,9 @@ import aiohttp
 import pytest
 import yaml
 
-from sidecar.coordinator.actuators.groups import (ANNOTATION_GROUP, GATE, LABEL_DG, LABEL_ROLE, MANAGED_BY,
+from heteroscale.coordinator.actuators.groups import (ANNOTATION_GROUP, GATE, LABEL_DG, LABEL_ROLE, MANAGED_BY,
                                                   is_draining)
-from sidecar.coordinator.kube import DEPLOYMENTS, NODES, PODS, Kube, format_time
+from heteroscale.coordinator.kube import DEPLOYMENTS, NODES, PODS, Kube, format_time
 from tests.conftest import free_port
 from tests.k8s_envtest import Cluster, eventually, k8s_cluster, k8s_namespace, kube  # noqa: F401
 from tests.test_groups_k8s import template
@@ -55,7 +55,7 @@ from tests.test_manifests import render
 
 pytestmark = pytest.mark.k8s
 
-HETEROSCALE = [sys.executable, "-m", "sidecar"]
+HETEROSCALE = [sys.executable, "-m", "heteroscale"]
 SA_NAMESPACE, SA_NAME = "heteroscale-system", "heteroscale-coordinator"
 
 

@@ -18,10 +18,10 @@ import pytest
 from aiohttp.test_utils import TestServer
 from prometheus_client.parser import text_string_to_metric_families
 
-from engine_adapters.emulator import (
+from heteroscale.demo.emulator.server import (
     ITL_BUCKETS, TTFT_BUCKETS, EmulatorServer, EmulatorSettings, request_token_buckets)
-from simulator import perfmodel
-from sidecar.errors import UsageError
+from heteroscale.simulator import perfmodel
+from heteroscale.errors import UsageError
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = dict(speedup=1000.0, tick_s=0.002, stream_interval_s=0.001, kv_wait_timeout_s=2.0)
@@ -280,7 +280,7 @@ def test_decode_ticks_follow_the_perf_model():
     alone_step = perfmodel.decode_step_time_s(m, g, 1, 1, 103)      # b after 3 steps
 
     async def scenario():
-        from engine_adapters.emulator import Request
+        from heteroscale.demo.emulator.server import Request
         engine = EmulatorServer(settings("decode", speedup=1.0)).engine
         a = Request(id="a", prompt_tokens=100, max_tokens=3, arrival_s=0.0)
         b = Request(id="b", prompt_tokens=100, max_tokens=50, arrival_s=0.0)
@@ -297,7 +297,7 @@ def test_decode_ticks_follow_the_perf_model():
 
 
 def test_cli_bad_flag_is_one_line_exit_2():
-    proc = subprocess.run([sys.executable, "-m", "sidecar", "emulate-engine", "--role", "decode", "--gpu", "B300",
+    proc = subprocess.run([sys.executable, "-m", "heteroscale", "emulate-engine", "--role", "decode", "--gpu", "B300",
                            "--model", "8b", "--port", "1"], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     assert len(proc.stderr.strip().splitlines()) == 1
@@ -306,7 +306,7 @@ def test_cli_bad_flag_is_one_line_exit_2():
 
 @pytest.mark.slow
 def test_real_process_serves_and_stops_on_sigterm(unused_port):
-    proc = subprocess.Popen([sys.executable, "-m", "sidecar", "emulate-engine", "--role", "decode", "--gpu", "H20",
+    proc = subprocess.Popen([sys.executable, "-m", "heteroscale", "emulate-engine", "--role", "decode", "--gpu", "H20",
                              "--model", "8b", "--port", str(unused_port)], cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:

@@ -9,8 +9,8 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from engine_adapters import sglang, vllm
-from sidecar.errors import ScrapeError
+from heteroscale.engine_adapters import sglang, vllm
+from heteroscale.errors import ScrapeError
 
 DATA = Path(__file__).resolve().parent / "data"
 PAGES = [(DATA / n).read_text() for n in ("vllm_constructed_dp1.txt", "vllm_constructed_dp2.txt",

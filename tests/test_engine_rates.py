@@ -8,10 +8,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine_adapters import quantiles as Q
-from engine_adapters import snapshot as S
-from engine_adapters.rates import SignalWindow, counter_rate
-from engine_adapters.snapshot import EngineSnapshot, Histogram
+from heteroscale.engine_adapters import quantiles as Q
+from heteroscale.engine_adapters import snapshot as S
+from heteroscale.engine_adapters.rates import SignalWindow, counter_rate
+from heteroscale.engine_adapters.snapshot import EngineSnapshot, Histogram
 
 INF = math.inf
 

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from engine_adapters import sglang
-from engine_adapters import snapshot as S
-from sidecar.errors import ScrapeError
+from heteroscale.engine_adapters import sglang
+from heteroscale.engine_adapters import snapshot as S
+from heteroscale.errors import ScrapeError
 
 DATA = Path(__file__).resolve().parent / "data"
 
@@ -51,7 +51,7 @@ def test_vllm_page_is_wrong_engine_for_sglang():
 
 
 def test_sglang_page_is_wrong_engine_for_vllm():
-    from engine_adapters import vllm
+    from heteroscale.engine_adapters import vllm
     with pytest.raises(ScrapeError) as err:
         vllm.parse((DATA / "sglang_prefill_tp1.txt").read_text())
     assert err.value.reason == "wrong_engine"

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from engine_adapters import snapshot as S
-from engine_adapters import vllm
-from sidecar.errors import ScrapeError
+from heteroscale.engine_adapters import snapshot as S
+from heteroscale.engine_adapters import vllm
+from heteroscale.errors import ScrapeError
 
 DATA = Path(__file__).resolve().parent / "data"
 
@@ -171,7 +171,7 @@ def test_real_captured_vllm_032_pages(path):
 def test_real_pages_idle_then_traffic_give_the_generated_token_rate():
     if not (REAL.exists() and REAL_IDLE.exists()):
         pytest.skip("real captured vLLM pages not committed yet")
-    from engine_adapters.rates import SignalWindow
+    from heteroscale.engine_adapters.rates import SignalWindow
     idle, busy = vllm.parse(REAL_IDLE.read_text()), vllm.parse(REAL.read_text())
     window = SignalWindow(window_s=60)
     window.add(0.0, idle)

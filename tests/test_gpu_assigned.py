@@ -10,9 +10,9 @@ import logging
 
 import pytest
 
-from sidecar.errors import UsageError
-from sidecar.gpu.assigned import AssignedGpuReader, assignment_method, file_resolver
-from sidecar.gpu.factory import open_reader
+from heteroscale.errors import UsageError
+from heteroscale.sidecar.gpu.assigned import AssignedGpuReader, assignment_method, file_resolver
+from heteroscale.sidecar.gpu.factory import open_reader
 from tests.test_gpu_fake_pynvml import UUID_A, UUID_B, UUID_C, FakeNvml, three_gpus
 from tests.test_gpu_podresources import ListResponse, kubelet  # noqa: F401  (fixture)
 
@@ -123,7 +123,7 @@ async def test_file_method_needs_a_path():
 
 async def test_pending_reader_closes_cleanly():
     async def never():
-        from sidecar.gpu.assigned import NotYetKnown
+        from heteroscale.sidecar.gpu.assigned import NotYetKnown
         raise NotYetKnown("not yet")
 
     async def opener(uuids):

@@ -17,8 +17,8 @@ from aiohttp.test_utils import TestServer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sidecar.gpu.emulator_source import EmulatorGpuReader, EmulatorPageError, parse_emulator_gpu_page
-from sidecar.report import GpuReading
+from heteroscale.sidecar.gpu.emulator_source import EmulatorGpuReader, EmulatorPageError, parse_emulator_gpu_page
+from heteroscale.report import GpuReading
 from tests.conftest import free_port
 
 GOOD_PAGE = {"gpus": [
@@ -183,7 +183,7 @@ def emulator_process():
 
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "sidecar", "emulate-engine", "--role", "decode", "--gpu", "H200",
+        [sys.executable, "-m", "heteroscale", "emulate-engine", "--role", "decode", "--gpu", "H200",
          "--model", "8b", "--tp", "2", "--port", str(port)],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:

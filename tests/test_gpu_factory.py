@@ -1,4 +1,4 @@
-"""``sidecar.gpu.open_reader``: the agent's one call to get its GPU reader."""
+"""``heteroscale.sidecar.gpu.open_reader``: the agent's one call to get its GPU reader."""
 
 from __future__ import annotations
 
@@ -14,10 +14,10 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-import sidecar.gpu
-from sidecar.errors import ConfigError, UsageError
-from sidecar.gpu.emulator_source import EmulatorGpuReader
-from sidecar.gpu.nvml import NvmlReader
+import heteroscale.sidecar.gpu
+from heteroscale.errors import ConfigError, UsageError
+from heteroscale.sidecar.gpu.emulator_source import EmulatorGpuReader
+from heteroscale.sidecar.gpu.nvml import NvmlReader
 from tests.conftest import REPO, free_port
 from tests.test_gpu_fake_pynvml import FakeNvml, three_gpus
 
@@ -31,7 +31,7 @@ def _warnings(caplog) -> list[str]:
                     reason="an NVIDIA driver is installed here")
 async def test_default_source_on_this_machine_is_no_gpu_mode(caplog):
     caplog.set_level(logging.INFO, logger="heteroscale.gpu")
-    reader = await sidecar.gpu.open_reader("nvml", None, None, env={})
+    reader = await heteroscale.sidecar.gpu.open_reader("nvml", None, None, env={})
     try:
         assert reader.mode == "none"
         for _ in range(3):
@@ -50,7 +50,7 @@ def test_real_sidecar_process_says_no_gpu_once_and_exports_the_mode():
     env = {k: v for k, v in os.environ.items()
            if k not in ("NVIDIA_VISIBLE_DEVICES", "CUDA_VISIBLE_DEVICES")}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "sidecar", "sidecar", "--engine", "vllm",
+        [sys.executable, "-m", "heteroscale", "sidecar", "--engine", "vllm",
          "--engine-url", f"http://127.0.0.1:{free_port()}", "--role", "decode", "--service", "t",
          "--listen", f"127.0.0.1:{port}", "--interval", "0.2", "--window", "1"],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -85,7 +85,7 @@ def test_real_sidecar_process_says_no_gpu_once_and_exports_the_mode():
 async def test_nvml_source_with_gpus_returns_the_nvml_reader(caplog):
     caplog.set_level(logging.INFO, logger="heteroscale.gpu")
     fake = FakeNvml(three_gpus())
-    reader = await sidecar.gpu.open_reader("nvml", "1", None, env={}, nvml=fake.module)
+    reader = await heteroscale.sidecar.gpu.open_reader("nvml", "1", None, env={}, nvml=fake.module)
     try:
         assert isinstance(reader, NvmlReader) and reader.mode == "nvml"
         assert [r.gpu for r in await reader.read()] == ["1"]
@@ -97,13 +97,13 @@ async def test_nvml_source_with_gpus_returns_the_nvml_reader(caplog):
 async def test_none_source_never_touches_nvml(caplog):
     caplog.set_level(logging.INFO, logger="heteroscale.gpu")
     fake = FakeNvml(three_gpus())
-    reader = await sidecar.gpu.open_reader("none", "0", None, nvml=fake.module)
+    reader = await heteroscale.sidecar.gpu.open_reader("none", "0", None, nvml=fake.module)
     assert reader.mode == "none" and "--gpu-source none" in reader.reason
     assert fake.calls == []
 
 
 async def test_emulator_source_returns_the_http_reader():
-    reader = await sidecar.gpu.open_reader("emulator", None, "http://127.0.0.1:9/emulator/gpu")
+    reader = await heteroscale.sidecar.gpu.open_reader("emulator", None, "http://127.0.0.1:9/emulator/gpu")
     try:
         assert isinstance(reader, EmulatorGpuReader) and reader.mode == "emulator"
     finally:
@@ -117,10 +117,10 @@ async def test_emulator_source_returns_the_http_reader():
 ])
 async def test_user_mistakes_are_one_line_usage_errors(source, url, message):
     with pytest.raises(UsageError) as err:
-        await sidecar.gpu.open_reader(source, None, url)
+        await heteroscale.sidecar.gpu.open_reader(source, None, url)
     assert str(err.value).startswith(message) and "\n" not in str(err.value)
 
 
 async def test_bad_gpus_flag_on_a_gpu_node_is_a_config_error():
     with pytest.raises(ConfigError):
-        await sidecar.gpu.open_reader("nvml", "5", None, env={}, nvml=FakeNvml(three_gpus()).module)
+        await heteroscale.sidecar.gpu.open_reader("nvml", "5", None, env={}, nvml=FakeNvml(three_gpus()).module)

@@ -15,9 +15,9 @@ import threading
 import pynvml
 import pytest
 
-from sidecar.errors import ConfigError, UsageError
-from sidecar.gpu.base import NoGpuReader
-from sidecar.gpu.nvml import (
+from heteroscale.errors import ConfigError, UsageError
+from heteroscale.sidecar.gpu.base import NoGpuReader
+from heteroscale.sidecar.gpu.nvml import (
     GpuSelection,
     NvmlReader,
     NvmlSettings,
@@ -25,7 +25,7 @@ from sidecar.gpu.nvml import (
     open_nvml_reader,
     parse_gpu_selectors,
 )
-from sidecar.report import GpuReading
+from heteroscale.report import GpuReading
 from tests.test_gpu_fake_pynvml import UUID_A, UUID_B, UUID_C, FakeGpu, FakeNvml, three_gpus
 
 NO_ENV: dict[str, str] = {}
@@ -385,7 +385,7 @@ def test_settings_are_validated_all_at_once():
 
 
 async def test_open_logs_nothing_itself(caplog):
-    # The caller (sidecar.gpu.factory) logs the no-GPU reason, once.
+    # The caller (heteroscale.sidecar.gpu.factory) logs the no-GPU reason, once.
     caplog.set_level(logging.INFO, logger="heteroscale.gpu")
     reader, _ = await open_fake(FakeNvml([]))
     assert reader.mode == "none"

@@ -14,7 +14,7 @@ from concurrent import futures
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from sidecar.gpu.podresources import (PodResourcesError, decode_list_response, gpu_ids_for,
+from heteroscale.sidecar.gpu.podresources import (PodResourcesError, decode_list_response, gpu_ids_for,
                                       query_gpu_ids)
 
 grpc = pytest.importorskip("grpc")

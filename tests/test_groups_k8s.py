@@ -15,15 +15,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sidecar.coordinator.actuators.groups import (
+from heteroscale.coordinator.actuators.groups import (
     ANNOTATION_DRAINING, DELETION_COST, GATE, LABEL_DG, LABEL_ROLE, MANAGED_BY, DeploymentGroupActuator,
     GroupSettings, admit, group_deployment, groups_from_objects, is_draining, node_affinity_terms,
     pick_for_drain, within)
-from sidecar.coordinator.config import load_config
-from sidecar.coordinator.kube import DEPLOYMENTS, NODES, PODS, Kube, RetryPolicy
-from sidecar.coordinator.placement import DeploymentGroup, RoleGroup
-from sidecar.coordinator.topology import TopologyKeys
-from sidecar.coordinator.types import Decision, PoolCounts
+from heteroscale.coordinator.config import load_config
+from heteroscale.coordinator.kube import DEPLOYMENTS, NODES, PODS, Kube, RetryPolicy
+from heteroscale.coordinator.core.placement import DeploymentGroup, RoleGroup
+from heteroscale.coordinator.core.topology import TopologyKeys
+from heteroscale.coordinator.core.types import Decision, PoolCounts
 from tests.k8s_fake import FakeClock, FakeKube
 
 DATA = Path(__file__).resolve().parent / "data"

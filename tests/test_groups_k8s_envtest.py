@@ -17,10 +17,10 @@ import uuid
 
 import pytest
 
-from sidecar.coordinator.actuators.groups import (ANNOTATION_GROUP, LABEL_DG, LABEL_ROLE, MANAGED_BY,
+from heteroscale.coordinator.actuators.groups import (ANNOTATION_GROUP, LABEL_DG, LABEL_ROLE, MANAGED_BY,
                                                   DeploymentGroupActuator, GroupSettings, is_draining)
-from sidecar.coordinator.kube import DEPLOYMENTS, EVENTS, NODES, PODS, Kube
-from sidecar.coordinator.types import PoolCounts
+from heteroscale.coordinator.kube import DEPLOYMENTS, EVENTS, NODES, PODS, Kube
+from heteroscale.coordinator.core.types import PoolCounts
 from tests.k8s_envtest import eventually, k8s_cluster, k8s_namespace, kube  # noqa: F401
 from tests.k8s_fake import FakeClock
 from tests.test_groups_k8s import (H20, L20, decision, gate_of, kubelet, service_config, template,

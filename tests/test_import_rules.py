@@ -16,19 +16,19 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 PURE_PATTERNS = (
-    "sidecar/report.py",
+    "heteroscale/report.py",
     "engine_adapters/snapshot.py",
     "engine_adapters/vllm.py",
     "engine_adapters/sglang.py",
     "engine_adapters/rates.py",
     "engine_adapters/quantiles.py",
-    "sidecar/coordinator/config.py",
-    "sidecar/coordinator/types.py",
-    "sidecar/coordinator/policy.py",
-    "sidecar/coordinator/aggregate.py",
-    "sidecar/coordinator/placement.py",
-    "sidecar/coordinator/topology.py",
-    "sidecar/coordinator/bandwidth.py",
+    "coordinator/config.py",
+    "coordinator/core/types.py",
+    "coordinator/core/policy.py",
+    "coordinator/core/aggregate.py",
+    "coordinator/core/placement.py",
+    "coordinator/core/topology.py",
+    "coordinator/core/bandwidth.py",
     "kv_transfer/stats.py",
     "kv_transfer/connectors.py",
     "simulator/perfmodel.py",
@@ -38,7 +38,7 @@ PURE_PATTERNS = (
     "simulator/policies.py",
     "simulator/curate.py",
     "simulator/config.py",
-    "sidecar/demo/sizing.py",
+    "demo/sizing.py",
 )
 
 # Modules allowed to use prometheus_client's pure text parser (and nothing else of it).
@@ -92,7 +92,7 @@ def _violations(rel: str, names: list[str]) -> list[str]:
 def test_pure_modules_exist():
     # The rule must bite on something: the core pure modules are present.
     rels = {p.relative_to(REPO).as_posix() for p in _pure_modules()}
-    assert "sidecar/report.py" in rels
+    assert "heteroscale/report.py" in rels
 
 
 @pytest.mark.parametrize("path", _pure_modules(), ids=lambda p: p.relative_to(REPO).as_posix())
@@ -118,6 +118,6 @@ def test_rule_catches_a_violation(tmp_path: Path):
     # The checker itself must fail on an impure import.
     bad = tmp_path / "bad.py"
     bad.write_text("import time\nfrom aiohttp import web\nfrom prometheus_client.parser import x\n")
-    assert set(_violations("sidecar/coordinator/policy.py", _imports(bad))) >= {
+    assert set(_violations("coordinator/core/policy.py", _imports(bad))) >= {
         "time", "aiohttp", "aiohttp.web", "prometheus_client.parser"}
     assert _violations("engine_adapters/vllm.py", ["prometheus_client.parser"]) == []

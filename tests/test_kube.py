@@ -10,12 +10,12 @@ import random
 import pytest
 from aiohttp import web
 
-from sidecar.coordinator.kube import (DEPLOYMENTS, EVENTS, LEASES, NAMESPACES, NO_RETRY, NODES,
+from heteroscale.coordinator.kube import (DEPLOYMENTS, EVENTS, LEASES, NAMESPACES, NO_RETRY, NODES,
                                       PODS, ApiClientTransport, Kube, RetryPolicy,
                                       api_error_from_exception, format_micro_time, format_time,
                                       kube_from_config, label_selector_text, parse_retry_after,
                                       parse_time)
-from sidecar.errors import ApiError, UsageError
+from heteroscale.errors import ApiError, UsageError
 from tests.k8s_fake import FakeKube, merge_patch, selector_matches
 
 

@@ -11,9 +11,9 @@ import uuid
 
 import pytest
 
-from sidecar.coordinator.kube import (DEPLOYMENTS, EVENTS, LEASES, NAMESPACES, NODES, PODS, Kube,
+from heteroscale.coordinator.kube import (DEPLOYMENTS, EVENTS, LEASES, NAMESPACES, NODES, PODS, Kube,
                                       format_time)
-from sidecar.errors import ApiError
+from heteroscale.errors import ApiError
 from tests.k8s_envtest import deployment_body, k8s_cluster  # noqa: F401
 from tests.k8s_fake import FakeKube
 
@@ -25,7 +25,7 @@ async def api(request):
     if request.param == "fake":
         kube = Kube(FakeKube())
     else:
-        from sidecar.coordinator.kube import kube_from_config
+        from heteroscale.coordinator.kube import kube_from_config
 
         cluster = request.getfixturevalue("k8s_cluster")
         kube = kube_from_config(kubeconfig=str(cluster.kubeconfig))

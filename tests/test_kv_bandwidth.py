@@ -1,14 +1,14 @@
-"""sidecar.coordinator.bandwidth: the prefill x decode map, medians by locality, flags (worked examples)."""
+"""heteroscale.coordinator.core.bandwidth: the prefill x decode map, medians by locality, flags (worked examples)."""
 
 from __future__ import annotations
 
 import pytest
 from hypothesis import given, strategies as st
 
-from sidecar.coordinator.bandwidth import (CROSS_SWITCH, SAME_SWITCH, UNKNOWN, BandwidthSettings,
+from heteroscale.coordinator.core.bandwidth import (CROSS_SWITCH, SAME_SWITCH, UNKNOWN, BandwidthSettings,
                                            build_bandwidth_map, locality, switches_from_nodes)
-from sidecar.coordinator.topology import NodeView
-from sidecar.report import SidecarReport
+from heteroscale.coordinator.core.topology import NodeView
+from heteroscale.report import SidecarReport
 
 NOW = 1_800_000_000.0
 MB = 1e6
@@ -133,7 +133,7 @@ def test_bandwidth_families_read_back_through_a_registry():
     from prometheus_client import CollectorRegistry, generate_latest
     from prometheus_client.parser import text_string_to_metric_families
 
-    from kv_transfer.bandwidth_metrics import bandwidth_families
+    from heteroscale.coordinator.metrics import bandwidth_families
 
     reports = [report("p0", "prefill", "n1", peers=[peer("d0", 25 * MB), peer("d1", 10 * MB),
                                                       peer("d2", None, error="timeout")]),

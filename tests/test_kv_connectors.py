@@ -1,4 +1,4 @@
-"""kv_transfer.connectors: engine and transfer-library pages through the real prometheus_client parser."""
+"""heteroscale.kv_transfer.connectors: engine and transfer-library pages through the real prometheus_client parser."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import math
 
 import pytest
 
-from kv_transfer import connectors as kvc
-from sidecar.errors import ScrapeError
+from heteroscale.kv_transfer import connectors as kvc
+from heteroscale.errors import ScrapeError
 
 
 def _page(data_dir, name: str) -> str:

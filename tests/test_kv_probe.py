@@ -8,10 +8,10 @@ import random
 
 import pytest
 
-from kv_transfer.probe import (MAGIC, MIB, NONCE_BYTES, STATUS_OK, ByteBudget, Peer, ProbeClientSettings,
+from heteroscale.kv_transfer.probe import (MAGIC, MIB, NONCE_BYTES, STATUS_OK, ByteBudget, Peer, ProbeClientSettings,
                                ProbeError, ProbeResult, ProbeRunner, ProbeServer, ProbeServerSettings,
                                load_secret, outcome_to_dict, parse_peer, probe_peer)
-from sidecar.errors import ConfigError
+from heteroscale.errors import ConfigError
 
 SECRET = b"s3cret-shared-by-prefill-and-decode"
 

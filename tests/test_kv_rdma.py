@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from kv_transfer.rdma import RdmaSettings, SysfsRdmaReader
-from kv_transfer.sidecar_ext import KvSettings, KvTransferExtension
+from heteroscale.kv_transfer.rdma import RdmaSettings, SysfsRdmaReader
+from heteroscale.kv_transfer.extension import KvSettings, KvTransferExtension
 
 TOP64 = 2 ** 64
 

@@ -1,4 +1,4 @@
-"""kv_transfer.stats: counter deltas with wrap/reset, windowed rates, histogram deltas (worked examples + invariants)."""
+"""heteroscale.kv_transfer.stats: counter deltas with wrap/reset, windowed rates, histogram deltas (worked examples + invariants)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import math
 
 from hypothesis import given, strategies as st
 
-from kv_transfer.stats import (HistogramSample, HistogramWindow, RateWindow, counter_delta, histogram_delta,
+from heteroscale.kv_transfer.stats import (HistogramSample, HistogramWindow, RateWindow, counter_delta, histogram_delta,
                                median, merge_histograms)
 
 TOP64 = 2 ** 64

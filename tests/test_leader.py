@@ -15,10 +15,10 @@ import time
 
 import pytest
 
-from sidecar.coordinator.kube import LEASES, Kube, format_micro_time
-from sidecar.coordinator.leader import (ElectionTiming, FileLeaseStore, KubernetesLeaseElection,
+from heteroscale.coordinator.kube import LEASES, Kube, format_micro_time
+from heteroscale.coordinator.leader import (ElectionTiming, FileLeaseStore, KubernetesLeaseElection,
                                         LeaseConflict, LeaseRecord, LocalLeaseElection)
-from sidecar.errors import ConfigError
+from heteroscale.errors import ConfigError
 from tests.k8s_fake import FakeClock, FakeKube
 
 NS, NAME = "system", "heteroscale-coordinator"
@@ -401,7 +401,7 @@ async def test_cancel_racing_a_finishing_renew_still_stops_the_loop(fake, clock)
     # Regression: with asyncio.wait_for (Python 3.11) a cancel that arrives in the same
     # loop step as the renew call finishing was swallowed, and the "stopped" election
     # kept renewing forever. The cancel must win, and the lease must be released.
-    from sidecar.coordinator.leader import LeaseElection
+    from heteroscale.coordinator.leader import LeaseElection
 
     store = GatedStore(candidate(fake, clock, "a").store)
     a = LeaseElection(store=store, identity="a", timing=ElectionTiming(**TIMING), clock=clock)

@@ -20,10 +20,10 @@ from types import SimpleNamespace
 
 import pytest
 
-from sidecar.coordinator.actuators.kubernetes import KubernetesActuator, NotLeaderError
-from sidecar.coordinator.kube import DEPLOYMENTS, LEASES, Kube
-from sidecar.coordinator.leader import KubernetesLeaseElection
-from sidecar.coordinator.types import Decision, PoolCounts
+from heteroscale.coordinator.actuators.kubernetes import KubernetesActuator, NotLeaderError
+from heteroscale.coordinator.kube import DEPLOYMENTS, LEASES, Kube
+from heteroscale.coordinator.leader import KubernetesLeaseElection
+from heteroscale.coordinator.core.types import Decision, PoolCounts
 from tests.k8s_fake import FaultyTransport
 from tests.k8s_envtest import REPO, deployment_body, k8s_cluster, k8s_namespace, kube  # noqa: F401
 

@@ -17,12 +17,12 @@ from pathlib import Path
 import pytest
 from hypothesis import given, strategies as st
 
-from sidecar.coordinator.actuators.local import (
+from heteroscale.coordinator.actuators.local import (
     DEFAULT_TOPOLOGY, LocalActuator, LocalSettings, SimulatedCluster, compact_nodes, emulator_gpu,
     gate_admit)
-from sidecar.coordinator.config import load_config
-from sidecar.coordinator.types import Decision, PoolCounts
-from sidecar.errors import ConfigError
+from heteroscale.coordinator.config import load_config
+from heteroscale.coordinator.core.types import Decision, PoolCounts
+from heteroscale.errors import ConfigError
 
 SERVICE_YAML = """
 coordinator: {backend: local, interval_s: 1, collect: {timeout_s: 0.5}}

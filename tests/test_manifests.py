@@ -8,6 +8,8 @@ tests/test_manifests_k8s.py.
 
 from __future__ import annotations
 
+import ast
+
 import shutil
 import subprocess
 import sys
@@ -16,6 +18,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+PACKAGE_DIRS = ("heteroscale", "sidecar", "engine_adapters", "kv_transfer", "coordinator",
+                "simulator", "demo")
 REPO = Path(__file__).resolve().parents[1]
 MANIFESTS = REPO / "manifests"
 SCHEMA_VERSIONS = ("1.29", "1.33")
@@ -93,7 +97,7 @@ def test_configmap_holds_a_config_that_validates(base, tmp_path):
     (cm,) = by_kind(base, "ConfigMap")
     config = tmp_path / "config.yaml"
     config.write_text(cm["data"]["config.yaml"])
-    out = subprocess.run([sys.executable, "-m", "sidecar", "validate", "--config", str(config)],
+    out = subprocess.run([sys.executable, "-m", "heteroscale", "validate", "--config", str(config)],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
 
@@ -121,7 +125,7 @@ def test_image_install_steps_in_a_clean_venv(tmp_path):
     src.mkdir()
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(REPO / name, src / name)
-    for pkg in ("sidecar", "engine_adapters", "kv_transfer", "simulator"):
+    for pkg in PACKAGE_DIRS:
         shutil.copytree(REPO / pkg, src / pkg, ignore=shutil.ignore_patterns("__pycache__"))
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
@@ -134,15 +138,24 @@ def test_image_install_steps_in_a_clean_venv(tmp_path):
     assert out.returncode == 0 and out.stdout.startswith("heteroscale "), out.stderr
     # The installed copy (not the source tree) carries every file the commands read at run time.
     probe = ("import importlib.resources as r; "
-             "c = r.files('sidecar.coordinator') / 'static'; d = r.files('sidecar.demo'); "
+             "c = r.files('heteroscale.coordinator') / 'static'; d = r.files('heteroscale.demo'); "
              "names = ['index.html', 'app.js', 'style.css']; "
              "assert all((c / n).is_file() for n in names), list(c.iterdir()); "
              "assert all((d / n).is_file() for n in ['demo.html', 'topology.yaml', 'azure_conv_sample.csv']); "
-             "print(r.files('sidecar'))")
+             "print(r.files('heteroscale'))")
     out = subprocess.run([str(venv / "bin" / "python"), "-c", probe], capture_output=True, text=True,
                          timeout=60, cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-2000:]
     assert str(venv) in out.stdout      # read from site-packages, not from the checkout
+    # One import name: everything the wheel puts in site-packages is under heteroscale/
+    # (and its dist-info); scripts go to bin/, outside site-packages.
+    tops = ("import importlib.metadata as m; "
+            "print(sorted({f.parts[0] for f in m.distribution('heteroscale').files if f.parts[0] != '..'}))")
+    out = subprocess.run([str(venv / "bin" / "python"), "-c", tops], capture_output=True, text=True,
+                         timeout=60, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    names = ast.literal_eval(out.stdout.strip())
+    assert [n for n in names if not n.endswith(".dist-info")] == ["heteroscale"], names
 
 
 @pytest.fixture(scope="module")
@@ -202,6 +215,6 @@ def test_examples_config_names_the_example_deployments(examples, tmp_path):
         assert {service["prefill"]["deployment"], service["decode"]["deployment"]} <= engines
     path = tmp_path / "config.yaml"
     path.write_text(configs[0]["data"]["config.yaml"])
-    out = subprocess.run([sys.executable, "-m", "sidecar", "validate", "--config", str(path)],
+    out = subprocess.run([sys.executable, "-m", "heteroscale", "validate", "--config", str(path)],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr

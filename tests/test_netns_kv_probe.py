@@ -8,7 +8,7 @@ Topology (addresses exist only inside the namespaces this test creates)::
 The rates are shaped with ``tc qdisc ... tbf`` on the prefill side (the
 direction KV caches travel). Real probe servers run in the decode namespaces
 and the real extension, built from the sidecar's own flags, probes from the
-prefill namespace (``python -m kv_transfer serve|sample``). Its JSON sample
+prefill namespace (``python -m heteroscale.kv_transfer serve|sample``). Its JSON sample
 becomes the prefill pod's report; the coordinator's bandwidth map must show
 each shaped rate within 10% and flag the cross-switch pair.
 
@@ -30,8 +30,8 @@ from pathlib import Path
 
 import pytest
 
-from sidecar.coordinator.bandwidth import CROSS_SWITCH, SAME_SWITCH, build_bandwidth_map
-from sidecar.report import SidecarReport
+from heteroscale.coordinator.core.bandwidth import CROSS_SWITCH, SAME_SWITCH, build_bandwidth_map
+from heteroscale.report import SidecarReport
 
 pytestmark = pytest.mark.netns
 

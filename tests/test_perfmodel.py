@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from hypothesis import given, strategies as st
 
-from simulator import perfmodel as pm
+from heteroscale.simulator import perfmodel as pm
 
 M8 = pm.model("8b")
 H20 = pm.gpu("H20")

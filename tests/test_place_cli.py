@@ -34,7 +34,7 @@ services:
 
 
 def place(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "sidecar", "place", *args], cwd=REPO,
+    return subprocess.run([sys.executable, "-m", "heteroscale", "place", *args], cwd=REPO,
                           capture_output=True, text=True, timeout=60)
 
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from sidecar.coordinator.placement import (
+from heteroscale.coordinator.core.placement import (
     DeploymentGroup, RoleDemand, RoleGroup, ServiceDemand, plan, split_increments)
-from sidecar.coordinator.topology import build_view, nodes_from_document
-from sidecar.coordinator.types import PoolCounts
+from heteroscale.coordinator.core.topology import build_view, nodes_from_document
+from heteroscale.coordinator.core.types import PoolCounts
 
 L20, H20 = "NVIDIA-L20", "NVIDIA-H20"
 

@@ -14,9 +14,9 @@ from __future__ import annotations
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sidecar.coordinator.placement import RoleDemand, ServiceDemand, plan, split_increments
-from sidecar.coordinator.topology import build_view
-from sidecar.coordinator.types import PoolCounts
+from heteroscale.coordinator.core.placement import RoleDemand, ServiceDemand, plan, split_increments
+from heteroscale.coordinator.core.topology import build_view
+from heteroscale.coordinator.core.types import PoolCounts
 
 TYPES = ("A", "B", "C")
 

@@ -12,12 +12,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sidecar.coordinator.config import load_config
-from sidecar.coordinator.policy import (
+from heteroscale.coordinator.config import load_config
+from heteroscale.coordinator.core.policy import (
     PolicyState, active_schedule, clamp, damp, decide, fit_budget, latency_step, prefill_for_decode,
     proportional_decode, stabilized_recommendation,
 )
-from sidecar.coordinator.types import Observation, PoolCounts, PoolStatus
+from heteroscale.coordinator.core.types import Observation, PoolCounts, PoolStatus
 
 
 def service(**over: Any):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 import socket
 
-from sidecar.ports import ephemeral_low, free_ports
+from heteroscale.net import ephemeral_low, free_ports
 
 
 def test_ports_are_distinct_bindable_and_never_ephemeral():

@@ -35,16 +35,16 @@ import aiohttp
 import pytest
 import yaml
 
-from sidecar.coordinator.aggregate import aggregate
-from sidecar.coordinator.collect import Collector, StaticSource, Target
-from sidecar.coordinator.config import load_config
-from sidecar.coordinator.promql import PromCollector
-from sidecar.coordinator.types import Observation, PoolCounts, PoolStatus
+from heteroscale.coordinator.core.aggregate import aggregate
+from heteroscale.coordinator.collect import Collector, StaticSource, Target
+from heteroscale.coordinator.config import load_config
+from heteroscale.coordinator.promql import PromCollector
+from heteroscale.coordinator.core.types import Observation, PoolCounts, PoolStatus
 from tests.conftest import free_port
 from tests.prometheus_server import PrometheusServer, prometheus_binary
 
 pytestmark = pytest.mark.prometheus
-HETEROSCALE = [sys.executable, "-m", "sidecar"]
+HETEROSCALE = [sys.executable, "-m", "heteroscale"]
 ROOT = Path(__file__).resolve().parent.parent
 DASHBOARD = ROOT / "manifests" / "monitoring" / "heteroscale-dashboard.json"
 CAPTURE_DIR = Path(__file__).parent / "data" / "prometheus"

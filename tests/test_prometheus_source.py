@@ -21,14 +21,14 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from sidecar.coordinator.aggregate import aggregate
-from sidecar.coordinator.config import load_config
-from sidecar.coordinator.main import make_collector
-from sidecar.coordinator.policy import PolicyState, decide
-from sidecar.coordinator.promql import (SIGNALS, PromCollector, PromResponseError, build_query,
+from heteroscale.coordinator.core.aggregate import aggregate
+from heteroscale.coordinator.config import load_config
+from heteroscale.coordinator.app import make_collector
+from heteroscale.coordinator.core.policy import PolicyState, decide
+from heteroscale.coordinator.promql import (SIGNALS, PromCollector, PromResponseError, build_query,
                                         build_snapshot, parse_vector)
-from sidecar.coordinator.types import PoolCounts, PoolStatus
-from sidecar.errors import ConfigError
+from heteroscale.coordinator.core.types import PoolCounts, PoolStatus
+from heteroscale.errors import ConfigError
 from tests.conftest import free_port
 
 DATA = Path(__file__).parent / "data" / "prometheus"

@@ -10,13 +10,13 @@ from typing import Any
 
 import pytest
 
-from sidecar.coordinator.actuators import actuator_class, make_actuator
-from sidecar.coordinator.actuators.static import StaticActuator
-from sidecar.coordinator.collect import Collector, StaticSource, Target
-from sidecar.coordinator.config import Config, load_config
-from sidecar.coordinator.reconciler import Reconciler
-from sidecar.coordinator.types import ApplyResult, Decision, PoolCounts, PoolStatus
-from sidecar.errors import ApiError, UsageError
+from heteroscale.coordinator.actuators import actuator_class, make_actuator
+from heteroscale.coordinator.actuators.static import StaticActuator
+from heteroscale.coordinator.collect import Collector, StaticSource, Target
+from heteroscale.coordinator.config import Config, load_config
+from heteroscale.coordinator.reconciler import Reconciler
+from heteroscale.coordinator.core.types import ApplyResult, Decision, PoolCounts, PoolStatus
+from heteroscale.errors import ApiError, UsageError
 from tests.test_collect import ReportServer, report_doc
 
 
@@ -355,8 +355,8 @@ async def test_a_hung_observe_skips_the_service_not_the_loop(world: World):
 
 
 async def test_serve_stops_cleanly_and_reports_a_crashed_loop(world: World):
-    from sidecar.coordinator.main import CoordinatorCrashed, Runtime, serve
-    from sidecar.coordinator.status import make_status_app
+    from heteroscale.coordinator.app import CoordinatorCrashed, Runtime, serve
+    from heteroscale.coordinator.status import make_status_app
     from tests.conftest import free_port
 
     rec = world.reconciler
@@ -379,8 +379,8 @@ async def test_serve_stops_cleanly_and_reports_a_crashed_loop(world: World):
 
 
 def test_build_runtime_wires_the_static_backend_with_a_local_lease(tmp_path):
-    from sidecar.coordinator.collect import StaticSource
-    from sidecar.coordinator.main import build_runtime
+    from heteroscale.coordinator.collect import StaticSource
+    from heteroscale.coordinator.app import build_runtime
 
     cfg = load_config({"coordinator": {"backend": "static", "lease": {"path": str(tmp_path / "lease")}},
                        "services": [{"name": "chat", "pd_ratio": "1:1", "target_decode_tps_per_instance": 10,
@@ -398,12 +398,12 @@ def test_build_runtime_wires_the_static_backend_with_a_local_lease(tmp_path):
 def test_without_leader_module_it_runs_as_the_only_leader(monkeypatch, caplog):
     import sys
 
-    from sidecar.coordinator.main import make_election
-    from sidecar.coordinator.reconciler import AlwaysLeader
+    from heteroscale.coordinator.app import make_election
+    from heteroscale.coordinator.reconciler import AlwaysLeader
 
-    import sidecar.coordinator as package
+    import heteroscale.coordinator as package
 
-    monkeypatch.setitem(sys.modules, "sidecar.coordinator.leader", None)   # as if not built
+    monkeypatch.setitem(sys.modules, "heteroscale.coordinator.leader", None)   # as if not built
     monkeypatch.delattr(package, "leader", raising=False)
     with caplog.at_level("WARNING"):
         election = make_election(config(), identity="solo")
@@ -414,9 +414,9 @@ def test_without_leader_module_it_runs_as_the_only_leader(monkeypatch, caplog):
 async def test_an_actuator_that_knows_its_instances_is_the_report_source():
     # backend local: no sidecar URLs in the config; the actuator started the instances and
     # names their report URLs itself, so the coordinator pulls those.
-    from sidecar.coordinator.collect import Target
-    from sidecar.coordinator.config import load_config
-    from sidecar.coordinator.main import report_source
+    from heteroscale.coordinator.collect import Target
+    from heteroscale.coordinator.config import load_config
+    from heteroscale.coordinator.app import report_source
 
     config = load_config({"coordinator": {"backend": "local"}, "services": [{
         "name": "chat", "pd_ratio": "2:1", "target_decode_tps_per_instance": 100,

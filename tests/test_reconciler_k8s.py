@@ -15,13 +15,13 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from sidecar.coordinator.actuators.kubernetes import KubernetesActuator
-from sidecar.coordinator.collect import Collector, Target
-from sidecar.coordinator.config import load_config
-from sidecar.coordinator.kube import DEPLOYMENTS, PODS, Kube, format_time
-from sidecar.coordinator.leader import KubernetesLeaseElection
-from sidecar.coordinator.reconciler import Reconciler
-from sidecar.coordinator.status import make_status_app
+from heteroscale.coordinator.actuators.kubernetes import KubernetesActuator
+from heteroscale.coordinator.collect import Collector, Target
+from heteroscale.coordinator.config import load_config
+from heteroscale.coordinator.kube import DEPLOYMENTS, PODS, Kube, format_time
+from heteroscale.coordinator.leader import KubernetesLeaseElection
+from heteroscale.coordinator.reconciler import Reconciler
+from heteroscale.coordinator.status import make_status_app
 from tests.k8s_envtest import deployment_body, k8s_cluster, k8s_namespace, kube  # noqa: F401
 from tests.test_collect import ReportServer, report_doc
 

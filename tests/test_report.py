@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from sidecar.report import GpuReading, ReportFormatError, SidecarReport
+from heteroscale.report import GpuReading, ReportFormatError, SidecarReport
 
 
 def _report(**over) -> SidecarReport:

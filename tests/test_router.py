@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from aiohttp.test_utils import TestServer
 
-from engine_adapters.emulator import EmulatorServer, EmulatorSettings
-from sidecar.demo.router import Backend, NoBackend, Router
+from heteroscale.demo.emulator.server import EmulatorServer, EmulatorSettings
+from heteroscale.demo.router import Backend, NoBackend, Router
 from tests.conftest import free_port
 
 FAST = dict(speedup=1000.0, tick_s=0.002, stream_interval_s=0.001, kv_wait_timeout_s=2.0)

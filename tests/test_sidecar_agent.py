@@ -9,9 +9,9 @@ import asyncio
 import aiohttp
 import pytest
 
-from sidecar.agent import Agent, AgentSettings, metrics_url, settings_from_args, add_arguments
-from sidecar.errors import ConfigError, UsageError
-from sidecar.report import GpuReading, SidecarReport
+from heteroscale.sidecar.agent import Agent, AgentSettings, metrics_url, settings_from_args, add_arguments
+from heteroscale.errors import ConfigError, UsageError
+from heteroscale.report import GpuReading, SidecarReport
 from tests.conftest import free_port
 from tests.test_sidecar_fakes import FakeEngine, vllm_page
 

@@ -29,7 +29,7 @@ BASE = ["--engine", "vllm", "--engine-url", "http://127.0.0.1:8000", "--role", "
     (["--interval", "abc"], "invalid float value"),
 ])
 def test_bad_flags_one_line_exit_2(extra, needle):
-    proc = subprocess.run([sys.executable, "-m", "sidecar", "sidecar", *BASE, *extra],
+    proc = subprocess.run([sys.executable, "-m", "heteroscale", "sidecar", *BASE, *extra],
                           capture_output=True, text=True, cwd=REPO, timeout=60)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
@@ -42,7 +42,7 @@ def test_listen_port_in_use_is_a_usage_error():
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        proc = subprocess.run([sys.executable, "-m", "sidecar", "sidecar", *BASE, "--gpu-source", "none",
+        proc = subprocess.run([sys.executable, "-m", "heteroscale", "sidecar", *BASE, "--gpu-source", "none",
                                "--listen", f"127.0.0.1:{port}"], capture_output=True, text=True, cwd=REPO,
                               timeout=60)
     assert proc.returncode == 2 and "cannot listen on" in proc.stderr.strip().splitlines()[-1]
@@ -56,7 +56,7 @@ async def test_real_process_against_real_engine_server():
                                                          running=3.0)).start()
     port = free_port()
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "sidecar", "sidecar", "--engine", "vllm", "--engine-url", engine.url,
+        sys.executable, "-m", "heteroscale", "sidecar", "--engine", "vllm", "--engine-url", engine.url,
         "--role", "decode", "--service", "chat", "--listen", f"127.0.0.1:{port}", "--interval", "0.2",
         "--window", "1.0", "--gpu-source", "none", "--pod", "pod-a",
         cwd=REPO, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)

@@ -8,10 +8,10 @@ import types
 
 import pytest
 
-from sidecar.extensions import (
+from heteroscale.sidecar.extensions import (
     SidecarExtension, add_extension_arguments, build_extensions, default_kv_direction, extension_modules,
 )
-from sidecar.metrics import view_kv
+from heteroscale.sidecar.metrics import view_kv
 
 
 class Ext:

@@ -9,10 +9,10 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from sidecar.agent import Agent, AgentSettings
-from sidecar.http import make_app
-from sidecar.metrics import SCRAPE_ERROR_REASONS, MetricsView, SidecarCollector
-from sidecar.report import GpuReading
+from heteroscale.sidecar.agent import Agent, AgentSettings
+from heteroscale.sidecar.http import make_app
+from heteroscale.sidecar.metrics import SCRAPE_ERROR_REASONS, MetricsView, SidecarCollector
+from heteroscale.report import GpuReading
 from tests.test_sidecar_fakes import FakeEngine, vllm_page
 
 SECTION_3_2 = {

@@ -8,13 +8,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import sidecar.coordinator.policy as coordinator_policy
-from sidecar.coordinator.config import load_config
-from sidecar.coordinator.types import PoolCounts
-from simulator import perfmodel as pm
-from simulator import policies, traces
-from simulator.model.cluster import Cluster, ClusterSpec
-from simulator.model.runner import RunSettings, simulate
+import heteroscale.coordinator.core.policy as coordinator_policy
+from heteroscale.coordinator.config import load_config
+from heteroscale.coordinator.core.types import PoolCounts
+from heteroscale.simulator import perfmodel as pm
+from heteroscale.simulator import policies, traces
+from heteroscale.simulator.model.cluster import Cluster, ClusterSpec
+from heteroscale.simulator.model.runner import RunSettings, simulate
 
 M8 = pm.model("8b")
 
@@ -221,8 +221,8 @@ def test_cluster_spec_validates():
 
 # ---------------------------------------------------------------- placement replay
 
-import sidecar.coordinator.placement as coordinator_placement  # noqa: E402
-from simulator.placement import Placement, TopologySpec, demand_for  # noqa: E402
+import heteroscale.coordinator.core.placement as coordinator_placement  # noqa: E402
+from heteroscale.simulator.placement import Placement, TopologySpec, demand_for  # noqa: E402
 
 
 def _placement(service, topology: TopologySpec) -> Placement:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from sidecar.cli import main
+from heteroscale.cli import main
 
 CONFIG = """
 coordinator: {interval_s: 10}

@@ -6,8 +6,8 @@ from __future__ import annotations
 from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client.parser import text_string_to_metric_families
 
-from sidecar.coordinator.status import make_status_app
-from sidecar.coordinator.types import PoolCounts
+from heteroscale.coordinator.status import make_status_app
+from heteroscale.coordinator.core.types import PoolCounts
 from tests.test_reconciler import World, world  # noqa: F401  (fixture)
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from sidecar.ports import free_ports
+from heteroscale.net import free_ports
 
 REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -121,7 +121,7 @@ async def _until(tools: DevTools, check, timeout_s: float) -> dict:
 
 async def test_status_page_loads_draws_and_updates_in_chromium(tmp_path):
     demo_port, devtools_port = free_ports(2)
-    demo = subprocess.Popen([sys.executable, "-m", "sidecar", "demo", "--duration", "90", "--max-instances", "7",
+    demo = subprocess.Popen([sys.executable, "-m", "heteroscale", "demo", "--duration", "90", "--max-instances", "7",
                              "--startup-delay", "1", "--listen", f"127.0.0.1:{demo_port}"], cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     browser = None

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from sidecar.coordinator.topology import (
+from heteroscale.coordinator.core.topology import (
     TopologyKeys, build_view, gpus_in_use, nodes_from_document, parse_count, pod_gpu_request)
 
 

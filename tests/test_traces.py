@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from simulator import traces
-from simulator.traces import TraceError
+from heteroscale.simulator import traces
+from heteroscale.simulator.traces import TraceError
 
 
 def test_azure_timestamp_with_seven_fractional_digits():

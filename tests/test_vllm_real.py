@@ -40,8 +40,8 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from engine_adapters import vllm as vllm_adapter
-from engine_adapters.snapshot import GENERATION_TOKENS
+from heteroscale.engine_adapters import vllm as vllm_adapter
+from heteroscale.engine_adapters.snapshot import GENERATION_TOKENS
 from tests.conftest import DATA, REPO, free_port
 from tests.vllm_tier import server as srv
 from tests.vllm_tier.traffic import StreamLog, steady_load, stream_completion
@@ -84,7 +84,7 @@ def _sidecar_command() -> list[str]:
     if override:
         return shlex.split(override)
     exe = REPO / ".venv" / "bin" / "heteroscale"
-    return [str(exe)] if exe.exists() else [sys.executable, "-m", "sidecar"]
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "heteroscale"]
 
 
 def _scrape_duration_s(sidecar_url: str) -> float | None:

@@ -9,7 +9,7 @@ device plugin gave the engine container beside it. Two ways to learn it:
     engine (manifests/examples). Works for a non-root sidecar.
 ``kubelet``
     Ask the kubelet's pod-resources API which ``nvidia.com/gpu`` devices this pod
-    holds (``sidecar.gpu.podresources``), using ``POD_NAME`` and
+    holds (``heteroscale.sidecar.gpu.podresources``), using ``POD_NAME`` and
     ``POD_NAMESPACE`` from the downward API. Exact under every device-plugin
     strategy; needs the kubelet socket (root).
 
@@ -27,11 +27,11 @@ import time
 from pathlib import Path
 from typing import Awaitable, Callable, Mapping, Sequence
 
-from sidecar.errors import ConfigError, UsageError
-from sidecar.gpu.base import GpuReader, NoGpuReader
-from sidecar.gpu.nvml import parse_gpu_selectors
-from sidecar.gpu.podresources import PodResourcesError, query_gpu_ids
-from sidecar.report import GpuReading
+from heteroscale.errors import ConfigError, UsageError
+from heteroscale.sidecar.gpu.base import GpuReader, NoGpuReader
+from heteroscale.sidecar.gpu.nvml import parse_gpu_selectors
+from heteroscale.sidecar.gpu.podresources import PodResourcesError, query_gpu_ids
+from heteroscale.report import GpuReading
 
 log = logging.getLogger("heteroscale.gpu")
 

@@ -1,7 +1,7 @@
 """The GPU seam of the sidecar: a ``GpuReader`` yields one ``GpuReading`` per GPU.
 
 Implementations: ``NoGpuReader`` (no driver or no GPU: report nothing),
-``sidecar.gpu.nvml`` (the default, the only module importing pynvml) and an
+``heteroscale.sidecar.gpu.nvml`` (the default, the only module importing pynvml) and an
 emulator source that reads an engine emulator's modelled GPU page (only when the
 sidecar is started with that source explicitly). Readers never raise for a
 missing or unsupported reading: they leave the field ``None``.
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from sidecar.report import GpuReading
+from heteroscale.report import GpuReading
 
 
 class GpuReader(Protocol):

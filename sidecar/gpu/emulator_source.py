@@ -28,7 +28,7 @@ from typing import Any
 
 import aiohttp
 
-from sidecar.report import GpuReading
+from heteroscale.report import GpuReading
 
 RATIO_FIELDS = ("utilization_ratio", "sm_activity_ratio")
 AMOUNT_FIELDS = ("memory_used_bytes", "power_watts")

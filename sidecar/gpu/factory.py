@@ -5,14 +5,14 @@ The agent calls this once at start-up (``await``). Sources:
 * ``"nvml"`` (default): real GPUs through NVML. No driver, no library or no GPU
   is not an error: the sidecar runs in no-GPU mode (``NoGpuReader`` with a
   ``reason``). This function does not log that; its caller does, once
-  (``sidecar.agent.open_gpu_reader``: "no GPU readable (<reason>): no-GPU mode"),
+  (``heteroscale.sidecar.agent.open_gpu_reader``: "no GPU readable (<reason>): no-GPU mode"),
   and exports ``heteroscale_gpu_mode{mode="none"}``.
 * ``"emulator"``: modelled GPUs from an engine emulator's ``/emulator/gpu`` page
   (demo and tests); needs ``emulator_url``.
 * ``"none"``: no GPU readings at all (e.g. a CPU engine).
 
 With ``nvml``, ``gpus`` may also be ``kubelet`` or ``file:PATH``: the engine's
-GPUs are learnt after start-up (``sidecar.gpu.assigned``) and the reader reports
+GPUs are learnt after start-up (``heteroscale.sidecar.gpu.assigned``) and the reader reports
 mode ``pending`` until they are known.
 
 Only user mistakes raise (``UsageError``/``ConfigError``: unknown source, bad
@@ -26,12 +26,12 @@ import os
 from types import ModuleType
 from typing import Mapping, Sequence
 
-from sidecar.errors import UsageError
-from sidecar.gpu.assigned import (AssignedGpuReader, assignment_method, file_resolver,
+from heteroscale.errors import UsageError
+from heteroscale.sidecar.gpu.assigned import (AssignedGpuReader, assignment_method, file_resolver,
                                   kubelet_resolver)
-from sidecar.gpu.base import GpuReader, NoGpuReader
-from sidecar.gpu.emulator_source import EmulatorGpuReader
-from sidecar.gpu.nvml import NvmlSettings, open_nvml_reader
+from heteroscale.sidecar.gpu.base import GpuReader, NoGpuReader
+from heteroscale.sidecar.gpu.emulator_source import EmulatorGpuReader
+from heteroscale.sidecar.gpu.nvml import NvmlSettings, open_nvml_reader
 
 log = logging.getLogger("heteroscale.gpu")
 

@@ -51,9 +51,9 @@ from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any, Callable, Mapping, Sequence
 
-from sidecar.errors import ConfigError, UsageError
-from sidecar.gpu.base import NoGpuReader
-from sidecar.report import GpuReading
+from heteroscale.errors import ConfigError, UsageError
+from heteroscale.sidecar.gpu.base import NoGpuReader
+from heteroscale.report import GpuReading
 
 log = logging.getLogger("heteroscale.gpu")
 

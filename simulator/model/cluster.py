@@ -40,8 +40,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from simulator import perfmodel as pm
-from simulator.traces import Workload
+from heteroscale.simulator import perfmodel as pm
+from heteroscale.simulator.traces import Workload
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 
 Owns the replay loop and the per-policy result: every ``interval_s`` of simulated
 time it builds what the coordinator would see — a
-``sidecar.coordinator.types.Observation`` made from sidecar-like windowed
+``heteroscale.coordinator.core.types.Observation`` made from sidecar-like windowed
 measurements — hands it to the controller, and applies the counts it returns.
 It also turns the run into the summary figures (GPU-hours, utilisation, SM
 activity, latency quantiles, SLO attainment, scaling actions, reversals) and
@@ -18,11 +18,11 @@ from typing import Any, Callable, Protocol
 
 import numpy as np
 
-from sidecar.coordinator.types import Observation, PoolCounts, PoolStatus
-from simulator import perfmodel as pm
-from simulator.model.cluster import Cluster, ClusterSpec
-from simulator.placement import Placement
-from simulator.traces import Workload
+from heteroscale.coordinator.core.types import Observation, PoolCounts, PoolStatus
+from heteroscale.simulator import perfmodel as pm
+from heteroscale.simulator.model.cluster import Cluster, ClusterSpec
+from heteroscale.simulator.placement import Placement
+from heteroscale.simulator.traces import Workload
 
 
 @dataclass(frozen=True)

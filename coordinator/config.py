@@ -1,0 +1,754 @@
+"""The coordinator's configuration: frozen dataclasses and one validating loader (pure).
+
+``load_config`` turns a YAML text (or an already parsed mapping) into a ``Config``.
+It never stops at the first mistake: it walks the whole document, collects every
+problem with its path (``services[0].policy.tolerance.scale_in: ...``), unknown keys
+included, checks the cross-field rules, and raises one ``ConfigError`` listing them
+all. A ``Config`` that exists is valid; nothing downstream re-checks or silently
+rewrites a field. Every field, its unit and default is documented in
+docs/configuration.md.
+
+This module reads no files and no clock: the CLI reads the file and hands the text in.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from fractions import Fraction
+from typing import Any, Callable, Mapping
+
+import yaml
+
+from heteroscale.coordinator.core.policy import prefill_for_decode
+from heteroscale.errors import ConfigError
+
+BACKENDS = ("kubernetes", "local", "static")
+METRICS_SOURCES = ("sidecars", "prometheus")
+AFFINITIES = ("s1", "s2", "none")
+DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+_NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")   # a Kubernetes DNS label
+_RATIO_RE = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
+_HHMM_RE = re.compile(r"^([01]\d|2[0-3]):([0-5]\d)$")
+_MATCHER = r'\s*[a-zA-Z_][a-zA-Z0-9_]*\s*(=|!=|=~|!~)\s*"(?:[^"\\]|\\.)*"\s*'
+_SELECTOR_RE = re.compile(rf"^({_MATCHER})(,{_MATCHER})*,?\s*$")   # PromQL label matchers, no braces
+_LABEL_KEY_RE = re.compile(r"^([a-z0-9]([-a-z0-9.]*[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$")
+
+
+# ---------------------------------------------------------------- dataclasses
+
+@dataclass(frozen=True)
+class LeaseConfig:
+    """Leader-election lease (client-go semantics; ARCHITECTURE §3.4).
+
+    ``path`` is the lock file of the local lease (backend ``local``/``static``);
+    ``None`` means a file named after the lease in the system temp directory.
+    """
+
+    name: str = "heteroscale-coordinator"
+    namespace: str = "default"
+    duration_s: float = 15.0
+    renew_deadline_s: float = 10.0
+    retry_period_s: float = 2.0
+    path: str | None = None
+
+
+@dataclass(frozen=True)
+class CollectConfig:
+    """How reports are pulled from sidecars each tick."""
+
+    timeout_s: float = 2.0          # per request, connect + read
+    concurrency: int = 64           # requests in flight at once, all services together
+    sidecar_port: int = 9400        # port used for discovered pod IPs (kubernetes backend)
+
+
+@dataclass(frozen=True)
+class MetricsSourceConfig:
+    """Where per-instance signals come from: ``sidecars`` (pull ``/v1/report``) or
+    ``prometheus`` (instant PromQL queries over the sidecars' metrics; docs/prometheus.md)."""
+
+    type: str = "sidecars"
+    url: str | None = None          # Prometheus base URL (type prometheus)
+    timeout_s: float = 2.0          # bound on one tick's queries, all together (< interval_s)
+    selector: str = ""              # extra label matchers added to every query, e.g. job="heteroscale"
+    lookback_s: float = 300.0       # instances seen this recently but gone now count as "vanished"
+
+
+@dataclass(frozen=True)
+class PlacementConfig:
+    """Topology-aware placement for services run as Deployment Groups (role ``template``).
+
+    Node label keys and the GPU resource name (``topology.TopologyKeys``), the ready-ratio
+    gate's tolerance and the soft scale-in window (``actuators.groups.GroupSettings``)."""
+
+    gpu_type_label: str = "nvidia.com/gpu.product"
+    s1_label: str = "heteroscale.io/s1"
+    s2_label: str = "heteroscale.io/s2"
+    gpu_resource: str = "nvidia.com/gpu"
+    ratio_tolerance: float = 0.25   # relative drift of a DG's admitted P:D from its spec ratio
+    drain_window_s: float = 60.0    # a drained instance stays (out of traffic) this long
+
+
+@dataclass(frozen=True)
+class CoordinatorConfig:
+    interval_s: float = 5.0
+    backend: str = "kubernetes"
+    dry_run: bool = False
+    listen: str = "0.0.0.0:9500"
+    lease: LeaseConfig = LeaseConfig()
+    collect: CollectConfig = CollectConfig()
+    history_s: float = 3600.0       # how much per-tick history the status page keeps
+    decisions_kept: int = 50        # recent decisions kept per service (ring buffer)
+    observe_timeout_s: float = 10.0  # bound on one actuator observe call (a hung API cannot stall the loop)
+    metrics_source: MetricsSourceConfig = MetricsSourceConfig()
+    placement: PlacementConfig = PlacementConfig()
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """Asymmetric band around the target, as a fraction of it (hysteresis)."""
+
+    scale_out: float = 0.10
+    scale_in: float = 0.20
+
+
+@dataclass(frozen=True)
+class LatencyNet:
+    """Latency safety net: p90 over ``moderate``×SLO adds ``moderate_step`` to both
+    pools, over ``severe``×SLO adds ``severe_step``. Never scales in."""
+
+    enabled: bool = True
+    moderate: float = 1.0
+    severe: float = 1.2
+    moderate_step: float = 0.10
+    severe_step: float = 0.20
+    use_ttft: bool = True           # TBT always counts; TTFT too unless disabled
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    tolerance: Tolerance = Tolerance()
+    scale_out_cooldown_s: float = 30.0
+    scale_in_stabilization_s: float = 300.0
+    max_scale_out_factor: float = 2.0
+    max_scale_in_factor: float = 0.5
+    latency_net: LatencyNet = LatencyNet()
+    smoothing_window_s: float = 60.0
+    min_fresh_reports_ratio: float = 0.5
+    report_max_age_s: float = 30.0
+    warmup_s: float = 60.0
+    pending_timeout_s: float = 600.0
+    consolidation_margin: float = 0.9
+    gpu_budget: int | None = None
+
+
+@dataclass(frozen=True)
+class Slo:
+    ttft_s: float | None = None
+    tbt_s: float | None = None
+
+
+@dataclass(frozen=True)
+class RoleConfig:
+    """Where one role's instances live and what they need.
+
+    Exactly one of ``deployment``/``statefulset`` (a workload scaled in place) or
+    ``template`` (a Deployment, kept at 0 replicas, whose pod template the service's
+    Deployment Groups are stamped from) for the kubernetes backend; both roles of a
+    service use the same mode. ``sidecars`` (report URLs) for the static backend,
+    optional elsewhere.
+    ``gpu_types`` (ordered preference) and ``gpus_per_instance`` feed placement and
+    the GPU budget. ``options`` is an opaque, backend-specific mapping.
+    """
+
+    deployment: str | None = None
+    statefulset: str | None = None
+    sidecars: tuple[str, ...] = ()
+    selector: str | None = None
+    gpu_types: tuple[str, ...] = ()
+    gpus_per_instance: int = 1
+    options: Mapping[str, Any] = field(default_factory=dict)
+    template: str | None = None
+
+    @property
+    def group_template(self) -> tuple[str, str] | None:
+        """The Deployment Groups' template workload, if this role is run as DGs."""
+        return ("Deployment", self.template) if self.template else None
+
+    @property
+    def workload(self) -> tuple[str, str] | None:
+        if self.deployment:
+            return ("Deployment", self.deployment)
+        if self.statefulset:
+            return ("StatefulSet", self.statefulset)
+        return None
+
+
+@dataclass(frozen=True)
+class ScheduleEntry:
+    """A time-of-day window (``start`` inclusive, ``end`` exclusive, minutes of the
+    day in the entry's UTC offset; ``end < start`` wraps past midnight). Either fixed
+    counts (``prefill`` + ``decode``) or bound overrides (``min_decode``/``max_decode``)."""
+
+    start_min: int
+    end_min: int
+    days: tuple[int, ...] = tuple(range(7))     # 0 = Monday
+    utc_offset_min: int = 0
+    prefill: int | None = None
+    decode: int | None = None
+    min_decode: int | None = None
+    max_decode: int | None = None
+    name: str = ""
+
+    @property
+    def fixed(self) -> bool:
+        return self.decode is not None
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    name: str
+    pd_ratio: tuple[int, int]                     # (prefill, decode) instances
+    target_decode_tps_per_instance: float          # τ
+    prefill: RoleConfig
+    decode: RoleConfig
+    namespace: str = "default"
+    min_decode: int = 1
+    max_decode: int = 64
+    min_prefill: int | None = None
+    max_prefill: int | None = None
+    slo: Slo = Slo()
+    policy: PolicyConfig = PolicyConfig()
+    schedules: tuple[ScheduleEntry, ...] = ()
+    priority: int = 0
+    affinity: str = "none"
+
+    @property
+    def uses_groups(self) -> bool:
+        """Run as Deployment Groups (role ``template``) rather than scaled in place."""
+        return self.prefill.template is not None and self.decode.template is not None
+
+    @property
+    def ratio(self) -> Fraction:
+        return Fraction(self.pd_ratio[0], self.pd_ratio[1])
+
+    @property
+    def pd_ratio_text(self) -> str:
+        return f"{self.pd_ratio[0]}:{self.pd_ratio[1]}"
+
+    def role(self, role: str) -> RoleConfig:
+        if role == "prefill":
+            return self.prefill
+        if role == "decode":
+            return self.decode
+        raise KeyError(role)
+
+
+@dataclass(frozen=True)
+class Config:
+    coordinator: CoordinatorConfig
+    services: tuple[ServiceConfig, ...]
+
+    def service(self, name: str) -> ServiceConfig:
+        for svc in self.services:
+            if svc.name == name:
+                return svc
+        raise KeyError(name)
+
+
+# ---------------------------------------------------------------- the reader
+
+_MISSING = object()
+
+
+class _Node:
+    """One mapping of the document, its path, and the shared problem list."""
+
+    def __init__(self, doc: Any, path: str, problems: list[str]) -> None:
+        self.path = path
+        self.problems = problems
+        self.seen: set[str] = set()
+        if doc is None:
+            doc = {}
+        if not isinstance(doc, Mapping):
+            self.problem("", f"must be a mapping, got {_kind(doc)}")
+            doc = {}
+        self.doc: Mapping[str, Any] = doc
+
+    def at(self, key: str | int) -> str:
+        if isinstance(key, int):
+            return f"{self.path}[{key}]"
+        return f"{self.path}.{key}" if self.path else key
+
+    def problem(self, key: str, text: str) -> None:
+        where = self.at(key) if key else (self.path or "(top level)")
+        self.problems.append(f"{where}: {text}")
+
+    def raw(self, key: str) -> Any:
+        self.seen.add(key)
+        return self.doc.get(key, _MISSING)
+
+    def number(self, key: str, default: float | None, *, minimum: float | None = None,
+               exclusive_min: bool = False, maximum: float | None = None,
+               required: bool = False, allow_null: bool = False) -> Any:
+        value = self.raw(key)
+        if value is _MISSING or (value is None and allow_null):
+            if required and value is _MISSING:
+                self.problem(key, "is required")
+            return None if value is None else default
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            self.problem(key, f"must be a number, got {value!r}")
+            return default
+        if minimum is not None and (value < minimum or (exclusive_min and value == minimum)):
+            self.problem(key, f"must be {'>' if exclusive_min else '>='} {minimum:g}, got {value:g}")
+            return default
+        if maximum is not None and value > maximum:
+            self.problem(key, f"must be <= {maximum:g}, got {value:g}")
+            return default
+        return float(value)
+
+    def integer(self, key: str, default: int | None, *, minimum: int | None = None,
+                required: bool = False, allow_null: bool = False) -> Any:
+        value = self.raw(key)
+        if value is _MISSING or (value is None and allow_null):
+            if required and value is _MISSING:
+                self.problem(key, "is required")
+            return None if value is None else default
+        if isinstance(value, bool) or not isinstance(value, int):
+            self.problem(key, f"must be an integer, got {value!r}")
+            return default
+        if minimum is not None and value < minimum:
+            self.problem(key, f"must be >= {minimum}, got {value}")
+            return default
+        return value
+
+    def boolean(self, key: str, default: bool) -> bool:
+        value = self.raw(key)
+        if value is _MISSING:
+            return default
+        if not isinstance(value, bool):
+            self.problem(key, f"must be true or false, got {value!r}")
+            return default
+        return value
+
+    def string(self, key: str, default: str | None, *, choices: tuple[str, ...] | None = None,
+               required: bool = False, check: Callable[[str], str | None] | None = None) -> Any:
+        value = self.raw(key)
+        if value is _MISSING or value is None:
+            if required:
+                self.problem(key, "is required")
+            return default
+        if not isinstance(value, str) or not value:
+            self.problem(key, f"must be a non-empty string, got {value!r}")
+            return default
+        if choices is not None and value not in choices:
+            self.problem(key, f"must be one of {', '.join(choices)}, got {value!r}")
+            return default
+        if check is not None:
+            bad = check(value)
+            if bad:
+                self.problem(key, bad)
+                return default
+        return value
+
+    def strings(self, key: str) -> tuple[str, ...]:
+        value = self.raw(key)
+        if value is _MISSING or value is None:
+            return ()
+        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+            self.problem(key, "must be a list of non-empty strings")
+            return ()
+        return tuple(value)
+
+    def child(self, key: str) -> "_Node":
+        value = self.raw(key)
+        return _Node(None if value is _MISSING else value, self.at(key), self.problems)
+
+    def finish(self) -> None:
+        for key in self.doc:
+            if key not in self.seen:
+                self.problem(str(key), "unknown key")
+
+
+def _kind(value: Any) -> str:
+    return {list: "a list", str: "a string", bool: "a boolean", int: "a number",
+            float: "a number"}.get(type(value), type(value).__name__)
+
+
+def _dns_label(value: str) -> str | None:
+    if len(value) > 63 or not _NAME_RE.match(value):
+        return f"must be a lowercase DNS label (a-z, 0-9, '-'), got {value!r}"
+    return None
+
+
+def _listen(value: str) -> str | None:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        return f"must be HOST:PORT, got {value!r}"
+    return None
+
+
+def _url(value: str) -> str | None:
+    if not (value.startswith("http://") or value.startswith("https://")):
+        return f"must be an http(s) URL, got {value!r}"
+    return None
+
+
+# ---------------------------------------------------------------- sections
+
+def _lease(node: _Node) -> LeaseConfig:
+    d = LeaseConfig()
+    lease = LeaseConfig(
+        name=node.string("name", d.name, check=_dns_label),
+        namespace=node.string("namespace", d.namespace, check=_dns_label),
+        duration_s=node.number("duration_s", d.duration_s, minimum=0, exclusive_min=True),
+        renew_deadline_s=node.number("renew_deadline_s", d.renew_deadline_s, minimum=0, exclusive_min=True),
+        retry_period_s=node.number("retry_period_s", d.retry_period_s, minimum=0, exclusive_min=True),
+        path=node.string("path", d.path),
+    )
+    node.finish()
+    # client-go's rule: the lease must outlive a renew attempt, which must outlive
+    # a few retries; otherwise two leaders can overlap.
+    if not lease.duration_s > lease.renew_deadline_s:
+        node.problem("duration_s", f"must be greater than renew_deadline_s "
+                     f"({lease.duration_s:g} <= {lease.renew_deadline_s:g})")
+    if not lease.renew_deadline_s > 1.2 * lease.retry_period_s:
+        node.problem("renew_deadline_s", f"must be greater than 1.2 x retry_period_s "
+                     f"({lease.renew_deadline_s:g} <= {1.2 * lease.retry_period_s:g})")
+    return lease
+
+
+def _collect(node: _Node) -> CollectConfig:
+    d = CollectConfig()
+    out = CollectConfig(
+        timeout_s=node.number("timeout_s", d.timeout_s, minimum=0, exclusive_min=True),
+        concurrency=node.integer("concurrency", d.concurrency, minimum=1),
+        sidecar_port=node.integer("sidecar_port", d.sidecar_port, minimum=1),
+    )
+    if out.sidecar_port > 65535:
+        node.problem("sidecar_port", f"must be <= 65535, got {out.sidecar_port}")
+    node.finish()
+    return out
+
+
+def _selector(value: str) -> str | None:
+    if not _SELECTOR_RE.match(value):
+        return ("must be PromQL label matchers without braces, like 'job=\"heteroscale\", cluster=~\"a|b\"', "
+                f"got {value!r}")
+    return None
+
+
+def _metrics_source(node: _Node) -> MetricsSourceConfig:
+    d = MetricsSourceConfig()
+    out = MetricsSourceConfig(
+        type=node.string("type", d.type, choices=METRICS_SOURCES),
+        url=node.string("url", d.url, check=_url),
+        timeout_s=node.number("timeout_s", d.timeout_s, minimum=0, exclusive_min=True),
+        selector=node.string("selector", None, check=_selector) or d.selector,
+        lookback_s=node.number("lookback_s", d.lookback_s, minimum=0, exclusive_min=True),
+    )
+    node.finish()
+    if out.type == "prometheus" and out.url is None:
+        node.problem("url", "is required with type: prometheus (e.g. http://prometheus:9090)")
+    if out.type == "sidecars":
+        for key in ("url", "selector", "lookback_s"):
+            if key in node.doc:
+                node.problem(key, "is only used with type: prometheus")
+    return out
+
+
+def _label_key(value: str) -> str | None:
+    if len(value) > 316 or not _LABEL_KEY_RE.match(value):
+        return f"must be a Kubernetes label key like example.com/name, got {value!r}"
+    return None
+
+
+def _placement(node: _Node) -> PlacementConfig:
+    d = PlacementConfig()
+    out = PlacementConfig(
+        gpu_type_label=node.string("gpu_type_label", d.gpu_type_label, check=_label_key),
+        s1_label=node.string("s1_label", d.s1_label, check=_label_key),
+        s2_label=node.string("s2_label", d.s2_label, check=_label_key),
+        gpu_resource=node.string("gpu_resource", d.gpu_resource, check=_label_key),
+        ratio_tolerance=node.number("ratio_tolerance", d.ratio_tolerance, minimum=0, maximum=9.99),
+        drain_window_s=node.number("drain_window_s", d.drain_window_s, minimum=0),
+    )
+    node.finish()
+    labels = [out.gpu_type_label, out.s1_label, out.s2_label]
+    if len(set(labels)) != len(labels):
+        node.problem("", "gpu_type_label, s1_label and s2_label must be three different labels")
+    return out
+
+
+def _coordinator(node: _Node) -> CoordinatorConfig:
+    d = CoordinatorConfig()
+    out = CoordinatorConfig(
+        interval_s=node.number("interval_s", d.interval_s, minimum=0, exclusive_min=True),
+        backend=node.string("backend", d.backend, choices=BACKENDS),
+        dry_run=node.boolean("dry_run", d.dry_run),
+        listen=node.string("listen", d.listen, check=_listen),
+        lease=_lease(node.child("lease")),
+        collect=_collect(node.child("collect")),
+        history_s=node.number("history_s", d.history_s, minimum=0, exclusive_min=True),
+        decisions_kept=node.integer("decisions_kept", d.decisions_kept, minimum=1),
+        observe_timeout_s=node.number("observe_timeout_s", d.observe_timeout_s, minimum=0, exclusive_min=True),
+        metrics_source=_metrics_source(node.child("metrics_source")),
+        placement=_placement(node.child("placement")),
+    )
+    node.finish()
+    if out.metrics_source.type == "sidecars" and out.collect.timeout_s >= out.interval_s:
+        node.problem("collect.timeout_s", f"must be shorter than interval_s "
+                     f"({out.collect.timeout_s:g} >= {out.interval_s:g})")
+    if out.metrics_source.type == "prometheus" and out.metrics_source.timeout_s >= out.interval_s:
+        node.problem("metrics_source.timeout_s", f"must be shorter than interval_s "
+                     f"({out.metrics_source.timeout_s:g} >= {out.interval_s:g})")
+    return out
+
+
+def _policy(node: _Node) -> PolicyConfig:
+    d = PolicyConfig()
+    tol_node = node.child("tolerance")
+    tolerance = Tolerance(
+        scale_out=tol_node.number("scale_out", d.tolerance.scale_out, minimum=0, maximum=1),
+        scale_in=tol_node.number("scale_in", d.tolerance.scale_in, minimum=0, maximum=0.99),
+    )
+    tol_node.finish()
+    lat_node = node.child("latency_net")
+    dl = d.latency_net
+    latency = LatencyNet(
+        enabled=lat_node.boolean("enabled", dl.enabled),
+        moderate=lat_node.number("moderate", dl.moderate, minimum=0, exclusive_min=True),
+        severe=lat_node.number("severe", dl.severe, minimum=0, exclusive_min=True),
+        moderate_step=lat_node.number("moderate_step", dl.moderate_step, minimum=0, exclusive_min=True),
+        severe_step=lat_node.number("severe_step", dl.severe_step, minimum=0, exclusive_min=True),
+        use_ttft=lat_node.boolean("use_ttft", dl.use_ttft),
+    )
+    lat_node.finish()
+    if latency.severe < latency.moderate:
+        lat_node.problem("severe", f"must be >= moderate ({latency.severe:g} < {latency.moderate:g})")
+    if latency.severe_step < latency.moderate_step:
+        lat_node.problem("severe_step", f"must be >= moderate_step "
+                         f"({latency.severe_step:g} < {latency.moderate_step:g})")
+    out = PolicyConfig(
+        tolerance=tolerance,
+        scale_out_cooldown_s=node.number("scale_out_cooldown_s", d.scale_out_cooldown_s, minimum=0),
+        scale_in_stabilization_s=node.number("scale_in_stabilization_s", d.scale_in_stabilization_s, minimum=0),
+        max_scale_out_factor=node.number("max_scale_out_factor", d.max_scale_out_factor, minimum=1),
+        max_scale_in_factor=node.number("max_scale_in_factor", d.max_scale_in_factor,
+                                        minimum=0, exclusive_min=True, maximum=1),
+        latency_net=latency,
+        smoothing_window_s=node.number("smoothing_window_s", d.smoothing_window_s, minimum=0),
+        min_fresh_reports_ratio=node.number("min_fresh_reports_ratio", d.min_fresh_reports_ratio,
+                                            minimum=0, exclusive_min=True, maximum=1),
+        report_max_age_s=node.number("report_max_age_s", d.report_max_age_s, minimum=0, exclusive_min=True),
+        warmup_s=node.number("warmup_s", d.warmup_s, minimum=0),
+        pending_timeout_s=node.number("pending_timeout_s", d.pending_timeout_s, minimum=0, exclusive_min=True),
+        consolidation_margin=node.number("consolidation_margin", d.consolidation_margin,
+                                         minimum=0, exclusive_min=True, maximum=1),
+        gpu_budget=node.integer("gpu_budget", d.gpu_budget, minimum=1, allow_null=True),
+    )
+    node.finish()
+    return out
+
+
+def _role(node: _Node, *, backend: str, needs_sidecars: bool = True) -> RoleConfig:
+    options = node.raw("options")
+    if options is _MISSING or options is None:
+        options = {}
+    elif not isinstance(options, Mapping):
+        node.problem("options", "must be a mapping")
+        options = {}
+    sidecars = node.strings("sidecars")
+    for i, url in enumerate(sidecars):
+        bad = _url(url)
+        if bad:
+            node.problem(f"sidecars[{i}]", bad)
+    role = RoleConfig(
+        deployment=node.string("deployment", None, check=_dns_label),
+        statefulset=node.string("statefulset", None, check=_dns_label),
+        sidecars=sidecars,
+        selector=node.string("selector", None),
+        gpu_types=node.strings("gpu_types"),
+        gpus_per_instance=node.integer("gpus_per_instance", 1, minimum=1),
+        options=dict(options),
+        template=node.string("template", None, check=_dns_label),
+    )
+    node.finish()
+    if role.deployment and role.statefulset:
+        node.problem("", "give either deployment or statefulset, not both")
+    if role.template and (role.deployment or role.statefulset):
+        node.problem("template", "a Deployment Group template replaces deployment/statefulset: give one")
+    if backend == "kubernetes" and not (role.deployment or role.statefulset or role.template):
+        node.problem("", "backend kubernetes needs a deployment or statefulset name "
+                     "(scaled in place), or a template (Deployment Groups)")
+    if backend == "static" and needs_sidecars and not role.sidecars:
+        node.problem("sidecars", "backend static needs at least one sidecar report URL")
+    return role
+
+
+def _hhmm(node: _Node, key: str) -> int | None:
+    value = node.raw(key)
+    if value is _MISSING:
+        node.problem(key, "is required (HH:MM)")
+        return None
+    if isinstance(value, int) and not isinstance(value, bool):
+        # YAML 1.1 reads an unquoted 08:30 as the sexagesimal integer 510.
+        if 0 <= value < 24 * 60:
+            return value
+    if isinstance(value, str) and _HHMM_RE.match(value):
+        hours, minutes = value.split(":")
+        return int(hours) * 60 + int(minutes)
+    node.problem(key, f"must be a time of day HH:MM, got {value!r}")
+    return None
+
+
+def _schedule(node: _Node) -> ScheduleEntry | None:
+    start = _hhmm(node, "start")
+    end = _hhmm(node, "end")
+    days_raw = node.strings("days")
+    days: list[int] = []
+    for day in days_raw:
+        if day.lower()[:3] not in DAYS:
+            node.problem("days", f"unknown day {day!r} (use {', '.join(DAYS)})")
+        else:
+            days.append(DAYS.index(day.lower()[:3]))
+    entry = dict(
+        utc_offset_min=node.integer("utc_offset_min", 0),
+        prefill=node.integer("prefill", None, minimum=0),
+        decode=node.integer("decode", None, minimum=1),
+        min_decode=node.integer("min_decode", None, minimum=1),
+        max_decode=node.integer("max_decode", None, minimum=1),
+        name=node.string("name", "") or "",
+    )
+    node.finish()
+    if entry["utc_offset_min"] is not None and abs(entry["utc_offset_min"]) > 14 * 60:
+        node.problem("utc_offset_min", "must be within -840..840 minutes")
+    fixed = entry["decode"] is not None or entry["prefill"] is not None
+    bounds = entry["min_decode"] is not None or entry["max_decode"] is not None
+    if fixed and bounds:
+        node.problem("", "give either fixed counts (prefill, decode) or bounds (min_decode, max_decode), not both")
+    elif fixed and (entry["decode"] is None or entry["prefill"] is None):
+        node.problem("", "fixed counts need both prefill and decode")
+    elif not fixed and not bounds:
+        node.problem("", "needs fixed counts (prefill, decode) or bounds (min_decode, max_decode)")
+    if (entry["min_decode"] is not None and entry["max_decode"] is not None
+            and entry["min_decode"] > entry["max_decode"]):
+        node.problem("min_decode", "must be <= max_decode")
+    if start is None or end is None:
+        return None
+    if start == end:
+        node.problem("end", "must differ from start")
+    return ScheduleEntry(start_min=start, end_min=end, days=tuple(sorted(set(days))) or tuple(range(7)),
+                         **entry)
+
+
+def _ratio(node: _Node) -> tuple[int, int]:
+    value = node.raw("pd_ratio")
+    if value is _MISSING:
+        node.problem("pd_ratio", "is required (\"P:D\", e.g. \"9:7\")")
+        return (1, 1)
+    match = _RATIO_RE.match(value) if isinstance(value, str) else None
+    if not match or int(match.group(1)) <= 0 or int(match.group(2)) <= 0:
+        node.problem("pd_ratio", f"must be \"P:D\" with two positive integers, got {value!r}")
+        return (1, 1)
+    return (int(match.group(1)), int(match.group(2)))
+
+
+def _service(node: _Node, *, backend: str, needs_sidecars: bool = True) -> ServiceConfig:
+    pd = _ratio(node)
+    schedules_raw = node.raw("schedules")
+    schedules: list[ScheduleEntry] = []
+    if schedules_raw not in (_MISSING, None):
+        if not isinstance(schedules_raw, list):
+            node.problem("schedules", "must be a list")
+        else:
+            for i, item in enumerate(schedules_raw):
+                entry = _schedule(_Node(item, node.at("schedules") + f"[{i}]", node.problems))
+                if entry is not None:
+                    schedules.append(entry)
+    slo_node = node.child("slo")
+    slo = Slo(ttft_s=slo_node.number("ttft_s", None, minimum=0, exclusive_min=True, allow_null=True),
+              tbt_s=slo_node.number("tbt_s", None, minimum=0, exclusive_min=True, allow_null=True))
+    slo_node.finish()
+    svc = ServiceConfig(
+        name=node.string("name", "?", required=True, check=_dns_label),
+        namespace=node.string("namespace", "default", check=_dns_label),
+        pd_ratio=pd,
+        target_decode_tps_per_instance=node.number("target_decode_tps_per_instance", 1.0, minimum=0,
+                                                   exclusive_min=True, required=True),
+        prefill=_role(node.child("prefill"), backend=backend, needs_sidecars=needs_sidecars),
+        decode=_role(node.child("decode"), backend=backend, needs_sidecars=needs_sidecars),
+        min_decode=node.integer("min_decode", 1, minimum=1),
+        max_decode=node.integer("max_decode", 64, minimum=1),
+        min_prefill=node.integer("min_prefill", None, minimum=0, allow_null=True),
+        max_prefill=node.integer("max_prefill", None, minimum=1, allow_null=True),
+        slo=slo,
+        policy=_policy(node.child("policy")),
+        schedules=tuple(schedules),
+        priority=node.integer("priority", 0),
+        affinity=node.string("affinity", "none", choices=AFFINITIES),
+    )
+    if (svc.prefill.template is None) != (svc.decode.template is None):
+        node.problem("", "both roles must give a template (Deployment Groups) or neither")
+    if "prefill" not in node.doc:
+        node.problem("prefill", "is required (the prefill role block)")
+    if "decode" not in node.doc:
+        node.problem("decode", "is required (the decode role block)")
+    node.finish()
+    _service_rules(node, svc)
+    return svc
+
+
+def _service_rules(node: _Node, svc: ServiceConfig) -> None:
+    if svc.min_decode > svc.max_decode:
+        node.problem("min_decode", f"must be <= max_decode ({svc.min_decode} > {svc.max_decode})")
+    if svc.min_prefill is not None and svc.max_prefill is not None and svc.min_prefill > svc.max_prefill:
+        node.problem("min_prefill", f"must be <= max_prefill ({svc.min_prefill} > {svc.max_prefill})")
+    budget = svc.policy.gpu_budget
+    if budget is not None:
+        floor_p = prefill_for_decode(svc, svc.min_decode)
+        need = floor_p * svc.prefill.gpus_per_instance + svc.min_decode * svc.decode.gpus_per_instance
+        if need > budget:
+            node.problem("policy.gpu_budget", f"{budget} GPUs cannot hold the minimum pools "
+                         f"({floor_p}P + {svc.min_decode}D need {need})")
+    if svc.policy.latency_net.enabled and svc.slo.tbt_s is None and svc.slo.ttft_s is None:
+        node.problem("slo", "the latency safety net needs slo.tbt_s or slo.ttft_s "
+                     "(or set policy.latency_net.enabled: false)")
+
+
+def load_config(source: str | Mapping[str, Any], *, origin: str = "config") -> Config:
+    """Parse and validate; raise ``ConfigError`` listing every problem found."""
+    if isinstance(source, str):
+        try:
+            doc = yaml.safe_load(source)
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            raise ConfigError([f"not valid YAML{where}: {problem}"], source=origin) from exc
+    else:
+        doc = source
+    problems: list[str] = []
+    if doc is None:
+        raise ConfigError(["the file is empty"], source=origin)
+    root = _Node(doc, "", problems)
+    coordinator = _coordinator(root.child("coordinator"))
+    services: list[ServiceConfig] = []
+    raw_services = root.raw("services")
+    if raw_services is _MISSING or raw_services is None:
+        problems.append("services: is required (a list of at least one service)")
+    elif not isinstance(raw_services, list) or not raw_services:
+        problems.append("services: must be a non-empty list")
+    else:
+        for i, item in enumerate(raw_services):
+            # With the Prometheus source the static backend reads instances from PromQL, not URLs.
+            services.append(_service(_Node(item, f"services[{i}]", problems), backend=coordinator.backend,
+                                     needs_sidecars=coordinator.metrics_source.type == "sidecars"))
+    root.finish()
+    names = [s.name for s in services]
+    for name in sorted({n for n in names if names.count(n) > 1}):
+        problems.append(f"services: duplicate service name {name!r}")
+    if problems:
+        raise ConfigError(problems, source=origin)
+    return Config(coordinator=coordinator, services=tuple(services))

@@ -1,0 +1,428 @@
+"""The scaling policy: decode tokens/s → both pools, in one pure decision (pure).
+
+``decide(service=, observation=, state=, now_s=) -> (Decision, PolicyState)`` is the
+one function the live reconciler and the simulator both call (Ray Serve style: the
+previous state in, the new state out, time as an argument; no I/O, no clock).
+
+One tick, in order (PAPER §5.3–5.5, PEERS §5):
+
+1. A human changed the replicas (``manual_override``, newly seen): adopt their counts,
+   start the cooldown and the stabilisation window from them; reason ``manual_override``.
+   The next ticks decide normally from those counts (the backend keeps the flag up
+   until our next write; the policy reacts to each new edit once).
+2. A fixed-count schedule is active: use it. Reason ``schedule``. (A bounds schedule
+   only narrows ``min_decode``/``max_decode`` and the policy runs on.)
+3. Too few fresh decode reports: hold. Missing data never scales in
+   (``hold_missing_data``).
+4. Proportional control: the decode tokens/s, smoothed over ``smoothing_window_s``,
+   gives ``D = ceil(tps / τ)``; utilisation ``u = tps / (D_current · τ)`` is compared
+   with the asymmetric band ``[1 − scale_in, 1 + scale_out]``.
+5. Latency safety net: p90 TBT (and TTFT) over ``moderate``×SLO asks for
+   ``+moderate_step`` (10%) of both pools, over ``severe``×SLO ``+severe_step`` (20%),
+   at least +1. The larger of this and the proportional target wins; latency never
+   scales in.
+6. Scale-out: no new scale-out while pods are pending (unless they have been pending
+   longer than ``pending_timeout_s``), nor within ``scale_out_cooldown_s`` of the last
+   one; the step is damped to at most ``max_scale_out_factor``× (at least +1).
+7. Scale-in: the HIGHEST recommendation over ``scale_in_stabilization_s`` wins (as in
+   Kubernetes HPA; a tick's recommendation is the larger of the proportional target and
+   the latency net's, so a latency step-up is held for the window); the step is damped to at least ``max_scale_in_factor``× (at least
+   −1); a consolidation check keeps enough instances that the survivors carry the
+   load (the larger of the smoothed and the latest tokens/s) at no more than
+   ``consolidation_margin`` of their target.
+8. Bounds: ``min_decode``/``max_decode`` (or a schedule's override), then the GPU
+   budget across both pools, then prefill follows from the ratio.
+
+Ratio rounding rule: for ``D`` decode instances and ratio ``p:d`` the prefill count is
+``P = floor(D·p/d + 1/2)`` in exact rational arithmetic — the integer nearest to
+``D·p/d``, ties rounded up (towards more prefill, which protects TTFT) — and at least
+1 while ``D ≥ 1``. For a fixed ``D`` this minimises ``|P/D − p/d|``. Example 9:7 with
+D = 8: 8·9/7 = 10.29 → P = 10.
+
+The building blocks (``prefill_for_decode``, ``proportional_decode``, ``damp``,
+``clamp``, ``latency_step``, ``active_schedule``, ``fit_budget``, ``smoothed_tps``,
+``stabilized_recommendation``) are public so that other policies (the simulator's
+HPA-style and independent baselines) reuse exactly the same arithmetic.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from fractions import Fraction
+from typing import TYPE_CHECKING, Any
+
+from heteroscale.coordinator.core.types import Decision, Observation, PoolCounts
+
+if TYPE_CHECKING:   # config imports this module lazily; keep the cycle type-only
+    from heteroscale.coordinator.config import ScheduleEntry, ServiceConfig
+
+REASONS = (
+    "scale_out_tps", "scale_in_tps", "latency_moderate", "latency_severe",
+    "hold_missing_data", "hold_pending", "hold_cooldown", "hold_stabilization",
+    "hold_tolerance", "hold_consolidation", "bounded_max", "bounded_min",
+    "bounded_budget", "ratio_repair", "schedule", "manual_override",
+)
+_EPS = 1e-9
+
+
+@dataclass(frozen=True)
+class PolicyState:
+    """What the policy remembers between ticks (all times unix seconds)."""
+
+    tps_samples: tuple[tuple[float, float], ...] = ()      # (at, summed decode tps)
+    recommendations: tuple[tuple[float, int], ...] = ()   # (at, decode recommendation)
+    last_scale_out_s: float | None = None
+    last_scale_in_s: float | None = None
+    pending_seen_s: float | None = None                    # first tick pending was seen
+    adopted: PoolCounts | None = None                      # a human's counts, already adopted
+
+
+# ---------------------------------------------------------------- building blocks
+
+def prefill_for_decode(service: "ServiceConfig", decode: int) -> int:
+    """The prefill count that keeps P:D nearest the configured ratio (see module doc)."""
+    if decode <= 0:
+        return 0
+    p, d = service.pd_ratio
+    exact = Fraction(decode * p, d)
+    prefill = math.floor(exact + Fraction(1, 2))
+    return max(1, prefill)
+
+
+def proportional_decode(tps: float, target_tps_per_instance: float) -> int:
+    """``ceil(tps / τ)``; a hair of tolerance so 4800/2400 is 2, not 3 from float dust."""
+    if tps <= 0:
+        return 0
+    return max(0, math.ceil(tps / target_tps_per_instance - _EPS))
+
+
+def clamp(value: int, low: int, high: int) -> int:
+    return max(low, min(high, value))
+
+
+def damp(current: int, desired: int, *, max_out_factor: float, max_in_factor: float) -> int:
+    """Limit one step: up to ``current × max_out_factor`` (at least +1), down to
+    ``current × max_in_factor`` (at least −1). From zero, go straight to ``desired``."""
+    if current <= 0 or desired == current:
+        return desired
+    if desired > current:
+        ceiling = max(current + 1, math.floor(current * max_out_factor + _EPS))
+        return min(desired, ceiling)
+    floor_ = min(current - 1, math.ceil(current * max_in_factor - _EPS))
+    return max(desired, floor_)
+
+
+def smoothed_tps(samples: tuple[tuple[float, float], ...]) -> float | None:
+    """Plain mean of the samples kept in the window (ticks are evenly spaced)."""
+    if not samples:
+        return None
+    return sum(v for _, v in samples) / len(samples)
+
+
+def stabilized_recommendation(recommendations: tuple[tuple[float, int], ...], *, now_s: float,
+                              window_s: float) -> int | None:
+    """HPA's scale-down stabilisation: the highest recommendation within the window."""
+    kept = [r for at, r in recommendations if now_s - at <= window_s]
+    return max(kept) if kept else None
+
+
+def latency_step(service: "ServiceConfig", *, tbt_p90_s: float | None,
+                 ttft_p90_s: float | None) -> tuple[float, str | None, float | None]:
+    """(step fraction, reason or None, worst latency/SLO ratio) for the safety net."""
+    net = service.policy.latency_net
+    ratios = []
+    if tbt_p90_s is not None and service.slo.tbt_s:
+        ratios.append(tbt_p90_s / service.slo.tbt_s)
+    if net.use_ttft and ttft_p90_s is not None and service.slo.ttft_s:
+        ratios.append(ttft_p90_s / service.slo.ttft_s)
+    worst = max(ratios) if ratios else None
+    if not net.enabled or worst is None:
+        return 0.0, None, worst
+    if worst > net.severe:
+        return net.severe_step, "latency_severe", worst
+    if worst > net.moderate:
+        return net.moderate_step, "latency_moderate", worst
+    return 0.0, None, worst
+
+
+def latency_target(current: int, step: float) -> int:
+    """``ceil(current × (1 + step))``, at least ``current + 1``."""
+    return max(current + 1, math.ceil(current * (1.0 + step) - _EPS))
+
+
+def active_schedule(service: "ServiceConfig", now_s: float) -> "ScheduleEntry | None":
+    """The first schedule entry whose time-of-day window contains ``now_s``."""
+    for entry in service.schedules:
+        local_s = now_s + entry.utc_offset_min * 60
+        day = (int(local_s // 86400) + 3) % 7          # 1970-01-01 was a Thursday; 0 = Monday
+        minute = int((local_s % 86400) // 60)
+        if entry.start_min < entry.end_min:
+            inside = entry.start_min <= minute < entry.end_min
+            start_day = day
+        else:                                           # wraps past midnight
+            inside = minute >= entry.start_min or minute < entry.end_min
+            start_day = day if minute >= entry.start_min else (day - 1) % 7
+        if inside and start_day in entry.days:
+            return entry
+    return None
+
+
+def decode_bounds(service: "ServiceConfig", entry: "ScheduleEntry | None") -> tuple[int, int]:
+    low, high = service.min_decode, service.max_decode
+    if entry is not None and not entry.fixed:
+        low = entry.min_decode if entry.min_decode is not None else low
+        high = entry.max_decode if entry.max_decode is not None else high
+        low = min(low, high)
+    return low, high
+
+
+def gpus_for(service: "ServiceConfig", pools: PoolCounts) -> int:
+    return (pools.prefill * service.prefill.gpus_per_instance
+            + pools.decode * service.decode.gpus_per_instance)
+
+
+def pools_for_decode(service: "ServiceConfig", decode: int) -> PoolCounts:
+    """Both pools for ``decode`` instances: prefill by the ratio, then its own bounds."""
+    prefill = prefill_for_decode(service, decode)
+    if service.min_prefill is not None:
+        prefill = max(prefill, service.min_prefill)
+    if service.max_prefill is not None:
+        prefill = min(prefill, service.max_prefill)
+    return PoolCounts(prefill=prefill, decode=decode)
+
+
+def fit_budget(service: "ServiceConfig", decode: int, *, low: int) -> int:
+    """The largest decode count ``<= decode`` (and ``>= low``) whose pools fit the GPU budget."""
+    budget = service.policy.gpu_budget
+    if budget is None:
+        return decode
+    while decode > low and gpus_for(service, pools_for_decode(service, decode)) > budget:
+        decode -= 1
+    return decode
+
+
+def consolidation_decode(load_tps: float, *, target_tps_per_instance: float, margin: float) -> int:
+    """Fewest instances that carry ``load_tps`` at no more than ``margin`` of their target."""
+    return proportional_decode(load_tps, target_tps_per_instance * margin)
+
+
+def enough_data(service: "ServiceConfig", observation: Observation) -> bool:
+    expected = observation.expected_decode
+    if observation.decode_tps is None or expected <= 0 or observation.fresh_decode <= 0:
+        return False
+    return observation.fresh_decode / expected >= service.policy.min_fresh_reports_ratio - _EPS
+
+
+# ---------------------------------------------------------------- the decision
+
+def decide(*, service: "ServiceConfig", observation: Observation, state: PolicyState,
+           now_s: float) -> tuple[Decision, PolicyState]:
+    """One tick for one service. Pure: same inputs, same outputs."""
+    pol = service.policy
+    pools = observation.pools
+    current = pools.current
+    valid = enough_data(service, observation)
+    state = _remember(state, observation=observation, valid=valid, now_s=now_s,
+                      window_s=pol.smoothing_window_s)
+    state = _track_pending(state, observation=observation, now_s=now_s)
+    inputs: dict[str, Any] = {
+        "decode_tps": observation.decode_tps,
+        "fresh_decode": observation.fresh_decode,
+        "expected_decode": observation.expected_decode,
+        "target_decode_tps_per_instance": service.target_decode_tps_per_instance,
+    }
+
+    def result(reason: str, desired: PoolCounts, detail: str, new_state: PolicyState) -> tuple[Decision, PolicyState]:
+        return (Decision(service=service.name, at=now_s, reason=reason, current=current,
+                         desired=desired, detail=detail, inputs=inputs), new_state)
+
+    # The backend keeps flagging a manual edit until we write again, so adopt each new
+    # edit once (an edge), then decide normally from the human's counts.
+    if not pools.manual_override:
+        state = replace(state, adopted=None) if state.adopted is not None else state
+    elif state.adopted != current:
+        adopted = replace(state, last_scale_out_s=now_s, last_scale_in_s=now_s, adopted=current,
+                          recommendations=((now_s, current.decode),))
+        return result("manual_override", current,
+                      f"replicas changed outside HeteroScale to {current.prefill}P{current.decode}D; "
+                      "adopted until the next decision", adopted)
+
+    entry = active_schedule(service, now_s)
+    if entry is not None and entry.fixed:
+        desired = PoolCounts(prefill=entry.prefill or 0, decode=entry.decode or 0)
+        return result("schedule", desired, f"fixed schedule {entry.name or _window(entry)}",
+                      _after_move(state, current, desired, now_s))
+    low, high = decode_bounds(service, entry)
+    inputs["bounds"] = [low, high]
+
+    if not valid:
+        reason, desired_d, detail = "hold_missing_data", current.decode, (
+            f"{observation.fresh_decode} fresh of {observation.expected_decode} expected decode reports "
+            f"(need {pol.min_fresh_reports_ratio:.0%})")
+        return _finish(service, result, state, current=current, desired_d=desired_d, reason=reason,
+                       detail=detail, low=low, high=high, keep_prefill=True, now_s=now_s, inputs=inputs)
+
+    tps = smoothed_tps(state.tps_samples) or 0.0
+    tau = service.target_decode_tps_per_instance
+    want = proportional_decode(tps, tau)
+    utilization = tps / (current.decode * tau) if current.decode > 0 else math.inf
+    step, lat_reason, lat_ratio = latency_step(service, tbt_p90_s=observation.tbt_p90_s,
+                                               ttft_p90_s=observation.ttft_p90_s)
+    inputs.update(smoothed_decode_tps=round(tps, 3), recommendation=want,
+                  utilization=None if math.isinf(utilization) else round(utilization, 4),
+                  latency_slo_ratio=None if lat_ratio is None else round(lat_ratio, 4))
+
+    # Which way, and why.
+    target, reason = current.decode, "hold_tolerance"
+    detail = f"decode tps {tps:.0f} is {utilization:.0%} of {current.decode}x{tau:g}" if current.decode \
+        else f"decode tps {tps:.0f}, no decode instances"
+    if utilization > 1 + pol.tolerance.scale_out and want > current.decode:
+        target, reason = want, "scale_out_tps"
+    elif utilization < 1 - pol.tolerance.scale_in and want < current.decode:
+        target, reason = want, "scale_in_tps"
+    recommendation = want
+    if lat_reason is not None:
+        # The step is at least +1, so a breach always overrides a scale-in: latency never
+        # lets the pools shrink. A larger proportional scale-out keeps its own reason.
+        lat_d = latency_target(current.decode, step)
+        recommendation = max(want, lat_d)
+        inputs["latency_recommendation"] = lat_d
+        if lat_d > max(target, current.decode):
+            target, reason = lat_d, lat_reason
+            detail = f"p90 latency at {lat_ratio:.2f}x SLO: +{step:.0%} both pools"
+    # The window keeps each tick's final recommendation, the latency net's included (as
+    # HPA keeps its computed replicas): a size that latency asked for is not given back by
+    # a tokens/s scale-in before the stabilisation window has passed. Keeping only the
+    # tokens/s recommendation made the net and the proportional rule undo each other.
+    state = replace(state, recommendations=_trim_recs(
+        state.recommendations + ((now_s, recommendation),), now_s=now_s,
+        window_s=pol.scale_in_stabilization_s))
+
+    if target > current.decode:
+        return _scale_out(service, result, state, current=current, target=target, reason=reason,
+                          detail=detail, low=low, high=high, now_s=now_s, inputs=inputs,
+                          pending_total=pools.pending.total(), pending_since_s=pools.pending_since_s)
+    if target < current.decode:
+        return _scale_in(service, result, state, current=current, reason=reason, detail=detail,
+                         low=low, high=high, now_s=now_s, inputs=inputs,
+                         load_tps=max(tps, observation.decode_tps or 0.0))
+    return _finish(service, result, state, current=current, desired_d=current.decode, reason=reason,
+                   detail=detail, low=low, high=high, keep_prefill=False, now_s=now_s, inputs=inputs)
+
+
+def _scale_out(service: "ServiceConfig", result: Any, state: PolicyState, *, current: PoolCounts,
+               target: int, reason: str, detail: str, low: int, high: int, now_s: float,
+               inputs: dict[str, Any], pending_total: int,
+               pending_since_s: float | None) -> tuple[Decision, PolicyState]:
+    pol = service.policy
+    if pending_total > 0:
+        since = min(x for x in (pending_since_s, state.pending_seen_s, now_s) if x is not None)
+        if now_s - since < pol.pending_timeout_s:
+            return _finish(service, result, state, current=current, desired_d=current.decode,
+                           reason="hold_pending", keep_prefill=True, low=low, high=high, now_s=now_s,
+                           detail=f"{pending_total} instance(s) pending for {now_s - since:.0f}s "
+                                  f"(timeout {pol.pending_timeout_s:g}s); wanted {target} decode",
+                           inputs=inputs)
+        detail += f"; {pending_total} pending past the {pol.pending_timeout_s:g}s timeout, ignored"
+    if state.last_scale_out_s is not None and now_s - state.last_scale_out_s < pol.scale_out_cooldown_s:
+        return _finish(service, result, state, current=current, desired_d=current.decode,
+                       reason="hold_cooldown", keep_prefill=True, low=low, high=high, now_s=now_s,
+                       detail=f"last scale-out {now_s - state.last_scale_out_s:.0f}s ago "
+                              f"(cooldown {pol.scale_out_cooldown_s:g}s); wanted {target} decode",
+                       inputs=inputs)
+    damped = damp(current.decode, target, max_out_factor=pol.max_scale_out_factor,
+                  max_in_factor=pol.max_scale_in_factor)
+    if damped != target:
+        detail += f"; step damped {target} -> {damped}"
+    return _finish(service, result, state, current=current, desired_d=damped, reason=reason,
+                   detail=detail, low=low, high=high, keep_prefill=False, now_s=now_s, inputs=inputs)
+
+
+def _scale_in(service: "ServiceConfig", result: Any, state: PolicyState, *, current: PoolCounts,
+              reason: str, detail: str, low: int, high: int, now_s: float, inputs: dict[str, Any],
+              load_tps: float) -> tuple[Decision, PolicyState]:
+    pol = service.policy
+    stable = stabilized_recommendation(state.recommendations, now_s=now_s,
+                                       window_s=pol.scale_in_stabilization_s)
+    stable = current.decode if stable is None else stable
+    inputs["stabilized_recommendation"] = stable
+    if stable >= current.decode:
+        return _finish(service, result, state, current=current, desired_d=current.decode,
+                       reason="hold_stabilization", keep_prefill=True, low=low, high=high, now_s=now_s,
+                       detail=f"highest recommendation over {pol.scale_in_stabilization_s:g}s is {stable}",
+                       inputs=inputs)
+    damped = damp(current.decode, stable, max_out_factor=pol.max_scale_out_factor,
+                  max_in_factor=pol.max_scale_in_factor)
+    if damped != stable:
+        detail += f"; step damped {stable} -> {damped}"
+    need = consolidation_decode(load_tps, target_tps_per_instance=service.target_decode_tps_per_instance,
+                                margin=pol.consolidation_margin)
+    inputs["consolidation_need"] = need
+    if need >= current.decode:
+        return _finish(service, result, state, current=current, desired_d=current.decode,
+                       reason="hold_consolidation", keep_prefill=True, low=low, high=high, now_s=now_s,
+                       detail=f"{current.decode - 1} survivors could not carry {load_tps:.0f} tok/s within "
+                              f"{pol.consolidation_margin:.0%} of target", inputs=inputs)
+    if need > damped:
+        detail += f"; consolidation keeps {need}"
+        damped = need
+    return _finish(service, result, state, current=current, desired_d=damped, reason=reason,
+                   detail=detail, low=low, high=high, keep_prefill=False, now_s=now_s, inputs=inputs)
+
+
+def _finish(service: "ServiceConfig", result: Any, state: PolicyState, *, current: PoolCounts,
+            desired_d: int, reason: str, detail: str, low: int, high: int, keep_prefill: bool,
+            now_s: float, inputs: dict[str, Any]) -> tuple[Decision, PolicyState]:
+    """Bounds, budget and the ratio; then stamp cooldown times if the pools move."""
+    bounded = clamp(desired_d, low, high)
+    if bounded != desired_d:
+        reason = "bounded_max" if desired_d > high else "bounded_min"
+        detail += f"; bounded to [{low}, {high}]"
+    budgeted = fit_budget(service, bounded, low=low)
+    if budgeted != bounded:
+        reason = "bounded_budget"
+        detail += f"; GPU budget {service.policy.gpu_budget} allows {budgeted} decode"
+    if keep_prefill and budgeted == current.decode:
+        desired = current
+    else:
+        desired = pools_for_decode(service, budgeted)
+    if reason == "hold_tolerance" and desired != current:
+        reason = "ratio_repair"
+        detail += f"; prefill {current.prefill} -> {desired.prefill} to keep {service.pd_ratio_text}"
+    return result(reason, desired, detail, _after_move(state, current, desired, now_s))
+
+
+def _after_move(state: PolicyState, current: PoolCounts, desired: PoolCounts, now_s: float) -> PolicyState:
+    if desired.decode > current.decode or (desired.decode == current.decode and desired.total() > current.total()):
+        return replace(state, last_scale_out_s=now_s)
+    if desired.decode < current.decode or desired.total() < current.total():
+        return replace(state, last_scale_in_s=now_s)
+    return state
+
+
+def _remember(state: PolicyState, *, observation: Observation, valid: bool, now_s: float,
+              window_s: float) -> PolicyState:
+    kept = tuple(s for s in state.tps_samples if now_s - s[0] < window_s)
+    if valid and observation.decode_tps is not None:
+        # The newest sample always counts, even with a zero-length window.
+        kept = tuple(s for s in kept if s[0] < now_s) + ((now_s, observation.decode_tps),)
+    return replace(state, tps_samples=kept)
+
+
+def _trim_recs(recs: tuple[tuple[float, int], ...], *, now_s: float,
+               window_s: float) -> tuple[tuple[float, int], ...]:
+    return tuple(r for r in recs if now_s - r[0] <= window_s)
+
+
+def _track_pending(state: PolicyState, *, observation: Observation, now_s: float) -> PolicyState:
+    if observation.pools.pending.total() <= 0:
+        return replace(state, pending_seen_s=None) if state.pending_seen_s is not None else state
+    if state.pending_seen_s is None:
+        return replace(state, pending_seen_s=now_s)
+    return state
+
+
+def _window(entry: "ScheduleEntry") -> str:
+    return (f"{entry.start_min // 60:02d}:{entry.start_min % 60:02d}-"
+            f"{entry.end_min // 60:02d}:{entry.end_min % 60:02d}")

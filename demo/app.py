@@ -1,0 +1,593 @@
+"""``heteroscale demo``: the whole loop on one machine, with real processes (I/O).
+
+What runs, all on loopback:
+
+* a simulated cluster (``--topology``; default ``demo/topology.yaml``: two S2
+  domains, each with an S1 switch of L20 nodes and one of H20 nodes);
+* engine-emulator + sidecar process pairs, started and stopped by the
+  ``LocalActuator`` through the real placement code;
+* the coordinator's own parts, in this process: the ``Collector`` pulling every
+  sidecar's ``/v1/report``, the ``Reconciler`` running the real policy, a local
+  file lease (``LocalLeaseElection``), and the status app on ``--listen``;
+* a P/D router and a load generator replaying a trace's request sizes on a
+  compressed diurnal profile (``loadgen``).
+
+The service is sized from the performance model (``sizing``): a 32B model, prefill
+on L20 (2 GPUs per instance), decode on H20; the target decode tokens/s per instance
+and the P/D ratio come out of a modelled pressure test, and the load's peak asks for
+about ``--max-instances``. ``--speedup X`` runs the modelled world X times faster
+than the wall clock: engines, start-up delays and arrivals all speed up together, so
+request rates (and CPU) grow with X. Throughputs the coordinator sees, and its
+target and SLOs, are therefore in wall units (modelled × X, latencies ÷ X).
+
+Exit paths: the run ends after ``--duration`` (plus a short drain), on Ctrl-C or
+SIGTERM, or on an error; every path goes through one ``finally`` that stops the
+loop, releases the lease and stops every child process group; ``atexit`` SIGKILLs
+whatever could still be left if even that was skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import atexit
+import json
+import logging
+import math
+import os
+import shutil
+import signal
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from heteroscale.coordinator.actuators.local import (LocalActuator, LocalSettings, SimulatedCluster,
+                                                 emulator_gpu)
+from heteroscale.coordinator.collect import Collector
+from heteroscale.coordinator.config import Config, load_config
+from heteroscale.coordinator.leader import LocalLeaseElection
+from heteroscale.coordinator.core.policy import prefill_for_decode
+from heteroscale.coordinator.reconciler import Reconciler
+from heteroscale.coordinator.status import make_status_app
+from heteroscale.coordinator.core.types import Decision, PoolCounts
+from heteroscale.demo.loadgen import LoadGenerator, default_trace_path, read_sizes
+from heteroscale.demo.router import Backend, RequestResult, Router
+from heteroscale.demo.sizing import ServiceSizing, size_service
+from heteroscale.errors import UsageError
+from heteroscale.net import free_ports
+from heteroscale.simulator import perfmodel
+
+log = logging.getLogger("heteroscale.demo")
+
+DEFAULT_TOPOLOGY = Path(__file__).resolve().parent / "topology.yaml"
+PANEL = Path(__file__).resolve().parent / "demo.html"
+LATENCY_WINDOW_S = 5.0
+SERVICE = "chat"
+
+
+@dataclass(frozen=True)
+class DemoSettings:
+    """One demo run. Durations are wall seconds unless named ``modelled``.
+
+    duration_s: how long load is offered; the run ends a few seconds later.
+    speedup: modelled seconds per wall second (engines, start-up, arrivals).
+    max_instances: the fleet the load's peak asks for (prefill + decode).
+    startup_delay_s: modelled engine start-up (weights loading).
+    ttft_slo_s / tbt_slo_s: the service's SLOs, modelled seconds. The TTFT SLO defaults to
+        2.5 × the modelled prefill time of the trace's 90th-percentile prompt, rounded up
+        to 0.5 s: long prompts dominate TTFT's tail, and an SLO the hardware cannot meet
+        would keep the latency safety net firing at any load.
+    """
+
+    duration_s: float = 180.0
+    speedup: float = 1.0
+    listen: str = "127.0.0.1:9500"
+    listen_fallback: bool = False          # the default port is taken: use any free one
+    trace: Path | None = None
+    topology: Path | None = None
+    report: Path | None = None
+    max_instances: int = 16
+    seed: int = 1
+    startup_delay_s: float = 3.0
+    model: str = "32b"
+    prefill_gpu_types: tuple[str, ...] = ("NVIDIA-L20", "NVIDIA-H20")
+    decode_gpu_types: tuple[str, ...] = ("NVIDIA-H20",)
+    prefill_gpus_per_instance: int = 2
+    decode_gpus_per_instance: int = 1
+    ttft_slo_s: float | None = None        # None: derived from the perf model (see build_world)
+    tbt_slo_s: float = 0.05
+    log_dir: Path | None = None
+    quiet: bool = False
+
+    def problems(self) -> list[str]:
+        out = []
+        if not (self.duration_s >= 10 and math.isfinite(self.duration_s)):
+            out.append(f"--duration must be at least 10 seconds, got {self.duration_s:g}")
+        if not (0.05 <= self.speedup <= 20):
+            out.append(f"--speedup must be between 0.05 and 20, got {self.speedup:g}")
+        if not 4 <= self.max_instances <= 64:
+            out.append(f"--max-instances must be between 4 and 64, got {self.max_instances}")
+        if self.startup_delay_s < 0:
+            out.append("--startup-delay must not be negative")
+        host, sep, port = self.listen.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+            out.append(f"--listen must be HOST:PORT, got {self.listen!r}")
+        for name in ("trace", "topology"):
+            path = getattr(self, name)
+            if path is not None and not Path(path).is_file():
+                out.append(f"--{name}: no such file: {path}")
+        if self.report is not None and not Path(self.report).resolve().parent.is_dir():
+            out.append(f"--report: no such directory: {Path(self.report).resolve().parent}")
+        return out
+
+    @property
+    def host_port(self) -> tuple[str, int]:
+        host, _, port = self.listen.rpartition(":")
+        return host.strip("[]"), int(port)
+
+
+# ---------------------------------------------------------------- the world
+
+@dataclass(frozen=True)
+class World:
+    """The sized service, in wall units, and the config the coordinator runs."""
+
+    sizing: ServiceSizing
+    config: Config
+    peak_rps_wall: float
+    mean_prompt: float
+    mean_output: float
+
+    @property
+    def service(self):  # noqa: ANN201 - ServiceConfig
+        return self.config.services[0]
+
+
+def ttft_slo_for(settings: DemoSettings, *, p90_prompt: int) -> float:
+    """2.5 × modelled prefill of the p90 prompt on the first prefill GPU type, rounded up to 0.5 s."""
+    spec = perfmodel.InstanceSpec(perfmodel.model(settings.model),
+                                  perfmodel.gpu(emulator_gpu(settings.prefill_gpu_types[0])),
+                                  settings.prefill_gpus_per_instance)
+    return max(0.5, math.ceil(2.5 * spec.prefill_time_s(p90_prompt) * 2) / 2)
+
+
+def build_world(settings: DemoSettings, *, mean_prompt: float, mean_output: float, p90_prompt: int,
+                lease_path: Path) -> World:
+    x = settings.speedup
+    ttft_slo = settings.ttft_slo_s or ttft_slo_for(settings, p90_prompt=p90_prompt)
+    sizing = size_service(model=settings.model, prefill_gpu=emulator_gpu(settings.prefill_gpu_types[0]),
+                          decode_gpu=emulator_gpu(settings.decode_gpu_types[0]),
+                          prefill_tp=settings.prefill_gpus_per_instance,
+                          decode_tp=settings.decode_gpus_per_instance, mean_prompt=mean_prompt,
+                          mean_output=mean_output, tbt_slo_s=settings.tbt_slo_s,
+                          max_instances=settings.max_instances)
+    d = settings.duration_s
+    # Policy time constants scale with the run so that a short run still scales both ways.
+    policy = {
+        "scale_out_cooldown_s": round(max(4.0, d / 24), 1),
+        "scale_in_stabilization_s": round(max(8.0, d / 10), 1),
+        "smoothing_window_s": 4.0,
+        "warmup_s": 2.0,
+        "report_max_age_s": 5.0,
+        "pending_timeout_s": 60.0,
+        "latency_net": {"moderate": 1.0, "severe": 1.5},
+    }
+    doc = {
+        "coordinator": {"interval_s": 1.0, "backend": "local",
+                        "collect": {"timeout_s": 0.8, "concurrency": 64},
+                        "lease": {"name": "heteroscale-demo", "path": str(lease_path),
+                                  "duration_s": 6, "renew_deadline_s": 4, "retry_period_s": 1},
+                        "history_s": max(600.0, d * 2), "decisions_kept": 200},
+        "services": [{
+            "name": SERVICE, "pd_ratio": f"{sizing.pd_ratio[0]}:{sizing.pd_ratio[1]}",
+            "target_decode_tps_per_instance": round(sizing.target_decode_tps * x, 2),
+            "min_decode": 1, "max_decode": sizing.max_decode, "affinity": "s2",
+            "slo": {"ttft_s": ttft_slo / x, "tbt_s": settings.tbt_slo_s / x},
+            "prefill": {"gpu_types": list(settings.prefill_gpu_types),
+                        "gpus_per_instance": settings.prefill_gpus_per_instance},
+            "decode": {"gpu_types": list(settings.decode_gpu_types),
+                       "gpus_per_instance": settings.decode_gpus_per_instance},
+            "policy": policy,
+        }],
+    }
+    return World(sizing=sizing, config=load_config(doc, origin="demo config"),
+                 peak_rps_wall=sizing.peak_rps * x, mean_prompt=mean_prompt, mean_output=mean_output)
+
+
+# ---------------------------------------------------------------- bookkeeping
+
+@dataclass
+class Sample:
+    at_s: float
+    prefill: int
+    decode: int
+    gpus: int
+    util_prefill: float | None
+    util_decode: float | None
+    offered_rps: float
+    completed_rps: float = 0.0
+    ttft_p90_s: float | None = None
+    tbt_p90_s: float | None = None
+
+
+@dataclass
+class Tally:
+    """What the report needs, gathered while the demo runs."""
+
+    samples: list[Sample] = field(default_factory=list)
+    decisions: list[dict[str, Any]] = field(default_factory=list)
+    gpu_seconds: float = 0.0
+    max_instances: int = 0
+
+
+def _mean(values: list[float]) -> float | None:
+    return statistics.fmean(values) if values else None
+
+
+def _quantile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+class RouterSource:
+    """The actuator's in-traffic instances, as the router's backends."""
+
+    def __init__(self, actuator: LocalActuator) -> None:
+        self.actuator = actuator
+
+    def routable(self) -> list[Backend]:
+        return [Backend(instance=i.name, role=i.role, group=i.group, url=i.engine_url, kv_port=i.kv_port)
+                for i in self.actuator.routable(SERVICE)]
+
+
+# ---------------------------------------------------------------- the run
+
+class Demo:
+    def __init__(self, settings: DemoSettings, *, out=sys.stdout) -> None:  # noqa: ANN001
+        self.settings = settings
+        self.out = out
+        self.tally = Tally()
+        self.started_mono = time.monotonic()
+        self.actuator: LocalActuator | None = None
+        self.url = ""
+
+    def say(self, text: str) -> None:
+        if not self.settings.quiet:
+            print(text, file=self.out, flush=True)
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started_mono
+
+    async def run(self, stop: asyncio.Event) -> dict[str, Any]:
+        s = self.settings
+        trace = s.trace or default_trace_path()
+        sizes = read_sizes(Path(trace))
+        cluster = SimulatedCluster.from_file(s.topology or DEFAULT_TOPOLOGY)
+        workdir = Path(tempfile.mkdtemp(prefix="heteroscale-demo-"))
+        prompts = sorted(x.prompt_tokens for x in sizes)
+        world = build_world(s, mean_prompt=statistics.fmean(prompts),
+                            mean_output=statistics.fmean(x.output_tokens for x in sizes),
+                            p90_prompt=prompts[int(0.9 * (len(prompts) - 1))], lease_path=workdir / "lease")
+        svc = world.service
+        router: Router | None = None
+        actuator = LocalActuator(cluster=cluster, settings=LocalSettings(
+            model=s.model, speedup=s.speedup, startup_delay_s=s.startup_delay_s,
+            log_dir=s.log_dir), in_flight=lambda name: router.in_flight.get(name, 0) if router else 0)
+        self.actuator = actuator
+        router = Router(RouterSource(actuator), model=s.model)
+        collector = Collector(source=actuator, timeout_s=world.config.coordinator.collect.timeout_s)
+        lease = world.config.coordinator.lease
+        election = LocalLeaseElection(path=lease.path, identity=f"demo-{os.getpid()}",
+                                      duration_s=lease.duration_s, renew_deadline_s=lease.renew_deadline_s,
+                                      retry_period_s=lease.retry_period_s)
+        reconciler = Reconciler(config=world.config, actuator=actuator, collector=collector, election=election)
+        loadgen = LoadGenerator(sizes=sizes, send=lambda p, o: router.complete(prompt_tokens=p, max_tokens=o),
+                                duration_s=s.duration_s, peak_rps=world.peak_rps_wall, seed=s.seed)
+        app = make_status_app(reconciler)
+        self._add_demo_routes(app, world=world, loadgen=loadgen)
+        runner = web.AppRunner(app, access_log=None)
+        tasks: list[asyncio.Task[Any]] = []
+        try:
+            await runner.setup()
+            host, port = s.host_port
+            port = port or free_ports(1, host)[0]
+            site = web.TCPSite(runner, host, port)
+            try:
+                await site.start()
+            except OSError as exc:
+                if not s.listen_fallback:
+                    raise UsageError(f"cannot listen on {s.listen}: {exc.strerror or exc}") from None
+                port = free_ports(1, host)[0]
+                self.say(f"{s.listen} is taken ({exc.strerror or exc}); using port {port}")
+                site = web.TCPSite(runner, host, port)
+                await site.start()
+            self.url = f"http://{host}:{port}/"
+            self._intro(world, trace)
+            tasks.append(asyncio.create_task(election.run(), name="demo-election"))
+            await self._bring_up(actuator, svc, stop)
+            if stop.is_set():
+                return self._report(world, loadgen, actuator, interrupted=True)
+            tasks.append(asyncio.create_task(reconciler.run(stop=stop), name="demo-reconciler"))
+            tasks.append(asyncio.create_task(self._watch(reconciler, actuator, loadgen, stop), name="demo-watch"))
+            load_task = asyncio.create_task(loadgen.run(), name="demo-load")
+            tasks.append(load_task)
+            stop_task = asyncio.create_task(stop.wait(), name="demo-stop-wait")
+            tasks.append(stop_task)
+            await asyncio.wait({load_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
+            interrupted = stop.is_set()
+            if not interrupted:
+                # Give the coordinator a few ticks over the quiet tail.
+                try:
+                    async with asyncio.timeout(3.0):
+                        await stop.wait()
+                except TimeoutError:
+                    pass
+                interrupted = stop.is_set()
+            return self._report(world, loadgen, actuator, interrupted=interrupted)
+        finally:
+            stop.set()
+            await loadgen.cancel()
+            for task in reversed(tasks):
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await actuator.close()
+            await router.close()
+            await collector.close()
+            await runner.cleanup()
+            shutil.rmtree(workdir, ignore_errors=True)
+
+    def _intro(self, world: World, trace: Path) -> None:
+        z, svc, s = world.sizing, world.service, self.settings
+        self.say(f"heteroscale demo: model {s.model}, prefill on {'/'.join(s.prefill_gpu_types)} "
+                 f"({s.prefill_gpus_per_instance} GPUs each), decode on {'/'.join(s.decode_gpu_types)}; "
+                 f"P:D ratio {svc.pd_ratio_text}, target {svc.target_decode_tps_per_instance:.0f} decode tok/s "
+                 f"per instance, SLO TTFT {svc.slo.ttft_s:.2f}s TBT {svc.slo.tbt_s * 1000:.0f}ms, "
+                 f"up to {z.max_prefill}P+{z.max_decode}D")
+        self.say(f"load: {trace.name}, peak {world.peak_rps_wall:.1f} req/s on a compressed day over "
+                 f"{s.duration_s:.0f}s (speed-up {s.speedup:g})")
+        self.say(f"status page: {self.url}demo  (coordinator page alone: {self.url})")
+
+    async def _bring_up(self, actuator: LocalActuator, svc, stop: asyncio.Event) -> None:  # noqa: ANN001
+        """Start the minimum pools (a Deployment's initial replicas) and wait until they serve."""
+        first = PoolCounts(prefill_for_decode(svc, svc.min_decode), svc.min_decode)
+        await actuator.apply(svc, Decision(svc.name, time.time(), "initial", PoolCounts(0, 0), first))
+        self.say(f"[{self.elapsed():6.1f}s] starting {first.prefill}P+{first.decode}D ...")
+        deadline = time.monotonic() + 120.0
+        while not stop.is_set() and time.monotonic() < deadline:
+            routable = actuator.routable(SERVICE)
+            if any(i.role == "decode" for i in routable) and any(i.role == "prefill" for i in routable):
+                self.say(f"[{self.elapsed():6.1f}s] serving: {len(routable)} instances in traffic; load starts")
+                return
+            if not actuator.instances:
+                raise UsageError("the first instances failed to start (run with --log-dir DIR to see their logs)")
+            await asyncio.sleep(0.25)
+        if not stop.is_set():
+            raise UsageError("the first instances did not become ready within 120 s "
+                             "(run with --log-dir DIR to see their logs)")
+
+    async def _watch(self, reconciler: Reconciler, actuator: LocalActuator, loadgen: LoadGenerator,
+                     stop: asyncio.Event) -> None:
+        """Once a second: print new decisions, sample pools, GPUs and utilisation."""
+        seen: set[tuple[float, str]] = set()
+        last = time.monotonic()
+        while not stop.is_set():
+            try:      # asyncio.timeout: 3.11's wait_for can swallow a racing cancel
+                async with asyncio.timeout(1.0):
+                    await stop.wait()
+            except TimeoutError:
+                pass
+            now = time.monotonic()
+            rt = reconciler.services[SERVICE]
+            for decision in reversed(list(rt.decisions)):
+                key = (decision.at, decision.reason)
+                if key not in seen:
+                    seen.add(key)
+                    self._decision(decision)
+            self._sample(reconciler, actuator, loadgen, dt=now - last)
+            last = now
+
+    def _decision(self, d: Decision) -> None:
+        at = self.elapsed()
+        tps = d.inputs.get("smoothed_decode_tps")
+        tps_text = f"decode {tps:.0f} tok/s" if isinstance(tps, (int, float)) else "decode tok/s n/a"
+        self.tally.decisions.append({"at": round(at, 2), "unix": d.at, "reason": d.reason,
+                                     "prefill": d.desired.prefill, "decode": d.desired.decode,
+                                     "from": d.current.as_dict(), "direction": d.direction,
+                                     "detail": d.detail})
+        self.say(f"[{at:6.1f}s] {d.reason:<20} {d.current.prefill}P{d.current.decode}D -> "
+                 f"{d.desired.prefill}P{d.desired.decode}D  {tps_text}  {d.detail}".rstrip())
+
+    def _sample(self, reconciler: Reconciler, actuator: LocalActuator, loadgen: LoadGenerator, *,
+                dt: float) -> None:
+        live = [i for i in actuator.instances.values() if i.live]
+        gpus = sum(i.gpus for i in actuator.instances.values() if i.holds_gpus)
+        self.tally.gpu_seconds += gpus * dt
+        self.tally.max_instances = max(self.tally.max_instances, len(live))
+        util: dict[str, list[float]] = {"prefill": [], "decode": []}
+        collection = reconciler.collector.latest.get(SERVICE)
+        for fetched in collection.fetched if collection else ():
+            report = fetched.report
+            if report is None or not report.engine_up:
+                continue
+            for g in report.gpus:
+                if g.utilization_ratio is not None:
+                    util[report.role].append(g.utilization_ratio)
+        recent = _finished_since(loadgen.stats.results, time.monotonic() - LATENCY_WINDOW_S)
+        done = [r for r in recent if r.ok]
+        self.tally.samples.append(Sample(
+            at_s=round(self.elapsed(), 2), prefill=sum(1 for i in live if i.role == "prefill"),
+            decode=sum(1 for i in live if i.role == "decode"), gpus=gpus,
+            util_prefill=_mean(util["prefill"]), util_decode=_mean(util["decode"]),
+            offered_rps=round(loadgen.rate_now(), 3), completed_rps=round(len(recent) / LATENCY_WINDOW_S, 3),
+            ttft_p90_s=_quantile([r.ttft_s for r in done if r.ttft_s is not None], 0.9),
+            tbt_p90_s=_quantile([r.tbt_s for r in done if r.tbt_s is not None], 0.9)))
+
+    def _add_demo_routes(self, app: web.Application, *, world: World, loadgen: LoadGenerator) -> None:
+        async def demo_status(request: web.Request) -> web.Response:
+            return web.json_response(self._live_doc(world, loadgen))
+
+        async def panel(request: web.Request) -> web.FileResponse:
+            return web.FileResponse(PANEL, headers={"Cache-Control": "no-store"})
+
+        app.router.add_get("/api/v1/demo", demo_status)
+        app.router.add_get("/demo", panel)
+
+    def _live_doc(self, world: World, loadgen: LoadGenerator) -> dict[str, Any]:
+        results = loadgen.stats.results
+        recent = results[-200:]
+        svc = world.service
+        ok = [r for r in recent if r.ok]
+        return {"elapsed_s": round(self.elapsed(), 1), "duration_s": self.settings.duration_s,
+                "speedup": self.settings.speedup, "pd_ratio": svc.pd_ratio_text,
+                "slo": {"ttft_s": svc.slo.ttft_s, "tbt_s": svc.slo.tbt_s},
+                "offered_rps": round(loadgen.rate_now(), 3), "requests": len(results),
+                "recent_slo_attainment": _attainment(recent, svc.slo.ttft_s, svc.slo.tbt_s),
+                "recent_ttft_p90_s": _quantile([r.ttft_s for r in ok if r.ttft_s is not None], 0.9),
+                "recent_tbt_p90_s": _quantile([r.tbt_s for r in ok if r.tbt_s is not None], 0.9),
+                "samples": [asdict(x) for x in self.tally.samples[-600:]],
+                "instances": [i.to_dict() for i in (self.actuator.instances.values() if self.actuator else [])]}
+
+    def _report(self, world: World, loadgen: LoadGenerator, actuator: LocalActuator, *,
+                interrupted: bool) -> dict[str, Any]:
+        svc = world.service
+        results = loadgen.stats.results
+        ok = [r for r in results if r.ok]
+        samples = self.tally.samples
+        moves = [d for d in self.tally.decisions if d["direction"] != "hold"]
+        return {
+            "requests": len(results),
+            "requests_ok": len(ok),
+            "requests_failed": len(results) - len(ok),
+            "requests_shed": loadgen.stats.shed,
+            "slo_attainment": _attainment(results, svc.slo.ttft_s, svc.slo.tbt_s),
+            "slo": {"ttft_s": svc.slo.ttft_s, "tbt_s": svc.slo.tbt_s},
+            "latency": {"ttft_p50_s": _quantile([r.ttft_s for r in ok], 0.5),
+                        "ttft_p90_s": _quantile([r.ttft_s for r in ok], 0.9),
+                        "tbt_p50_s": _quantile([r.tbt_s for r in ok], 0.5),
+                        "tbt_p90_s": _quantile([r.tbt_s for r in ok], 0.9)},
+            "gpu_seconds": round(self.tally.gpu_seconds, 1),
+            "mean_gpu_utilization": {
+                "prefill": _mean([x.util_prefill for x in samples if x.util_prefill is not None]),
+                "decode": _mean([x.util_decode for x in samples if x.util_decode is not None])},
+            "decisions": self.tally.decisions,
+            "scale_out": sum(1 for d in moves if d["direction"] == "out"),
+            "scale_in": sum(1 for d in moves if d["direction"] == "in"),
+            "max_instances": self.tally.max_instances,
+            "pd_ratio": svc.pd_ratio_text,
+            "target_decode_tps_per_instance": svc.target_decode_tps_per_instance,
+            "sizing": world.sizing.to_dict(),
+            "speedup": self.settings.speedup,
+            "duration_s": self.settings.duration_s,
+            "elapsed_s": round(self.elapsed(), 1),
+            "interrupted": interrupted,
+            "processes_started": len(actuator.all_pids()),
+            "child_pids": actuator.all_pids(),
+            "timeline": [asdict(x) for x in samples],
+        }
+
+
+def _finished_since(results: list[RequestResult], since_mono: float) -> list[RequestResult]:
+    """Requests that finished after ``since_mono`` (results are appended as they finish)."""
+    out = []
+    for r in reversed(results):
+        end = r.arrival_s + (r.e2e_s if r.e2e_s is not None else 0.0)
+        if end < since_mono:
+            break
+        out.append(r)
+    return out
+
+
+def _attainment(results: list[RequestResult], ttft_s: float | None, tbt_s: float | None) -> float | None:
+    """Share of requests that completed within both SLOs (failures count as misses)."""
+    if not results:
+        return None
+    good = sum(1 for r in results if r.ok
+               and (ttft_s is None or (r.ttft_s is not None and r.ttft_s <= ttft_s))
+               and (tbt_s is None or (r.tbt_s is not None and r.tbt_s <= tbt_s)))
+    return round(good / len(results), 4)
+
+
+# ---------------------------------------------------------------- command line
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--trace", type=Path, default=None,
+                        help="trace file (Azure CSV, Mooncake JSONL, BurstGPT CSV); default: the Azure "
+                             "conversation trace in ../shared/traces, or the sample shipped with the package")
+    parser.add_argument("--duration", type=float, default=180.0, help="seconds of load (default 180)")
+    parser.add_argument("--speedup", type=float, default=1.0,
+                        help="modelled seconds per wall second (default 1: real time)")
+    parser.add_argument("--listen", default=None,
+                        help="status page HOST:PORT (default 127.0.0.1:9500, or any free port if that is "
+                             "taken; port 0: any free port)")
+    parser.add_argument("--report", type=Path, default=None, help="write a JSON summary here at the end")
+    parser.add_argument("--topology", type=Path, default=None, help="simulated cluster YAML")
+    parser.add_argument("--max-instances", type=int, default=16,
+                        help="fleet size the load's peak asks for (default 16)")
+    parser.add_argument("--startup-delay", type=float, default=3.0, dest="startup_delay_s",
+                        help="modelled engine start-up seconds (default 3)")
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--log-dir", type=Path, default=None, help="keep each child process's log here")
+    parser.add_argument("--quiet", action="store_true", help="print nothing but errors")
+
+
+def settings_from_args(args: argparse.Namespace) -> DemoSettings:
+    settings = DemoSettings(duration_s=args.duration, speedup=args.speedup,
+                            listen=args.listen or DemoSettings.listen, listen_fallback=args.listen is None,
+                            trace=args.trace, topology=args.topology, report=args.report,
+                            max_instances=args.max_instances, seed=args.seed,
+                            startup_delay_s=args.startup_delay_s, log_dir=args.log_dir, quiet=args.quiet)
+    problems = settings.problems()
+    if problems:
+        raise UsageError("; ".join(problems))
+    return settings
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = settings_from_args(args)
+    demo = Demo(settings)
+
+    def last_resort() -> None:
+        if demo.actuator is not None:
+            demo.actuator.kill_all_now()
+
+    atexit.register(last_resort)
+
+    async def main() -> dict[str, Any]:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        return await demo.run(stop)
+
+    try:
+        report = asyncio.run(main())
+    finally:
+        last_resort()
+        atexit.unregister(last_resort)
+    _summary(demo, report)
+    if settings.report is not None:
+        settings.report.write_text(json.dumps(report, indent=2) + "\n")
+        demo.say(f"report: {settings.report}")
+    return 130 if report.get("interrupted") else 0
+
+
+def _summary(demo: Demo, report: dict[str, Any]) -> None:
+    util = report["mean_gpu_utilization"]
+
+    def pct(x: float | None) -> str:
+        return "n/a" if x is None else f"{100 * x:.1f}%"
+
+    demo.say(f"done{' (interrupted)' if report['interrupted'] else ''}: {report['requests']} requests, "
+             f"SLO attainment {pct(report['slo_attainment'])}, {report['scale_out']} scale-outs, "
+             f"{report['scale_in']} scale-ins, at most {report['max_instances']} instances, "
+             f"{report['gpu_seconds'] / 3600:.2f} GPU-hours, mean GPU utilisation prefill "
+             f"{pct(util['prefill'])} decode {pct(util['decode'])}")

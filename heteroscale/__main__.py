@@ -1,0 +1,3 @@
+from heteroscale.cli import entry
+
+entry()
