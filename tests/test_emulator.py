@@ -18,8 +18,9 @@ import pytest
 from aiohttp.test_utils import TestServer
 from prometheus_client.parser import text_string_to_metric_families
 
-from heteroscale.demo.emulator.server import (
-    ITL_BUCKETS, TTFT_BUCKETS, EmulatorServer, EmulatorSettings, request_token_buckets)
+from heteroscale.demo.emulator.model import EmulatorSettings
+from heteroscale.demo.emulator.page import ITL_BUCKETS, TTFT_BUCKETS, request_token_buckets
+from heteroscale.demo.emulator.server import EmulatorServer
 from heteroscale.simulator import perfmodel
 from heteroscale.errors import UsageError
 
@@ -280,7 +281,7 @@ def test_decode_ticks_follow_the_perf_model():
     alone_step = perfmodel.decode_step_time_s(m, g, 1, 1, 103)      # b after 3 steps
 
     async def scenario():
-        from heteroscale.demo.emulator.server import Request
+        from heteroscale.demo.emulator.model import Request
         engine = EmulatorServer(settings("decode", speedup=1.0)).engine
         a = Request(id="a", prompt_tokens=100, max_tokens=3, arrival_s=0.0)
         b = Request(id="b", prompt_tokens=100, max_tokens=50, arrival_s=0.0)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 from aiohttp.test_utils import TestServer
 
-from heteroscale.demo.emulator.server import EmulatorServer, EmulatorSettings
+from heteroscale.demo.emulator.model import EmulatorSettings
+from heteroscale.demo.emulator.server import EmulatorServer
 from heteroscale.demo.router import Backend, NoBackend, Router
 from tests.conftest import free_port
 
