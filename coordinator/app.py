@@ -33,7 +33,8 @@ from typing import Any
 from aiohttp import web
 
 from heteroscale.coordinator.collect import ChainSource, Collector, PodSource, ReportSource, StaticSource
-from heteroscale.coordinator.config import Config, load_config
+from heteroscale.coordinator.config import read_config
+from heteroscale.coordinator.core.settings import Config
 from heteroscale.coordinator.reconciler import AlwaysLeader, Reconciler
 from heteroscale.coordinator.status import make_status_app
 from heteroscale.errors import ConfigError, UsageError
@@ -58,17 +59,6 @@ def add_coordinator_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kubeconfig", default=None, help="kubeconfig file (kubernetes backend)")
     parser.add_argument("--context", default=None, help="kubeconfig context (kubernetes backend)")
     parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
-
-
-def read_config(path: str) -> Config:
-    """Read and validate; unreadable file → ``UsageError`` (one line); problems → ``ConfigError``."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise UsageError(f"no such config file: {path}") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UsageError(f"cannot read config file {path}: {exc}") from None
-    return load_config(text, origin=path)
 
 
 def run_validate(args: argparse.Namespace) -> int:

@@ -31,7 +31,7 @@ from heteroscale.coordinator.core.aggregate import Fetched
 from heteroscale.report import ReportFormatError, SidecarReport
 
 if TYPE_CHECKING:
-    from heteroscale.coordinator.config import CollectConfig, ServiceConfig
+    from heteroscale.coordinator.core.settings import CollectConfig, ServiceConfig
 
 log = logging.getLogger("heteroscale.coordinator.collect")
 

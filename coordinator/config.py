@@ -1,6 +1,7 @@
-"""The coordinator's configuration: frozen dataclasses and one validating loader (pure).
+"""YAML → ``core.settings``: the one configuration reader (coordinator, place, simulate).
 
-``load_config`` turns a YAML text (or an already parsed mapping) into a ``Config``.
+``load_config`` turns a YAML text (or an already parsed mapping) into a ``Config``;
+``read_config`` reads a file first (an unreadable file is one ``UsageError`` line).
 It never stops at the first mistake: it walks the whole document, collects every
 problem with its path (``services[0].policy.tolerance.scale_in: ...``), unknown keys
 included, checks the cross-field rules, and raises one ``ConfigError`` listing them
@@ -8,25 +9,23 @@ all. A ``Config`` that exists is valid; nothing downstream re-checks or silently
 rewrites a field. Every field, its unit and default is documented in
 docs/configuration.md.
 
-This module reads no files and no clock: the CLI reads the file and hands the text in.
+``load_config`` reads no file and no clock; ``read_config`` is its file front.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
-from fractions import Fraction
+from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import yaml
 
-from heteroscale.coordinator.core.policy import prefill_for_decode
-from heteroscale.errors import ConfigError
-
-BACKENDS = ("kubernetes", "local", "static")
-METRICS_SOURCES = ("sidecars", "prometheus")
-AFFINITIES = ("s1", "s2", "none")
+from heteroscale.coordinator.core.ratio import prefill_for_ratio
+from heteroscale.coordinator.core.settings import (
+    AFFINITIES, BACKENDS, METRICS_SOURCES, CollectConfig, Config, CoordinatorConfig, LatencyNet, LeaseConfig,
+    MetricsSourceConfig, PlacementConfig, PolicyConfig, RoleConfig, ScheduleEntry, ServiceConfig, Slo, Tolerance)
+from heteroscale.errors import ConfigError, UsageError
 DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 _NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")   # a Kubernetes DNS label
 _RATIO_RE = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
@@ -34,227 +33,6 @@ _HHMM_RE = re.compile(r"^([01]\d|2[0-3]):([0-5]\d)$")
 _MATCHER = r'\s*[a-zA-Z_][a-zA-Z0-9_]*\s*(=|!=|=~|!~)\s*"(?:[^"\\]|\\.)*"\s*'
 _SELECTOR_RE = re.compile(rf"^({_MATCHER})(,{_MATCHER})*,?\s*$")   # PromQL label matchers, no braces
 _LABEL_KEY_RE = re.compile(r"^([a-z0-9]([-a-z0-9.]*[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$")
-
-
-# ---------------------------------------------------------------- dataclasses
-
-@dataclass(frozen=True)
-class LeaseConfig:
-    """Leader-election lease (client-go semantics; ARCHITECTURE §3.4).
-
-    ``path`` is the lock file of the local lease (backend ``local``/``static``);
-    ``None`` means a file named after the lease in the system temp directory.
-    """
-
-    name: str = "heteroscale-coordinator"
-    namespace: str = "default"
-    duration_s: float = 15.0
-    renew_deadline_s: float = 10.0
-    retry_period_s: float = 2.0
-    path: str | None = None
-
-
-@dataclass(frozen=True)
-class CollectConfig:
-    """How reports are pulled from sidecars each tick."""
-
-    timeout_s: float = 2.0          # per request, connect + read
-    concurrency: int = 64           # requests in flight at once, all services together
-    sidecar_port: int = 9400        # port used for discovered pod IPs (kubernetes backend)
-
-
-@dataclass(frozen=True)
-class MetricsSourceConfig:
-    """Where per-instance signals come from: ``sidecars`` (pull ``/v1/report``) or
-    ``prometheus`` (instant PromQL queries over the sidecars' metrics; docs/prometheus.md)."""
-
-    type: str = "sidecars"
-    url: str | None = None          # Prometheus base URL (type prometheus)
-    timeout_s: float = 2.0          # bound on one tick's queries, all together (< interval_s)
-    selector: str = ""              # extra label matchers added to every query, e.g. job="heteroscale"
-    lookback_s: float = 300.0       # instances seen this recently but gone now count as "vanished"
-
-
-@dataclass(frozen=True)
-class PlacementConfig:
-    """Topology-aware placement for services run as Deployment Groups (role ``template``).
-
-    Node label keys and the GPU resource name (``topology.TopologyKeys``), the ready-ratio
-    gate's tolerance and the soft scale-in window (``actuators.groups.GroupSettings``)."""
-
-    gpu_type_label: str = "nvidia.com/gpu.product"
-    s1_label: str = "heteroscale.io/s1"
-    s2_label: str = "heteroscale.io/s2"
-    gpu_resource: str = "nvidia.com/gpu"
-    ratio_tolerance: float = 0.25   # relative drift of a DG's admitted P:D from its spec ratio
-    drain_window_s: float = 60.0    # a drained instance stays (out of traffic) this long
-
-
-@dataclass(frozen=True)
-class CoordinatorConfig:
-    interval_s: float = 5.0
-    backend: str = "kubernetes"
-    dry_run: bool = False
-    listen: str = "0.0.0.0:9500"
-    lease: LeaseConfig = LeaseConfig()
-    collect: CollectConfig = CollectConfig()
-    history_s: float = 3600.0       # how much per-tick history the status page keeps
-    decisions_kept: int = 50        # recent decisions kept per service (ring buffer)
-    observe_timeout_s: float = 10.0  # bound on one actuator observe call (a hung API cannot stall the loop)
-    metrics_source: MetricsSourceConfig = MetricsSourceConfig()
-    placement: PlacementConfig = PlacementConfig()
-
-
-@dataclass(frozen=True)
-class Tolerance:
-    """Asymmetric band around the target, as a fraction of it (hysteresis)."""
-
-    scale_out: float = 0.10
-    scale_in: float = 0.20
-
-
-@dataclass(frozen=True)
-class LatencyNet:
-    """Latency safety net: p90 over ``moderate``×SLO adds ``moderate_step`` to both
-    pools, over ``severe``×SLO adds ``severe_step``. Never scales in."""
-
-    enabled: bool = True
-    moderate: float = 1.0
-    severe: float = 1.2
-    moderate_step: float = 0.10
-    severe_step: float = 0.20
-    use_ttft: bool = True           # TBT always counts; TTFT too unless disabled
-
-
-@dataclass(frozen=True)
-class PolicyConfig:
-    tolerance: Tolerance = Tolerance()
-    scale_out_cooldown_s: float = 30.0
-    scale_in_stabilization_s: float = 300.0
-    max_scale_out_factor: float = 2.0
-    max_scale_in_factor: float = 0.5
-    latency_net: LatencyNet = LatencyNet()
-    smoothing_window_s: float = 60.0
-    min_fresh_reports_ratio: float = 0.5
-    report_max_age_s: float = 30.0
-    warmup_s: float = 60.0
-    pending_timeout_s: float = 600.0
-    consolidation_margin: float = 0.9
-    gpu_budget: int | None = None
-
-
-@dataclass(frozen=True)
-class Slo:
-    ttft_s: float | None = None
-    tbt_s: float | None = None
-
-
-@dataclass(frozen=True)
-class RoleConfig:
-    """Where one role's instances live and what they need.
-
-    Exactly one of ``deployment``/``statefulset`` (a workload scaled in place) or
-    ``template`` (a Deployment, kept at 0 replicas, whose pod template the service's
-    Deployment Groups are stamped from) for the kubernetes backend; both roles of a
-    service use the same mode. ``sidecars`` (report URLs) for the static backend,
-    optional elsewhere.
-    ``gpu_types`` (ordered preference) and ``gpus_per_instance`` feed placement and
-    the GPU budget. ``options`` is an opaque, backend-specific mapping.
-    """
-
-    deployment: str | None = None
-    statefulset: str | None = None
-    sidecars: tuple[str, ...] = ()
-    selector: str | None = None
-    gpu_types: tuple[str, ...] = ()
-    gpus_per_instance: int = 1
-    options: Mapping[str, Any] = field(default_factory=dict)
-    template: str | None = None
-
-    @property
-    def group_template(self) -> tuple[str, str] | None:
-        """The Deployment Groups' template workload, if this role is run as DGs."""
-        return ("Deployment", self.template) if self.template else None
-
-    @property
-    def workload(self) -> tuple[str, str] | None:
-        if self.deployment:
-            return ("Deployment", self.deployment)
-        if self.statefulset:
-            return ("StatefulSet", self.statefulset)
-        return None
-
-
-@dataclass(frozen=True)
-class ScheduleEntry:
-    """A time-of-day window (``start`` inclusive, ``end`` exclusive, minutes of the
-    day in the entry's UTC offset; ``end < start`` wraps past midnight). Either fixed
-    counts (``prefill`` + ``decode``) or bound overrides (``min_decode``/``max_decode``)."""
-
-    start_min: int
-    end_min: int
-    days: tuple[int, ...] = tuple(range(7))     # 0 = Monday
-    utc_offset_min: int = 0
-    prefill: int | None = None
-    decode: int | None = None
-    min_decode: int | None = None
-    max_decode: int | None = None
-    name: str = ""
-
-    @property
-    def fixed(self) -> bool:
-        return self.decode is not None
-
-
-@dataclass(frozen=True)
-class ServiceConfig:
-    name: str
-    pd_ratio: tuple[int, int]                     # (prefill, decode) instances
-    target_decode_tps_per_instance: float          # τ
-    prefill: RoleConfig
-    decode: RoleConfig
-    namespace: str = "default"
-    min_decode: int = 1
-    max_decode: int = 64
-    min_prefill: int | None = None
-    max_prefill: int | None = None
-    slo: Slo = Slo()
-    policy: PolicyConfig = PolicyConfig()
-    schedules: tuple[ScheduleEntry, ...] = ()
-    priority: int = 0
-    affinity: str = "none"
-
-    @property
-    def uses_groups(self) -> bool:
-        """Run as Deployment Groups (role ``template``) rather than scaled in place."""
-        return self.prefill.template is not None and self.decode.template is not None
-
-    @property
-    def ratio(self) -> Fraction:
-        return Fraction(self.pd_ratio[0], self.pd_ratio[1])
-
-    @property
-    def pd_ratio_text(self) -> str:
-        return f"{self.pd_ratio[0]}:{self.pd_ratio[1]}"
-
-    def role(self, role: str) -> RoleConfig:
-        if role == "prefill":
-            return self.prefill
-        if role == "decode":
-            return self.decode
-        raise KeyError(role)
-
-
-@dataclass(frozen=True)
-class Config:
-    coordinator: CoordinatorConfig
-    services: tuple[ServiceConfig, ...]
-
-    def service(self, name: str) -> ServiceConfig:
-        for svc in self.services:
-            if svc.name == name:
-                return svc
-        raise KeyError(name)
 
 
 # ---------------------------------------------------------------- the reader
@@ -707,7 +485,7 @@ def _service_rules(node: _Node, svc: ServiceConfig) -> None:
         node.problem("min_prefill", f"must be <= max_prefill ({svc.min_prefill} > {svc.max_prefill})")
     budget = svc.policy.gpu_budget
     if budget is not None:
-        floor_p = prefill_for_decode(svc, svc.min_decode)
+        floor_p = prefill_for_ratio(svc.min_decode, svc.pd_ratio)
         need = floor_p * svc.prefill.gpus_per_instance + svc.min_decode * svc.decode.gpus_per_instance
         if need > budget:
             node.problem("policy.gpu_budget", f"{budget} GPUs cannot hold the minimum pools "
@@ -752,3 +530,21 @@ def load_config(source: str | Mapping[str, Any], *, origin: str = "config") -> C
     if problems:
         raise ConfigError(problems, source=origin)
     return Config(coordinator=coordinator, services=tuple(services))
+
+
+def read_text(path: str | Path, *, what: str = "config") -> str:
+    """A file's text, or one ``UsageError`` line saying why it cannot be read."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UsageError(f"no such {what} file: {path}") from None
+    except IsADirectoryError:
+        raise UsageError(f"{what} file {path} is a directory") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"cannot read {what} file {path}: {exc}") from None
+
+
+def read_config(path: str | Path) -> Config:
+    """Read and validate a coordinator config: ``UsageError`` if unreadable, ``ConfigError``
+    listing every problem otherwise."""
+    return load_config(read_text(path), origin=str(path))

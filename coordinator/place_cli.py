@@ -23,12 +23,11 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 from typing import Any
 
 import yaml
 
-from heteroscale.coordinator.app import read_config
+from heteroscale.coordinator.config import read_config, read_text
 from heteroscale.coordinator.core.placement import DeploymentGroup, PlacementPlan, demand_from_service, plan
 from heteroscale.coordinator.core.topology import (
     DEFAULT_GPU_RESOURCE, DEFAULT_GPU_TYPE_LABEL, DEFAULT_S1_LABEL, DEFAULT_S2_LABEL, ClusterView,
@@ -67,12 +66,7 @@ def _count(text: str) -> int:
 
 
 def _read_yaml(path: str, what: str) -> Any:
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise UsageError(f"no such {what} file: {path}") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UsageError(f"cannot read {what} file {path}: {exc}") from None
+    text = read_text(path, what=what)
     try:
         return yaml.safe_load(text)  # JSON is YAML too
     except yaml.YAMLError as exc:

@@ -51,7 +51,7 @@ from heteroscale.coordinator.collect import Collection
 from heteroscale.report import GpuReading, SidecarReport
 
 if TYPE_CHECKING:
-    from heteroscale.coordinator.config import MetricsSourceConfig, ServiceConfig
+    from heteroscale.coordinator.core.settings import MetricsSourceConfig, ServiceConfig
 
 log = logging.getLogger("heteroscale.coordinator.promql")
 

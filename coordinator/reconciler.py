@@ -39,7 +39,7 @@ from heteroscale.coordinator.core.types import ApplyResult, Decision, Observatio
 
 if TYPE_CHECKING:
     from heteroscale.coordinator.collect import Collector
-    from heteroscale.coordinator.config import Config, ServiceConfig
+    from heteroscale.coordinator.core.settings import Config, ServiceConfig
     from heteroscale.coordinator.core.types import Actuator, LeaderElection
 
 log = logging.getLogger("heteroscale.coordinator")

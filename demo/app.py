@@ -50,7 +50,8 @@ from aiohttp import web
 from heteroscale.coordinator.actuators.local import (LocalActuator, LocalSettings, SimulatedCluster,
                                                  emulator_gpu)
 from heteroscale.coordinator.collect import Collector
-from heteroscale.coordinator.config import Config, load_config
+from heteroscale.coordinator.config import load_config
+from heteroscale.coordinator.core.settings import Config
 from heteroscale.coordinator.leader import LocalLeaseElection
 from heteroscale.coordinator.core.policy import prefill_for_decode
 from heteroscale.coordinator.reconciler import Reconciler

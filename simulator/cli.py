@@ -14,7 +14,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from heteroscale.coordinator.config import ServiceConfig
+from heteroscale.coordinator.config import read_text
+from heteroscale.coordinator.core.settings import ServiceConfig
 from heteroscale.coordinator.core.types import PoolCounts
 from heteroscale.errors import UsageError
 from heteroscale.simulator import curate as curation
@@ -82,11 +83,7 @@ class Progress:
 
 def _load(args: argparse.Namespace) -> tuple[SimConfig, ServiceConfig, Workload, Workload]:
     cfg_path = Path(args.config)
-    try:
-        text = cfg_path.read_text()
-    except OSError as exc:
-        raise UsageError(f"config {cfg_path}: cannot read: {exc.strerror or exc}") from exc
-    cfg = load_sim_config(text, origin=str(cfg_path))
+    cfg = load_sim_config(read_text(cfg_path), origin=str(cfg_path))
     if args.service:
         try:
             service = cfg.coordinator.service(args.service)

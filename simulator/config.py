@@ -41,7 +41,9 @@ from typing import Any, Mapping
 
 import yaml
 
-from heteroscale.coordinator.config import Config, load_config
+from heteroscale.coordinator.config import load_config
+
+from heteroscale.coordinator.core.settings import Config
 from heteroscale.errors import ConfigError
 from heteroscale.simulator import perfmodel as pm
 from heteroscale.simulator.curate import PressureSettings

@@ -19,7 +19,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from heteroscale.coordinator.config import ServiceConfig
+from heteroscale.coordinator.core.settings import ServiceConfig
 from heteroscale.coordinator.core.types import PoolCounts
 from heteroscale.simulator import perfmodel as pm
 from heteroscale.simulator import policies, traces

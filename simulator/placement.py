@@ -25,7 +25,7 @@ from heteroscale.coordinator.core.topology import ClusterView, NodeView, classif
 from heteroscale.coordinator.core.types import PoolCounts
 
 if TYPE_CHECKING:
-    from heteroscale.coordinator.config import ServiceConfig
+    from heteroscale.coordinator.core.settings import ServiceConfig
     from heteroscale.simulator.model.cluster import ClusterSpec
 
 MIXES = ("s1", "s2")

@@ -30,7 +30,7 @@ from typing import Any, Callable
 import numpy as np
 
 from heteroscale.coordinator.core import policy as coord_policy
-from heteroscale.coordinator.config import ScheduleEntry, ServiceConfig
+from heteroscale.coordinator.core.settings import ScheduleEntry, ServiceConfig
 from heteroscale.coordinator.core.types import Observation, PoolCounts
 from heteroscale.simulator.model.runner import Controller, Window
 from heteroscale.simulator.traces import Workload

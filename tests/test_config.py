@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from heteroscale.cli import main as cli_main
-from heteroscale.coordinator.config import Config, LeaseConfig, load_config
+from heteroscale.coordinator.config import load_config
+from heteroscale.coordinator.core.settings import Config, LeaseConfig
 from heteroscale.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]

@@ -23,6 +23,7 @@ PURE_PATTERNS = (
     "engine_adapters/rates.py",
     "engine_adapters/quantiles.py",
     "coordinator/config.py",
+    "coordinator/core/*.py",
     "coordinator/core/types.py",
     "coordinator/core/policy.py",
     "coordinator/core/aggregate.py",

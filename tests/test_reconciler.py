@@ -13,7 +13,8 @@ import pytest
 from heteroscale.coordinator.actuators import actuator_class, make_actuator
 from heteroscale.coordinator.actuators.static import StaticActuator
 from heteroscale.coordinator.collect import Collector, StaticSource, Target
-from heteroscale.coordinator.config import Config, load_config
+from heteroscale.coordinator.config import load_config
+from heteroscale.coordinator.core.settings import Config
 from heteroscale.coordinator.reconciler import Reconciler
 from heteroscale.coordinator.core.types import ApplyResult, Decision, PoolCounts, PoolStatus
 from heteroscale.errors import ApiError, UsageError

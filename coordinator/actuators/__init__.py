@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 from heteroscale.errors import UsageError
 
 if TYPE_CHECKING:
-    from heteroscale.coordinator.config import Config
+    from heteroscale.coordinator.core.settings import Config
     from heteroscale.coordinator.core.types import Actuator
 
 BACKENDS: dict[str, tuple[str, str]] = {

@@ -60,7 +60,7 @@ from heteroscale.coordinator.core.types import ApplyResult, Decision, PoolCounts
 from heteroscale.errors import ConfigError
 
 if TYPE_CHECKING:
-    from heteroscale.coordinator.config import ServiceConfig
+    from heteroscale.coordinator.core.settings import ServiceConfig
 
 log = logging.getLogger("heteroscale.local")
 

@@ -16,7 +16,7 @@ from heteroscale.coordinator.core.types import ApplyResult, Decision, PoolCounts
 
 if TYPE_CHECKING:
     from heteroscale.coordinator.collect import Collector
-    from heteroscale.coordinator.config import Config, ServiceConfig
+    from heteroscale.coordinator.core.settings import Config, ServiceConfig
 
 
 class StaticActuator:

@@ -34,7 +34,7 @@ from heteroscale.coordinator.core.types import Observation, PoolStatus
 from heteroscale.report import SidecarReport
 
 if TYPE_CHECKING:
-    from heteroscale.coordinator.config import ServiceConfig
+    from heteroscale.coordinator.core.settings import ServiceConfig
 
 
 @dataclass(frozen=True)

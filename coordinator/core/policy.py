@@ -49,13 +49,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from fractions import Fraction
 from typing import TYPE_CHECKING, Any
 
+from heteroscale.coordinator.core.ratio import prefill_for_ratio
 from heteroscale.coordinator.core.types import Decision, Observation, PoolCounts
 
-if TYPE_CHECKING:   # config imports this module lazily; keep the cycle type-only
-    from heteroscale.coordinator.config import ScheduleEntry, ServiceConfig
+if TYPE_CHECKING:
+    from heteroscale.coordinator.core.settings import ScheduleEntry, ServiceConfig
 
 REASONS = (
     "scale_out_tps", "scale_in_tps", "latency_moderate", "latency_severe",
@@ -81,13 +81,8 @@ class PolicyState:
 # ---------------------------------------------------------------- building blocks
 
 def prefill_for_decode(service: "ServiceConfig", decode: int) -> int:
-    """The prefill count that keeps P:D nearest the configured ratio (see module doc)."""
-    if decode <= 0:
-        return 0
-    p, d = service.pd_ratio
-    exact = Fraction(decode * p, d)
-    prefill = math.floor(exact + Fraction(1, 2))
-    return max(1, prefill)
+    """The prefill count that keeps P:D nearest the configured ratio (``core.ratio``)."""
+    return prefill_for_ratio(decode, service.pd_ratio)
 
 
 def proportional_decode(tps: float, target_tps_per_instance: float) -> int:

@@ -1,0 +1,327 @@
+"""The coordinator's settings: frozen dataclasses, one docstring per field (pure).
+
+``heteroscale.coordinator.config`` builds them from YAML and checks every rule, so a
+settings object that exists is valid; nothing downstream re-checks a field or rewrites
+one. The decision code (``policy``, ``aggregate``, placement) and the simulator read
+them. docs/configuration.md is the user's view of the same fields.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from fractions import Fraction
+from typing import Any, Mapping
+
+BACKENDS = ("kubernetes", "local", "static")
+METRICS_SOURCES = ("sidecars", "prometheus")
+AFFINITIES = ("s1", "s2", "none")
+
+
+@dataclass(frozen=True)
+class LeaseConfig:
+    """Leader-election lease (client-go semantics; ARCHITECTURE §3.4)."""
+
+    name: str = "heteroscale-coordinator"
+    """Lease object name (a DNS label)."""
+    namespace: str = "default"
+    """Namespace of the Lease."""
+    duration_s: float = 15.0
+    """How long followers wait after last seeing the lease change before taking over.
+    Longer: slower failover, fewer false takeovers during API hiccups."""
+    renew_deadline_s: float = 10.0
+    """How long the leader keeps trying to renew before it steps down (< ``duration_s``)."""
+    retry_period_s: float = 2.0
+    """Renew/acquire interval; ``renew_deadline_s > 1.2 × retry_period_s``."""
+    path: str | None = None
+    """Lock file of the local lease (backends ``local``/``static``); ``None``: a file named
+    after the lease in the system temp directory."""
+
+
+@dataclass(frozen=True)
+class CollectConfig:
+    """How reports are pulled from sidecars each tick."""
+
+    timeout_s: float = 2.0
+    """Per request, connect + read. Shorter than ``interval_s``."""
+    concurrency: int = 64
+    """Requests in flight at once, all services together."""
+    sidecar_port: int = 9400
+    """Port used for discovered pod IPs (kubernetes backend)."""
+
+
+@dataclass(frozen=True)
+class MetricsSourceConfig:
+    """Where per-instance signals come from: ``sidecars`` (pull ``/v1/report``) or
+    ``prometheus`` (instant PromQL queries over the sidecars' metrics; docs/prometheus.md)."""
+
+    type: str = "sidecars"
+    """``sidecars`` or ``prometheus``."""
+    url: str | None = None
+    """Prometheus base URL (type ``prometheus``)."""
+    timeout_s: float = 2.0
+    """Bound on one tick's queries, all together (shorter than ``interval_s``)."""
+    selector: str = ""
+    """Extra label matchers added to every query, e.g. ``job="heteroscale"``."""
+    lookback_s: float = 300.0
+    """Instances seen this recently but gone now count as ``vanished`` (never as load)."""
+
+
+@dataclass(frozen=True)
+class PlacementConfig:
+    """Topology-aware placement for services run as Deployment Groups (role ``template``)."""
+
+    gpu_type_label: str = "nvidia.com/gpu.product"
+    """Node label naming the GPU model."""
+    s1_label: str = "heteroscale.io/s1"
+    """Node label naming the S1 (mini-pod) switch."""
+    s2_label: str = "heteroscale.io/s2"
+    """Node label naming the S2 (big-pod) switch. The three labels differ."""
+    gpu_resource: str = "nvidia.com/gpu"
+    """Extended resource counted in node allocatable and pod requests."""
+    ratio_tolerance: float = 0.25
+    """The ready-ratio gate: how far (relative) a DG's admitted P:D may stray from its
+    spec ratio before the over-represented role waits outside traffic."""
+    drain_window_s: float = 60.0
+    """Soft scale-in: a released instance stays out of traffic this long before deletion."""
+
+
+@dataclass(frozen=True)
+class CoordinatorConfig:
+    """The coordinator process: loop, backend, lease, signal source, placement keys."""
+
+    interval_s: float = 5.0
+    """Time between ticks. Shorter reacts faster and costs more API calls and pulls."""
+    backend: str = "kubernetes"
+    """``kubernetes`` writes scale subresources or Deployment Groups; ``local`` starts
+    processes on this machine (the demo); ``static`` is advisory and never writes."""
+    dry_run: bool = False
+    """Decide and report, never write."""
+    listen: str = "0.0.0.0:9500"
+    """Status page, API and ``/metrics``."""
+    lease: LeaseConfig = LeaseConfig()
+    """Leader election."""
+    collect: CollectConfig = CollectConfig()
+    """Report pulls (``metrics_source.type: sidecars``)."""
+    history_s: float = 3600.0
+    """How much per-tick history the status page keeps (per service, in memory)."""
+    decisions_kept: int = 50
+    """Recent decisions kept per service (a ring buffer)."""
+    observe_timeout_s: float = 10.0
+    """Bound on one actuator observe call; a hung API skips the service for the tick."""
+    metrics_source: MetricsSourceConfig = MetricsSourceConfig()
+    """Where signals come from."""
+    placement: PlacementConfig = PlacementConfig()
+    """Node labels and Deployment Group settings."""
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """Asymmetric band around the target, as a fraction of it (hysteresis)."""
+
+    scale_out: float = 0.10
+    """Scale out only above ``(1 + scale_out) × τ × decode``."""
+    scale_in: float = 0.20
+    """Scale in only below ``(1 − scale_in) × τ × decode``; wider, since a wrong
+    scale-in costs SLO and a wrong scale-out only money."""
+
+
+@dataclass(frozen=True)
+class LatencyNet:
+    """Latency safety net: p90 over ``moderate``×SLO adds ``moderate_step`` to both
+    pools, over ``severe``×SLO adds ``severe_step``. Never scales in."""
+
+    enabled: bool = True
+    """The net is on."""
+    moderate: float = 1.0
+    """Breach threshold, × SLO."""
+    severe: float = 1.2
+    """Severe threshold, × SLO (>= ``moderate``)."""
+    moderate_step: float = 0.10
+    """Step on a moderate breach, fraction of both pools (at least +1)."""
+    severe_step: float = 0.20
+    """Step on a severe breach (>= ``moderate_step``)."""
+    use_ttft: bool = True
+    """TBT always counts; TTFT too unless disabled (it is noisier)."""
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    """The scaling policy of one service (``core.policy``)."""
+
+    tolerance: Tolerance = Tolerance()
+    """The asymmetric band."""
+    scale_out_cooldown_s: float = 30.0
+    """Least time between scale-outs (and after a human's manual change)."""
+    scale_in_stabilization_s: float = 300.0
+    """Scale-in uses the highest recommendation over this window (as HPA does)."""
+    max_scale_out_factor: float = 2.0
+    """One step grows decode to at most ``current × factor`` (at least +1)."""
+    max_scale_in_factor: float = 0.5
+    """One step shrinks decode to at least ``current × factor`` (at least −1)."""
+    latency_net: LatencyNet = LatencyNet()
+    """The safety net."""
+    smoothing_window_s: float = 60.0
+    """Decode tokens/s is the mean of the ticks within this window."""
+    min_fresh_reports_ratio: float = 0.5
+    """Hold unless this share of the expected decode sidecars reported fresh data."""
+    report_max_age_s: float = 30.0
+    """A report older than this (against the coordinator's clock) is ``too_old``."""
+    warmup_s: float = 60.0
+    """Instances younger than this count as load, not as capacity."""
+    pending_timeout_s: float = 600.0
+    """No scale-out while instances are pending, unless pending longer than this."""
+    consolidation_margin: float = 0.9
+    """Before scale-in the survivors must carry the load within this share of target."""
+    gpu_budget: int | None = None
+    """Cap on the GPUs of both pools together; ``None``: no cap."""
+
+
+@dataclass(frozen=True)
+class Slo:
+    """p90 latency objectives the safety net compares with."""
+
+    ttft_s: float | None = None
+    """Time to first token, seconds."""
+    tbt_s: float | None = None
+    """Time between tokens, seconds."""
+
+
+@dataclass(frozen=True)
+class RoleConfig:
+    """Where one role's instances live and what they need.
+
+    Exactly one of ``deployment``/``statefulset`` (a workload scaled in place) or
+    ``template`` (Deployment Groups) for the kubernetes backend; both roles of a service
+    use the same mode.
+    """
+
+    deployment: str | None = None
+    """Deployment scaled in place."""
+    statefulset: str | None = None
+    """StatefulSet scaled in place."""
+    sidecars: tuple[str, ...] = ()
+    """Report URLs (``http://host:9400/v1/report``); the static backend's pool."""
+    selector: str | None = None
+    """Pod label selector for discovery."""
+    gpu_types: tuple[str, ...] = ()
+    """Ordered GPU-type preference with fallbacks (placement)."""
+    gpus_per_instance: int = 1
+    """GPUs per instance (placement and the GPU budget)."""
+    options: Mapping[str, Any] = field(default_factory=dict)
+    """Backend-specific, opaque (the local backend's launch options)."""
+    template: str | None = None
+    """A Deployment, kept at 0 replicas, whose pod template the DGs are stamped from."""
+
+    @property
+    def group_template(self) -> tuple[str, str] | None:
+        """The Deployment Groups' template workload, if this role is run as DGs."""
+        return ("Deployment", self.template) if self.template else None
+
+    @property
+    def workload(self) -> tuple[str, str] | None:
+        if self.deployment:
+            return ("Deployment", self.deployment)
+        if self.statefulset:
+            return ("StatefulSet", self.statefulset)
+        return None
+
+
+@dataclass(frozen=True)
+class ScheduleEntry:
+    """A time-of-day window: fixed counts (``prefill`` + ``decode``) or bound overrides
+    (``min_decode``/``max_decode``)."""
+
+    start_min: int
+    """Start, minutes of the day in the entry's offset (inclusive)."""
+    end_min: int
+    """End, minutes of the day (exclusive); ``end < start`` wraps past midnight."""
+    days: tuple[int, ...] = tuple(range(7))
+    """Days the window starts on; 0 = Monday."""
+    utc_offset_min: int = 0
+    """The window's time zone as an offset from UTC."""
+    prefill: int | None = None
+    """Fixed prefill count."""
+    decode: int | None = None
+    """Fixed decode count."""
+    min_decode: int | None = None
+    """Bound override."""
+    max_decode: int | None = None
+    """Bound override."""
+    name: str = ""
+    """Shown in decision details."""
+
+    @property
+    def fixed(self) -> bool:
+        return self.decode is not None
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    """One P/D service: its ratio, target, bounds, SLO, policy and where its roles live."""
+
+    name: str
+    """Service name (DNS label); matches the sidecars' ``--service``."""
+    pd_ratio: tuple[int, int]
+    """(prefill, decode) instances, from curation."""
+    target_decode_tps_per_instance: float
+    """τ: decode tokens/s one decode instance carries at the SLO-feasible point."""
+    prefill: RoleConfig
+    """The prefill role."""
+    decode: RoleConfig
+    """The decode role."""
+    namespace: str = "default"
+    """Kubernetes namespace of the role workloads."""
+    min_decode: int = 1
+    """Lower bound of the decode pool."""
+    max_decode: int = 64
+    """Upper bound of the decode pool."""
+    min_prefill: int | None = None
+    """Optional lower bound of the prefill pool (can break the ratio)."""
+    max_prefill: int | None = None
+    """Optional upper bound of the prefill pool (can break the ratio)."""
+    slo: Slo = Slo()
+    """Latency objectives."""
+    policy: PolicyConfig = PolicyConfig()
+    """The scaling policy."""
+    schedules: tuple[ScheduleEntry, ...] = ()
+    """Time-of-day schedules; the first that matches wins."""
+    priority: int = 0
+    """Placement serves higher priorities first."""
+    affinity: str = "none"
+    """The network domain a Deployment Group shares: ``s1``, ``s2`` or ``none``."""
+
+    @property
+    def uses_groups(self) -> bool:
+        """Run as Deployment Groups (role ``template``) rather than scaled in place."""
+        return self.prefill.template is not None and self.decode.template is not None
+
+    @property
+    def ratio(self) -> Fraction:
+        return Fraction(self.pd_ratio[0], self.pd_ratio[1])
+
+    @property
+    def pd_ratio_text(self) -> str:
+        return f"{self.pd_ratio[0]}:{self.pd_ratio[1]}"
+
+    def role(self, role: str) -> RoleConfig:
+        if role == "prefill":
+            return self.prefill
+        if role == "decode":
+            return self.decode
+        raise KeyError(role)
+
+
+@dataclass(frozen=True)
+class Config:
+    """A whole coordinator configuration."""
+
+    coordinator: CoordinatorConfig
+    """The process."""
+    services: tuple[ServiceConfig, ...]
+    """Every service it scales."""
+
+    def service(self, name: str) -> ServiceConfig:
+        for svc in self.services:
+            if svc.name == name:
+                return svc
+        raise KeyError(name)
