@@ -38,6 +38,7 @@ from heteroscale.coordinator.core.settings import Config
 from heteroscale.coordinator.reconciler import AlwaysLeader, Reconciler
 from heteroscale.coordinator.status import make_status_app
 from heteroscale.errors import ConfigError, UsageError
+from heteroscale.net import parse_host_port
 
 log = logging.getLogger("heteroscale.coordinator")
 EXIT_USAGE = 2
@@ -80,10 +81,10 @@ def default_identity() -> str:
 
 
 def parse_listen(text: str) -> tuple[str, int]:
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
-        raise UsageError(f"--listen must be HOST:PORT, got {text!r}")
-    return host.strip("[]") or "0.0.0.0", int(port)
+    try:
+        return parse_host_port(text)
+    except ValueError as exc:
+        raise UsageError(f"--listen {exc}") from None
 
 
 def make_election(config: Config, *, identity: str, kube: Any = None) -> Any:

@@ -26,6 +26,7 @@ from heteroscale.coordinator.core.settings import (
     AFFINITIES, BACKENDS, METRICS_SOURCES, CollectConfig, Config, CoordinatorConfig, LatencyNet, LeaseConfig,
     MetricsSourceConfig, PlacementConfig, PolicyConfig, RoleConfig, ScheduleEntry, ServiceConfig, Slo, Tolerance)
 from heteroscale.errors import ConfigError, UsageError
+from heteroscale.net import parse_host_port
 DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 _NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")   # a Kubernetes DNS label
 _RATIO_RE = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
@@ -161,9 +162,10 @@ def _dns_label(value: str) -> str | None:
 
 
 def _listen(value: str) -> str | None:
-    host, sep, port = value.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        return f"must be HOST:PORT, got {value!r}"
+    try:
+        parse_host_port(value, require_host=True, allow_port_zero=False)
+    except ValueError as exc:
+        return str(exc)
     return None
 
 

@@ -61,7 +61,7 @@ from heteroscale.demo.loadgen import LoadGenerator, default_trace_path, read_siz
 from heteroscale.demo.router import Backend, RequestResult, Router
 from heteroscale.demo.sizing import ServiceSizing, size_service
 from heteroscale.errors import UsageError
-from heteroscale.net import free_ports
+from heteroscale.net import free_ports, parse_host_port
 from heteroscale.simulator import perfmodel
 
 log = logging.getLogger("heteroscale.demo")
@@ -116,9 +116,10 @@ class DemoSettings:
             out.append(f"--max-instances must be between 4 and 64, got {self.max_instances}")
         if self.startup_delay_s < 0:
             out.append("--startup-delay must not be negative")
-        host, sep, port = self.listen.rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
-            out.append(f"--listen must be HOST:PORT, got {self.listen!r}")
+        try:
+            parse_host_port(self.listen, require_host=True)
+        except ValueError as exc:
+            out.append(f"--listen {exc}")
         for name in ("trace", "topology"):
             path = getattr(self, name)
             if path is not None and not Path(path).is_file():
@@ -129,8 +130,7 @@ class DemoSettings:
 
     @property
     def host_port(self) -> tuple[str, int]:
-        host, _, port = self.listen.rpartition(":")
-        return host.strip("[]"), int(port)
+        return parse_host_port(self.listen, require_host=True)
 
 
 # ---------------------------------------------------------------- the world

@@ -1,6 +1,10 @@
-"""Free TCP ports for processes we start ourselves (the demo's instances, tests).
+"""Addresses and ports: the one HOST:PORT parser, and free ports for our own children.
 
-Asking the kernel for port 0 and releasing it is racy: the number comes from the
+``parse_host_port`` reads ``HOST:PORT`` (IPv6 as ``[::1]:PORT``) for every flag and
+config key that takes an address (sidecar and coordinator ``--listen``, the demo, the
+KV probe's listen address and peers).
+
+Free ports: asking the kernel for port 0 and releasing it is racy: the number comes from the
 ephemeral range, and before our child binds it the kernel may hand the same number
 to any other socket that binds port 0 or connects out (seen: an emulator's KV
 listener took the port reserved for its sidecar). Ports *below* the ephemeral range
@@ -53,3 +57,25 @@ def free_ports(count: int, host: str = "127.0.0.1", *, rng: random.Random | None
 
 def free_port(host: str = "127.0.0.1") -> int:
     return free_ports(1, host)[0]
+
+
+def parse_host_port(text: str, *, default_host: str = "0.0.0.0", allow_port_zero: bool = True,
+                    require_host: bool = False) -> tuple[str, int]:
+    """``HOST:PORT`` -> ``(host, port)``; ``ValueError`` naming the problem otherwise.
+
+    An empty host (``:9400``) means ``default_host`` unless ``require_host``; port 0
+    ("any free port") is refused unless ``allow_port_zero``.
+    """
+    host, sep, port_text = text.rpartition(":")
+    if not sep or not port_text.isdigit():
+        raise ValueError(f"must be HOST:PORT, got {text!r}")
+    port = int(port_text)
+    lowest = 0 if allow_port_zero else 1
+    if not lowest <= port <= 65535:
+        raise ValueError(f"must be HOST:PORT with a port in {lowest}..65535, got {text!r}")
+    host = host.strip("[]")
+    if not host:
+        if require_host:
+            raise ValueError(f"must be HOST:PORT with a host, got {text!r}")
+        host = default_host
+    return host, port

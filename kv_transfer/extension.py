@@ -53,6 +53,7 @@ from heteroscale.kv_transfer.probe import (MIB, ProbeClientSettings, ProbeRunner
 from heteroscale.kv_transfer.rdma import DEFAULT_SYSFS_ROOT, RdmaSettings, SysfsRdmaReader
 from heteroscale.kv_transfer.stats import HistogramWindow, RateWindow, median
 from heteroscale.errors import ConfigError, ScrapeError, UsageError
+from heteroscale.net import parse_host_port
 
 log = logging.getLogger("heteroscale.kv_transfer")
 
@@ -124,10 +125,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _host_port(text: str, flag: str) -> tuple[str, int]:
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
-        raise UsageError(f"{flag}: expected HOST:PORT, got {text!r}")
-    return host.strip("[]") or "0.0.0.0", int(port)
+    try:
+        return parse_host_port(text)
+    except ValueError as exc:
+        raise UsageError(f"{flag} {exc}") from None
 
 
 def settings_from_args(args: argparse.Namespace) -> KvSettings:

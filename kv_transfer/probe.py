@@ -55,6 +55,7 @@ from typing import Awaitable, Callable, Mapping
 
 from heteroscale.errors import ConfigError, TransientError
 from heteroscale.kv_transfer.stats import median
+from heteroscale.net import parse_host_port
 
 log = logging.getLogger("heteroscale.kv_transfer.probe")
 
@@ -468,13 +469,8 @@ def parse_peer(text: str) -> Peer:
         name, text = text.split("=", 1)
         if not name:
             raise ValueError("empty peer name before '='")
-    host, sep, port_text = text.rpartition(":")
-    if not sep or not host or not port_text.isdigit():
-        raise ValueError(f"peer {text!r} is not HOST:PORT")
-    port = int(port_text)
-    if not 0 < port < 65536:
-        raise ValueError(f"peer port {port} out of range")
-    return Peer(host=host.strip("[]"), port=port, name=name)
+    host, port = parse_host_port(text, require_host=True, allow_port_zero=False)
+    return Peer(host=host, port=port, name=name)
 
 
 @dataclass(frozen=True)

@@ -44,6 +44,7 @@ from heteroscale.engine_adapters.rates import SignalWindow, WindowStats
 from heteroscale.engine_adapters.scrape import PARSERS, ScrapeSettings, fetch_page, parser_for
 from heteroscale.engine_adapters.snapshot import GENERATION_TOKENS, EngineSnapshot
 from heteroscale.errors import ConfigError, ScrapeError, UsageError
+from heteroscale.net import parse_host_port
 from heteroscale.sidecar.extensions import (
     KV_TRANSFER_NAME, SidecarExtension, add_extension_arguments, build_extensions, default_kv_direction,
     observe_engine_page,
@@ -447,10 +448,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def parse_listen(text: str) -> tuple[str, int]:
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit():
-        raise UsageError(f"--listen must be HOST:PORT, got {text!r}")
-    return (host.strip("[]") or "0.0.0.0"), int(port)
+    try:
+        return parse_host_port(text)
+    except ValueError as exc:
+        raise UsageError(f"--listen {exc}") from None
 
 
 def settings_from_args(args: argparse.Namespace) -> AgentSettings:

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import random
+import re
 import socket
 
-from heteroscale.net import ephemeral_low, free_ports
+import pytest
+
+from heteroscale.net import ephemeral_low, free_ports, parse_host_port
 
 
 def test_ports_are_distinct_bindable_and_never_ephemeral():
@@ -34,3 +37,25 @@ def test_a_taken_port_is_skipped():
 
         (port,) = free_ports(1, rng=FirstTaken(7))
         assert port != taken and FirstTaken.calls >= 2
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("127.0.0.1:9400", ("127.0.0.1", 9400)),
+    (":9400", ("0.0.0.0", 9400)),                  # empty host: the default
+    ("[::1]:9500", ("::1", 9500)),                 # IPv6 in brackets
+    ("0.0.0.0:0", ("0.0.0.0", 0)),                 # port 0: any free port
+])
+def test_parse_host_port_accepts(text, expected):
+    assert parse_host_port(text) == expected
+
+
+@pytest.mark.parametrize("text, kwargs, words", [
+    ("nowhere", {}, "must be HOST:PORT, got 'nowhere'"),
+    ("host:http", {}, "must be HOST:PORT"),
+    ("host:70000", {}, "port in 0..65535"),
+    ("host:0", {"allow_port_zero": False}, "port in 1..65535"),
+    (":9400", {"require_host": True}, "with a host"),
+])
+def test_parse_host_port_names_the_problem(text, kwargs, words):
+    with pytest.raises(ValueError, match=re.escape(words)):
+        parse_host_port(text, **kwargs)
