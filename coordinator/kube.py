@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Awaitable, Callable, Mapping, Protocol, TypeVar
 
-from heteroscale.errors import ApiError, UsageError
+from heteroscale.errors import ApiError, ConfigError, UsageError
 
 log = logging.getLogger(__name__)
 
@@ -285,7 +285,7 @@ class RetryPolicy:
         if self.max_retry_after_s < 0:
             problems.append("max_retry_after_s must be >= 0")
         if problems:
-            raise ValueError("; ".join(problems))
+            raise ConfigError(problems, source="kube retry policy")
 
     def retryable(self, error: ApiError) -> bool:
         return error.status in self.retry_statuses

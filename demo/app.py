@@ -60,7 +60,7 @@ from heteroscale.coordinator.core.types import Decision, PoolCounts
 from heteroscale.demo.loadgen import LoadGenerator, default_trace_path, read_sizes
 from heteroscale.demo.router import Backend, RequestResult, Router
 from heteroscale.demo.sizing import ServiceSizing, size_service
-from heteroscale.errors import UsageError
+from heteroscale.errors import ConfigError, UsageError
 from heteroscale.net import free_ports, parse_host_port
 from heteroscale.simulator import perfmodel
 
@@ -547,7 +547,7 @@ def settings_from_args(args: argparse.Namespace) -> DemoSettings:
                             startup_delay_s=args.startup_delay_s, log_dir=args.log_dir, quiet=args.quiet)
     problems = settings.problems()
     if problems:
-        raise UsageError("; ".join(problems))
+        raise ConfigError(problems, source="demo flags")
     return settings
 
 

@@ -1,54 +1,89 @@
 """The ``heteroscale`` command line: one entry, one subcommand per job.
 
-Subcommands live in their own modules and are imported only when asked for, so
-``heteroscale --help`` stays fast and a module that is not built yet says so
-plainly instead of failing with a traceback. Each subcommand module exposes an
-``add_*_arguments(parser)`` function and a ``run_*(args) -> int`` function.
+Each subcommand's module is imported only when that subcommand runs (a plain import
+inside a small loader function), so ``heteroscale --help`` imports none of them and
+stays fast. Each module exposes ``add_arguments(parser)``-style and ``run(args) -> int``
+functions; the table below names them.
 
 Errors the user can cause end with one line naming the problem and exit status 2
 (ARCHITECTURE §3.1): argparse errors, ``UsageError`` (and ``ConfigError``, whose
-problems are all listed), a missing file. Ctrl-C exits 130 without a traceback.
+problems are all listed, one per line), a missing file. Ctrl-C exits 130 without a
+traceback.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 from dataclasses import dataclass
 from typing import Callable, NoReturn, Sequence
 
 from heteroscale import __version__
-from heteroscale.errors import UsageError
+from heteroscale.errors import ConfigError, UsageError
 
 EXIT_USAGE = 2
+
+AddArguments = Callable[[argparse.ArgumentParser], None]
+Run = Callable[[argparse.Namespace], int]
+
+
+def _demo() -> tuple[AddArguments, Run]:
+    from heteroscale.demo import app
+    return app.add_arguments, app.run
+
+
+def _sidecar() -> tuple[AddArguments, Run]:
+    from heteroscale.sidecar import agent
+    return agent.add_arguments, agent.run
+
+
+def _coordinator() -> tuple[AddArguments, Run]:
+    from heteroscale.coordinator import app
+    return app.add_coordinator_arguments, app.run_coordinator
+
+
+def _validate() -> tuple[AddArguments, Run]:
+    from heteroscale.coordinator import app
+    return app.add_validate_arguments, app.run_validate
+
+
+def _place() -> tuple[AddArguments, Run]:
+    from heteroscale.coordinator import place_cli
+    return place_cli.add_arguments, place_cli.run
+
+
+def _simulate() -> tuple[AddArguments, Run]:
+    from heteroscale.simulator import cli
+    return cli.add_simulate_arguments, cli.run_simulate
+
+
+def _curate() -> tuple[AddArguments, Run]:
+    from heteroscale.simulator import cli
+    return cli.add_curate_arguments, cli.run_curate
+
+
+def _emulate_engine() -> tuple[AddArguments, Run]:
+    from heteroscale.demo.emulator import server
+    return server.add_arguments, server.run
 
 
 @dataclass(frozen=True)
 class Subcommand:
     name: str
-    module: str
-    add_arguments: str
-    run: str
+    load: Callable[[], tuple[AddArguments, Run]]
     help: str
 
 
 SUBCOMMANDS: tuple[Subcommand, ...] = (
-    Subcommand("demo", "heteroscale.demo.app", "add_arguments", "run",
-               "run a local P/D cluster on this machine, replaying a trace, autoscaled live"),
-    Subcommand("sidecar", "heteroscale.sidecar.agent", "add_arguments", "run",
-               "per-pod agent: scrape the engine and GPUs, serve /metrics and /v1/report"),
-    Subcommand("coordinator", "heteroscale.coordinator.app", "add_coordinator_arguments", "run_coordinator",
+    Subcommand("demo", _demo, "run a local P/D cluster on this machine, replaying a trace, autoscaled live"),
+    Subcommand("sidecar", _sidecar, "per-pod agent: scrape the engine and GPUs, serve /metrics and /v1/report"),
+    Subcommand("coordinator", _coordinator,
                "leader-elected coordinator: decide and act for every configured service"),
-    Subcommand("validate", "heteroscale.coordinator.app", "add_validate_arguments", "run_validate",
-               "check a coordinator config and print every problem at once"),
-    Subcommand("place", "heteroscale.coordinator.place_cli", "add_arguments", "run",
-               "show where the placement code would put a service's instances on given nodes"),
-    Subcommand("simulate", "heteroscale.simulator.cli", "add_simulate_arguments", "run_simulate",
-               "replay a trace against scaling policies and compare them"),
-    Subcommand("curate", "heteroscale.simulator.cli", "add_curate_arguments", "run_curate",
-               "pressure-test P/D ratios and pick the ratio, target and policy for a service"),
-    Subcommand("emulate-engine", "heteroscale.demo.emulator.server", "add_arguments", "run",
+    Subcommand("validate", _validate, "check a coordinator config and print every problem at once"),
+    Subcommand("place", _place, "show where the placement code would put a service's instances on given nodes"),
+    Subcommand("simulate", _simulate, "replay a trace against scaling policies and compare them"),
+    Subcommand("curate", _curate, "pressure-test P/D ratios and pick the ratio, target and policy for a service"),
+    Subcommand("emulate-engine", _emulate_engine,
                "one engine emulator process (vLLM metric names, OpenAI-compatible API)"),
 )
 
@@ -71,32 +106,17 @@ def _top_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"heteroscale {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
     for command in SUBCOMMANDS:
-        note = "" if _available(command) else " [not built yet]"
-        sub.add_parser(command.name, help=command.help + note, add_help=False)
+        sub.add_parser(command.name, help=command.help, add_help=False)
     return parser
 
 
-def _available(command: Subcommand) -> bool:
-    try:
-        module = importlib.import_module(command.module)
-    except ModuleNotFoundError as exc:
-        if exc.name and command.module.startswith(exc.name):
-            return False
-        raise
-    return hasattr(module, command.run)
-
-
-def _load(command: Subcommand) -> tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]:
-    if not _available(command):
-        raise UsageError(f"'heteroscale {command.name}' is not built yet in this version ({__version__})")
-    module = importlib.import_module(command.module)
-    return getattr(module, command.add_arguments), getattr(module, command.run)
-
-
 def _report_usage_error(prog: str, exc: UsageError) -> int:
-    # One line, always. A ConfigError's message names its first problem and the
-    # count of the others; ``heteroscale validate`` prints every problem itself.
-    sys.stderr.write(f"{prog}: error: {exc}\n")
+    """One line per problem: a ``ConfigError`` lists each of its problems on its own line."""
+    if isinstance(exc, ConfigError) and exc.problems:
+        for problem in exc.problems:
+            sys.stderr.write(f"{prog}: error: {exc.source}: {problem}\n")
+    else:
+        sys.stderr.write(f"{prog}: error: {exc}\n")
     return EXIT_USAGE
 
 
@@ -118,7 +138,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = by_name[name]
     prog = f"heteroscale {name}"
     try:
-        add_arguments, run = _load(command)
+        add_arguments, run = command.load()
         parser = _Parser(prog=prog, description=command.help)
         add_arguments(parser)
         try:

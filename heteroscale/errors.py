@@ -2,7 +2,8 @@
 
     HeteroScaleError                 base of everything raised on purpose
     ├── UsageError                   the user can fix it: bad flag, bad config, bad file
-    │   └── ConfigError              a config with one or more problems (all listed)
+    │   └── ConfigError              settings with one or more problems (all listed); also
+    │                                a ValueError, for code that builds settings directly
     └── TransientError               worth retrying later: an I/O call that failed
         ├── ScrapeError              an engine page could not be fetched or parsed
         └── ApiError                 a Kubernetes (or other control) API call failed
@@ -23,8 +24,10 @@ class UsageError(HeteroScaleError):
     """Something the user can fix: printed as one line, exit status 2."""
 
 
-class ConfigError(UsageError):
-    """A configuration with problems; ``problems`` lists every one of them."""
+class ConfigError(UsageError, ValueError):
+    """Settings with problems (a config file, flags, a settings object built in code);
+    ``problems`` lists every one of them, ``source`` says whose they are. The command line
+    prints one line per problem."""
 
     def __init__(self, problems: list[str] | tuple[str, ...], *, source: str = "config") -> None:
         self.problems = tuple(problems)

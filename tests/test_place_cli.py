@@ -174,10 +174,15 @@ def test_bad_state_file(files, content, message):
     assert proc.returncode == 2 and message in proc.stderr
 
 
-def test_bad_config_is_one_line(files):
+def test_bad_config_is_one_line_per_problem(files):
     cfg = files["tmp"] / "bad.yaml"
     cfg.write_text("services: [{name: Chat}]\n")
     args = base(files)
     args[args.index("--config") + 1] = str(cfg)
     proc = place(*args)
-    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    # Every problem at once, each on its own line: the name, the ratio, the target, both roles.
+    assert len(lines) >= 4 and all(line.startswith(f"heteroscale place: error: {cfg}: ") for line in lines)
+    assert any("services[0].name" in line for line in lines)
+    assert any("services[0].pd_ratio" in line for line in lines)

@@ -28,12 +28,14 @@ BASE = ["--engine", "vllm", "--engine-url", "http://127.0.0.1:8000", "--role", "
     (["--engine", "tgi"], "invalid choice"),
     (["--interval", "abc"], "invalid float value"),
 ])
-def test_bad_flags_one_line_exit_2(extra, needle):
+def test_bad_flags_one_line_per_problem_exit_2(extra, needle):
     proc = subprocess.run([sys.executable, "-m", "heteroscale", "sidecar", *BASE, *extra],
                           capture_output=True, text=True, cwd=REPO, timeout=60)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and needle in lines[0] and "Traceback" not in proc.stderr, proc.stderr
+    assert lines and "Traceback" not in proc.stderr, proc.stderr
+    assert all(line.startswith("heteroscale sidecar: error: ") for line in lines), proc.stderr
+    assert needle in lines[0], proc.stderr
 
 
 def test_listen_port_in_use_is_a_usage_error():

@@ -115,8 +115,10 @@ def test_bad_config_lists_every_problem(tmp_path: Path, data_dir: Path, capsys):
     rc = main(["simulate", "--config", str(bad), "--trace", str(data_dir / "mooncake_sample.jsonl"),
                "--out", str(tmp_path / "o"), "--no-progress"])
     assert rc == 2
-    err = capsys.readouterr().err
-    assert "pd_ratio" in err and "(and 2 more)" in err
+    lines = capsys.readouterr().err.strip().splitlines()
+    # Every problem, one line each: the ratio, the unknown GPU, the odd TP.
+    assert len(lines) == 3 and all(line.startswith("heteroscale simulate: error: ") for line in lines), lines
+    assert "pd_ratio" in lines[0] and any("B300" in line for line in lines) and any("tp" in line for line in lines)
 
 
 def test_curate_says_when_no_split_can_meet_the_slo(config: Path, data_dir: Path, tmp_path: Path, capsys):

@@ -104,7 +104,7 @@ class GroupSettings:
         if self.drain_window_s < 0:
             problems.append("drain_window_s must be >= 0")
         if problems:
-            raise ValueError("; ".join(problems))
+            raise ConfigError(problems, source="deployment groups")
 
     @classmethod
     def from_config(cls, placement: Any) -> GroupSettings:

@@ -29,6 +29,7 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import Any, Iterable, Mapping
 
+from heteroscale.errors import ConfigError
 from heteroscale.report import SidecarReport
 
 SAME_SWITCH = "same_switch"
@@ -61,7 +62,7 @@ class BandwidthSettings:
         if self.min_peers < 1:
             problems.append("min_peers must be at least 1")
         if problems:
-            raise ValueError("; ".join(problems))
+            raise ConfigError(problems, source="bandwidth map")
 
 
 @dataclass(frozen=True)

@@ -80,6 +80,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from heteroscale.coordinator.core.topology import TIER_VALUE, TIERS, ClusterView, NodeView
 from heteroscale.coordinator.core.types import PoolCounts
+from heteroscale.errors import ConfigError
 
 AFFINITIES = ("s1", "s2", "none")
 LEVEL_OF_AFFINITY = {"s1": "s1", "s2": "s2", "none": "cluster"}
@@ -109,7 +110,7 @@ class RoleDemand:
                 or self.gpus_per_instance < 1:
             problems.append("gpus_per_instance must be an integer >= 1")
         if problems:
-            raise ValueError("; ".join(problems))
+            raise ConfigError(problems, source="deployment group")
 
     def rank(self, gpu_type: str) -> int | None:
         return self.gpu_types.index(gpu_type) if gpu_type in self.gpu_types else None
@@ -143,7 +144,7 @@ class ServiceDemand:
         if not isinstance(self.priority, int) or isinstance(self.priority, bool):
             problems.append("priority must be an integer")
         if problems:
-            raise ValueError(f"service {self.name!r}: " + "; ".join(problems))
+            raise ConfigError(problems, source=f"service {self.name!r}")
 
     @property
     def level(self) -> str:

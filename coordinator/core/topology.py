@@ -37,6 +37,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
+from heteroscale.errors import ConfigError
+
 TIERS = ("low", "medium", "high")
 TIER_VALUE = {"low": 0, "medium": 1, "high": 2}  # higher = scarcer; consume lowest first
 
@@ -70,7 +72,7 @@ class TopologyKeys:
                     for name in ("gpu_type_label", "s1_label", "s2_label", "gpu_resource")
                     if not isinstance(getattr(self, name), str) or not getattr(self, name)]
         if problems:
-            raise ValueError("; ".join(problems))
+            raise ConfigError(problems, source="topology keys")
 
 
 @dataclass(frozen=True)

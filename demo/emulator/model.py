@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from heteroscale.demo.emulator.page import VllmMetrics
-from heteroscale.errors import UsageError
+from heteroscale.errors import ConfigError
 from heteroscale.simulator import perfmodel
 
 ROLES = ("prefill", "decode")
@@ -73,7 +73,7 @@ class EmulatorSettings:
     def __post_init__(self) -> None:
         problems = self.problems()
         if problems:
-            raise UsageError("; ".join(problems))
+            raise ConfigError(problems, source="emulator")
         if not self.served_model_name:
             object.__setattr__(self, "served_model_name", self.model)
 

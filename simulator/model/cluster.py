@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from heteroscale.errors import ConfigError
 from heteroscale.simulator import perfmodel as pm
 from heteroscale.simulator.traces import Workload
 
@@ -86,7 +87,7 @@ class ClusterSpec:
         if not 0 < self.tick_s <= 5:
             problems.append("tick_s must be in (0, 5]")
         if problems:
-            raise ValueError("ClusterSpec: " + "; ".join(problems))
+            raise ConfigError(problems, source="ClusterSpec")
 
 
 @dataclass
