@@ -137,7 +137,7 @@ def _process_cpu_s(pid: int) -> float:
 async def _measure(port: int, services: int, per_service: int, ticks: int, *, server_pid: int) -> dict:
     config = _config(port, services, per_service)
     collector = Collector.from_config(config.coordinator.collect, source=StaticSource())
-    rec = Reconciler(config=config, actuator=StaticActuator(config), collector=collector)
+    rec = Reconciler(config=config, actuator=StaticActuator(latest=collector.latest.get), collector=collector)
     try:
         await rec.tick()                                # warm-up: opens the keep-alive connections
         walls, cpus, server_cpus = [], [], []

@@ -61,7 +61,7 @@ def main() -> int:
         ip("-n", d_ns, "addr", "add", "10.232.0.2/30", "dev", f"{d_ns}0")
         ip("-n", p_ns, "link", "set", f"{p_ns}0", "up")
         ip("-n", d_ns, "link", "set", f"{d_ns}0", "up")
-        server = subprocess.Popen(["ip", "netns", "exec", d_ns, sys.executable, "-m", "kv_transfer", "serve",
+        server = subprocess.Popen(["ip", "netns", "exec", d_ns, sys.executable, "-m", "heteroscale.kv_transfer", "serve",
                                    "--pod", "decode-0", "--no-rdma", "--probe-listen", "10.232.0.2:9401",
                                    "--probe-secret-file", str(secret), "--probe-server-max-rate", "1e9"],
                                   cwd=REPO, stdout=subprocess.PIPE, text=True)
@@ -74,7 +74,7 @@ def main() -> int:
                 before = resource.getrusage(resource.RUSAGE_CHILDREN)
                 started = time.perf_counter()
                 out = subprocess.run(
-                    ["ip", "netns", "exec", p_ns, sys.executable, "-m", "kv_transfer", "sample", "--pod",
+                    ["ip", "netns", "exec", p_ns, sys.executable, "-m", "heteroscale.kv_transfer", "sample", "--pod",
                      "prefill-0", "--no-rdma", "--probe-secret-file", str(secret), "--probe-peers",
                      "10.232.0.2:9401", "--probe-bytes", str(PROBE_BYTES), "--probe-interval-s", "1",
                      "--probe-max-rate", "1e10"], cwd=REPO, capture_output=True, text=True, timeout=120, check=True)

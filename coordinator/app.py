@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import inspect
 import logging
 import os
 import signal
@@ -28,16 +27,22 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
-from heteroscale.coordinator.collect import ChainSource, Collector, PodSource, ReportSource, StaticSource
+from heteroscale.coordinator.actuators import make_actuator
+from heteroscale.coordinator.collect import ChainSource, Collector, PodSource, StaticSource
 from heteroscale.coordinator.config import read_config
 from heteroscale.coordinator.core.settings import Config
-from heteroscale.coordinator.reconciler import AlwaysLeader, Reconciler
+from heteroscale.coordinator.leader import KubernetesLeaseElection, LocalLeaseElection
+from heteroscale.coordinator.reconciler import Reconciler
+from heteroscale.coordinator.seams import Actuator, LeaderElection, PodLister, ReportSource, SignalCollector
 from heteroscale.coordinator.status import make_status_app
 from heteroscale.errors import ConfigError, UsageError
+
+if TYPE_CHECKING:
+    from heteroscale.coordinator.kube import Kube
 from heteroscale.net import parse_host_port
 
 log = logging.getLogger("heteroscale.coordinator")
@@ -87,52 +92,38 @@ def parse_listen(text: str) -> tuple[str, int]:
         raise UsageError(f"--listen {exc}") from None
 
 
-def make_election(config: Config, *, identity: str, kube: Any = None) -> Any:
-    """The lease for this backend; always-leader (loudly) if leader.py is not built."""
+def make_election(config: Config, *, identity: str, kube: "Kube | None" = None) -> LeaderElection:
+    """The lease for this backend: a Kubernetes Lease, else a local lease file."""
     lease = config.coordinator.lease
-    try:
-        from heteroscale.coordinator import leader
-    except ModuleNotFoundError as exc:
-        if exc.name and exc.name.startswith("heteroscale.coordinator.leader"):
-            log.warning("LEADER ELECTION UNAVAILABLE (heteroscale.coordinator.leader not built): "
-                        "running as the only leader; do not run two coordinators")
-            return AlwaysLeader(identity)
-        raise
     timing = dict(duration_s=lease.duration_s, renew_deadline_s=lease.renew_deadline_s,
                   retry_period_s=lease.retry_period_s)
     if config.coordinator.backend == "kubernetes":
-        return leader.KubernetesLeaseElection(api=kube, name=lease.name, namespace=lease.namespace,
-                                              identity=identity, **timing)
+        if kube is None:
+            raise UsageError("the kubernetes backend's lease needs an API client")
+        return KubernetesLeaseElection(api=kube, name=lease.name, namespace=lease.namespace,
+                                       identity=identity, **timing)
     path = lease.path or str(Path(tempfile.gettempdir()) / f"heteroscale-{lease.namespace}-{lease.name}.lease")
-    return leader.LocalLeaseElection(path=path, identity=identity, **timing)
+    return LocalLeaseElection(path=path, identity=identity, **timing)
 
 
-def _accepted(cls: Any, offered: dict[str, Any]) -> dict[str, Any]:
-    """The keyword arguments ``cls`` accepts (backends differ in what they need)."""
-    params = inspect.signature(cls).parameters
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return offered
-    return {k: v for k, v in offered.items() if k in params}
-
-
-def report_source(config: Config, actuator: Any) -> ReportSource:
+def report_source(config: Config, actuator: Actuator) -> ReportSource:
     """Config URLs first; then what the actuator knows: the instances it started itself
-    (an actuator that is a ``ReportSource``, like the local one) or pod IPs (``list_pods``)."""
-    if callable(getattr(actuator, "targets", None)):
+    (an actuator that is a ``ReportSource``, like the local one) or pod IPs (``PodLister``)."""
+    if isinstance(actuator, ReportSource):
         return ChainSource(StaticSource(), actuator)
-    lister = getattr(actuator, "list_pods", None)
-    if callable(lister):
-        return ChainSource(StaticSource(), PodSource(lister, port=config.coordinator.collect.sidecar_port))
+    if isinstance(actuator, PodLister):
+        return ChainSource(StaticSource(), PodSource(actuator.list_pods, port=config.coordinator.collect.sidecar_port))
     return StaticSource()
 
 
-def make_collector(config: Config, actuator: Any) -> Any:
-    """Where signals come from: ``/v1/report`` pulls, or PromQL (``coordinator.metrics_source``)."""
-    source = config.coordinator.metrics_source
-    if source.type == "prometheus":
+def make_collector(config: Config, *, source: ReportSource) -> SignalCollector:
+    """Where signals come from: ``/v1/report`` pulls from ``source``, or PromQL
+    (``coordinator.metrics_source``), which finds its instances itself."""
+    prometheus = config.coordinator.metrics_source
+    if prometheus.type == "prometheus":
         from heteroscale.coordinator.promql import PromCollector
-        return PromCollector.from_config(source, interval_s=config.coordinator.interval_s)
-    return Collector.from_config(config.coordinator.collect, source=report_source(config, actuator))
+        return PromCollector.from_config(prometheus, interval_s=config.coordinator.interval_s)
+    return Collector.from_config(config.coordinator.collect, source=source)
 
 
 class CoordinatorCrashed(RuntimeError):
@@ -144,30 +135,35 @@ class Runtime:
     config: Config
     reconciler: Reconciler
     app: web.Application
-    election: Any
-    kube: Any = None
+    election: LeaderElection
+    kube: "Kube | None" = None
 
 
-def build_runtime(config: Config, *, actuator: Any = None, election: Any = None, identity: str | None = None,
-                  dry_run: bool | None = None, kubeconfig: str | None = None,
+def build_runtime(config: Config, *, actuator: Actuator | None = None, election: LeaderElection | None = None,
+                  identity: str | None = None, dry_run: bool | None = None, kubeconfig: str | None = None,
                   context: str | None = None) -> Runtime:
-    """The coordinator's parts, wired as ``heteroscale coordinator`` wires them."""
-    from heteroscale.coordinator.actuators import actuator_class
+    """The coordinator's parts, wired as ``heteroscale coordinator`` wires them. Tests and
+    embedders may pass their own ``actuator`` and ``election``."""
     identity = identity or default_identity()
+    dry_run = config.coordinator.dry_run if dry_run is None else dry_run
     kube = None
     if config.coordinator.backend == "kubernetes" and (actuator is None or election is None):
         from heteroscale.coordinator.kube import kube_from_config
-        kube = kube_from_config(kubeconfig=kubeconfig, context=context)
+        api = config.coordinator.api
+        kube = kube_from_config(kubeconfig=kubeconfig, context=context, timeout_s=api.timeout_s,
+                                write_timeout_s=api.write_timeout_s)
     if election is None:
         election = make_election(config, identity=identity, kube=kube)
-    if actuator is None:
-        # Writing backends get the fence too, so a write that races a lost lease is
-        # refused inside the actuator as well (between the two pools' writes).
-        effective_dry_run = config.coordinator.dry_run if dry_run is None else dry_run
-        cls = actuator_class(config.coordinator.backend)
-        actuator = cls(config, **_accepted(cls, {"api": kube, "fence": election.still_leader,
-                                                 "dry_run": effective_dry_run}))
-    collector = make_collector(config, actuator)
+    if actuator is None and config.coordinator.backend == "static":
+        # The advisory backend's pools are read from what the collector fetched.
+        collector = make_collector(config, source=StaticSource())
+        actuator = make_actuator(config, latest=collector.latest.get, dry_run=dry_run)
+    else:
+        if actuator is None:
+            # Every write the actuator makes goes through the election's fence, attempt by attempt.
+            actuator = make_actuator(config, kube=kube.fenced(election) if kube is not None else None,
+                                     dry_run=dry_run)
+        collector = make_collector(config, source=report_source(config, actuator))
     reconciler = Reconciler(config=config, actuator=actuator, collector=collector, election=election,
                             dry_run=dry_run)
     return Runtime(config=config, reconciler=reconciler, app=make_status_app(reconciler),

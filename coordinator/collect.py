@@ -21,13 +21,13 @@ import contextlib
 import json
 import logging
 from collections import Counter
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Awaitable, Callable, Protocol, Sequence
+from typing import TYPE_CHECKING, Awaitable, Callable, Sequence
 from urllib.parse import urlsplit
 
 import aiohttp
 
-from heteroscale.coordinator.core.aggregate import Fetched
+from heteroscale.coordinator.core.types import Fetched
+from heteroscale.coordinator.seams import Collection, ReportSource, ReportTarget
 from heteroscale.report import ReportFormatError, SidecarReport
 
 if TYPE_CHECKING:
@@ -36,23 +36,11 @@ if TYPE_CHECKING:
 log = logging.getLogger("heteroscale.coordinator.collect")
 
 
-@dataclass(frozen=True)
-class Target:
-    url: str
-    role: str | None = None        # the role we expect there; None = trust the report
-    pod: str | None = None
-
-
-class ReportSource(Protocol):
-    async def targets(self, service: "ServiceConfig") -> list[Target]:
-        ...
-
-
 class StaticSource:
     """The ``sidecars:`` URLs from the config, per role."""
 
-    async def targets(self, service: "ServiceConfig") -> list[Target]:
-        return [Target(url=url, role=role) for role in ("prefill", "decode")
+    async def targets(self, service: "ServiceConfig") -> list[ReportTarget]:
+        return [ReportTarget(url=url, role=role) for role in ("prefill", "decode")
                 for url in service.role(role).sidecars]
 
 
@@ -67,12 +55,12 @@ class PodSource:
         self._port = port
         self._path = path
 
-    async def targets(self, service: "ServiceConfig") -> list[Target]:
-        out: list[Target] = []
+    async def targets(self, service: "ServiceConfig") -> list[ReportTarget]:
+        out: list[ReportTarget] = []
         for role in ("prefill", "decode"):
             for pod, ip in await self._lister(service, role):
                 host = f"[{ip}]" if ":" in ip else ip
-                out.append(Target(url=f"http://{host}:{self._port}{self._path}", role=role, pod=pod))
+                out.append(ReportTarget(url=f"http://{host}:{self._port}{self._path}", role=role, pod=pod))
         return out
 
 
@@ -82,20 +70,12 @@ class ChainSource:
     def __init__(self, *sources: ReportSource) -> None:
         self._sources = sources
 
-    async def targets(self, service: "ServiceConfig") -> list[Target]:
+    async def targets(self, service: "ServiceConfig") -> list[ReportTarget]:
         for source in self._sources:
             found = await source.targets(service)
             if found:
                 return found
         return []
-
-
-@dataclass(frozen=True)
-class Collection:
-    service: str
-    fetched: tuple[Fetched, ...]
-    errors: dict[str, int]
-    discovery_error: str | None = None
 
 
 class ProtocolError(Exception):
@@ -293,7 +273,7 @@ class Collector:
         self.latest[service.name] = result
         return result
 
-    async def _fetch_all(self, targets: Sequence[Target]) -> list[Fetched]:
+    async def _fetch_all(self, targets: Sequence[ReportTarget]) -> list[Fetched]:
         # A few workers walking the list, instead of one task per target: at 10,000
         # targets a tick the task bookkeeping alone was a tenth of the CPU.
         results: list[Fetched | None] = [None] * len(targets)
@@ -322,7 +302,7 @@ class Collector:
                 self._parsed[url] = parsed
         return parsed
 
-    async def _fetch(self, target: Target) -> Fetched:
+    async def _fetch(self, target: ReportTarget) -> Fetched:
         async with self._limit:
             try:
                 status, body = await self._get(target.url)

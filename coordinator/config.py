@@ -23,7 +23,7 @@ import yaml
 
 from heteroscale.coordinator.core.ratio import prefill_for_ratio
 from heteroscale.coordinator.core.settings import (
-    AFFINITIES, BACKENDS, METRICS_SOURCES, CollectConfig, Config, CoordinatorConfig, LatencyNet, LeaseConfig,
+    AFFINITIES, BACKENDS, METRICS_SOURCES, ApiConfig, CollectConfig, Config, CoordinatorConfig, LatencyNet, LeaseConfig,
     MetricsSourceConfig, PlacementConfig, PolicyConfig, RoleConfig, ScheduleEntry, ServiceConfig, Slo, Tolerance)
 from heteroscale.errors import ConfigError, UsageError
 from heteroscale.net import parse_host_port
@@ -199,6 +199,16 @@ def _lease(node: _Node) -> LeaseConfig:
     return lease
 
 
+def _api(node: _Node) -> ApiConfig:
+    d = ApiConfig()
+    out = ApiConfig(
+        timeout_s=node.number("timeout_s", d.timeout_s, minimum=0, exclusive_min=True),
+        write_timeout_s=node.number("write_timeout_s", d.write_timeout_s, minimum=0, exclusive_min=True),
+    )
+    node.finish()
+    return out
+
+
 def _collect(node: _Node) -> CollectConfig:
     d = CollectConfig()
     out = CollectConfig(
@@ -269,6 +279,7 @@ def _coordinator(node: _Node) -> CoordinatorConfig:
         dry_run=node.boolean("dry_run", d.dry_run),
         listen=node.string("listen", d.listen, check=_listen),
         lease=_lease(node.child("lease")),
+        api=_api(node.child("api")),
         collect=_collect(node.child("collect")),
         history_s=node.number("history_s", d.history_s, minimum=0, exclusive_min=True),
         decisions_kept=node.integer("decisions_kept", d.decisions_kept, minimum=1),
@@ -277,6 +288,13 @@ def _coordinator(node: _Node) -> CoordinatorConfig:
         placement=_placement(node.child("placement")),
     )
     node.finish()
+    margin = out.lease.duration_s - out.lease.renew_deadline_s
+    if out.backend == "kubernetes" and margin > 0 and margin <= out.api.write_timeout_s:
+        # A deposed leader's last write may still be on the wire for write_timeout_s after
+        # its renew deadline; a rival may take over duration_s - renew_deadline_s later.
+        node.problem("lease.duration_s", f"must exceed renew_deadline_s by more than api.write_timeout_s "
+                     f"({out.lease.duration_s:g} - {out.lease.renew_deadline_s:g} = {margin:g} <= "
+                     f"{out.api.write_timeout_s:g}), or a write can land after a takeover")
     if out.metrics_source.type == "sidecars" and out.collect.timeout_s >= out.interval_s:
         node.problem("collect.timeout_s", f"must be shorter than interval_s "
                      f"({out.collect.timeout_s:g} >= {out.interval_s:g})")

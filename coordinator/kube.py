@@ -16,6 +16,11 @@ Layers, bottom up:
                         Retries 429/5xx/no-answer with capped, jittered exponential
                         backoff that honours ``Retry-After``; 409 is retried only by
                         ``read_modify_write`` (re-read, re-apply), never blindly.
+                        ``kube.fenced(election)`` is the same client whose every
+                        write ATTEMPT (retries included) first asks the election's
+                        ``permit``: a closed fence raises ``NotLeaderError`` before
+                        anything is sent, and the attempt's timeout is cut to the
+                        time left before the renew deadline.
 
 Objects are plain JSON dicts exactly as the API server sends them (camelCase), not
 generated model classes: the fake can then be faithful with little code, and callers
@@ -38,6 +43,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Awaitable, Callable, Mapping, Protocol, TypeVar
 
+from heteroscale.coordinator.seams import WriteFence
 from heteroscale.errors import ApiError, ConfigError, UsageError
 
 log = logging.getLogger(__name__)
@@ -122,8 +128,10 @@ WORKLOADS = {"Deployment": DEPLOYMENTS, "StatefulSet": STATEFULSETS}
 
 class KubeTransport(Protocol):
     async def request(self, method: str, path: str, *, query: Mapping[str, str] | None = None,
-                      body: Any = None, content_type: str = "application/json") -> JSON:
-        """One API call; the decoded JSON answer, or ``ApiError``."""
+                      body: Any = None, content_type: str = "application/json",
+                      timeout_s: float | None = None) -> JSON:
+        """One API call; the decoded JSON object, or ``ApiError``. ``timeout_s`` shortens
+        the transport's own timeout for this call (never lengthens it)."""
         ...
 
     async def close(self) -> None:
@@ -215,11 +223,15 @@ class ApiClientTransport:
                    write_timeout_s=write_timeout_s)
 
     async def request(self, method: str, path: str, *, query: Mapping[str, str] | None = None,
-                      body: Any = None, content_type: str = "application/json") -> JSON:
-        return await asyncio.to_thread(self._request_sync, method, path, query, body, content_type)
+                      body: Any = None, content_type: str = "application/json",
+                      timeout_s: float | None = None) -> JSON:
+        timeout = self.timeout_s if method == "GET" else self.write_timeout_s
+        if timeout_s is not None:
+            timeout = min(timeout, timeout_s)
+        return await asyncio.to_thread(self._request_sync, method, path, query, body, content_type, timeout)
 
     def _request_sync(self, method: str, path: str, query: Mapping[str, str] | None,
-                      body: Any, content_type: str) -> JSON:
+                      body: Any, content_type: str, timeout: float) -> JSON:
         import urllib3
         from kubernetes.client.exceptions import ApiException
 
@@ -229,7 +241,6 @@ class ApiClientTransport:
             method_, url, headers_, body_, _ = self._client.param_serialize(
                 method, path, query_params=list((query or {}).items()), header_params=headers,
                 body=body, auth_settings=["BearerToken"])
-            timeout = self.timeout_s if method == "GET" else self.write_timeout_s
             response = self._client.call_api(method_, url, header_params=headers_, body=body_,
                                              _request_timeout=timeout)
             data = response.read()
@@ -245,9 +256,11 @@ class ApiClientTransport:
             return {}
         try:
             decoded = json.loads(data)
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:
             raise ApiError(f"{what}: answer is not JSON", status=response.status) from exc
-        return decoded if isinstance(decoded, dict) else {"value": decoded}
+        if not isinstance(decoded, dict):
+            raise ApiError(f"{what}: answer is {type(decoded).__name__}, not an object", status=response.status)
+        return decoded
 
     async def close(self) -> None:
         """Idempotent: several owners (actuator, election, runtime) may share a transport."""
@@ -321,25 +334,40 @@ async def with_retries(op: Callable[[], Awaitable[T]], *, policy: RetryPolicy,
 
 # ---------------------------------------------------------------- facade
 
+WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+
+
 @dataclass
 class Kube:
-    """Typed, retrying access to the API through one transport."""
+    """Typed, retrying access to the API through one transport.
+
+    ``fence``: when set, every write attempt (retries included) asks it first and is
+    bounded by the time it grants; reads are never fenced."""
 
     transport: KubeTransport
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
     rng: random.Random = field(default_factory=random.Random)
+    fence: WriteFence | None = None
 
     def with_retry(self, retry: RetryPolicy) -> Kube:
         """The same transport under another retry policy (the election uses ``NO_RETRY``:
         its own loop is the retry)."""
-        return Kube(self.transport, retry=retry, sleep=self.sleep, rng=self.rng)
+        return Kube(self.transport, retry=retry, sleep=self.sleep, rng=self.rng, fence=self.fence)
+
+    def fenced(self, fence: WriteFence) -> Kube:
+        """The same transport whose writes go through ``fence`` (the leader election)."""
+        return Kube(self.transport, retry=self.retry, sleep=self.sleep, rng=self.rng, fence=fence)
 
     async def request(self, method: str, path: str, *, query: Mapping[str, str] | None = None,
                       body: Any = None, content_type: str = "application/json") -> JSON:
+        fence = self.fence if method in WRITE_METHODS else None
+
         async def once() -> JSON:
+            # The fence is asked before EVERY attempt: a retry after a lost lease must not go out.
+            timeout_s = await fence.permit(f"{method} {path}") if fence is not None else None
             return await self.transport.request(method, path, query=query, body=body,
-                                                content_type=content_type)
+                                                content_type=content_type, timeout_s=timeout_s)
         return await with_retries(once, policy=self.retry, sleep=self.sleep, rng=self.rng,
                                   what=f"{method} {path}")
 
@@ -433,6 +461,44 @@ class Kube:
 
     async def close(self) -> None:
         await self.transport.close()
+
+
+async def set_replicas(kube: Kube, resource: Resource, name: str, *, namespace: str, expect: int,
+                       replicas: int, conflict_attempts: int = 5) -> bool:
+    """Compare-and-swap on the scale subresource: set ``spec.replicas`` to ``replicas``
+    only while it is still ``expect`` (what the caller decided from).
+
+    A 409 is expected even without a rival (controllers bump ``resourceVersion`` with
+    every status write): re-read and try again with the same ABSOLUTE count, never a
+    delta. If the fresh count is already ``replicas`` (a retried write that did land)
+    nothing is written; if it is anything else, someone else scaled it and this raises
+    ``ApiError(409)`` rather than overwrite them. Each PUT goes through the client's
+    fence (``Kube.fenced``). Returns True if this call wrote."""
+    for attempt in range(conflict_attempts):
+        scale = await kube.get_scale(resource, name, namespace=namespace)
+        now = _replicas(scale)
+        if now == replicas:
+            return False
+        if now != expect:
+            raise ApiError(f"{resource.kind.lower()} {namespace}/{name}: replicas changed to {now} by someone "
+                           f"else (decided from {expect}); not overwriting", status=409)
+        version = (scale.get("metadata") or {}).get("resourceVersion")
+        try:
+            await kube.replace_scale(resource, name, namespace=namespace, replicas=replicas,
+                                     resource_version=str(version) if version else None)
+            return True
+        except ApiError as exc:
+            if exc.status != 409 or attempt == conflict_attempts - 1:
+                raise
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _replicas(scale: Mapping[str, Any]) -> int:
+    spec = scale.get("spec")
+    value = spec.get("replicas", 0) if isinstance(spec, Mapping) else None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ApiError(f"scale answer without a valid spec.replicas: {str(spec)[:80]}", status=200)
+    return value
 
 
 def kube_from_config(*, kubeconfig: str | None = None, context: str | None = None,

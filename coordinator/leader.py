@@ -18,10 +18,20 @@ small ``LeaseStore`` seam with optimistic concurrency:
 
 Fencing: ``still_leader()`` is True only while this candidate holds the lease and its
 last successful renew is younger than ``renew_deadline_s``; by default it also reads
-the lease back and checks the holder. Because ``duration_s > renew_deadline_s``, a
-rival can acquire only after ``duration_s`` of silence as it observed it, by which
-time the old leader's own fence has been closed for ``duration_s - renew_deadline_s``:
-that margin must exceed one API call's timeout (documented in docs/kubernetes.md).
+the lease back and checks the holder. ``permit(what)`` is what a write asks before
+EACH attempt (``Kube.fenced``): ``still_leader()``, and the seconds left until the renew
+deadline measured from the last successful renewal, which bounds the attempt (client-go:
+no write after the renew deadline). Because ``duration_s > renew_deadline_s``, a rival
+can acquire only after ``duration_s`` of silence as it observed it, by which time the
+old leader's own fence has been closed for ``duration_s - renew_deadline_s``: that
+margin must exceed one write's timeout (checked by the config; docs/kubernetes.md
+states the residual window of a request already on the wire).
+
+Robustness: a Lease answer of the wrong shape (not an object, missing metadata, a
+non-numeric duration...) is a ``MalformedLease`` (a ``TransientError``): the step fails
+like a network error would, and the loop goes on. ``run()`` is supervised: an
+unexpected exception in one step is logged (once per distinct error), counted in
+``errors``, and the loop continues after a retry period; it never ends the task.
 
 Takeover time after a crash: at most ``duration_s`` plus two acquire intervals (the
 follower notices the last renew up to one interval late, and polls once per interval
@@ -46,7 +56,7 @@ from typing import Any, Callable, Protocol
 
 from heteroscale.coordinator.kube import (LEASES, NO_RETRY, Clock, Kube, SystemClock,
                                       format_micro_time, parse_time)
-from heteroscale.errors import ApiError, ConfigError, TransientError
+from heteroscale.errors import ApiError, ConfigError, NotLeaderError, TransientError
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +115,10 @@ class LeaseConflict(Exception):
     """Lost an optimistic-concurrency race (someone else wrote first)."""
 
 
+class MalformedLease(TransientError):
+    """The store answered, but not with a lease record we can read."""
+
+
 class LeaseStore(Protocol):
     """Where the record lives. ``version`` is an opaque token of the stored revision;
     ``update`` fails with ``LeaseConflict`` if the stored revision is no longer ``version``."""
@@ -146,6 +160,7 @@ class LeaseElection:
         self._holding = False
         self._last_renew = -math.inf     # local monotonic time of our last successful write
         self.last_error: str = ""
+        self.errors = 0                  # unexpected failures contained by the supervisor
 
     # -- state -----------------------------------------------------------
     @property
@@ -185,6 +200,16 @@ class LeaseElection:
             log.warning("%s: fence cannot confirm the lease: %s", self.identity, exc)
             return False
         return got is not None and got[0].holder == self.identity and self.is_leader
+
+    async def permit(self, what: str) -> float:
+        """Before every write attempt: the fence, then the seconds left until the renew
+        deadline (from the last successful renewal). ``NotLeaderError`` if either fails."""
+        if not await self.still_leader():
+            raise NotLeaderError(f"{self.identity} is not the leader of {self.store.description}: refused to {what}")
+        left = self._last_renew + self.timing.renew_deadline_s - self.clock.monotonic()
+        if left <= 0:
+            raise NotLeaderError(f"{self.identity}: renew deadline passed: refused to {what}")
+        return left
 
     # -- one step: client-go tryAcquireOrRenew ------------------------------
     async def tick(self) -> bool:
@@ -233,11 +258,22 @@ class LeaseElection:
     # -- loops -----------------------------------------------------------
     async def run(self) -> None:
         """Acquire, renew, step down on a missed deadline and try again; until cancelled.
-        On cancellation a leader releases the lease (if ``release_on_cancel``)."""
+        On cancellation a leader releases the lease (if ``release_on_cancel``). Supervised:
+        an unexpected error steps down, waits a retry period and starts over."""
         try:
             while True:
-                await self._acquire()
-                await self._renew()
+                try:
+                    await self._acquire()
+                    await self._renew()
+                except Exception as exc:    # noqa: BLE001 - the election must outlive any one bad answer
+                    self.errors += 1
+                    text = f"{type(exc).__name__}: {exc}"
+                    if text != self.last_error:
+                        log.error("%s: election step failed on %s: %s; stepping down and retrying",
+                                  self.identity, self.store.description, text, exc_info=True)
+                    self.last_error = text
+                    self._set_holding(False)
+                    await self.clock.sleep(self.timing.retry_period_s)
         finally:
             if self._holding and self.release_on_cancel:
                 with contextlib.suppress(asyncio.CancelledError):
@@ -280,15 +316,31 @@ class LeaseElection:
             return False
 
     async def release(self) -> bool:
-        """Give the lease up now (holder cleared, duration 1 s). True if released."""
+        """Give the lease up now (holder cleared, duration 1 s). True if released.
+
+        A conflict (the record changed since we last wrote it, e.g. a renewal raced this
+        call) is re-read: if we still hold it, the release is tried again with the fresh
+        version; if someone else holds it, there is nothing of ours to release."""
         if not self._holding or self._observed_version is None or self._observed is None:
             return False
-        wall = self.clock.time()
-        record = LeaseRecord(holder="", duration_s=1, acquire_time_s=wall, renew_time_s=wall,
-                             transitions=self._observed.transitions)
+        version, transitions = self._observed_version, self._observed.transitions
         try:
             async with asyncio.timeout(self.timing.retry_period_s):
-                version = await self.store.update(record, self._observed_version)
+                for _ in range(3):
+                    wall = self.clock.time()
+                    record = LeaseRecord(holder="", duration_s=1, acquire_time_s=wall, renew_time_s=wall,
+                                         transitions=transitions)
+                    try:
+                        version = await self.store.update(record, version)
+                        break
+                    except LeaseConflict:
+                        got = await self.store.get()
+                        if got is None or got[0].holder != self.identity:
+                            self._set_holding(False)
+                            return False
+                        version, transitions = got[1], got[0].transitions
+                else:
+                    raise LeaseConflict("the record kept changing")
         except (LeaseConflict, TransientError, TimeoutError) as exc:
             log.warning("%s: could not release %s: %s", self.identity, self.store.description, exc)
             return False
@@ -300,12 +352,35 @@ class LeaseElection:
 
 # ---------------------------------------------------------------- Kubernetes Lease
 
-def _spec_to_record(spec: dict[str, Any]) -> LeaseRecord:
-    return LeaseRecord(holder=str(spec.get("holderIdentity") or ""),
-                       duration_s=float(spec.get("leaseDurationSeconds") or 0),
-                       acquire_time_s=parse_time(spec.get("acquireTime")),
-                       renew_time_s=parse_time(spec.get("renewTime")),
-                       transitions=int(spec.get("leaseTransitions") or 0))
+def _spec_to_record(spec: Any) -> LeaseRecord:
+    """A Lease ``spec`` as a record; ``MalformedLease`` for anything of the wrong shape."""
+    if not isinstance(spec, dict):
+        raise MalformedLease(f"lease spec is {type(spec).__name__}, not an object")
+    holder = spec.get("holderIdentity") or ""
+    duration = spec.get("leaseDurationSeconds") or 0
+    transitions = spec.get("leaseTransitions") or 0
+    if not isinstance(holder, str):
+        raise MalformedLease(f"holderIdentity is {type(holder).__name__}, not a string")
+    for name, value in (("leaseDurationSeconds", duration), ("leaseTransitions", transitions)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise MalformedLease(f"{name} must be a non-negative integer, got {str(value)[:40]!r}")
+    return LeaseRecord(holder=holder, duration_s=float(duration),
+                       acquire_time_s=parse_time(_text(spec.get("acquireTime"))),
+                       renew_time_s=parse_time(_text(spec.get("renewTime"))),
+                       transitions=transitions)
+
+
+def _text(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def _version(obj: Any) -> str:
+    """An object's ``metadata.resourceVersion``; ``MalformedLease`` if it has none."""
+    meta = obj.get("metadata") if isinstance(obj, dict) else None
+    version = meta.get("resourceVersion") if isinstance(meta, dict) else None
+    if not isinstance(version, str) or not version:
+        raise MalformedLease("lease answer without metadata.resourceVersion")
+    return version
 
 
 def _record_to_spec(record: LeaseRecord) -> dict[str, Any]:
@@ -335,7 +410,7 @@ class KubeLeaseStore:
         if lease is None:
             return None
         # re-read of the record as stored (rounded duration, µs times)
-        return _spec_to_record(lease.get("spec") or {}), str(lease["metadata"]["resourceVersion"])
+        return _spec_to_record(lease.get("spec") or {}), _version(lease)
 
     async def create(self, record: LeaseRecord) -> str:
         body = {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
@@ -348,7 +423,7 @@ class KubeLeaseStore:
             if exc.status == 409:
                 raise LeaseConflict(str(exc)) from exc
             raise
-        return str(created["metadata"]["resourceVersion"])
+        return _version(created)
 
     async def update(self, record: LeaseRecord, version: str) -> str:
         body = {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
@@ -362,7 +437,7 @@ class KubeLeaseStore:
             if exc.status in (404, 409):    # 404: deleted under us — also a lost race
                 raise LeaseConflict(str(exc)) from exc
             raise
-        return str(updated["metadata"]["resourceVersion"])
+        return _version(updated)
 
 
 def KubernetesLeaseElection(*, api: Kube, name: str, namespace: str, identity: str,
@@ -436,12 +511,16 @@ class FileLeaseStore:
             # version "0", so the next update (by whoever wins the lock) rewrites it
             log.warning("%s: unreadable (%s); treating as released", self.description, exc)
             return LeaseRecord("", 0.0, None, None, 0), "0"
-        record = LeaseRecord(holder=str(data.get("holderIdentity") or ""),
-                             duration_s=float(data.get("leaseDurationSeconds") or 0),
-                             acquire_time_s=data.get("acquireTime"),
-                             renew_time_s=data.get("renewTime"),
-                             transitions=int(data.get("leaseTransitions") or 0))
-        return record, str(int(data.get("version") or 0))
+        try:
+            record = LeaseRecord(holder=str(data.get("holderIdentity") or ""),
+                                 duration_s=float(data.get("leaseDurationSeconds") or 0),
+                                 acquire_time_s=_number(data.get("acquireTime")),
+                                 renew_time_s=_number(data.get("renewTime")),
+                                 transitions=int(data.get("leaseTransitions") or 0))
+            return record, str(int(data.get("version") or 0))
+        except (AttributeError, TypeError, ValueError, OverflowError) as exc:
+            log.warning("%s: not a lease record (%s); treating as released", self.description, exc)
+            return LeaseRecord("", 0.0, None, None, 0), "0"
 
     def _write(self, record: LeaseRecord, version: int) -> str:
         data = {"holderIdentity": record.holder, "leaseDurationSeconds": record.duration_s,
@@ -459,6 +538,14 @@ class FileLeaseStore:
                 os.unlink(tmp)
             raise
         return str(version)
+
+
+def _number(value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"not a time: {str(value)[:40]!r}")
+    return float(value)
 
 
 def LocalLeaseElection(*, path: str | os.PathLike[str], identity: str, duration_s: float = 15,

@@ -1,15 +1,16 @@
 """The coordinator's ``/metrics`` (ARCHITECTURE §3.3), built at scrape time.
 
-A ``prometheus_client`` custom collector reads the reconciler's cached state when
-Prometheus scrapes, so there is no second copy of the numbers to keep in step. The
-registry is passed in (tests build their own and read the values back).
+A ``prometheus_client`` custom collector renders the reconciler's latest published
+``Snapshot`` when Prometheus scrapes (the same object the status API renders), so there
+is no second copy of the numbers to keep in step. The registry is passed in (tests
+build their own and read the values back).
 
 Families: ``heteroscale_coordinator_is_leader``, ``heteroscale_desired_replicas``,
 ``heteroscale_current_replicas``, ``heteroscale_ready_replicas`` {service, role};
 ``heteroscale_service_decode_tokens_per_second`` {service};
 ``heteroscale_scaling_decisions_total`` {service, direction, reason};
 ``heteroscale_coordinator_collection_errors_total`` {service, reason};
-``heteroscale_coordinator_errors_total`` {service, op} (observe/apply/fenced);
+``heteroscale_coordinator_errors_total`` {service, op} (observe/decide/apply/fenced);
 ``heteroscale_coordinator_excluded_reports`` {service, reason} (last tick);
 ``heteroscale_coordinator_tick_duration_seconds``; ``heteroscale_coordinator_ticks_total``;
 ``heteroscale_placement_shortfall`` {service, role} (instances the latest write could not
@@ -38,10 +39,10 @@ class CoordinatorCollector:
         return []   # families are dynamic; skip the registry's describe-time collect
 
     def collect(self) -> Iterator[Metric]:
-        rec = self._rec
+        snap = self._rec.snapshot
         leader = GaugeMetricFamily("heteroscale_coordinator_is_leader",
                                    "1 if this coordinator holds the lease", labels=["identity"])
-        leader.add_metric([rec.identity], 1.0 if rec.is_leader else 0.0)
+        leader.add_metric([snap.identity], 1.0 if snap.leader else 0.0)
         yield leader
         desired = GaugeMetricFamily("heteroscale_desired_replicas",
                                     "instances the policy wants, per role", labels=["service", "role"])
@@ -53,53 +54,55 @@ class CoordinatorCollector:
                                 "decode tokens/s summed over fresh decode reports", labels=["service"])
         excluded = GaugeMetricFamily("heteroscale_coordinator_excluded_reports",
                                      "reports dropped in the last tick, by reason", labels=["service", "reason"])
-        for name, rt in rec.services.items():
-            if rt.last is not None:
-                for role in ("prefill", "decode"):
-                    desired.add_metric([name, role], float(getattr(rt.last.desired, role)))
-                    current.add_metric([name, role], float(getattr(rt.last.current, role)))
-            if rt.status is not None:
-                for role in ("prefill", "decode"):
-                    ready.add_metric([name, role], float(getattr(rt.status.ready, role)))
-            if rt.observation is not None:
-                if rt.observation.decode_tps is not None:
-                    tps.add_metric([name], rt.observation.decode_tps)
-                for reason, count in sorted(rt.observation.excluded.items()):
-                    excluded.add_metric([name, reason], float(count))
         shortfall = GaugeMetricFamily("heteroscale_placement_shortfall",
                                       "instances the latest write asked for but placement could not place",
                                       labels=["service", "role"])
-        for name, rt in rec.services.items():
-            if rt.shortfall is not None:
+        for s in snap.services:
+            name = s.name
+            if s.last is not None:
                 for role in ("prefill", "decode"):
-                    shortfall.add_metric([name, role], float(getattr(rt.shortfall, role)))
+                    desired.add_metric([name, role], float(getattr(s.last.desired, role)))
+                    current.add_metric([name, role], float(getattr(s.last.current, role)))
+            if s.status is not None:
+                for role in ("prefill", "decode"):
+                    ready.add_metric([name, role], float(getattr(s.status.ready, role)))
+            if s.observation is not None:
+                if s.observation.decode_tps is not None:
+                    tps.add_metric([name], s.observation.decode_tps)
+                for reason, count in sorted(s.observation.excluded.items()):
+                    excluded.add_metric([name, reason], float(count))
+            if s.shortfall is not None:
+                for role in ("prefill", "decode"):
+                    shortfall.add_metric([name, role], float(getattr(s.shortfall, role)))
         yield from (desired, current, ready, tps, excluded, shortfall)
-        yield from bandwidth_families(rec.bandwidth_map())
+        yield from bandwidth_families(BandwidthMap(
+            services=tuple(s.bandwidth for s in snap.services if s.bandwidth is not None), generated_at=snap.at))
         decisions = CounterMetricFamily("heteroscale_scaling_decisions",
                                         "policy decisions by direction and reason",
                                         labels=["service", "direction", "reason"])
-        for (service, direction, reason), count in sorted(rec.decisions_total.items()):
+        for (service, direction, reason), count in sorted(snap.decisions_total.items()):
             decisions.add_metric([service, direction, reason], float(count))
         yield decisions
         collection = CounterMetricFamily("heteroscale_coordinator_collection_errors",
                                          "instance signals that could not be fetched or parsed (sidecar reports, or "
                                          "Prometheus queries: reasons prometheus_*)",
                                          labels=["service", "reason"])
-        for (service, reason), count in sorted(rec.collector.errors_total.items()):
+        for (service, reason), count in sorted(snap.collection_errors_total.items()):
             collection.add_metric([service, reason], float(count))
         yield collection
         errors = CounterMetricFamily("heteroscale_coordinator_errors",
-                                     "actuator/discovery failures and fenced writes", labels=["service", "op"])
-        for (service, op), count in sorted(rec.errors_total.items()):
+                                     "failures contained in a service's tick (discovery/observe, decide, apply) "
+                                     "and writes refused by the fence (fenced)", labels=["service", "op"])
+        for (service, op), count in sorted(snap.errors_total.items()):
             errors.add_metric([service, op], float(count))
         yield errors
         ticks = CounterMetricFamily("heteroscale_coordinator_ticks", "reconcile ticks run")
-        ticks.add_metric([], float(rec.ticks))
+        ticks.add_metric([], float(snap.ticks))
         yield ticks
-        if rec.last_tick_duration_s is not None:
+        if snap.last_tick_duration_s is not None:
             duration = GaugeMetricFamily("heteroscale_coordinator_tick_duration_seconds",
                                          "wall time of the last tick (all services)")
-            duration.add_metric([], rec.last_tick_duration_s)
+            duration.add_metric([], snap.last_tick_duration_s)
             yield duration
 
 

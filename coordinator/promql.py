@@ -46,8 +46,8 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, NamedTuple, Sequence
 
 import aiohttp
 
-from heteroscale.coordinator.core.aggregate import Fetched
-from heteroscale.coordinator.collect import Collection
+from heteroscale.coordinator.core.types import Fetched
+from heteroscale.coordinator.seams import Collection
 from heteroscale.report import GpuReading, SidecarReport
 
 if TYPE_CHECKING:

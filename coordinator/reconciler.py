@@ -1,52 +1,50 @@
-"""The reconcile loop: observe, collect, aggregate, decide, (if leader) act (the shell).
+"""The reconcile loop: collect, observe, aggregate, decide, (if leader) act (the shell).
 
 Every ``interval_s`` the reconciler runs one tick for all services concurrently. Per
-service: collect the sidecar reports, ask the actuator what exists, aggregate, run the
-pure policy, and — only if this process is the leader (re-checked through the fence
-``election.still_leader()`` right before the write), not in dry-run, and the actuator
-writes — apply the decision. It makes no decision of its own: everything it acts on
-comes from ``policy.decide``.
+service: collect the instances' signals, ask the actuator what exists, aggregate, run
+the pure policy, and — only if this process is the leader, not in dry-run, and the
+actuator writes — apply the decision through the actuator (whose writes the election
+fences, attempt by attempt). It makes no decision of its own: everything it acts on
+comes from ``policy.decide``, and what the policy remembers comes back through
+``policy.settle`` (only a written move starts a cooldown).
 
-It never crashes on a backend's bad day: an ``ApiError``, a timeout or any other
-exception from the actuator or discovery is logged, counted
-(``heteroscale_coordinator_errors_total{service,op}``) and the service is skipped
-for this tick; other services go on. An ``observe`` call is bounded by
-``coordinator.observe_timeout_s`` so a hung API cannot stall the loop (``apply`` is not
-cut short: the actuator's own calls are bounded, and interrupting a two-pool write
-half-way is what its compensation exists to avoid). When the current counts cannot be
-observed no decision is made at all (never act on stale or missing data).
+It never stops on one service's bad day. Each service's tick is contained: a failure
+in discovery, ``observe`` (bounded by ``observe_timeout_s``), aggregation, the policy
+or ``apply`` is counted (``heteroscale_coordinator_errors_total{service,op}``), logged
+when it changes, shown on the status page, and the service is skipped for the tick;
+other services go on. When the current counts cannot be observed no decision is made
+at all (never act on stale or missing data).
 
-State kept for the status page: per service the last observation and decision, the
-recent decisions (a ring buffer, newest first; a decision identical to the newest
-one — same reason, same from and to — is not repeated), and a per-tick history of the
-last ``history_s`` for charts. The demo builds a ``Reconciler`` in-process with its
-own actuator and lease, exactly as ``main`` does.
+At the end of each tick the reconciler publishes a frozen ``Snapshot``; the status API
+and ``/metrics`` render from it (as client_python collectors read cached state), so
+the two always agree and a scrape never sees a half-updated tick.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections import Counter, deque
-from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any, Callable
+from dataclasses import dataclass, field
+from typing import Any, Callable
 
 from heteroscale.coordinator.core.aggregate import aggregate
-from heteroscale.coordinator.core.bandwidth import BandwidthMap, ServiceBandwidth, build_bandwidth_map
-from heteroscale.coordinator.core.policy import PolicyState, decide
-from heteroscale.coordinator.core.types import ApplyResult, Decision, Observation, PoolCounts, PoolStatus
-
-if TYPE_CHECKING:
-    from heteroscale.coordinator.collect import Collector
-    from heteroscale.coordinator.core.settings import Config, ServiceConfig
-    from heteroscale.coordinator.core.types import Actuator, LeaderElection
+from heteroscale.coordinator.core.bandwidth import ServiceBandwidth, build_bandwidth_map
+from heteroscale.coordinator.core.policy import PolicyState, decide, settle
+from heteroscale.coordinator.core.settings import Config, ServiceConfig
+from heteroscale.coordinator.core.types import ApplyResult, Decision, Fetched, Observation, PoolCounts, PoolStatus
+from heteroscale.coordinator.seams import Actuator, LeaderElection, SignalCollector, TopologySource
+from heteroscale.coordinator.snapshot import ServiceSnapshot, Snapshot, render_status
+from heteroscale.errors import NotLeaderError
 
 log = logging.getLogger("heteroscale.coordinator")
 
 
 class AlwaysLeader:
-    """Stand-in election for a single coordinator (or before leader.py exists)."""
+    """The election of a coordinator that is alone by construction (tests, the simulator's
+    live twin): always the leader, writes never time out."""
 
     def __init__(self, identity: str = "standalone") -> None:
         self.identity = identity
@@ -58,15 +56,20 @@ class AlwaysLeader:
     async def still_leader(self) -> bool:
         return True
 
+    async def permit(self, what: str) -> float:
+        return math.inf
+
     async def run(self) -> None:
         await asyncio.Event().wait()
 
 
+# ---------------------------------------------------------------- per-service memory
+
 @dataclass
 class ServiceRuntime:
-    """Everything the reconciler remembers about one service."""
+    """What the reconciler remembers about one service (its own, mutable)."""
 
-    config: "ServiceConfig"
+    config: ServiceConfig
     decisions_kept: int
     state: PolicyState = field(default_factory=PolicyState)
     status: PoolStatus | None = None
@@ -77,29 +80,38 @@ class ServiceRuntime:
     bandwidth: ServiceBandwidth | None = None   # KV-transfer map from this tick's reports
     last_error: str | None = None
     last_tick_s: float | None = None
-    decisions: deque = field(default_factory=deque)
-    history: deque = field(default_factory=deque)
+    decisions: deque[Decision] = field(default_factory=deque)
+    history: deque[dict[str, Any]] = field(default_factory=deque)
 
     def __post_init__(self) -> None:
         self.decisions = deque(maxlen=self.decisions_kept)
 
-    def record(self, decision: Decision) -> None:
-        # A repeat of the newest entry (same reason, same from and to) adds nothing:
-        # holds repeat every tick, and so does a decision an advisory backend never applies.
+    def record(self, decision: Decision) -> bool:
+        """Keep ``decision`` unless it repeats the newest one (same reason, from and to):
+        holds repeat every tick, and so does a decision an advisory backend never applies.
+        True if it was new."""
         newest = self.decisions[0] if self.decisions else None
-        if (newest is None or newest.reason != decision.reason or newest.current != decision.current
-                or newest.desired != decision.desired):
-            self.decisions.appendleft(decision)
+        if (newest is not None and newest.reason == decision.reason and newest.current == decision.current
+                and newest.desired == decision.desired):
+            return False
+        self.decisions.appendleft(decision)
+        return True
+
+    def snapshot(self) -> ServiceSnapshot:
+        return ServiceSnapshot(config=self.config, status=self.status, observation=self.observation,
+                               last=self.last, decisions=tuple(self.decisions), history=tuple(self.history),
+                               last_apply=self.last_apply, shortfall=self.shortfall, bandwidth=self.bandwidth,
+                               last_error=self.last_error, tick_s=self.last_tick_s)
 
 
 class Reconciler:
-    def __init__(self, *, config: "Config", actuator: "Actuator", collector: "Collector",
-                 election: "LeaderElection | None" = None, dry_run: bool | None = None,
+    def __init__(self, *, config: Config, actuator: Actuator, collector: SignalCollector,
+                 election: LeaderElection | None = None, dry_run: bool | None = None,
                  clock: Callable[[], float] = time.time) -> None:
         self.config = config
         self.actuator = actuator
         self.collector = collector
-        self.election = election or AlwaysLeader()
+        self.election: LeaderElection = election or AlwaysLeader()
         self.dry_run = config.coordinator.dry_run if dry_run is None else dry_run
         self.clock = clock
         self.services = {s.name: ServiceRuntime(config=s, decisions_kept=config.coordinator.decisions_kept)
@@ -109,9 +121,7 @@ class Reconciler:
         self.ticks = 0
         self.last_tick_duration_s: float | None = None
         self.started_at = clock()
-        attach = getattr(actuator, "attach", None)
-        if callable(attach):
-            attach(collector)
+        self.snapshot = self._publish()
 
     @property
     def identity(self) -> str:
@@ -120,6 +130,10 @@ class Reconciler:
     @property
     def is_leader(self) -> bool:
         return bool(self.election.is_leader)
+
+    @property
+    def writes(self) -> bool:
+        return bool(self.actuator.writes) and not self.dry_run
 
     async def run(self, *, stop: asyncio.Event | None = None) -> None:
         """Tick every ``interval_s`` until cancelled or ``stop`` is set (interruptible wait)."""
@@ -144,6 +158,7 @@ class Reconciler:
         results = await asyncio.gather(*(self._tick_service(rt) for rt in self.services.values()))
         self.ticks += 1
         self.last_tick_duration_s = time.perf_counter() - started
+        self.snapshot = self._publish()
         return [d for d in results if d is not None]
 
     async def _tick_service(self, rt: ServiceRuntime) -> Decision | None:
@@ -155,69 +170,79 @@ class Reconciler:
         except Exception as exc:   # the loop survives any backend failure, a hang included
             return self._failed(rt, "observe", exc)
         now_s = self.clock()
-        rt.bandwidth = self._bandwidth(service.name, collection.fetched, now_s=now_s)
-        observation = aggregate(service, collection.fetched, pools=status, now_s=now_s)
-        decision, new_state = decide(service=service, observation=observation, state=rt.state, now_s=now_s)
+        try:
+            rt.bandwidth = self._bandwidth(service.name, collection.fetched, now_s=now_s)
+            observation = aggregate(service, collection.fetched, pools=status, now_s=now_s)
+            decision, state = decide(service=service, observation=observation, state=rt.state, now_s=now_s)
+        except Exception as exc:   # a value the pure code did not expect: this service skips the tick
+            return self._failed(rt, "decide", exc)
         rt.status, rt.observation, rt.last, rt.last_tick_s = status, observation, decision, now_s
-        moved = decision.desired != decision.current
         applied: ApplyResult | None = None
-        if moved and self._may_write():
-            applied, new_state = await self._apply(rt, decision, new_state)
-        elif moved:
-            # Not written (standby, dry run, advisory backend): the pools did not move,
-            # so no cooldown starts; the decision is shown as what would be done.
-            new_state = _unmoved(new_state, rt.state)
-        rt.state = new_state
+        if decision.desired != decision.current and self._may_write():
+            applied = await self._apply(rt, decision)
+        rt.state = settle(state, decision=decision, applied=applied is not None)
         rt.last_apply = applied
-        rt.record(decision)
+        if rt.record(decision) and applied is None and decision.desired != decision.current:
+            # Advisory, standby or failed: say what would have been done, once per change.
+            log.info("%s: %s %sP%sD -> %sP%sD not written (%s): %s", service.name, decision.reason,
+                     decision.current.prefill, decision.current.decode, decision.desired.prefill,
+                     decision.desired.decode, self._why_not_written(), decision.detail)
         self.decisions_total[(service.name, decision.direction, decision.reason)] += 1
         self._remember(rt, decision, observation, now_s)
         return decision
 
-    def _bandwidth(self, name: str, fetched: Any, *, now_s: float) -> ServiceBandwidth | None:
+    def _bandwidth(self, name: str, fetched: tuple[Fetched, ...], *, now_s: float) -> ServiceBandwidth | None:
         """The service's prefill x decode bandwidth map, if its prefill sidecars probe.
         Switches come from the node topology where the actuator has it (Deployment
         Groups); elsewhere pairs are of locality ``unknown``."""
         reports = [f.report for f in fetched if f.report is not None]
         if not any(r.role == "prefill" and r.kv_transfer for r in reports):
             return None
-        bmap = build_bandwidth_map(reports, switches=getattr(self.actuator, "switches", None) or {},
-                                   groups=getattr(self.actuator, "pod_groups", None) or {}, now_s=now_s)
+        topology = self.actuator if isinstance(self.actuator, TopologySource) else None
+        bmap = build_bandwidth_map(reports, switches=dict(topology.switches) if topology else {},
+                                   groups=dict(topology.pod_groups) if topology else {}, now_s=now_s)
         return bmap.service(name)
 
-    def bandwidth_map(self) -> BandwidthMap:
-        """Every service's latest bandwidth map, as one (for ``/metrics``)."""
-        services = tuple(rt.bandwidth for rt in self.services.values() if rt.bandwidth is not None)
-        return BandwidthMap(services=services, generated_at=self.clock())
-
     def _may_write(self) -> bool:
-        return not self.dry_run and self.actuator.writes and self.election.is_leader
+        return self.writes and self.election.is_leader
 
-    async def _apply(self, rt: ServiceRuntime, decision: Decision,
-                     new_state: PolicyState) -> tuple[ApplyResult | None, PolicyState]:
-        """Write through the fence; on failure keep the old cooldown stamps (nothing moved)."""
+    def _why_not_written(self) -> str:
+        if self.dry_run:
+            return "dry run"
+        if not self.actuator.writes:
+            return f"{self.actuator.name} backend is advisory"
+        if not self.election.is_leader:
+            return "not the leader"
+        return "write failed"
+
+    async def _apply(self, rt: ServiceRuntime, decision: Decision) -> ApplyResult | None:
+        """Write through the actuator; ``None`` when nothing was written (the fence closed,
+        or the backend failed): then no cooldown starts."""
         name = rt.config.name
-        unmoved = _unmoved(new_state, rt.state)
         try:
-            if not await self.election.still_leader():
-                log.warning("%s: lost the lease before writing %s; not writing", name, decision.reason)
-                self.errors_total[(name, "fenced")] += 1
-                return None, unmoved
+            # The fence once here (a multi-write apply does not start on a lost lease),
+            # and again by the actuator's fenced client before each of its write attempts.
+            await self.election.permit(f"apply {decision.reason} to {name}")
             result = await self.actuator.apply(rt.config, decision)
+        except NotLeaderError as exc:
+            log.warning("%s: %s; not writing %s", name, exc, decision.reason)
+            self.errors_total[(name, "fenced")] += 1
+            return None
         except Exception as exc:
             self._failed(rt, "apply", exc)
-            return None, unmoved
+            return None
         rt.last_error = None
         rt.shortfall = result.shortfall
         log.info("%s: %s %sP%sD -> %sP%sD (%s)", name, decision.reason, decision.current.prefill,
                  decision.current.decode, result.applied.prefill, result.applied.decode, decision.detail)
-        return result, new_state
+        return result
 
     def _failed(self, rt: ServiceRuntime, op: str, exc: BaseException) -> None:
         if isinstance(exc, asyncio.CancelledError):
             raise exc
         text = f"{op}: {type(exc).__name__}: {exc}"
-        log.warning("%s: %s", rt.config.name, text)
+        if text != rt.last_error:           # logged once per change, counted every time
+            log.warning("%s: %s", rt.config.name, text, exc_info=op == "decide")
         rt.last_error = text
         self.errors_total[(rt.config.name, op)] += 1
         return None
@@ -239,81 +264,15 @@ class Reconciler:
         while rt.history and rt.history[0]["at"] < horizon:
             rt.history.popleft()
 
-    # ------------------------------------------------------------ status
+    def _publish(self) -> Snapshot:
+        return Snapshot(
+            at=self.clock(), identity=self.identity, leader=self.is_leader, backend=self.actuator.name,
+            dry_run=self.dry_run, writes=self.writes, interval_s=self.config.coordinator.interval_s,
+            ticks=self.ticks, last_tick_duration_s=self.last_tick_duration_s,
+            services=tuple(rt.snapshot() for rt in self.services.values()),
+            decisions_total=dict(self.decisions_total), errors_total=dict(self.errors_total),
+            collection_errors_total=dict(self.collector.errors_total))
 
     def status(self, *, history: bool = True) -> dict[str, Any]:
-        """The ``/api/v1/status`` document (ARCHITECTURE §3.3)."""
-        return {
-            "leader": self.is_leader,
-            "identity": self.identity,
-            "backend": getattr(self.actuator, "name", "?"),
-            "dry_run": self.dry_run,
-            "writes": bool(self.actuator.writes) and not self.dry_run,
-            "interval_s": self.config.coordinator.interval_s,
-            "ticks": self.ticks,
-            "last_tick_duration_s": self.last_tick_duration_s,
-            "now": self.clock(),
-            "services": [self._service_status(rt, history=history) for rt in self.services.values()],
-        }
-
-    def _service_status(self, rt: ServiceRuntime, *, history: bool) -> dict[str, Any]:
-        svc = rt.config
-        current = rt.last.current if rt.last else (rt.status.current if rt.status else None)
-        desired = rt.last.desired if rt.last else None
-        obs = rt.observation
-        doc: dict[str, Any] = {
-            "name": svc.name,
-            "namespace": svc.namespace,
-            "prefill": _pool(current, desired, rt.status, "prefill"),
-            "decode": _pool(current, desired, rt.status, "decode"),
-            "decode_tps": obs.decode_tps if obs else None,
-            "smoothed_decode_tps": rt.last.inputs.get("smoothed_decode_tps") if rt.last else None,
-            "target_decode_tps_per_instance": svc.target_decode_tps_per_instance,
-            "capacity_tps": (current.decode * svc.target_decode_tps_per_instance) if current else None,
-            "pd_ratio": svc.pd_ratio_text,
-            "bounds": {"min_decode": svc.min_decode, "max_decode": svc.max_decode},
-            "slo": {"ttft_s": svc.slo.ttft_s, "tbt_s": svc.slo.tbt_s},
-            "latency": {"tbt_p90_s": obs.tbt_p90_s if obs else None,
-                        "ttft_p90_s": obs.ttft_p90_s if obs else None,
-                        "tbt_p90_max_s": obs.tbt_p90_max_s if obs else None,
-                        "ttft_p90_max_s": obs.ttft_p90_max_s if obs else None},
-            "reports": {"fresh_decode": obs.fresh_decode if obs else 0,
-                        "expected_decode": obs.expected_decode if obs else 0,
-                        "fresh_prefill": obs.fresh_prefill if obs else 0,
-                        "expected_prefill": obs.expected_prefill if obs else 0,
-                        "warming_decode": obs.warming_decode if obs else 0,
-                        "excluded": dict(obs.excluded) if obs else {}},
-            "last_decision": _decision(rt.last) if rt.last else None,
-            "decisions": [_decision(d) for d in rt.decisions],
-            "last_apply": ({"applied": rt.last_apply.applied.as_dict(), "note": rt.last_apply.note,
-                            "shortfall": rt.last_apply.shortfall.as_dict()} if rt.last_apply else None),
-            "last_error": rt.last_error,
-            "manual_override": bool(rt.status.manual_override) if rt.status else False,
-            "groups": [dict(g) for g in rt.status.groups] if rt.status else [],
-            "placement_shortfall": rt.shortfall.as_dict() if rt.shortfall is not None else None,
-            "kv_bandwidth": rt.bandwidth.to_dict() if rt.bandwidth is not None else None,
-        }
-        if history:
-            doc["history"] = list(rt.history)
-        return doc
-
-
-def _unmoved(new_state: PolicyState, old_state: PolicyState) -> PolicyState:
-    """The new state, but with the cooldown stamps of a tick in which nothing moved."""
-    return replace(new_state, last_scale_out_s=old_state.last_scale_out_s,
-                   last_scale_in_s=old_state.last_scale_in_s)
-
-
-def _pool(current: Any, desired: Any, status: PoolStatus | None, role: str) -> dict[str, Any]:
-    return {
-        "current": getattr(current, role) if current else None,
-        "desired": getattr(desired, role) if desired else None,
-        "ready": getattr(status.ready, role) if status else None,
-        "pending": getattr(status.pending, role) if status else None,
-    }
-
-
-def _decision(d: Decision) -> dict[str, Any]:
-    out = d.as_dict()
-    out["inputs"] = {k: v for k, v in out["inputs"].items() if v is None or isinstance(v, (int, float, str, list))}
-    return out
+        """The ``/api/v1/status`` document of the latest published snapshot."""
+        return render_status(self.snapshot, history=history)

@@ -4,8 +4,8 @@ Routes (ARCHITECTURE §3.3): ``/`` the page (static HTML + plain JS, no CDN: cha
 are drawn client-side on <canvas> from ``/api/v1/status``, which it polls);
 ``/static/*`` its files; ``/api/v1/status`` the JSON (``?history=0`` leaves out the
 chart series); ``/metrics`` Prometheus text from an injected registry; ``/healthz``.
-Everything here only reads the reconciler's cached state: a non-leader serves the
-same pages read-only, and nothing on this surface can change a pool.
+Everything here renders the reconciler's latest published ``Snapshot``: a non-leader
+serves the same pages read-only, and nothing on this surface can change a pool.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from heteroscale.coordinator.metrics import registry_for
+from heteroscale.coordinator.snapshot import render_status
 
 if TYPE_CHECKING:
     from heteroscale.coordinator.reconciler import Reconciler
@@ -43,9 +44,9 @@ async def _index(request: web.Request) -> web.StreamResponse:
 
 
 async def _status(request: web.Request) -> web.Response:
-    reconciler = request.app[RECONCILER_KEY]
+    snapshot = request.app[RECONCILER_KEY].snapshot
     history = request.query.get("history", "1") not in ("0", "false", "no")
-    return web.json_response(reconciler.status(history=history), headers={"Cache-Control": "no-store"})
+    return web.json_response(render_status(snapshot, history=history), headers={"Cache-Control": "no-store"})
 
 
 async def _metrics(request: web.Request) -> web.Response:
@@ -54,5 +55,5 @@ async def _metrics(request: web.Request) -> web.Response:
 
 
 async def _healthz(request: web.Request) -> web.Response:
-    reconciler = request.app[RECONCILER_KEY]
-    return web.json_response({"ok": True, "leader": reconciler.is_leader, "ticks": reconciler.ticks})
+    snapshot = request.app[RECONCILER_KEY].snapshot
+    return web.json_response({"ok": True, "leader": snapshot.leader, "ticks": snapshot.ticks})

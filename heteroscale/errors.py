@@ -6,7 +6,8 @@
     │                                a ValueError, for code that builds settings directly
     └── TransientError               worth retrying later: an I/O call that failed
         ├── ScrapeError              an engine page could not be fetched or parsed
-        └── ApiError                 a Kubernetes (or other control) API call failed
+        ├── ApiError                 a Kubernetes (or other control) API call failed
+        └── NotLeaderError           the write fence closed: this process must not write
 
 The command line turns ``UsageError`` into one line on stderr and exit status 2.
 Library code never calls ``sys.exit``; lower-level errors (aiohttp, kubernetes,
@@ -63,3 +64,9 @@ class ApiError(TransientError):
         self.status = status
         self.retry_after_s = retry_after_s
         super().__init__(message)
+
+
+class NotLeaderError(TransientError):
+    """The fence closed: this process no longer holds the lease (or its last renewal is
+    too old for a write to land in time), so it wrote nothing more. Not an ``ApiError``:
+    code that compensates a failed write must not try to write again."""

@@ -70,8 +70,10 @@ class HeteroScale:
     reasons: dict[str, int] = field(default_factory=dict)
 
     def step(self, *, now_s: float, window: Window, observation: Observation) -> PoolCounts:
-        decision, self.state = coord_policy.decide(service=self.service, observation=observation,
-                                                   state=self.state, now_s=now_s)
+        decision, state = coord_policy.decide(service=self.service, observation=observation,
+                                              state=self.state, now_s=now_s)
+        # The simulated backend applies every decision (placement shortfalls aside).
+        self.state = coord_policy.settle(state, decision=decision, applied=True)
         self.reasons[decision.reason] = self.reasons.get(decision.reason, 0) + 1
         return decision.desired
 

@@ -38,6 +38,9 @@ from pathlib import Path
 
 import pytest
 
+from heteroscale.coordinator.config import load_config
+from heteroscale.coordinator.core.settings import ServiceConfig
+
 REPO = Path(__file__).resolve().parents[1]
 TOOL = Path(os.environ.get("HETEROSCALE_K8S_ENVTEST", REPO.parent / "shared" / "tools" / "k8s-envtest"))
 
@@ -314,3 +317,11 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def chat_service(namespace: str) -> ServiceConfig:
+    """A one-service kubernetes config whose roles are the Deployments chat-prefill/chat-decode."""
+    return load_config({"coordinator": {"backend": "kubernetes"}, "services": [{
+        "name": "chat", "namespace": namespace, "pd_ratio": "1:1", "target_decode_tps_per_instance": 100,
+        "slo": {"tbt_s": 0.05}, "prefill": {"deployment": "chat-prefill"},
+        "decode": {"deployment": "chat-decode"}}]}).services[0]

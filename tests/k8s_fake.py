@@ -260,16 +260,19 @@ class FaultyTransport(Faults):
         self.inner = inner
         self._faults = []
         self.calls: list[tuple[str, str]] = []
+        self.timeouts: list[float | None] = []     # the timeout_s each call was given
 
     def writes(self, path_contains: str = "") -> list[tuple[str, str]]:
         return [(m, p) for m, p in self.calls if m != "GET" and path_contains in p]
 
     async def request(self, method: str, path: str, *, query: Mapping[str, str] | None = None,
-                      body: Any = None, content_type: str = "application/json") -> JSON:
+                      body: Any = None, content_type: str = "application/json",
+                      timeout_s: float | None = None) -> JSON:
         self.calls.append((method.upper(), path))
+        self.timeouts.append(timeout_s)
         self._maybe_fail(method.upper(), path, f"{method} {path}")
         return await self.inner.request(method, path, query=query, body=body,
-                                        content_type=content_type)
+                                        content_type=content_type, timeout_s=timeout_s)
 
     async def close(self) -> None:
         await self.inner.close()
@@ -286,6 +289,7 @@ class FakeKube(Faults):
         self._names = itertools.count(1)
         self._faults = []
         self.calls: list[tuple[str, str]] = []
+        self.timeouts: list[float | None] = []     # the timeout_s each call was given
         self.closed = False
 
     # -- test helpers ----------------------------------------------------
@@ -315,9 +319,11 @@ class FakeKube(Faults):
 
     # -- transport -------------------------------------------------------
     async def request(self, method: str, path: str, *, query: Mapping[str, str] | None = None,
-                      body: Any = None, content_type: str = "application/json") -> JSON:
+                      body: Any = None, content_type: str = "application/json",
+                      timeout_s: float | None = None) -> JSON:
         method = method.upper()
         self.calls.append((method, path))
+        self.timeouts.append(timeout_s)
         what = f"{method} {path}"
         self._maybe_fail(method, path, what)
         try:

@@ -5,18 +5,18 @@ from __future__ import annotations
 
 import json
 import random
-from types import SimpleNamespace
+from dataclasses import replace
 
 import pytest
 
 from heteroscale.coordinator.actuators.kubernetes import (ANNOTATION_DECISION, ANNOTATION_REPLICAS,
-                                                      KubernetesActuator, NotLeaderError,
-                                                      targets_of)
+                                                          KubernetesActuator, targets_of)
+from heteroscale.coordinator.config import load_config
 from heteroscale.coordinator.kube import (DEPLOYMENTS, EVENTS, PODS, STATEFULSETS, Kube, RetryPolicy,
                                       format_time)
 from heteroscale.coordinator.leader import KubernetesLeaseElection
 from heteroscale.coordinator.core.types import Decision, PoolCounts
-from heteroscale.errors import ApiError, ConfigError
+from heteroscale.errors import ApiError, ConfigError, NotLeaderError
 from tests.k8s_fake import FakeClock, FakeKube
 
 NS = "llm"
@@ -38,9 +38,22 @@ def workload(name: str, replicas: int, *, kind: str = "Deployment") -> dict:
 
 
 def service(prefill: str = "chat-prefill", decode: str = "chat-decode", *, kind: str = "deployment"):
-    return SimpleNamespace(name="chat", namespace=NS,
-                           prefill=SimpleNamespace(**{kind: prefill}),
-                           decode=SimpleNamespace(**{kind: decode}))
+    return load_config({"coordinator": {"backend": "kubernetes"}, "services": [{
+        "name": "chat", "namespace": NS, "pd_ratio": "1:1", "target_decode_tps_per_instance": 100,
+        "slo": {"tbt_s": 0.05}, "prefill": {kind: prefill}, "decode": {kind: decode}}]}).services[0]
+
+
+class Fence:
+    """The election's side of ``Kube.fenced``: ``open()`` decides, each write attempt asks."""
+
+    def __init__(self, open_: object, *, seconds: float = 3.0) -> None:
+        self.open, self.seconds, self.asked = open_, seconds, []
+
+    async def permit(self, what: str) -> float:
+        self.asked.append(what)
+        if not await self.open():
+            raise NotLeaderError(f"fence closed: refused to {what}")
+        return self.seconds
 
 
 def decision(cur: tuple[int, int], new: tuple[int, int], reason: str = "scale_out_tps") -> Decision:
@@ -67,8 +80,10 @@ def sleeps() -> Sleeps:
     return Sleeps()
 
 
-def make(fake, clock, sleeps, **kw) -> KubernetesActuator:
+def make(fake, clock, sleeps, *, fence: object = None, **kw) -> KubernetesActuator:
     api = Kube(fake, retry=RetryPolicy(attempts=3), sleep=sleeps, rng=random.Random(0))
+    if fence is not None:
+        api = api.fenced(fence if hasattr(fence, "permit") else Fence(fence))
     return KubernetesActuator(api=api, clock=clock, identity="coord-a", **kw)
 
 
@@ -142,7 +157,7 @@ async def test_list_pods_for_report_collection(fake, clock, sleeps):
     assert await actuator.list_pods(service(), "prefill") == [("p0", "10.0.1.1")]
     # a configured selector wins over the workload's
     svc = service()
-    svc.decode.selector = "app=chat-prefill"
+    svc = replace(svc, decode=replace(svc.decode, selector="app=chat-prefill"))
     assert await actuator.list_pods(svc, "decode") == [("p0", "10.0.1.1")]
 
 
@@ -154,9 +169,9 @@ async def test_missing_workload_is_an_api_error(fake, clock, sleeps):
 
 
 def test_targets_need_a_workload():
-    with pytest.raises(ConfigError):
-        targets_of(SimpleNamespace(name="x", namespace="n", prefill=SimpleNamespace(),
-                                   decode=SimpleNamespace(deployment="d")))
+    svc = service()
+    with pytest.raises(ConfigError, match="chat.prefill: needs a deployment or statefulset"):
+        targets_of(replace(svc, prefill=replace(svc.prefill, deployment=None)))
 
 
 def test_targets_from_the_coordinator_config():
@@ -371,7 +386,7 @@ async def test_old_leader_refuses_after_losing_the_lease(fake, clock, sleeps):
                                        renew_deadline_s=10, retry_period_s=2)
 
     old, new = elect("old"), elect("new")
-    actuator = make(fake, clock, sleeps, fence=old.still_leader)
+    actuator = make(fake, clock, sleeps, fence=old)
     assert await old.tick()
     await actuator.observe(service())
     await actuator.apply(service(), decision((3, 4), (4, 5)))     # leader: allowed
@@ -384,3 +399,40 @@ async def test_old_leader_refuses_after_losing_the_lease(fake, clock, sleeps):
         await actuator.apply(service(), decision((4, 5), (6, 8)))
     assert [c for c in fake.calls if c[0] != "GET"] == []
     assert (spec_replicas(fake, "chat-prefill"), spec_replicas(fake, "chat-decode")) == (4, 5)
+
+
+async def test_a_client_retry_is_fenced_too(fake, clock, sleeps):
+    """The client's own retry of a failed write (a 503 here) asks the fence again; a lease
+    lost between the attempts stops the retry from going out."""
+    calls = {"n": 0}
+
+    async def open_until_first_attempt() -> bool:
+        calls["n"] += 1
+        return calls["n"] == 1
+
+    fence = Fence(open_until_first_attempt)
+    actuator = make(fake, clock, sleeps, fence=fence)
+    await actuator.observe(service())
+    fake.inject(503, method="PUT", path_contains="chat-decode/scale", times=1)
+    fake.calls.clear()
+    with pytest.raises(NotLeaderError):
+        await actuator.apply(service(), decision((3, 4), (5, 7)))
+    assert [c for c in fake.calls if c[0] != "GET"] == [("PUT", "/apis/apps/v1/namespaces/llm/deployments/chat-decode/scale")]
+    assert len(fence.asked) == 2 and spec_replicas(fake, "chat-decode") == 4
+
+
+async def test_each_write_attempt_is_bounded_by_the_time_the_fence_grants(fake, clock, sleeps):
+    fence = Fence(lambda: _true(), seconds=0.75)
+    actuator = make(fake, clock, sleeps, fence=fence)
+    await actuator.observe(service())
+    fake.timeouts.clear()
+    fake.calls.clear()
+    await actuator.apply(service(), decision((3, 4), (4, 5)))
+    writes = [timeout for (method, _), timeout in zip(fake.calls, fake.timeouts) if method != "GET"]
+    reads = [timeout for (method, _), timeout in zip(fake.calls, fake.timeouts) if method == "GET"]
+    assert writes and all(timeout == 0.75 for timeout in writes)
+    assert reads and all(timeout is None for timeout in reads)       # reads are never fenced
+
+
+async def _true() -> bool:
+    return True

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from types import SimpleNamespace
 
 import pytest
 
@@ -17,18 +16,17 @@ from heteroscale.coordinator.actuators.kubernetes import (ANNOTATION_DECISION, A
                                                       KubernetesActuator)
 from heteroscale.coordinator.kube import DEPLOYMENTS, EVENTS, PODS, Kube, RetryPolicy
 from heteroscale.coordinator.core.types import Decision, PoolCounts
+from heteroscale.coordinator.core.settings import ServiceConfig
 from heteroscale.errors import ApiError
-from tests.k8s_envtest import (deployment_body, eventually, k8s_cluster, k8s_namespace, kube,  # noqa: F401
+from tests.k8s_envtest import (chat_service, deployment_body, eventually, k8s_cluster, k8s_namespace, kube,  # noqa: F401
                                mark_pods_ready)
 from tests.k8s_fake import FaultyTransport
 
 pytestmark = pytest.mark.k8s
 
 
-def svc(namespace: str) -> SimpleNamespace:
-    return SimpleNamespace(name="chat", namespace=namespace,
-                           prefill=SimpleNamespace(deployment="chat-prefill"),
-                           decode=SimpleNamespace(deployment="chat-decode"))
+def svc(namespace: str) -> ServiceConfig:
+    return chat_service(namespace)
 
 
 def decision(cur, new, reason="scale_out_tps") -> Decision:

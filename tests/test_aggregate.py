@@ -8,7 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from heteroscale.coordinator.core.aggregate import Fetched, aggregate, weighted_mean
+from heteroscale.coordinator.core.aggregate import aggregate, weighted_mean
+from heteroscale.coordinator.core.types import Fetched
 from heteroscale.coordinator.config import load_config
 from heteroscale.coordinator.core.types import PoolCounts, PoolStatus
 from heteroscale.report import SidecarReport

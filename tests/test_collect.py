@@ -14,7 +14,9 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from heteroscale.coordinator.collect import ChainSource, Collector, PodSource, StaticSource, Target
+from heteroscale.coordinator.collect import ChainSource, Collector, PodSource, StaticSource
+
+from heteroscale.coordinator.seams import ReportTarget
 from heteroscale.coordinator.config import load_config
 from tests.conftest import free_port
 
@@ -167,8 +169,8 @@ async def test_pod_source_builds_report_urls_and_chain_falls_back():
     svc = static_service(["http://127.0.0.1:1/r"], ["http://127.0.0.1:2/r"])
     pods = PodSource(lister, port=9400)
     targets = await pods.targets(svc)
-    assert targets == [Target(url="http://10.0.0.1:9400/v1/report", role="decode", pod="decode-0"),
-                       Target(url="http://[fd00::2]:9400/v1/report", role="decode", pod="decode-1")]
+    assert targets == [ReportTarget(url="http://10.0.0.1:9400/v1/report", role="decode", pod="decode-0"),
+                       ReportTarget(url="http://[fd00::2]:9400/v1/report", role="decode", pod="decode-1")]
     # Config URLs win when present; the pod lister is not even asked.
     calls.clear()
     chained = await ChainSource(StaticSource(), pods).targets(svc)

@@ -293,6 +293,8 @@ def coordinator_config(*, namespace: str, port: int, sidecar_port: int, lease: s
             "backend": "kubernetes", "interval_s": 1.0, "listen": f"127.0.0.1:{port}", "observe_timeout_s": 5,
             "lease": {"name": lease, "namespace": SA_NAMESPACE, "duration_s": 6, "renew_deadline_s": 4,
                       "retry_period_s": 1},
+            # a write attempt must end well inside duration - renew_deadline (2 s)
+            "api": {"write_timeout_s": 1.5},
             "collect": {"timeout_s": 0.5, "sidecar_port": sidecar_port},
             "placement": {"drain_window_s": 2, "ratio_tolerance": 0.25},
         },

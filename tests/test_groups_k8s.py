@@ -17,13 +17,14 @@ import yaml
 
 from heteroscale.coordinator.actuators.groups import (
     ANNOTATION_DRAINING, DELETION_COST, GATE, LABEL_DG, LABEL_ROLE, MANAGED_BY, DeploymentGroupActuator,
-    GroupSettings, admit, group_deployment, groups_from_objects, is_draining, node_affinity_terms,
-    pick_for_drain, within)
+    GroupSettings, group_deployment, groups_from_objects, is_draining, node_affinity_terms, pick_for_drain)
+from heteroscale.coordinator.core.gate import admit, within
 from heteroscale.coordinator.config import load_config
 from heteroscale.coordinator.kube import DEPLOYMENTS, NODES, PODS, Kube, RetryPolicy
 from heteroscale.coordinator.core.placement import DeploymentGroup, RoleGroup
 from heteroscale.coordinator.core.topology import TopologyKeys
 from heteroscale.coordinator.core.types import Decision, PoolCounts
+from heteroscale.errors import NotLeaderError
 from tests.k8s_fake import FakeClock, FakeKube
 
 DATA = Path(__file__).resolve().parent / "data"
@@ -339,10 +340,12 @@ async def test_fake_dry_run_and_fence(fake):
     result = await dry.apply(svc, decision(PoolCounts(0, 0), PoolCounts(2, 2)))
     assert "dry-run" in result.note and not transport.writes("/deployments/chat-g")
 
-    async def closed() -> bool:
-        return False
-    fenced = DeploymentGroupActuator(api=api, clock=clock, fence=closed)
-    with pytest.raises(Exception, match="not the leader"):
+    class Closed:
+        async def permit(self, what: str) -> float:
+            raise NotLeaderError(f"not the leader: refused to {what}")
+
+    fenced = DeploymentGroupActuator(api=api.fenced(Closed()), clock=clock)
+    with pytest.raises(NotLeaderError, match="not the leader"):
         await fenced.apply(svc, decision(PoolCounts(0, 0), PoolCounts(2, 2)))
     assert not transport.writes("/deployments/chat-g")
 

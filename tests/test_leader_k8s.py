@@ -16,16 +16,16 @@ import signal
 import subprocess
 import sys
 import time
-from types import SimpleNamespace
 
 import pytest
 
-from heteroscale.coordinator.actuators.kubernetes import KubernetesActuator, NotLeaderError
+from heteroscale.coordinator.actuators.kubernetes import KubernetesActuator
+from heteroscale.errors import NotLeaderError
 from heteroscale.coordinator.kube import DEPLOYMENTS, LEASES, Kube
 from heteroscale.coordinator.leader import KubernetesLeaseElection
 from heteroscale.coordinator.core.types import Decision, PoolCounts
 from tests.k8s_fake import FaultyTransport
-from tests.k8s_envtest import REPO, deployment_body, k8s_cluster, k8s_namespace, kube  # noqa: F401
+from tests.k8s_envtest import REPO, chat_service, deployment_body, k8s_cluster, k8s_namespace, kube  # noqa: F401
 
 pytestmark = pytest.mark.k8s
 
@@ -113,10 +113,8 @@ async def test_paused_old_leader_never_writes(kube, k8s_namespace):
     watched = FaultyTransport(kube.transport)
     old = candidate(kube, k8s_namespace, "old", release_on_cancel=False)
     new = candidate(kube, k8s_namespace, "new")
-    actuator = KubernetesActuator(api=Kube(watched), fence=old.still_leader, identity="old")
-    svc = SimpleNamespace(name="chat", namespace=k8s_namespace,
-                          prefill=SimpleNamespace(deployment="chat-prefill"),
-                          decode=SimpleNamespace(deployment="chat-decode"))
+    actuator = KubernetesActuator(api=Kube(watched).fenced(old), identity="old")
+    svc = chat_service(k8s_namespace)
 
     def decide(cur, new_counts):
         return Decision(service="chat", at=time.time(), reason="scale_out_tps",

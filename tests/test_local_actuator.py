@@ -18,8 +18,8 @@ import pytest
 from hypothesis import given, strategies as st
 
 from heteroscale.coordinator.actuators.local import (
-    DEFAULT_TOPOLOGY, LocalActuator, LocalSettings, SimulatedCluster, compact_nodes, emulator_gpu,
-    gate_admit)
+    DEFAULT_TOPOLOGY, LocalActuator, LocalSettings, SimulatedCluster, compact_nodes, emulator_gpu)
+from heteroscale.coordinator.core.gate import gate_admit
 from heteroscale.coordinator.config import load_config
 from heteroscale.coordinator.core.types import Decision, PoolCounts
 from heteroscale.errors import ConfigError

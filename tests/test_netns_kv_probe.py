@@ -72,7 +72,7 @@ class NetnsBed:
             if shaped.returncode != 0:
                 raise RuntimeError(f"tc tbf: {shaped.stderr.strip()}")
 
-    def spawn(self, role: str, *args: str, module: str = "kv_transfer") -> subprocess.Popen:
+    def spawn(self, role: str, *args: str, module: str = "heteroscale.kv_transfer") -> subprocess.Popen:
         proc = subprocess.Popen(["ip", "netns", "exec", self.ns[role], sys.executable, "-m", module, *args],
                                 cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         self.procs.append(proc)
@@ -174,11 +174,11 @@ def test_real_sidecars_probe_each_other_and_the_map_reads_their_reports(testbed,
               "--probe-secret-file", str(secret)]
     for i, decode in enumerate(("d0", "d1")):
         testbed.spawn(decode, *common, "--role", "decode", "--pod", f"decode-{i}", "--node", f"node-d{i}",
-                      "--probe-listen", f"10.231.{i}.2:{PORT}", module="sidecar")
+                      "--probe-listen", f"10.231.{i}.2:{PORT}", module="heteroscale")
     time.sleep(1.0)      # let the probe servers bind before the first probe (a refusal would only delay it)
     testbed.spawn("p", *common, "--role", "prefill", "--pod", "prefill-0", "--node", "node-p",
                   "--probe-peers", f"10.231.0.2:{PORT},10.231.1.2:{PORT}", "--probe-bytes", str(PROBE_BYTES),
-                  "--probe-interval-s", "2", "--probe-max-rate", "1e9", module="sidecar")
+                  "--probe-interval-s", "2", "--probe-max-rate", "1e9", module="heteroscale")
     deadline = time.monotonic() + 40
     doc: dict = {}
     while time.monotonic() < deadline:

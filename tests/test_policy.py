@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import random
 from fractions import Fraction
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -14,7 +15,7 @@ from hypothesis import strategies as st
 
 from heteroscale.coordinator.config import load_config
 from heteroscale.coordinator.core.policy import (
-    PolicyState, active_schedule, clamp, damp, decide, fit_budget, latency_step, prefill_for_decode,
+    PolicyState, active_schedule, clamp, damp, decide, fit_budget, settle, latency_step, prefill_for_decode,
     proportional_decode, stabilized_recommendation,
 )
 from heteroscale.coordinator.core.types import Observation, PoolCounts, PoolStatus
@@ -55,6 +56,12 @@ def obs(current: tuple[int, int], tps: float | None, *, fresh: int | None = None
 
 def once(svc, observation, *, state=None, now_s=1000.0):
     return decide(service=svc, observation=observation, state=state or PolicyState(), now_s=now_s)
+
+
+def applied(svc, observation, *, state, now_s):
+    """A tick whose decision the backend wrote (the reconciler's path when it leads)."""
+    d, state = decide(service=svc, observation=observation, state=state, now_s=now_s)
+    return d, settle(state, decision=d, applied=True)
 
 
 # ---------------------------------------------------------------- building blocks
@@ -236,17 +243,17 @@ def test_pending_guard_with_timeout():
 def test_pending_without_a_timestamp_is_timed_from_first_sight():
     svc = service(policy={"pending_timeout_s": 60})
     state = PolicyState()
-    d, state = decide(service=svc, observation=obs((9, 7), 40000, pending=(0, 1)), state=state, now_s=0.0)
+    d, state = applied(svc, obs((9, 7), 40000, pending=(0, 1)), state=state, now_s=0.0)
     assert d.reason == "hold_pending"
-    d, state = decide(service=svc, observation=obs((9, 7), 40000, pending=(0, 1)), state=state, now_s=61.0)
+    d, state = applied(svc, obs((9, 7), 40000, pending=(0, 1)), state=state, now_s=61.0)
     assert d.reason == "scale_out_tps"
 
 
 def test_cooldown_after_scale_out():
     svc = service(policy={"scale_out_cooldown_s": 30})
-    d, state = once(svc, obs((9, 7), 20000), now_s=0.0)
+    d, state = applied(svc, obs((9, 7), 20000), state=PolicyState(), now_s=0.0)
     assert d.reason == "scale_out_tps"
-    d, state = decide(service=svc, observation=obs((12, 9), 40000), state=state, now_s=10.0)
+    d, state = applied(svc, obs((12, 9), 40000), state=state, now_s=10.0)
     assert d.reason == "hold_cooldown"
     d, _ = decide(service=svc, observation=obs((12, 9), 40000), state=state, now_s=31.0)
     assert d.reason == "scale_out_tps"
@@ -284,10 +291,10 @@ def test_manual_override_is_adopted_not_fought():
     assert (d.reason, d.desired) == ("manual_override", PoolCounts(2, 2))
     # The backend keeps the flag up until we write. Next tick the load asks for more,
     # but the human's change started the cooldown.
-    d, state = decide(service=svc, observation=obs((2, 2), 20000, manual=True), state=state, now_s=5.0)
+    d, state = applied(svc, obs((2, 2), 20000, manual=True), state=state, now_s=5.0)
     assert d.reason == "hold_cooldown"
     # Another edit while flagged is adopted again (a new edge).
-    d, state = decide(service=svc, observation=obs((3, 3), 20000, manual=True), state=state, now_s=10.0)
+    d, state = applied(svc, obs((3, 3), 20000, manual=True), state=state, now_s=10.0)
     assert (d.reason, d.desired) == ("manual_override", PoolCounts(3, 3))
     d, _ = decide(service=svc, observation=obs((3, 3), 20000, manual=True), state=state, now_s=71.0)
     assert d.reason == "scale_out_tps"
@@ -336,7 +343,7 @@ class Cluster:
     def tick(self, tps: float, *, dt_s: float = 5.0, **kw: Any):
         self.now_s += dt_s
         observation = obs((self.current.prefill, self.current.decode), tps, **kw)
-        d, self.state = decide(service=self.svc, observation=observation, state=self.state, now_s=self.now_s)
+        d, self.state = applied(self.svc, observation, state=self.state, now_s=self.now_s)
         self.current = d.desired
         return d
 
@@ -473,3 +480,76 @@ def test_latency_only_ever_adds(d, tps, tbt, ttft):
     assert with_latency.desired.decode >= plain.desired.decode
     if tbt > 0.04 or ttft > 1.0:                 # over the SLO: never a scale-in
         assert with_latency.desired.decode >= d
+
+
+def test_a_decision_not_applied_starts_no_cooldown():
+    """settle() is the only place cooldown clocks start: a standby, a dry run or a failed
+    write (applied=False) leaves the next tick free to act."""
+    svc = service(policy={"scale_out_cooldown_s": 30})
+    d, state = decide(service=svc, observation=obs((9, 7), 20000), state=PolicyState(), now_s=0.0)
+    assert d.reason == "scale_out_tps"
+    state = settle(state, decision=d, applied=False)
+    assert state.last_scale_out_s is None
+    d, _ = decide(service=svc, observation=obs((9, 7), 20000), state=state, now_s=10.0)
+    assert d.reason == "scale_out_tps"
+    # Applied, the same decision starts the cooldown at its own time.
+    assert settle(state, decision=d, applied=True).last_scale_out_s == 10.0
+
+
+# ---------------------------------------------------------------- partial data (never scale in on it)
+
+def partial(current: tuple[int, int], tps: float, *, reporting: int, missing: int, **kw: Any) -> Observation:
+    """``reporting`` decode sidecars summed to ``tps``; ``missing`` others said nothing usable."""
+    o = obs(current, tps, fresh=reporting, expected=reporting + missing, **kw)
+    return replace(o, reporting_decode=reporting, missing_decode=missing)
+
+
+def test_partial_data_never_scales_in_even_when_load_dropped():
+    svc = service()
+    # 2 of 4 decode report 1000 tok/s in all: the estimate is 500 x 4 = 2000, 21% of 4 x 2400.
+    # Complete, that would be a scale-in; partial, both pools hold.
+    d, _ = once(svc, partial((5, 4), 1000, reporting=2, missing=2))
+    assert (d.reason, d.desired) == ("hold_partial_data", PoolCounts(5, 4))
+    assert d.inputs["estimated_decode_tps"] == 2000 and d.inputs["missing_decode"] == 2
+
+
+def test_partial_data_scales_out_on_the_estimate():
+    svc = service()
+    # 2 of 4 report 6000 tok/s: estimate 3000 x 4 = 12000 on 4 x 2400 = 125% -> want 5.
+    d, _ = once(svc, partial((5, 4), 6000, reporting=2, missing=2))
+    assert d.reason == "scale_out_tps" and d.desired.decode == 5
+    # The measured sum alone (6000 = 63%) would have asked for a scale-in.
+    complete, _ = once(svc, obs((5, 4), 6000))
+    assert complete.desired.decode < 4
+
+
+def test_partial_data_never_repairs_the_ratio_downwards():
+    svc = service()                     # 9:7: for 4 decode the ratio wants 5 prefill
+    d, _ = once(svc, partial((8, 4), 9000, reporting=3, missing=1))
+    assert d.desired.prefill >= 8 and d.desired.decode >= 4
+
+
+@settings(max_examples=400, deadline=None)
+@given(tps=st.one_of(st.none(), st.floats(allow_nan=True, allow_infinity=True),
+                     st.sampled_from([0.0, -1.0, 1e308, 1.7976931348623157e308, 5e-324])),
+       tbt=st.one_of(st.none(), st.floats(allow_nan=True, allow_infinity=True)),
+       ttft=st.one_of(st.none(), st.floats(allow_nan=True, allow_infinity=True)),
+       prefill=st.integers(0, 10**6), decode=st.integers(0, 10**6),
+       fresh=st.integers(-3, 10**6), expected=st.integers(-3, 10**6), missing=st.integers(-3, 10**6),
+       reporting=st.integers(-3, 10**6), pending=st.integers(0, 10**6), manual=st.booleans(),
+       steps=st.integers(1, 3))
+def test_decide_never_raises_for_any_observation(tps, tbt, ttft, prefill, decode, fresh, expected, missing,
+                                                 reporting, pending, manual, steps):
+    svc = service(max_decode=64, policy={"gpu_budget": 400})
+    o = Observation(pools=PoolStatus(current=PoolCounts(prefill, decode), ready=PoolCounts(prefill, decode),
+                                     pending=PoolCounts(0, pending), manual_override=manual),
+                    decode_tps=tps, fresh_decode=fresh, expected_decode=expected, reporting_decode=reporting,
+                    missing_decode=missing, tbt_p90_s=tbt, ttft_p90_s=ttft)
+    state = PolicyState()
+    for i in range(steps):
+        d, state = applied(svc, o, state=state, now_s=1000.0 + 5 * i)
+        assert d.desired.prefill >= 0 and d.desired.decode >= 0
+        # Not-finite or negative load is missing data: such a tick never shrinks a pool.
+        if tps is None or not math.isfinite(tps) or tps < 0:
+            assert d.desired.decode >= min(decode, 64) or d.reason in ("bounded_max", "bounded_budget",
+                                                                          "manual_override")

@@ -36,7 +36,8 @@ import pytest
 import yaml
 
 from heteroscale.coordinator.core.aggregate import aggregate
-from heteroscale.coordinator.collect import Collector, StaticSource, Target
+from heteroscale.coordinator.collect import Collector, StaticSource
+from heteroscale.coordinator.seams import ReportTarget
 from heteroscale.coordinator.config import load_config
 from heteroscale.coordinator.promql import PromCollector
 from heteroscale.coordinator.core.types import Observation, PoolCounts, PoolStatus
@@ -289,7 +290,7 @@ async def _both(world: dict, *, capture: str | None = None) -> dict[str, tuple[O
     out = {}
     try:
         for svc in world["config"].services:
-            live = [Target(url=f"http://127.0.0.1:{port}/v1/report") for key, port in fleet.sidecar_ports.items()
+            live = [ReportTarget(url=f"http://127.0.0.1:{port}/v1/report") for key, port in fleet.sidecar_ports.items()
                     if key[0] == svc.name and fleet.sidecar_procs[key].poll() is None]
             via_prom, pulled = await asyncio.gather(prom_source.collect(svc), direct._fetch_all(live))
             now = time.time()

@@ -24,6 +24,7 @@ from aiohttp.test_utils import TestServer
 from heteroscale.coordinator.core.aggregate import aggregate
 from heteroscale.coordinator.config import load_config
 from heteroscale.coordinator.app import make_collector
+from heteroscale.coordinator.collect import StaticSource
 from heteroscale.coordinator.core.policy import PolicyState, decide
 from heteroscale.coordinator.promql import (SIGNALS, PromCollector, PromResponseError, build_query,
                                         build_snapshot, parse_vector)
@@ -374,7 +375,7 @@ async def test_a_lasting_failure_is_logged_once(caplog: pytest.LogCaptureFixture
 
 async def test_wiring_picks_the_source_from_config() -> None:
     config = _config(selector='job="x"', timeout_s=0.5)
-    collector = make_collector(config, actuator=None)
+    collector = make_collector(config, source=StaticSource())
     try:
         assert isinstance(collector, PromCollector)
         assert all('job="x"' in q for q in collector.queries.values())

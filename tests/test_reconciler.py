@@ -10,14 +10,15 @@ from typing import Any
 
 import pytest
 
-from heteroscale.coordinator.actuators import actuator_class, make_actuator
+from heteroscale.coordinator.actuators import make_actuator
 from heteroscale.coordinator.actuators.static import StaticActuator
-from heteroscale.coordinator.collect import Collector, StaticSource, Target
+from heteroscale.coordinator.collect import Collector, StaticSource
+from heteroscale.coordinator.seams import ReportTarget
 from heteroscale.coordinator.config import load_config
 from heteroscale.coordinator.core.settings import Config
 from heteroscale.coordinator.reconciler import Reconciler
 from heteroscale.coordinator.core.types import ApplyResult, Decision, PoolCounts, PoolStatus
-from heteroscale.errors import ApiError, UsageError
+from heteroscale.errors import ApiError, NotLeaderError, UsageError
 from tests.test_collect import ReportServer, report_doc
 
 
@@ -89,9 +90,9 @@ class ReadySource:
     def __init__(self, actuator: InMemoryActuator, server: ReportServer) -> None:
         self.actuator, self.server = actuator, server
 
-    async def targets(self, service: Any) -> list[Target]:
+    async def targets(self, service: Any) -> list[ReportTarget]:
         ready = self.actuator.pools[service.name].ready
-        return [Target(url=self.server.url(f"/{service.name}/{role}/{i}"), role=role)
+        return [ReportTarget(url=self.server.url(f"/{service.name}/{role}/{i}"), role=role)
                 for role in ("prefill", "decode") for i in range(getattr(ready, role))]
 
 
@@ -107,6 +108,11 @@ class FakeElection:
     async def still_leader(self) -> bool:
         self.fence_checks += 1
         return self.fence
+
+    async def permit(self, what: str) -> float:
+        if not await self.still_leader():
+            raise NotLeaderError(f"fake fence closed: refused to {what}")
+        return 5.0
 
     async def run(self) -> None:
         await asyncio.Event().wait()
@@ -297,19 +303,22 @@ async def test_static_backend_observes_sidecars_and_never_writes():
             "slo": {"tbt_s": 0.05},
             "prefill": {"sidecars": [server.url("/p0")]},
             "decode": {"sidecars": [server.url(f"/d{i}") for i in range(3)]}}]})
-        actuator = make_actuator(cfg)
-        assert isinstance(actuator, StaticActuator) and actuator.writes is False
         collector = Collector(source=StaticSource(), timeout_s=2)
+        actuator = make_actuator(cfg, latest=collector.latest.get)
+        assert isinstance(actuator, StaticActuator) and actuator.writes is False
         rec = Reconciler(config=cfg, actuator=actuator, collector=collector, clock=now)
         decisions = await rec.tick()
         await collector.close()
     finally:
         await server.stop()
     (d,) = decisions
-    # Two decode engines up (the third is down): current 1P2D; 3000 tok/s on 2x1000 = 150%
-    # -> want 3, P = round(4.5) = 5.
-    assert d.current == PoolCounts(1, 2)
-    assert (d.reason, d.desired) == ("scale_out_tps", PoolCounts(5, 3))
+    # The configured sidecars are the pool: 1P3D, whatever answered. The third decode
+    # engine is down, so the view is partial: the load is estimated as the reporting
+    # mean x 3 = 1500 x 3 = 4500 tok/s on 3 x 1000 = 150% -> want 5 (damped max 6),
+    # P = round(5 x 3/2 = 7.5) = 8. A silent sidecar never shrinks "current".
+    assert d.current == PoolCounts(1, 3)
+    assert (d.reason, d.desired) == ("scale_out_tps", PoolCounts(8, 5))
+    assert d.inputs["missing_decode"] == 1 and d.inputs["estimated_decode_tps"] == 4500
     assert rec.services["chat"].last_apply is None
     assert rec.status()["writes"] is False
 
@@ -321,7 +330,7 @@ async def test_run_loop_ticks_until_stopped(world: World):
                                      "prefill": {"sidecars": ["http://127.0.0.1:1/x"]},
                                      "decode": {"sidecars": ["http://127.0.0.1:1/x"]}}]})
     collector = Collector(source=StaticSource(), timeout_s=0.01)
-    rec = Reconciler(config=cfg, actuator=StaticActuator(cfg), collector=collector)
+    rec = Reconciler(config=cfg, actuator=StaticActuator(latest=collector.latest.get), collector=collector)
     stop = asyncio.Event()
     task = asyncio.create_task(rec.run(stop=stop), name="test-reconcile")
     while rec.ticks < 3:
@@ -333,9 +342,12 @@ async def test_run_loop_ticks_until_stopped(world: World):
 
 
 def test_factory_names_and_unknown_backends():
-    assert actuator_class("static") is StaticActuator
+    cfg = config()
+    assert isinstance(make_actuator(cfg, backend="static", latest=lambda name: None), StaticActuator)
     with pytest.raises(UsageError, match="unknown backend 'nomad'"):
-        actuator_class("nomad")
+        make_actuator(cfg, backend="nomad")
+    with pytest.raises(UsageError, match="needs an API client"):
+        make_actuator(cfg, backend="kubernetes")
 
 
 async def test_a_hung_observe_skips_the_service_not_the_loop(world: World):
@@ -390,32 +402,17 @@ def test_build_runtime_wires_the_static_backend_with_a_local_lease(tmp_path):
                                      "decode": {"sidecars": ["http://127.0.0.1:2/r"]}}]})
     runtime = build_runtime(cfg, identity="unit")
     rec = runtime.reconciler
-    assert isinstance(rec.actuator, StaticActuator) and rec.actuator._collector is rec.collector
+    assert isinstance(rec.actuator, StaticActuator)
+    assert rec.actuator._latest.__self__ is rec.collector.latest     # pools read from what was fetched
     assert isinstance(rec.collector._source, StaticSource)
     assert runtime.election.identity == "unit" and type(runtime.election).__name__ == "LeaseElection"
     assert str(runtime.election.store.path) == str(tmp_path / "lease")
 
 
-def test_without_leader_module_it_runs_as_the_only_leader(monkeypatch, caplog):
-    import sys
-
-    from heteroscale.coordinator.app import make_election
-    from heteroscale.coordinator.reconciler import AlwaysLeader
-
-    import heteroscale.coordinator as package
-
-    monkeypatch.setitem(sys.modules, "heteroscale.coordinator.leader", None)   # as if not built
-    monkeypatch.delattr(package, "leader", raising=False)
-    with caplog.at_level("WARNING"):
-        election = make_election(config(), identity="solo")
-    assert isinstance(election, AlwaysLeader) and election.is_leader
-    assert "LEADER ELECTION UNAVAILABLE" in caplog.text
-
-
 async def test_an_actuator_that_knows_its_instances_is_the_report_source():
     # backend local: no sidecar URLs in the config; the actuator started the instances and
     # names their report URLs itself, so the coordinator pulls those.
-    from heteroscale.coordinator.collect import Target
+    from heteroscale.coordinator.seams import ReportTarget
     from heteroscale.coordinator.config import load_config
     from heteroscale.coordinator.app import report_source
 
@@ -426,8 +423,8 @@ async def test_an_actuator_that_knows_its_instances_is_the_report_source():
 
     class Started:
         async def targets(self, service):
-            return [Target(url="http://127.0.0.1:9/v1/report", role="decode", pod=f"{service.name}-d0")]
+            return [ReportTarget(url="http://127.0.0.1:9/v1/report", role="decode", pod=f"{service.name}-d0")]
 
     source = report_source(config, Started())
     assert await source.targets(config.services[0]) == [
-        Target(url="http://127.0.0.1:9/v1/report", role="decode", pod="chat-d0")]
+        ReportTarget(url="http://127.0.0.1:9/v1/report", role="decode", pod="chat-d0")]

@@ -16,7 +16,8 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from heteroscale.coordinator.actuators.kubernetes import KubernetesActuator
-from heteroscale.coordinator.collect import Collector, Target
+from heteroscale.coordinator.collect import Collector
+from heteroscale.coordinator.seams import ReportTarget
 from heteroscale.coordinator.config import load_config
 from heteroscale.coordinator.kube import DEPLOYMENTS, PODS, Kube, format_time
 from heteroscale.coordinator.leader import KubernetesLeaseElection
@@ -32,7 +33,8 @@ def coordinator_config(namespace: str):
     return load_config({
         "coordinator": {"backend": "kubernetes", "interval_s": 5,
                         "lease": {"name": "heteroscale-test", "namespace": namespace,
-                                  "duration_s": 3, "renew_deadline_s": 2, "retry_period_s": 0.5}},
+                                  "duration_s": 3, "renew_deadline_s": 2, "retry_period_s": 0.5},
+                        "api": {"write_timeout_s": 0.8}},
         "services": [{
             "name": "chat", "namespace": namespace, "pd_ratio": "3:2", "target_decode_tps_per_instance": 1000,
             "min_decode": 1, "max_decode": 20, "slo": {"tbt_s": 0.05},
@@ -52,7 +54,7 @@ class PodReports:
         self.broken = False
         self.decode_pods = 1
 
-    async def targets(self, service: Any) -> list[Target]:
+    async def targets(self, service: Any) -> list[ReportTarget]:
         out = []
         for role in ("prefill", "decode"):
             pods = await self.actuator.list_pods(service, role)
@@ -63,7 +65,7 @@ class PodReports:
                 self.server.routes[path] = (lambda role=role, pod=pod: 500 if self.broken else report_doc(
                     role=role, pod=pod, observed_at=time.time() - 0.5,
                     decode_tps=self.load_tps / self.decode_pods))
-                out.append(Target(url=self.server.url(path), role=role, pod=pod))
+                out.append(ReportTarget(url=self.server.url(path), role=role, pod=pod))
         return out
 
 
@@ -134,7 +136,7 @@ class Coordinator:
                                                 identity=identity, duration_s=lease.duration_s,
                                                 renew_deadline_s=lease.renew_deadline_s,
                                                 retry_period_s=lease.retry_period_s)
-        self.actuator = KubernetesActuator(cfg, api=kube, fence=self.election.still_leader, identity=identity)
+        self.actuator = KubernetesActuator(api=kube.fenced(self.election), identity=identity)
         self.source = PodReports(self.actuator, server)
         self.collector = Collector(source=self.source, timeout_s=2)
         self.reconciler = Reconciler(config=cfg, actuator=self.actuator, collector=self.collector,

@@ -1,56 +1,51 @@
-"""Actuators: one per backend, chosen by name (``coordinator.backend``).
+"""Actuators: one per backend (``coordinator.backend``), built by ``make_actuator``.
 
-``make_actuator`` imports the chosen backend lazily, so the kubernetes client is
-only loaded when the kubernetes backend is used, and a backend that is not built in
-this version says so in one line instead of a traceback:
+- ``kubernetes`` → ``actuators.cluster.KubernetesBackend`` (per service:
+  ``actuators.kubernetes.KubernetesActuator`` scales named workloads in place,
+  ``actuators.groups.DeploymentGroupActuator`` runs services with a role ``template``
+  as Deployment Groups; one fenced API client for both)
+- ``local``      → ``actuators.local.LocalActuator`` (the demo's processes)
+- ``static``     → ``actuators.static.StaticActuator`` (advisory: never writes)
 
-- ``kubernetes`` → ``heteroscale.coordinator.actuators.cluster:KubernetesBackend`` (per service:
-  ``actuators.kubernetes:KubernetesActuator`` scales named workloads in place,
-  ``actuators.groups:DeploymentGroupActuator`` runs services with a role ``template``
-  as Deployment Groups; one API client and one leader fence for both)
-- ``local``      → ``heteroscale.coordinator.actuators.local:LocalActuator``
-- ``static``     → ``heteroscale.coordinator.actuators.static:StaticActuator`` (advisory:
-  counts what the sidecars report, never writes)
-
-Extra keyword arguments go to the backend's constructor unchanged (a Kubernetes
-client, the demo's process manager, the collector for ``static``...).
+Each backend's module is imported only when that backend is built, so the kubernetes
+client is loaded only for the kubernetes backend.
 """
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from heteroscale.coordinator.core.settings import BACKENDS, Config
 from heteroscale.errors import UsageError
 
 if TYPE_CHECKING:
-    from heteroscale.coordinator.core.settings import Config
-    from heteroscale.coordinator.core.types import Actuator
-
-BACKENDS: dict[str, tuple[str, str]] = {
-    "kubernetes": ("heteroscale.coordinator.actuators.cluster", "KubernetesBackend"),
-    "local": ("heteroscale.coordinator.actuators.local", "LocalActuator"),
-    "static": ("heteroscale.coordinator.actuators.static", "StaticActuator"),
-}
+    from heteroscale.coordinator.actuators.local import LocalSettings, SimulatedCluster
+    from heteroscale.coordinator.actuators.static import Latest
+    from heteroscale.coordinator.kube import Kube
+    from heteroscale.coordinator.seams import Actuator
 
 
-def actuator_class(backend: str) -> type:
-    if backend not in BACKENDS:
-        raise UsageError(f"unknown backend {backend!r} (choose from {', '.join(BACKENDS)})")
-    module_name, class_name = BACKENDS[backend]
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        if exc.name and module_name.startswith(exc.name):
-            raise UsageError(f"backend {backend!r} is not built in this version") from exc
-        raise
-    try:
-        return getattr(module, class_name)
-    except AttributeError as exc:
-        raise UsageError(f"backend {backend!r} is not built in this version") from exc
+def make_actuator(config: Config, *, backend: str | None = None, kube: "Kube | None" = None, dry_run: bool = False,
+                  latest: "Latest | None" = None, cluster: "SimulatedCluster | None" = None,
+                  local: "LocalSettings | None" = None) -> "Actuator":
+    """The actuator for ``backend`` (default: the config's). What each needs:
 
-
-def make_actuator(config: "Config", *, backend: str | None = None, **kwargs: Any) -> "Actuator":
-    """Build the actuator for ``backend`` (default: the config's)."""
-    cls = actuator_class(backend or config.coordinator.backend)
-    return cls(config, **kwargs)
+    ``kubernetes``: ``kube``, the API client fenced by the election (``Kube.fenced``);
+    ``static``: ``latest``, the collector's newest collection per service;
+    ``local``: optionally the simulated ``cluster`` and ``local`` process settings.
+    """
+    backend = backend or config.coordinator.backend
+    if backend == "kubernetes":
+        if kube is None:
+            raise UsageError("the kubernetes backend needs an API client")
+        from heteroscale.coordinator.actuators.cluster import KubernetesBackend
+        return KubernetesBackend(config, api=kube, dry_run=dry_run)
+    if backend == "static":
+        if latest is None:
+            raise UsageError("the static backend needs the collector's latest results")
+        from heteroscale.coordinator.actuators.static import StaticActuator
+        return StaticActuator(latest=latest)
+    if backend == "local":
+        from heteroscale.coordinator.actuators.local import LocalActuator, LocalSettings
+        return LocalActuator(cluster=cluster, settings=local or LocalSettings())
+    raise UsageError(f"unknown backend {backend!r} (choose from {', '.join(BACKENDS)})")

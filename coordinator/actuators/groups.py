@@ -55,15 +55,17 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable, Iterable, Mapping
+from typing import Any, Iterable, Mapping
 
-from heteroscale.coordinator.kube import (DEPLOYMENTS, EVENTS, NODES, PODS, WORKLOADS, Clock, Kube,
-                                      SystemClock, format_time, kube_from_config, parse_time)
+from heteroscale.coordinator.kube import (DEPLOYMENTS, EVENTS, NODES, PODS, WORKLOADS, Clock, Kube, SystemClock,
+                                          format_time, parse_time, set_replicas)
+from heteroscale.coordinator.core.gate import admit
 from heteroscale.coordinator.core.placement import (DeploymentGroup, PlacementPlan, RoleGroup,
                                            demand_from_service, plan)
 from heteroscale.coordinator.core.topology import TIER_VALUE, TopologyKeys, build_view
 from heteroscale.coordinator.core.types import ROLES, ApplyResult, Decision, PoolCounts, PoolStatus
-from heteroscale.errors import ApiError, ConfigError
+from heteroscale.coordinator.core.settings import PlacementConfig, ServiceConfig
+from heteroscale.errors import ApiError, ConfigError, NotLeaderError
 
 log = logging.getLogger(__name__)
 
@@ -79,11 +81,6 @@ DELETION_COST = "controller.kubernetes.io/pod-deletion-cost"
 MIN_DELETION_COST = str(-(2 ** 31))
 GATE = "heteroscale.io/ready-ratio"
 COMPONENT = "heteroscale-coordinator"
-
-
-class NotLeaderError(ApiError):
-    def __init__(self, message: str) -> None:
-        super().__init__(message, status=0)
 
 
 @dataclass(frozen=True)
@@ -107,57 +104,20 @@ class GroupSettings:
             raise ConfigError(problems, source="deployment groups")
 
     @classmethod
-    def from_config(cls, placement: Any) -> GroupSettings:
+    def from_config(cls, placement: PlacementConfig) -> GroupSettings:
         """From the validated ``coordinator.placement`` section (``config.PlacementConfig``)."""
         return cls(ratio_tolerance=placement.ratio_tolerance, drain_window_s=placement.drain_window_s,
                    keys=TopologyKeys(gpu_type_label=placement.gpu_type_label, s1_label=placement.s1_label,
                                      s2_label=placement.s2_label, gpu_resource=placement.gpu_resource))
 
 
-def template_of(service: Any, role: str) -> tuple[str, str] | None:
+def template_of(service: ServiceConfig, role: str) -> tuple[str, str] | None:
     """The role's DG template workload: ``template`` (config), else its deployment/statefulset."""
     cfg = service.role(role)
-    return getattr(cfg, "group_template", None) or cfg.workload
+    return cfg.group_template or cfg.workload
 
 
-# ---------------------------------------------------------------- pure helpers
-
-
-def within(p: int, d: int, target: tuple[int, int], tolerance: float) -> bool:
-    """True when ``p:d`` is within ``tolerance`` (relative) of ``target`` = (P, D).
-
-    Worked example: target 9:7 (1.286), tolerance 0.25: 1:1 is |1 − 1.286| = 0.286 <=
-    0.321 → within; 2:1 is 0.714 → not."""
-    if p == 0 or d == 0:
-        return False
-    want = target[0] / target[1]
-    return abs(p / d - want) <= tolerance * want + 1e-9
-
-
-def admit(*, admitted: tuple[int, int], waiting: tuple[int, int], target: tuple[int, int],
-          tolerance: float) -> tuple[int, int]:
-    """How many waiting (engine-ready) prefill and decode pods to let into traffic.
-
-    Picks the largest admitted totals ``(p, d)`` (``p`` in admitted..admitted+waiting)
-    that are within tolerance of ``target``; if none is, the move that gets strictly
-    closer to the ratio (or none). Returns the numbers to admit now, per role.
-    """
-    p0, d0 = admitted
-    want = target[0] / target[1]
-    best: tuple[Any, ...] | None = None
-    for p in range(p0, p0 + waiting[0] + 1):
-        for d in range(d0, d0 + waiting[1] + 1):
-            if within(p, d, target, tolerance):
-                key = (0, -(p + d), abs(p - want * d))
-            else:
-                key = (1, abs(p - want * d), -(p + d))
-            if best is None or key < best[0]:
-                best = (key, p, d)
-    assert best is not None
-    key, p, d = best
-    if key[0] == 1 and not abs(p - want * d) < abs(p0 - want * d0):
-        return (0, 0)
-    return (p - p0, d - d0)
+# ---------------------------------------------------------------- object helpers
 
 
 def dg_name_of(deployment: Mapping[str, Any]) -> str | None:
@@ -188,6 +148,10 @@ def is_draining(pod: Mapping[str, Any]) -> bool:
 def is_released(pod: Mapping[str, Any]) -> bool:
     """Its Deployment was already scaled down for it: it no longer counts anywhere."""
     return ANNOTATION_RELEASED in _annotations(pod)
+
+
+def _spec_replicas(deployment: Mapping[str, Any]) -> int:
+    return int((deployment.get("spec") or {}).get("replicas") or 0)
 
 
 def _live(pod: Mapping[str, Any]) -> bool:
@@ -305,17 +269,13 @@ class DeploymentGroupActuator:
 
     name = "kubernetes"
 
-    def __init__(self, config: Any = None, *, api: Kube | None = None, settings: GroupSettings | None = None,
-                 fence: Callable[[], Awaitable[bool]] | None = None, clock: Clock | None = None,
-                 dry_run: bool | None = None, identity: str = COMPONENT, **_: Any) -> None:
-        coordinator = getattr(config, "coordinator", None)
-        self.dry_run = bool(dry_run if dry_run is not None else getattr(coordinator, "dry_run", False))
-        self.writes = not self.dry_run
-        self.api = api if api is not None else kube_from_config()
-        placement = getattr(coordinator, "placement", None)
-        self.settings = settings or (GroupSettings.from_config(placement) if placement is not None
-                                     else GroupSettings())
-        self.fence = fence
+    def __init__(self, *, api: Kube, settings: GroupSettings | None = None, clock: Clock | None = None,
+                 dry_run: bool = False, identity: str = COMPONENT) -> None:
+        """``api`` is the (fenced) client, owned by the caller; ``dry_run`` observes only."""
+        self.dry_run = dry_run
+        self.writes = not dry_run
+        self.api = api
+        self.settings = settings or GroupSettings()
         self.clock: Clock = clock or SystemClock()
         self.identity = identity
         self.last_plan: dict[str, PlacementPlan] = {}
@@ -326,26 +286,22 @@ class DeploymentGroupActuator:
         self._pod_groups: dict[str, dict[str, str]] = {}
 
     # ------------------------------------------------------------ reads
-    async def _objects(self, service: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    async def _objects(self, service: ServiceConfig) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         selector = f"{MANAGED_BY}={MANAGER},{LABEL_SERVICE}={service.name}"
-        namespace = getattr(service, "namespace", "default") or "default"
+        namespace = service.namespace
         deps = await self.api.list(DEPLOYMENTS, namespace=namespace, label_selector=selector)
         pods = await self.api.list(PODS, namespace=namespace, label_selector=selector)
         return deps, [p for p in pods if _live(p)]
 
-    async def _may_write(self, what: str) -> bool:
-        if self.dry_run:
-            return False
-        if self.fence is not None and not await self.fence():
-            log.info("not the leader: skipped %s", what)
-            return False
-        return True
-
-    async def observe(self, service: Any) -> PoolStatus:
+    async def observe(self, service: ServiceConfig) -> PoolStatus:
         deps, pods = await self._objects(service)
-        if await self._may_write(f"gate/drain sync of {service.name}"):
+        if not self.dry_run:
             try:
                 wrote = await self.sync(service, deps, pods)
+            except NotLeaderError as exc:
+                # a standby observes too; only the leader opens gates and finishes drains
+                log.debug("%s: gate/drain sync skipped: %s", service.name, exc)
+                wrote = False
             except ApiError as exc:
                 # the counts can still be reported; the gate/drain work is retried next tick
                 log.warning("%s: gate/drain sync failed: %s", service.name, exc)
@@ -375,7 +331,7 @@ class DeploymentGroupActuator:
             tiers[("cluster",)] = max((n.tier for n in view.nodes), key=TIER_VALUE.__getitem__)
         return tiers
 
-    async def list_pods(self, service: Any, role: str) -> list[tuple[str, str]]:
+    async def list_pods(self, service: ServiceConfig, role: str) -> list[tuple[str, str]]:
         """``(pod name, pod IP)`` of the role's running DG pods that take traffic (not
         draining), for report collection."""
         _, pods = await self._objects(service)
@@ -388,7 +344,7 @@ class DeploymentGroupActuator:
             found.append((str(meta.get("name")), str(status["podIP"])))
         return sorted(found)
 
-    def _status(self, service: Any, deps: list[dict[str, Any]], pods: list[dict[str, Any]], *,
+    def _status(self, service: ServiceConfig, deps: list[dict[str, Any]], pods: list[dict[str, Any]], *,
                 tiers: Mapping[tuple[str, ...], str] | None = None) -> PoolStatus:
         groups = groups_from_objects(service.name, deps, pods)
         current = {role: sum(g.role(role).count for g in groups) for role in ROLES}
@@ -417,7 +373,7 @@ class DeploymentGroupActuator:
                           groups=described)
 
     # ------------------------------------------------------------ the periodic sync
-    async def sync(self, service: Any, deps: list[dict[str, Any]], pods: list[dict[str, Any]]) -> bool:
+    async def sync(self, service: ServiceConfig, deps: list[dict[str, Any]], pods: list[dict[str, Any]]) -> bool:
         """Finish drains whose window has passed, then open the ratio gate where allowed.
         Returns True if anything was written."""
         wrote = await self._finish_drains(service, deps, pods)
@@ -426,7 +382,7 @@ class DeploymentGroupActuator:
         wrote = await self._open_gates(service, deps, pods) or wrote
         return wrote
 
-    async def _finish_drains(self, service: Any, deps: list[dict[str, Any]],
+    async def _finish_drains(self, service: ServiceConfig, deps: list[dict[str, Any]],
                              pods: list[dict[str, Any]]) -> bool:
         namespace = service.namespace
         now = self.clock.time()
@@ -439,7 +395,6 @@ class DeploymentGroupActuator:
                 # replaces it, so the count stays right and the drained instance is gone.
                 released = float(_annotations(pod).get(ANNOTATION_RELEASED) or 0)
                 if now - released >= self.settings.drain_window_s:
-                    await self._check_fence(f"delete {pod['metadata']['name']}")
                     await self.api.delete(PODS, pod["metadata"]["name"], namespace=namespace)
                     wrote = True
                 continue
@@ -451,9 +406,11 @@ class DeploymentGroupActuator:
                 due.setdefault(f"{labels.get(LABEL_DG)}-{labels.get(LABEL_ROLE)}", []).append(pod)
         if not due:
             return wrote
+        specs = {d["metadata"]["name"]: _spec_replicas(d) for d in deps}
         for dep_name, drained in sorted(due.items()):
-            await self._check_fence(f"scale down {dep_name}")
-            replicas, new = await self._rescale(namespace, dep_name, lambda n, k=len(drained): max(0, n - k))
+            replicas = specs.get(dep_name, len(drained))
+            new = max(0, replicas - len(drained))
+            await self._set_replicas(namespace, dep_name, expect=replicas, replicas=new)
             log.info("%s/%s: drain window over, %d -> %d", namespace, dep_name, replicas, new)
             for pod in drained:
                 await self.api.patch(PODS, pod["metadata"]["name"], {"metadata": {"annotations": {
@@ -467,12 +424,11 @@ class DeploymentGroupActuator:
         for name, pair in sorted(by_dg.items()):
             if name and all(int((d.get("spec") or {}).get("replicas") or 0) == 0 for d in pair):
                 for dep in pair:
-                    await self._check_fence(f"delete {dep['metadata']['name']}")
                     await self.api.delete(DEPLOYMENTS, dep["metadata"]["name"], namespace=namespace)
                 log.info("%s: deployment group %s removed", service.name, name)
         return True
 
-    async def _open_gates(self, service: Any, deps: list[dict[str, Any]], pods: list[dict[str, Any]]) -> bool:
+    async def _open_gates(self, service: ServiceConfig, deps: list[dict[str, Any]], pods: list[dict[str, Any]]) -> bool:
         groups = {g.name: g for g in groups_from_objects(service.name, deps, pods)}
         by_dg: dict[str, list[dict[str, Any]]] = {}
         for pod in pods:
@@ -520,19 +476,14 @@ class DeploymentGroupActuator:
 
     async def _set_gate(self, pod: Mapping[str, Any], value: bool, reason: str, message: str) -> None:
         meta = pod["metadata"]
-        await self._check_fence(f"set {GATE} on {meta['name']}")
         body = {"status": {"conditions": [{
             "type": GATE, "status": "True" if value else "False", "reason": reason, "message": message,
             "lastTransitionTime": format_time(self.clock.time()), "lastProbeTime": None}]}}
         await self.api.patch(PODS, meta["name"], body, namespace=meta["namespace"], subresource="status",
                              patch_type="strategic")
 
-    async def _check_fence(self, what: str) -> None:
-        if self.fence is not None and not await self.fence():
-            raise NotLeaderError(f"not the leader any more: refused to {what}")
-
     # ------------------------------------------------------------ apply
-    async def apply(self, service: Any, decision: Decision) -> ApplyResult:
+    async def apply(self, service: ServiceConfig, decision: Decision) -> ApplyResult:
         if self.dry_run:
             return ApplyResult(applied=decision.current, note="dry-run: nothing written")
         namespace = service.namespace
@@ -570,14 +521,13 @@ class DeploymentGroupActuator:
             if not is_draining(pod):
                 continue
             meta = pod["metadata"]
-            await self._check_fence(f"restore {meta['name']}")
             await self.api.patch(PODS, meta["name"], {"metadata": {"annotations": {
                 ANNOTATION_DRAINING: None, DELETION_COST: None}}}, namespace=meta["namespace"])
             await self._set_gate(pod, True, "Restored", "scale-in cancelled: the SLO degraded")
             count += 1
         return count
 
-    async def _realise(self, service: Any, namespace: str, deps: list[dict[str, Any]],
+    async def _realise(self, service: ServiceConfig, namespace: str, deps: list[dict[str, Any]],
                        pods: list[dict[str, Any]], current: list[DeploymentGroup],
                        result: PlacementPlan) -> None:
         before = {g.name: g for g in current}
@@ -593,11 +543,11 @@ class DeploymentGroupActuator:
                         templates[role] = await self._template(service, role)
                     body = group_deployment(template=templates[role], service=service.name,
                                             namespace=namespace, dg=dg, role=role, keys=self.settings.keys)
-                    await self._check_fence(f"create {dep_name}")
                     await self.api.create(DEPLOYMENTS, body, namespace=namespace)
                     log.info("%s: created %s (%d)", service.name, dep_name, dg.role(role).count)
                 elif grow > 0:
-                    await self._scale_by(namespace, dep_name, grow)
+                    spec = _spec_replicas(existing[dep_name])
+                    await self._set_replicas(namespace, dep_name, expect=spec, replicas=spec + grow)
         for release in result.releases:
             if release.service != service.name:
                 continue
@@ -606,42 +556,27 @@ class DeploymentGroupActuator:
             chosen = pick_for_drain(candidates, release.count)
             if len(chosen) < release.count:
                 # instances asked for but without a pod yet: shrink the spec directly
-                await self._scale_by(namespace, f"{release.dg}-{release.role}", -(release.count - len(chosen)))
+                dep_name = f"{release.dg}-{release.role}"
+                spec = _spec_replicas(existing[dep_name]) if dep_name in existing else release.count
+                await self._set_replicas(namespace, dep_name, expect=spec,
+                                         replicas=max(0, spec - (release.count - len(chosen))))
             for pod in chosen:
                 await self._drain(pod)
 
-    async def _scale_by(self, namespace: str, name: str, delta: int) -> None:
-        await self._check_fence(f"scale {name}")
-        await self._rescale(namespace, name, lambda n: max(0, n + delta))
-
-    async def _rescale(self, namespace: str, name: str, compute: Callable[[int], int]) -> tuple[int, int]:
-        """Set a Deployment's replicas to ``compute(current)`` with compare-and-swap on the
-        scale subresource. The Deployment controller bumps resourceVersion right after each
-        change (status writes), so a 409 is expected: re-read and recompute from the fresh
-        count (``Kube.read_modify_write``). Returns (before, after)."""
-        seen: dict[str, int] = {}
-
-        def mutate(scale: dict[str, Any]) -> dict[str, Any] | None:
-            before = int((scale.get("spec") or {}).get("replicas") or 0)
-            after = compute(before)
-            seen["before"], seen["after"] = before, after
-            if after == before:
-                return None
-            scale.setdefault("spec", {})["replicas"] = after
-            return scale
-
-        await self.api.read_modify_write(DEPLOYMENTS, name, mutate, namespace=namespace, subresource="scale")
-        return seen["before"], seen["after"]
+    async def _set_replicas(self, namespace: str, name: str, *, expect: int, replicas: int) -> None:
+        """An absolute replica count, by compare-and-swap against the count this decision was
+        made from (``kube.set_replicas``): after a 409 the fresh count is re-read and the same
+        absolute count written again; a count someone else changed is not overwritten."""
+        await set_replicas(self.api, DEPLOYMENTS, name, namespace=namespace, expect=expect, replicas=replicas)
 
     async def _drain(self, pod: Mapping[str, Any]) -> None:
         meta = pod["metadata"]
-        await self._check_fence(f"drain {meta['name']}")
         await self.api.patch(PODS, meta["name"], {"metadata": {"annotations": {
             ANNOTATION_DRAINING: repr(self.clock.time()), DELETION_COST: MIN_DELETION_COST}}},
             namespace=meta["namespace"])
         await self._set_gate(pod, False, "Draining", "chosen for scale-in: out of traffic, under observation")
 
-    async def _template(self, service: Any, role: str) -> Mapping[str, Any]:
+    async def _template(self, service: ServiceConfig, role: str) -> Mapping[str, Any]:
         workload = template_of(service, role)
         if workload is None:
             raise ConfigError([f"{service.name}.{role}: needs a deployment or statefulset as the "
@@ -649,7 +584,7 @@ class DeploymentGroupActuator:
         kind, name = workload
         return await self.api.get(WORKLOADS[kind], name, namespace=service.namespace)
 
-    async def _shortfall_event(self, service: Any, short: PoolCounts, result: PlacementPlan) -> None:
+    async def _shortfall_event(self, service: ServiceConfig, short: PoolCounts, result: PlacementPlan) -> None:
         workload = template_of(service, "decode")
         if workload is None:
             return
@@ -666,10 +601,9 @@ class DeploymentGroupActuator:
                  "source": {"component": COMPONENT}, "firstTimestamp": stamp, "lastTimestamp": stamp,
                  "count": 1, "reportingComponent": COMPONENT, "reportingInstance": self.identity}
         try:
-            await self._check_fence("record a shortfall event")
             await self.api.create(EVENTS, event, namespace=service.namespace)
         except ApiError as exc:
             log.warning("%s: could not record the shortfall event: %s", service.name, exc)
 
     async def close(self) -> None:
-        await self.api.close()
+        return None          # the client belongs to the caller

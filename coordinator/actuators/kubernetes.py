@@ -7,14 +7,17 @@ replicas are not ready, lists the role's pods to date the oldest pending one.
 ``apply`` writes the ``scale`` subresource of both roles as one step (see
 docs/kubernetes.md for the why):
 
-1. fence: ``fence()`` (the election's ``still_leader``) is re-checked before EVERY write,
-   compensation included; a closed fence raises ``NotLeaderError`` and writes nothing more.
+1. fence: the API client is ``Kube.fenced(election)``, so the lease is re-checked before
+   EVERY write attempt, retries and compensation included, and each attempt is cut to
+   the time left before the renew deadline; a closed fence raises ``NotLeaderError`` and
+   nothing more is written.
 2. order: increases before decreases, so capacity never dips mid-step; among increases
    decode first (new decode capacity absorbs what extra prefill would push), among
    decreases prefill first (less prefill output before decode shrinks).
 3. each write is a compare-and-swap on the Scale's ``resourceVersion`` and only goes
    ahead while ``spec.replicas`` still equals what ``observe`` saw: a human's concurrent
-   ``kubectl scale`` is never overwritten by a decision made before it (409 → re-read).
+   ``kubectl scale`` is never overwritten by a decision made before it (409 → re-read,
+   ``kube.set_replicas``).
 4. 429/5xx/timeouts are retried by ``Kube`` (bounded, backoff, ``Retry-After``). If the
    second role still fails, the first is compensated: written back to its old count
    (again CAS, again fenced), so the P/D ratio is not left broken; then ``ApiError``.
@@ -36,13 +39,13 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable, Mapping
+from typing import Any, Mapping
 
-from heteroscale.coordinator.kube import (EVENTS, PODS, WORKLOADS, Clock, Kube, Resource,
-                                      SystemClock, format_time, kube_from_config,
-                                      label_selector_text, parse_time)
+from heteroscale.coordinator.core.settings import ServiceConfig
 from heteroscale.coordinator.core.types import ROLES, ApplyResult, Decision, PoolCounts, PoolStatus
-from heteroscale.errors import ApiError, ConfigError
+from heteroscale.coordinator.kube import (EVENTS, PODS, WORKLOADS, Clock, Kube, Resource, SystemClock, format_time,
+                                          label_selector_text, parse_time, set_replicas)
+from heteroscale.errors import ApiError, ConfigError, NotLeaderError
 
 log = logging.getLogger(__name__)
 
@@ -52,15 +55,8 @@ COMPONENT = "heteroscale-coordinator"
 MAX_EVENT_MESSAGE = 1024
 
 
-class NotLeaderError(ApiError):
-    """The fence closed: this process no longer holds the lease, so it must not write."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message, status=0)
-
-
 @dataclass(frozen=True)
-class Target:
+class WorkloadRef:
     role: str
     kind: str             # "Deployment" | "StatefulSet"
     resource: Resource
@@ -80,46 +76,25 @@ class _Seen:
     selector: str = ""
 
 
-def _role_config(service: Any, role: str) -> Any:
-    if hasattr(service, "role"):
-        return service.role(role)
-    if isinstance(service, Mapping):
-        return service[role]
-    return getattr(service, role)
-
-
-def _get(obj: Any, key: str) -> Any:
-    return obj.get(key) if isinstance(obj, Mapping) else getattr(obj, key, None)
-
-
-def targets_of(service: Any) -> dict[str, Target]:
-    """The two role workloads of ``service`` (the coordinator's ServiceConfig, or any
-    object/mapping with ``namespace`` and ``prefill``/``decode`` blocks naming a
-    ``deployment`` or ``statefulset``)."""
-    namespace = _get(service, "namespace") or "default"
-    found: dict[str, Target] = {}
+def targets_of(service: ServiceConfig) -> dict[str, WorkloadRef]:
+    """The two role workloads of ``service`` (each role names a deployment or statefulset)."""
+    found: dict[str, WorkloadRef] = {}
     problems: list[str] = []
     for role in ROLES:
-        cfg = _role_config(service, role)
-        workload = _get(cfg, "workload")
+        workload = service.role(role).workload
         if workload is None:
-            if _get(cfg, "deployment"):
-                workload = ("Deployment", _get(cfg, "deployment"))
-            elif _get(cfg, "statefulset"):
-                workload = ("StatefulSet", _get(cfg, "statefulset"))
-        if workload is None:
-            problems.append(f"{_get(service, 'name')}.{role}: needs a deployment or statefulset")
+            problems.append(f"{service.name}.{role}: needs a deployment or statefulset")
             continue
         kind, name = workload
-        found[role] = Target(role, kind, WORKLOADS[kind], namespace, name)
+        found[role] = WorkloadRef(role, kind, WORKLOADS[kind], service.namespace, name)
     if problems:
         raise ConfigError(problems, source="kubernetes backend")
     return found
 
 
-def write_order(steps: list[tuple[Target, int, int]]) -> list[tuple[Target, int, int]]:
+def write_order(steps: list[tuple[WorkloadRef, int, int]]) -> list[tuple[WorkloadRef, int, int]]:
     """Increases first (decode, then prefill), then decreases (prefill, then decode)."""
-    def key(step: tuple[Target, int, int]) -> tuple[int, int]:
+    def key(step: tuple[WorkloadRef, int, int]) -> tuple[int, int]:
         target, old, new = step
         if new > old:
             return (0, 0 if target.role == "decode" else 1)
@@ -132,15 +107,12 @@ class KubernetesActuator:
 
     name = "kubernetes"
 
-    def __init__(self, config: Any = None, *, api: Kube | None = None, dry_run: bool | None = None,
-                 fence: Callable[[], Awaitable[bool]] | None = None, clock: Clock | None = None,
-                 identity: str = COMPONENT, conflict_attempts: int = 5, **_: Any) -> None:
-        coordinator = getattr(config, "coordinator", None)
-        self.dry_run = bool(dry_run if dry_run is not None else getattr(coordinator, "dry_run", False))
-        self.writes = not self.dry_run
-        self._owns_api = api is None        # close only what we opened
-        self.api = api if api is not None else kube_from_config()
-        self.fence = fence
+    def __init__(self, *, api: Kube, dry_run: bool = False, clock: Clock | None = None,
+                 identity: str = COMPONENT, conflict_attempts: int = 5) -> None:
+        """``api`` is the (fenced) client, owned by the caller; ``dry_run`` observes only."""
+        self.dry_run = dry_run
+        self.writes = not dry_run
+        self.api = api
         self.clock: Clock = clock or SystemClock()
         self.identity = identity
         self.conflict_attempts = conflict_attempts
@@ -148,7 +120,7 @@ class KubernetesActuator:
         self._written: dict[tuple[str, str, str], int] = {}
 
     # ------------------------------------------------------------ observe
-    async def observe(self, service: Any) -> PoolStatus:
+    async def observe(self, service: ServiceConfig) -> PoolStatus:
         targets = targets_of(service)
         current, ready, pending = {}, {}, {}
         since: list[float] = []
@@ -176,7 +148,7 @@ class KubernetesActuator:
                           pending=PoolCounts(**pending),
                           pending_since_s=min(since) if since else None, manual_override=manual)
 
-    def _manual(self, target: Target, obj: Mapping[str, Any], spec: int) -> bool:
+    def _manual(self, target: WorkloadRef, obj: Mapping[str, Any], spec: int) -> bool:
         annotations = (obj.get("metadata") or {}).get("annotations") or {}
         text = annotations.get(ANNOTATION_REPLICAS)
         if text is None:
@@ -191,7 +163,7 @@ class KubernetesActuator:
                  target, spec, recorded)
         return True
 
-    async def _oldest_unready_pod(self, target: Target, obj: Mapping[str, Any]) -> float | None:
+    async def _oldest_unready_pod(self, target: WorkloadRef, obj: Mapping[str, Any]) -> float | None:
         selector = label_selector_text((obj.get("spec") or {}).get("selector"))
         if not selector:
             return None
@@ -203,7 +175,7 @@ class KubernetesActuator:
         return min(known) if known else None
 
     # ------------------------------------------------------------ apply
-    async def apply(self, service: Any, decision: Decision) -> ApplyResult:
+    async def apply(self, service: ServiceConfig, decision: Decision) -> ApplyResult:
         targets = targets_of(service)
         desired = {role: getattr(decision.desired, role) for role in ROLES}
         if any(n < 0 for n in desired.values()):
@@ -215,7 +187,7 @@ class KubernetesActuator:
                     for role in ROLES}
         steps = write_order([(targets[role], expected[role], desired[role])
                              for role in ROLES if desired[role] != expected[role]])
-        done: list[tuple[Target, int, int]] = []
+        done: list[tuple[WorkloadRef, int, int]] = []
         for target, old, new in steps:
             try:
                 await self._fenced_scale(target, expect=old, replicas=new)
@@ -233,41 +205,21 @@ class KubernetesActuator:
         notes += await self._record(targets, decision, desired)
         return ApplyResult(applied=decision.desired, note="; ".join(notes))
 
-    def _selector_seen(self, target: Target) -> str:
+    def _selector_seen(self, target: WorkloadRef) -> str:
         seen = self._seen.get(self._key(target))
         return seen.selector if seen else ""
 
-    def _expected(self, target: Target, fallback: int) -> int:
+    def _expected(self, target: WorkloadRef, fallback: int) -> int:
         seen = self._seen.get(self._key(target))
         return seen.spec_replicas if seen else fallback
 
-    async def _check_fence(self, what: str) -> None:
-        if self.fence is not None and not await self.fence():
-            raise NotLeaderError(f"not the leader any more: refused to {what}")
+    async def _fenced_scale(self, target: WorkloadRef, *, expect: int, replicas: int) -> None:
+        """CAS through the fenced client: set ``replicas`` only while spec.replicas is ``expect``."""
+        if await set_replicas(self.api, target.resource, target.name, namespace=target.namespace,
+                              expect=expect, replicas=replicas, conflict_attempts=self.conflict_attempts):
+            log.info("%s: scaled %d -> %d", target, expect, replicas)
 
-    async def _fenced_scale(self, target: Target, *, expect: int, replicas: int) -> None:
-        """CAS: set ``replicas`` only while spec.replicas is still ``expect``."""
-        for attempt in range(self.conflict_attempts):
-            scale = await self.api.get_scale(target.resource, target.name, namespace=target.namespace)
-            now = int((scale.get("spec") or {}).get("replicas", 0))
-            if now == replicas:
-                return            # already there (a retried write that did land)
-            if now != expect:
-                raise ApiError(f"{target}: replicas changed to {now} by someone else "
-                               f"(decided from {expect}); not overwriting", status=409)
-            await self._check_fence(f"scale {target} to {replicas}")
-            try:
-                await self.api.replace_scale(target.resource, target.name, namespace=target.namespace,
-                                             replicas=replicas,
-                                             resource_version=scale["metadata"].get("resourceVersion"))
-                log.info("%s: scaled %d -> %d", target, expect, replicas)
-                return
-            except ApiError as exc:
-                if exc.status != 409 or attempt == self.conflict_attempts - 1:
-                    raise
-        raise AssertionError("unreachable")  # pragma: no cover
-
-    async def _compensate(self, done: list[tuple[Target, int, int]], *, failed: Target,
+    async def _compensate(self, done: list[tuple[WorkloadRef, int, int]], *, failed: WorkloadRef,
                           error: ApiError) -> ApiError:
         """Write the already-scaled roles back; return the error to raise."""
         undone, broken = [], []
@@ -278,7 +230,7 @@ class KubernetesActuator:
                 self._written[self._key(target)] = old
                 self._seen[self._key(target)] = _Seen(spec_replicas=old,
                                                       selector=self._selector_seen(target))
-            except ApiError as exc:   # NotLeaderError included: the new leader will repair
+            except (ApiError, NotLeaderError) as exc:   # a closed fence: the new leader will repair
                 broken.append(f"{target.role} left at {new} ({exc})")
         text = f"{failed.role} write failed ({error})"
         if broken:
@@ -288,7 +240,7 @@ class KubernetesActuator:
         log.error("%s", text)
         return ApiError(text, status=error.status, retry_after_s=error.retry_after_s)
 
-    async def _record(self, targets: Mapping[str, Target], decision: Decision,
+    async def _record(self, targets: Mapping[str, WorkloadRef], decision: Decision,
                       desired: Mapping[str, int]) -> list[str]:
         """Annotations and Events, best-effort; returns notes about what failed."""
         notes = []
@@ -300,20 +252,18 @@ class KubernetesActuator:
             message += f" ({decision.detail})"
         for role, target in targets.items():
             try:
-                await self._check_fence(f"annotate {target}")
                 obj = await self.api.patch(target.resource, target.name, namespace=target.namespace,
                                            body={"metadata": {"annotations": {
                                                ANNOTATION_REPLICAS: str(desired[role]),
                                                ANNOTATION_DECISION: record}}})
-                await self._check_fence(f"record an event on {target}")
                 await self.api.create(EVENTS, self._event(target, obj, decision.reason, message),
                                       namespace=target.namespace)
-            except ApiError as exc:
+            except (ApiError, NotLeaderError) as exc:   # best-effort: the scaling stands
                 log.warning("%s: could not record the decision: %s", target, exc)
                 notes.append(f"{role} record failed: {exc}")
         return notes
 
-    def _event(self, target: Target, obj: Mapping[str, Any], reason: str, message: str) -> dict[str, Any]:
+    def _event(self, target: WorkloadRef, obj: Mapping[str, Any], reason: str, message: str) -> dict[str, Any]:
         meta = obj.get("metadata") or {}
         stamp = format_time(self.clock.time())
         return {
@@ -335,15 +285,15 @@ class KubernetesActuator:
                 f"decode {current.decode}->{desired.decode}")
 
     @staticmethod
-    def _key(target: Target) -> tuple[str, str, str]:
+    def _key(target: WorkloadRef) -> tuple[str, str, str]:
         return (target.kind, target.namespace, target.name)
 
     # ------------------------------------------------------------ discovery
-    async def list_pods(self, service: Any, role: str) -> list[tuple[str, str]]:
+    async def list_pods(self, service: ServiceConfig, role: str) -> list[tuple[str, str]]:
         """``(pod name, pod IP)`` of the role's running pods, for report collection.
         The role's ``selector`` (config) wins; else the workload's own selector."""
         target = targets_of(service)[role]
-        selector = _get(_role_config(service, role), "selector") or self._selector_seen(target)
+        selector = service.role(role).selector or self._selector_seen(target)
         if not selector:
             obj = await self.api.get(target.resource, target.name, namespace=target.namespace)
             selector = label_selector_text((obj.get("spec") or {}).get("selector"))
@@ -359,8 +309,7 @@ class KubernetesActuator:
         return sorted(found)
 
     async def close(self) -> None:
-        if self._owns_api:
-            await self.api.close()
+        return None          # the client belongs to the caller
 
 
 def _pod_ready(pod: Mapping[str, Any]) -> bool:

@@ -20,8 +20,8 @@ Lifecycle of an instance::
   after loading weights; until then the instance is *pending*.
 * **Ready-ratio gate**: a ready instance joins traffic only when the Deployment
   Group's in-traffic prefill:decode ratio stays within ``gate_tolerance`` of the
-  service's ratio (or moves closer to it) — the Kubernetes DG actuator's ``admit``,
-  see ``gate_admit``.
+  service's ratio (or moves closer to it): ``core.gate.gate_admit``, the same rule as
+  the Kubernetes DG actuator's.
 * **Drain before stop**: an instance picked for removal leaves traffic at once; it is
   stopped only when the router reports no request of its in flight (``in_flight``
   hook), or after ``drain_timeout_s``.
@@ -51,11 +51,11 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 import aiohttp
 import yaml
 
-from heteroscale.coordinator.collect import Target
 from heteroscale.net import free_ports
-from heteroscale.coordinator.actuators.groups import admit
+from heteroscale.coordinator.core.gate import gate_admit
 from heteroscale.coordinator.core.placement import DeploymentGroup, RoleGroup, demand_from_service, plan
 from heteroscale.coordinator.core.topology import ClusterView, TopologyKeys, build_view, nodes_from_document
+from heteroscale.coordinator.seams import ReportTarget
 from heteroscale.coordinator.core.types import ApplyResult, Decision, PoolCounts, PoolStatus
 from heteroscale.errors import ConfigError
 
@@ -141,29 +141,6 @@ def emulator_gpu(gpu_type: str) -> str:
     """``NVIDIA-H20`` (a node label value) → ``H20`` (the perf model's catalog name)."""
     name = gpu_type.upper()
     return name[len("NVIDIA-"):] if name.startswith("NVIDIA-") else name
-
-
-# ---------------------------------------------------------------- the ready-ratio gate
-
-def gate_admit(in_traffic: PoolCounts, candidates: PoolCounts, *, ratio: tuple[int, int],
-               tolerance: float) -> PoolCounts:
-    """How many ready-but-gated instances of each role may join traffic now.
-
-    The Kubernetes DG actuator's own gate (``groups.admit``: the most instances that keep
-    the DG's in-traffic P:D within ``tolerance`` of the ratio, else a move strictly
-    closer to it), plus one local rule: a DG with *no* complete P+D pair in traffic that
-    has one ready takes everything ready at once, since a DG that cannot serve is worse
-    than an unbalanced one (``admit`` treats an empty DG as perfectly balanced).
-    Worked example, ratio 5:2, tolerance 0.34: (0, 0) in traffic with (2, 0) ready waits
-    for a decode; (3, 1) ready joins whole (3/1 is within 34% of 2.5).
-    """
-    p, d = admit(admitted=(in_traffic.prefill, in_traffic.decode),
-                 waiting=(candidates.prefill, candidates.decode), target=ratio, tolerance=tolerance)
-    cannot_serve = in_traffic.prefill == 0 or in_traffic.decode == 0
-    could_serve = (in_traffic.prefill + candidates.prefill > 0) and (in_traffic.decode + candidates.decode > 0)
-    if p == d == 0 and cannot_serve and could_serve:
-        return candidates
-    return PoolCounts(p, d)
 
 
 # ---------------------------------------------------------------- processes
@@ -279,11 +256,8 @@ class LocalActuator:
     name = "local"
     writes = True
 
-    def __init__(self, config: Any = None, *, cluster: SimulatedCluster | None = None,
-                 settings: LocalSettings = LocalSettings(), in_flight: InFlight | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
-        # ``config`` is accepted for ``make_actuator``'s calling convention; the local
-        # backend reads each service's config when the reconciler hands it over.
+    def __init__(self, *, cluster: SimulatedCluster | None = None, settings: LocalSettings = LocalSettings(),
+                 in_flight: InFlight | None = None, clock: Callable[[], float] = time.time) -> None:
         self.cluster = cluster or SimulatedCluster.from_file(DEFAULT_TOPOLOGY)
         self.settings = settings
         self.in_flight = in_flight or (lambda name: 0)
@@ -355,9 +329,9 @@ class LocalActuator:
 
     # ---------------------------------------------------------- ReportSource seam
 
-    async def targets(self, service: "ServiceConfig") -> list[Target]:
+    async def targets(self, service: "ServiceConfig") -> list[ReportTarget]:
         """Report URLs of the service's ready (and draining) instances."""
-        return [Target(url=f"{i.sidecar_url}/v1/report", role=i.role, pod=i.name)
+        return [ReportTarget(url=f"{i.sidecar_url}/v1/report", role=i.role, pod=i.name)
                 for i in self.instances.values()
                 if i.service == service.name and i.state in ("ready", "draining")]
 

@@ -1,53 +1,53 @@
-"""The advisory backend: observes pool sizes from the sidecars that answer; never writes.
+"""The advisory backend: the configured sidecars are the pools; never writes.
 
 Use it to run HeteroScale beside an existing deployment and watch what it would do
-(status page, ``/metrics``) before letting it act. The "current" size of a role is
-the number of its sidecars that answered this tick with the engine up (so a dead
-instance is not counted); "ready" is the same set minus instances the sidecar says
-are stale. Nothing is ever pending. ``apply`` is never called by the reconciler
-(``writes`` is False); if called anyway it changes nothing and says so.
+(status page, ``/metrics``) before letting it act. A role's pool is the sidecar URLs
+its config lists (``sidecars:``): that is what "current" means here, whether or not
+each one answered this tick. A sidecar that is silent, stale or reports its engine
+down is missing data (aggregation excludes it with its reason, and missing data never
+scales in), not a smaller pool. With the Prometheus source and no URLs, the pool is
+every instance the query returned, the ones it reports as vanished (seen within
+``lookback_s``) included. "ready" counts the instances that answered this tick with
+the engine up and fresh data. Nothing is ever pending.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Callable
 
+from heteroscale.coordinator.core.settings import ServiceConfig
 from heteroscale.coordinator.core.types import ApplyResult, Decision, PoolCounts, PoolStatus
+from heteroscale.coordinator.seams import Collection
 
-if TYPE_CHECKING:
-    from heteroscale.coordinator.collect import Collector
-    from heteroscale.coordinator.core.settings import Config, ServiceConfig
+Latest = Callable[[str], "Collection | None"]
 
 
 class StaticActuator:
+    """``seams.Actuator`` that observes and never writes (``writes`` is False)."""
+
     name = "static"
     writes = False
 
-    def __init__(self, config: "Config", *, collector: "Collector | None" = None, **_: Any) -> None:
-        self._config = config
-        self._collector = collector
+    def __init__(self, *, latest: Latest) -> None:
+        """``latest(service)``: the collector's newest ``Collection`` for a service."""
+        self._latest = latest
 
-    def attach(self, collector: "Collector") -> None:
-        """Read the collector's latest results (the reconciler calls this when it owns one)."""
-        self._collector = collector
-
-    async def observe(self, service: "ServiceConfig") -> PoolStatus:
-        counts = {"prefill": 0, "decode": 0}
-        ready = {"prefill": 0, "decode": 0}
-        latest = self._collector.latest.get(service.name) if self._collector else None
-        for item in latest.fetched if latest else ():
-            report = item.report
-            if report is None or report.service != service.name or not report.engine_up:
-                continue
-            role = item.role or report.role
-            if role not in counts:
-                continue
-            counts[role] += 1
-            if not report.stale:
-                ready[role] += 1
+    async def observe(self, service: ServiceConfig) -> PoolStatus:
+        collection = self._latest(service.name)
+        fetched = collection.fetched if collection else ()
+        counts: dict[str, int] = {}
+        ready: dict[str, int] = {}
+        for role in ("prefill", "decode"):
+            configured = set(service.role(role).sidecars)
+            mine = [f for f in fetched if (f.role or (f.report.role if f.report else None)) == role
+                    and (not configured or f.url in configured)]
+            counts[role] = len(configured) if configured else len(mine)
+            ready[role] = min(counts[role], sum(
+                1 for f in mine if f.report is not None and f.report.service == service.name
+                and f.report.engine_up and not f.report.stale))
         return PoolStatus(current=PoolCounts(**counts), ready=PoolCounts(**ready))
 
-    async def apply(self, service: "ServiceConfig", decision: Decision) -> ApplyResult:
+    async def apply(self, service: ServiceConfig, decision: Decision) -> ApplyResult:
         return ApplyResult(applied=decision.current, note="static backend is advisory: nothing written")
 
     async def close(self) -> None:

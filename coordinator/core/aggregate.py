@@ -10,6 +10,10 @@ service or role; the engine is down; the sidecar marks it stale; or it is older
 than ``policy.report_max_age_s`` (judged against ``now_s``, so a sidecar that
 stopped updating cannot keep a service at an old load — the llm-d "ratchet").
 
+Completeness: every expected decode instance (a ready instance, or a report target,
+outside warm-up) that sent nothing usable is ``missing_decode``. The policy scales in
+only on a complete view; with some missing it may scale out on an estimate.
+
 Warm-up (PEERS §5.3): an instance younger than ``policy.warmup_s`` (``started_at``)
 is still serving real traffic, so its decode tokens/s is part of the LOAD (dropping
 it would make load vanish whenever pods are added, and the policy would scale in
@@ -30,22 +34,11 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterable
 
-from heteroscale.coordinator.core.types import Observation, PoolStatus
+from heteroscale.coordinator.core.types import Fetched, Observation, PoolStatus
 from heteroscale.report import SidecarReport
 
 if TYPE_CHECKING:
     from heteroscale.coordinator.core.settings import ServiceConfig
-
-
-@dataclass(frozen=True)
-class Fetched:
-    """One target's answer this tick. ``error`` is a short reason when ``report`` is None:
-    ``timeout``, ``connect``, ``http_status``, ``invalid_json``, ``invalid_report``."""
-
-    url: str
-    role: str | None
-    report: SidecarReport | None = None
-    error: str | None = None
 
 
 @dataclass(frozen=True)
@@ -104,11 +97,15 @@ def aggregate(service: "ServiceConfig", fetched: Iterable[Fetched], *, pools: Po
     tbt = [(r.tbt_p90_s, r.decode_tps or 0.0) for r in warm if r.role == "decode" and r.tbt_p90_s is not None]
     ttft = [(r.ttft_p90_s, (r.prefill_tps if r.role == "prefill" else r.decode_tps) or 0.0)
             for r in warm if r.ttft_p90_s is not None]
+    fresh_decode = len(decode) - warming_decode
+    expected_decode = max(0, max(targets["decode"], pools.ready.decode) - warming_decode)
     return Observation(
         pools=pools,
         decode_tps=sum(decode_rates) if decode_rates else None,
-        fresh_decode=len(decode) - warming_decode,
-        expected_decode=max(0, max(targets["decode"], pools.ready.decode) - warming_decode),
+        fresh_decode=fresh_decode,
+        expected_decode=expected_decode,
+        reporting_decode=len(decode_rates),
+        missing_decode=max(0, expected_decode - fresh_decode),
         fresh_prefill=len(prefill) - warming_prefill,
         expected_prefill=max(0, max(targets["prefill"], pools.ready.prefill) - warming_prefill),
         warming_decode=warming_decode,

@@ -12,8 +12,13 @@ One tick, in order (PAPER §5.3–5.5, PEERS §5):
    until our next write; the policy reacts to each new edit once).
 2. A fixed-count schedule is active: use it. Reason ``schedule``. (A bounds schedule
    only narrows ``min_decode``/``max_decode`` and the policy runs on.)
-3. Too few fresh decode reports: hold. Missing data never scales in
-   (``hold_missing_data``).
+3. Data: too few fresh decode reports (below ``min_fresh_reports_ratio``): hold
+   (``hold_missing_data``). Some expected decode instance missing: the load is
+   estimated (the mean of the reporting instances × the instances that should have
+   reported, shown in the inputs as ``estimated_decode_tps``); a scale-out may go on it,
+   but nothing shrinks, neither pool (``hold_partial_data``). Scale-in only on a complete
+   view. Signals that are not finite, or negative, count as missing: ``decide`` never
+   raises for any ``Observation``.
 4. Proportional control: the decode tokens/s, smoothed over ``smoothing_window_s``,
    gives ``D = ceil(tps / τ)``; utilisation ``u = tps / (D_current · τ)`` is compared
    with the asymmetric band ``[1 − scale_in, 1 + scale_out]``.
@@ -59,7 +64,7 @@ if TYPE_CHECKING:
 
 REASONS = (
     "scale_out_tps", "scale_in_tps", "latency_moderate", "latency_severe",
-    "hold_missing_data", "hold_pending", "hold_cooldown", "hold_stabilization",
+    "hold_missing_data", "hold_partial_data", "hold_pending", "hold_cooldown", "hold_stabilization",
     "hold_tolerance", "hold_consolidation", "bounded_max", "bounded_min",
     "bounded_budget", "ratio_repair", "schedule", "manual_override",
 )
@@ -85,11 +90,17 @@ def prefill_for_decode(service: "ServiceConfig", decode: int) -> int:
     return prefill_for_ratio(decode, service.pd_ratio)
 
 
+MAX_INSTANCES = 10**7   # no fleet is larger: a recommendation above it is capped, not computed
+
+
 def proportional_decode(tps: float, target_tps_per_instance: float) -> int:
     """``ceil(tps / τ)``; a hair of tolerance so 4800/2400 is 2, not 3 from float dust."""
-    if tps <= 0:
+    if not tps > 0:
         return 0
-    return max(0, math.ceil(tps / target_tps_per_instance - _EPS))
+    ratio = tps / target_tps_per_instance
+    if not ratio < MAX_INSTANCES:
+        return MAX_INSTANCES
+    return max(0, math.ceil(ratio - _EPS))
 
 
 def clamp(value: int, low: int, high: int) -> int:
@@ -109,10 +120,12 @@ def damp(current: int, desired: int, *, max_out_factor: float, max_in_factor: fl
 
 
 def smoothed_tps(samples: tuple[tuple[float, float], ...]) -> float | None:
-    """Plain mean of the samples kept in the window (ticks are evenly spaced)."""
+    """Plain mean of the samples kept in the window (ticks are evenly spaced); summed as
+    ``v / n`` so that huge finite values cannot overflow to infinity."""
     if not samples:
         return None
-    return sum(v for _, v in samples) / len(samples)
+    n = len(samples)
+    return sum(v / n for _, v in samples)
 
 
 def stabilized_recommendation(recommendations: tuple[tuple[float, int], ...], *, now_s: float,
@@ -209,17 +222,68 @@ def enough_data(service: "ServiceConfig", observation: Observation) -> bool:
     return observation.fresh_decode / expected >= service.policy.min_fresh_reports_ratio - _EPS
 
 
+def estimated_load(observation: Observation) -> float | None:
+    """The decode load: the measured sum when every expected instance reported; with some
+    missing, the mean per reporting instance × (reporting + missing) — the missing ones
+    serve traffic too, and leaving them out would read as a drop in load."""
+    tps = observation.decode_tps
+    if tps is None or observation.missing_decode <= 0 or observation.reporting_decode <= 0:
+        return tps
+    per = tps / observation.reporting_decode
+    return per * (observation.reporting_decode + observation.missing_decode)
+
+
+def sanitized(observation: Observation) -> Observation:
+    """Signals the policy can act on: a value that is not finite (or a negative rate or
+    latency, or a negative count) is treated as not measured."""
+    def rate(value: float | None) -> float | None:
+        return value if value is not None and math.isfinite(value) and value >= 0 else None
+
+    fields = {name: rate(getattr(observation, name)) for name in (
+        "decode_tps", "tbt_p90_s", "ttft_p90_s", "tbt_p90_max_s", "ttft_p90_max_s", "prefill_tps",
+        "prefill_uncached_tps")}
+    counts = {name: max(0, getattr(observation, name)) for name in (
+        "fresh_decode", "expected_decode", "reporting_decode", "missing_decode", "fresh_prefill",
+        "expected_prefill", "warming_decode")}
+    clean = replace(observation, **fields, **counts)
+    return observation if clean == observation else clean
+
+
 # ---------------------------------------------------------------- the decision
+
+@dataclass(frozen=True)
+class Proposal:
+    """The one small value the stages pass along: a decode count, why, and how.
+
+    ``keep_prefill``: a hold keeps today's prefill count as it is (no ratio repair on
+    a tick that is not allowed to move)."""
+
+    decode: int
+    reason: str
+    detail: str
+    keep_prefill: bool = False
+
+    def hold(self, *, current: int, reason: str, detail: str) -> "Proposal":
+        return Proposal(decode=current, reason=reason, detail=detail, keep_prefill=True)
+
+    def note(self, text: str) -> "Proposal":
+        return replace(self, detail=f"{self.detail}; {text}" if self.detail else text)
+
 
 def decide(*, service: "ServiceConfig", observation: Observation, state: PolicyState,
            now_s: float) -> tuple[Decision, PolicyState]:
-    """One tick for one service. Pure: same inputs, same outputs."""
+    """One tick for one service. Pure: same inputs, same outputs.
+
+    The returned state carries no cooldown stamps for this tick's move: the caller
+    reports what was written with ``settle`` (a decision that was not applied must not
+    start a cooldown)."""
     pol = service.policy
-    pools = observation.pools
-    current = pools.current
+    observation = sanitized(observation)
+    current = observation.pools.current
     valid = enough_data(service, observation)
-    state = _remember(state, observation=observation, valid=valid, now_s=now_s,
-                      window_s=pol.smoothing_window_s)
+    complete = valid and observation.missing_decode == 0
+    load = estimated_load(observation)
+    state = _remember(state, load_tps=load if valid else None, now_s=now_s, window_s=pol.smoothing_window_s)
     state = _track_pending(state, observation=observation, now_s=now_s)
     inputs: dict[str, Any] = {
         "decode_tps": observation.decode_tps,
@@ -227,168 +291,64 @@ def decide(*, service: "ServiceConfig", observation: Observation, state: PolicyS
         "expected_decode": observation.expected_decode,
         "target_decode_tps_per_instance": service.target_decode_tps_per_instance,
     }
+    if valid and not complete:
+        inputs.update(missing_decode=observation.missing_decode, estimated_decode_tps=round(load or 0.0, 3))
 
-    def result(reason: str, desired: PoolCounts, detail: str, new_state: PolicyState) -> tuple[Decision, PolicyState]:
-        return (Decision(service=service.name, at=now_s, reason=reason, current=current,
-                         desired=desired, detail=detail, inputs=inputs), new_state)
+    def decision(reason: str, desired: PoolCounts, detail: str) -> Decision:
+        return Decision(service=service.name, at=now_s, reason=reason, current=current, desired=desired,
+                        detail=detail, inputs=inputs)
 
-    # The backend keeps flagging a manual edit until we write again, so adopt each new
-    # edit once (an edge), then decide normally from the human's counts.
-    if not pools.manual_override:
-        state = replace(state, adopted=None) if state.adopted is not None else state
-    elif state.adopted != current:
-        adopted = replace(state, last_scale_out_s=now_s, last_scale_in_s=now_s, adopted=current,
-                          recommendations=((now_s, current.decode),))
-        return result("manual_override", current,
-                      f"replicas changed outside HeteroScale to {current.prefill}P{current.decode}D; "
-                      "adopted until the next decision", adopted)
+    adopted = _adopt_manual_edit(state, current=current, manual=observation.pools.manual_override, now_s=now_s)
+    if adopted is not None:
+        return decision("manual_override", current,
+                        f"replicas changed outside HeteroScale to {current.prefill}P{current.decode}D; "
+                        "adopted until the next decision"), adopted
+    state = replace(state, adopted=None) if not observation.pools.manual_override and state.adopted else state
 
     entry = active_schedule(service, now_s)
     if entry is not None and entry.fixed:
         desired = PoolCounts(prefill=entry.prefill or 0, decode=entry.decode or 0)
-        return result("schedule", desired, f"fixed schedule {entry.name or _window(entry)}",
-                      _after_move(state, current, desired, now_s))
+        return decision("schedule", desired, f"fixed schedule {entry.name or _window(entry)}"), state
     low, high = decode_bounds(service, entry)
     inputs["bounds"] = [low, high]
 
     if not valid:
-        reason, desired_d, detail = "hold_missing_data", current.decode, (
+        proposal = Proposal(decode=current.decode, reason="hold_missing_data", keep_prefill=True, detail=(
             f"{observation.fresh_decode} fresh of {observation.expected_decode} expected decode reports "
-            f"(need {pol.min_fresh_reports_ratio:.0%})")
-        return _finish(service, result, state, current=current, desired_d=desired_d, reason=reason,
-                       detail=detail, low=low, high=high, keep_prefill=True, now_s=now_s, inputs=inputs)
-
-    tps = smoothed_tps(state.tps_samples) or 0.0
-    tau = service.target_decode_tps_per_instance
-    want = proportional_decode(tps, tau)
-    utilization = tps / (current.decode * tau) if current.decode > 0 else math.inf
-    step, lat_reason, lat_ratio = latency_step(service, tbt_p90_s=observation.tbt_p90_s,
-                                               ttft_p90_s=observation.ttft_p90_s)
-    inputs.update(smoothed_decode_tps=round(tps, 3), recommendation=want,
-                  utilization=None if math.isinf(utilization) else round(utilization, 4),
-                  latency_slo_ratio=None if lat_ratio is None else round(lat_ratio, 4))
-
-    # Which way, and why.
-    target, reason = current.decode, "hold_tolerance"
-    detail = f"decode tps {tps:.0f} is {utilization:.0%} of {current.decode}x{tau:g}" if current.decode \
-        else f"decode tps {tps:.0f}, no decode instances"
-    if utilization > 1 + pol.tolerance.scale_out and want > current.decode:
-        target, reason = want, "scale_out_tps"
-    elif utilization < 1 - pol.tolerance.scale_in and want < current.decode:
-        target, reason = want, "scale_in_tps"
-    recommendation = want
-    if lat_reason is not None:
-        # The step is at least +1, so a breach always overrides a scale-in: latency never
-        # lets the pools shrink. A larger proportional scale-out keeps its own reason.
-        lat_d = latency_target(current.decode, step)
-        recommendation = max(want, lat_d)
-        inputs["latency_recommendation"] = lat_d
-        if lat_d > max(target, current.decode):
-            target, reason = lat_d, lat_reason
-            detail = f"p90 latency at {lat_ratio:.2f}x SLO: +{step:.0%} both pools"
-    # The window keeps each tick's final recommendation, the latency net's included (as
-    # HPA keeps its computed replicas): a size that latency asked for is not given back by
-    # a tokens/s scale-in before the stabilisation window has passed. Keeping only the
-    # tokens/s recommendation made the net and the proportional rule undo each other.
-    state = replace(state, recommendations=_trim_recs(
-        state.recommendations + ((now_s, recommendation),), now_s=now_s,
-        window_s=pol.scale_in_stabilization_s))
-
-    if target > current.decode:
-        return _scale_out(service, result, state, current=current, target=target, reason=reason,
-                          detail=detail, low=low, high=high, now_s=now_s, inputs=inputs,
-                          pending_total=pools.pending.total(), pending_since_s=pools.pending_since_s)
-    if target < current.decode:
-        return _scale_in(service, result, state, current=current, reason=reason, detail=detail,
-                         low=low, high=high, now_s=now_s, inputs=inputs,
-                         load_tps=max(tps, observation.decode_tps or 0.0))
-    return _finish(service, result, state, current=current, desired_d=current.decode, reason=reason,
-                   detail=detail, low=low, high=high, keep_prefill=False, now_s=now_s, inputs=inputs)
-
-
-def _scale_out(service: "ServiceConfig", result: Any, state: PolicyState, *, current: PoolCounts,
-               target: int, reason: str, detail: str, low: int, high: int, now_s: float,
-               inputs: dict[str, Any], pending_total: int,
-               pending_since_s: float | None) -> tuple[Decision, PolicyState]:
-    pol = service.policy
-    if pending_total > 0:
-        since = min(x for x in (pending_since_s, state.pending_seen_s, now_s) if x is not None)
-        if now_s - since < pol.pending_timeout_s:
-            return _finish(service, result, state, current=current, desired_d=current.decode,
-                           reason="hold_pending", keep_prefill=True, low=low, high=high, now_s=now_s,
-                           detail=f"{pending_total} instance(s) pending for {now_s - since:.0f}s "
-                                  f"(timeout {pol.pending_timeout_s:g}s); wanted {target} decode",
-                           inputs=inputs)
-        detail += f"; {pending_total} pending past the {pol.pending_timeout_s:g}s timeout, ignored"
-    if state.last_scale_out_s is not None and now_s - state.last_scale_out_s < pol.scale_out_cooldown_s:
-        return _finish(service, result, state, current=current, desired_d=current.decode,
-                       reason="hold_cooldown", keep_prefill=True, low=low, high=high, now_s=now_s,
-                       detail=f"last scale-out {now_s - state.last_scale_out_s:.0f}s ago "
-                              f"(cooldown {pol.scale_out_cooldown_s:g}s); wanted {target} decode",
-                       inputs=inputs)
-    damped = damp(current.decode, target, max_out_factor=pol.max_scale_out_factor,
-                  max_in_factor=pol.max_scale_in_factor)
-    if damped != target:
-        detail += f"; step damped {target} -> {damped}"
-    return _finish(service, result, state, current=current, desired_d=damped, reason=reason,
-                   detail=detail, low=low, high=high, keep_prefill=False, now_s=now_s, inputs=inputs)
-
-
-def _scale_in(service: "ServiceConfig", result: Any, state: PolicyState, *, current: PoolCounts,
-              reason: str, detail: str, low: int, high: int, now_s: float, inputs: dict[str, Any],
-              load_tps: float) -> tuple[Decision, PolicyState]:
-    pol = service.policy
-    stable = stabilized_recommendation(state.recommendations, now_s=now_s,
-                                       window_s=pol.scale_in_stabilization_s)
-    stable = current.decode if stable is None else stable
-    inputs["stabilized_recommendation"] = stable
-    if stable >= current.decode:
-        return _finish(service, result, state, current=current, desired_d=current.decode,
-                       reason="hold_stabilization", keep_prefill=True, low=low, high=high, now_s=now_s,
-                       detail=f"highest recommendation over {pol.scale_in_stabilization_s:g}s is {stable}",
-                       inputs=inputs)
-    damped = damp(current.decode, stable, max_out_factor=pol.max_scale_out_factor,
-                  max_in_factor=pol.max_scale_in_factor)
-    if damped != stable:
-        detail += f"; step damped {stable} -> {damped}"
-    need = consolidation_decode(load_tps, target_tps_per_instance=service.target_decode_tps_per_instance,
-                                margin=pol.consolidation_margin)
-    inputs["consolidation_need"] = need
-    if need >= current.decode:
-        return _finish(service, result, state, current=current, desired_d=current.decode,
-                       reason="hold_consolidation", keep_prefill=True, low=low, high=high, now_s=now_s,
-                       detail=f"{current.decode - 1} survivors could not carry {load_tps:.0f} tok/s within "
-                              f"{pol.consolidation_margin:.0%} of target", inputs=inputs)
-    if need > damped:
-        detail += f"; consolidation keeps {need}"
-        damped = need
-    return _finish(service, result, state, current=current, desired_d=damped, reason=reason,
-                   detail=detail, low=low, high=high, keep_prefill=False, now_s=now_s, inputs=inputs)
-
-
-def _finish(service: "ServiceConfig", result: Any, state: PolicyState, *, current: PoolCounts,
-            desired_d: int, reason: str, detail: str, low: int, high: int, keep_prefill: bool,
-            now_s: float, inputs: dict[str, Any]) -> tuple[Decision, PolicyState]:
-    """Bounds, budget and the ratio; then stamp cooldown times if the pools move."""
-    bounded = clamp(desired_d, low, high)
-    if bounded != desired_d:
-        reason = "bounded_max" if desired_d > high else "bounded_min"
-        detail += f"; bounded to [{low}, {high}]"
-    budgeted = fit_budget(service, bounded, low=low)
-    if budgeted != bounded:
-        reason = "bounded_budget"
-        detail += f"; GPU budget {service.policy.gpu_budget} allows {budgeted} decode"
-    if keep_prefill and budgeted == current.decode:
-        desired = current
+            f"(need {pol.min_fresh_reports_ratio:.0%})"))
     else:
-        desired = pools_for_decode(service, budgeted)
-    if reason == "hold_tolerance" and desired != current:
-        reason = "ratio_repair"
-        detail += f"; prefill {current.prefill} -> {desired.prefill} to keep {service.pd_ratio_text}"
-    return result(reason, desired, detail, _after_move(state, current, desired, now_s))
+        tps = smoothed_tps(state.tps_samples) or 0.0
+        proposal = _propose(service, tps=tps, current=current.decode, inputs=inputs)
+        proposal, recommendation = _latency_net(service, proposal, observation=observation,
+                                                current=current.decode, inputs=inputs)
+        # The window keeps each tick's final recommendation, the latency net's included (as
+        # HPA keeps its computed replicas): a size that latency asked for is not given back
+        # by a tokens/s scale-in before the stabilisation window has passed.
+        state = replace(state, recommendations=_trim_recs(
+            state.recommendations + ((now_s, recommendation),), now_s=now_s,
+            window_s=pol.scale_in_stabilization_s))
+        if proposal.decode > current.decode:
+            proposal = _gate_scale_out(service, proposal, state=state, current=current.decode, now_s=now_s,
+                                       pending_total=observation.pools.pending.total(),
+                                       pending_since_s=observation.pools.pending_since_s)
+        elif proposal.decode < current.decode:
+            proposal = _stabilize_scale_in(service, proposal, state=state, current=current.decode, now_s=now_s,
+                                           load_tps=max(tps, load or 0.0), inputs=inputs)
+    proposal = _apply_bounds(service, proposal, low=low, high=high)
+    desired, proposal = _apply_ratio(service, proposal, current=current)
+    if valid and not complete:
+        desired, proposal = _hold_shrink_on_partial_data(desired, proposal, current=current,
+                                                         missing=observation.missing_decode)
+    return decision(proposal.reason, desired, proposal.detail), state
 
 
-def _after_move(state: PolicyState, current: PoolCounts, desired: PoolCounts, now_s: float) -> PolicyState:
+def settle(state: PolicyState, *, decision: Decision, applied: bool) -> PolicyState:
+    """The state after the caller acted on ``decision``: cooldown clocks start only
+    for a move that was written (``applied``). A standby, a dry run, an advisory backend
+    or a failed write leaves them as they were."""
+    if not applied:
+        return state
+    current, desired, now_s = decision.current, decision.desired, decision.at
     if desired.decode > current.decode or (desired.decode == current.decode and desired.total() > current.total()):
         return replace(state, last_scale_out_s=now_s)
     if desired.decode < current.decode or desired.total() < current.total():
@@ -396,12 +356,152 @@ def _after_move(state: PolicyState, current: PoolCounts, desired: PoolCounts, no
     return state
 
 
-def _remember(state: PolicyState, *, observation: Observation, valid: bool, now_s: float,
-              window_s: float) -> PolicyState:
+# ---------------------------------------------------------------- stages
+
+def _hold_shrink_on_partial_data(desired: PoolCounts, proposal: Proposal, *, current: PoolCounts,
+                                 missing: int) -> tuple[PoolCounts, Proposal]:
+    """Scale-in only on a complete view: with decode instances missing, neither pool
+    shrinks (a scale-out, on the estimate, goes ahead)."""
+    kept = PoolCounts(prefill=max(desired.prefill, current.prefill), decode=max(desired.decode, current.decode))
+    if kept == desired:
+        return desired, proposal
+    detail = f"{missing} decode instance(s) sent no usable report: no scale-in on partial data"
+    if kept == current:
+        return kept, Proposal(decode=current.decode, reason="hold_partial_data", keep_prefill=True,
+                              detail=f"{proposal.detail}; {detail}" if proposal.detail else detail)
+    return kept, proposal.note(detail)
+
+
+def _adopt_manual_edit(state: PolicyState, *, current: PoolCounts, manual: bool,
+                       now_s: float) -> PolicyState | None:
+    """A human's new counts, adopted once (an edge): the backend keeps flagging a manual
+    edit until our next write. Cooldown and stabilisation start from them."""
+    if not manual or state.adopted == current:
+        return None
+    return replace(state, last_scale_out_s=now_s, last_scale_in_s=now_s, adopted=current,
+                   recommendations=((now_s, current.decode),))
+
+
+def _propose(service: "ServiceConfig", *, tps: float, current: int, inputs: dict[str, Any]) -> Proposal:
+    """Proportional control against the asymmetric band."""
+    pol = service.policy
+    tau = service.target_decode_tps_per_instance
+    want = proportional_decode(tps, tau)
+    utilization = tps / (current * tau) if current > 0 else math.inf
+    inputs.update(smoothed_decode_tps=round(tps, 3), recommendation=want,
+                  utilization=None if math.isinf(utilization) else round(utilization, 4))
+    detail = (f"decode tps {tps:.0f} is {utilization:.0%} of {current}x{tau:g}" if current
+              else f"decode tps {tps:.0f}, no decode instances")
+    if utilization > 1 + pol.tolerance.scale_out and want > current:
+        return Proposal(decode=want, reason="scale_out_tps", detail=detail)
+    if utilization < 1 - pol.tolerance.scale_in and want < current:
+        return Proposal(decode=want, reason="scale_in_tps", detail=detail)
+    return Proposal(decode=current, reason="hold_tolerance", detail=detail)
+
+
+def _latency_net(service: "ServiceConfig", proposal: Proposal, *, observation: Observation, current: int,
+                 inputs: dict[str, Any]) -> tuple[Proposal, int]:
+    """The safety net: a breach asks for +step of both pools (at least +1), never less.
+    Returns the proposal and this tick's recommendation for the stabilisation window."""
+    step, reason, ratio = latency_step(service, tbt_p90_s=observation.tbt_p90_s,
+                                       ttft_p90_s=observation.ttft_p90_s)
+    inputs["latency_slo_ratio"] = None if ratio is None else round(ratio, 4)
+    want = inputs["recommendation"]
+    if reason is None:
+        return proposal, want
+    # The step is at least +1, so a breach always overrides a scale-in: latency never
+    # lets the pools shrink. A larger proportional scale-out keeps its own reason.
+    lat_d = latency_target(current, step)
+    inputs["latency_recommendation"] = lat_d
+    if lat_d > max(proposal.decode, current):
+        proposal = Proposal(decode=lat_d, reason=reason,
+                            detail=f"p90 latency at {ratio:.2f}x SLO: +{step:.0%} both pools")
+    return proposal, max(want, lat_d)
+
+
+def _gate_scale_out(service: "ServiceConfig", proposal: Proposal, *, state: PolicyState, current: int,
+                    now_s: float, pending_total: int, pending_since_s: float | None) -> Proposal:
+    """No scale-out while earlier instances are pending (up to a timeout) or inside the
+    cooldown; then the step is damped."""
+    pol = service.policy
+    if pending_total > 0:
+        since = min(x for x in (pending_since_s, state.pending_seen_s, now_s) if x is not None)
+        if now_s - since < pol.pending_timeout_s:
+            return proposal.hold(current=current, reason="hold_pending",
+                                 detail=f"{pending_total} instance(s) pending for {now_s - since:.0f}s "
+                                        f"(timeout {pol.pending_timeout_s:g}s); wanted {proposal.decode} decode")
+        proposal = proposal.note(f"{pending_total} pending past the {pol.pending_timeout_s:g}s timeout, ignored")
+    if state.last_scale_out_s is not None and now_s - state.last_scale_out_s < pol.scale_out_cooldown_s:
+        return proposal.hold(current=current, reason="hold_cooldown",
+                             detail=f"last scale-out {now_s - state.last_scale_out_s:.0f}s ago "
+                                    f"(cooldown {pol.scale_out_cooldown_s:g}s); wanted {proposal.decode} decode")
+    return _damp(service, proposal, current=current)
+
+
+def _stabilize_scale_in(service: "ServiceConfig", proposal: Proposal, *, state: PolicyState, current: int,
+                        now_s: float, load_tps: float, inputs: dict[str, Any]) -> Proposal:
+    """HPA's stabilisation window, the damped step, and the consolidation check."""
+    pol = service.policy
+    stable = stabilized_recommendation(state.recommendations, now_s=now_s, window_s=pol.scale_in_stabilization_s)
+    stable = current if stable is None else stable
+    inputs["stabilized_recommendation"] = stable
+    if stable >= current:
+        return proposal.hold(current=current, reason="hold_stabilization",
+                             detail=f"highest recommendation over {pol.scale_in_stabilization_s:g}s is {stable}")
+    proposal = _damp(service, replace(proposal, decode=stable), current=current)
+    need = consolidation_decode(load_tps, target_tps_per_instance=service.target_decode_tps_per_instance,
+                                margin=pol.consolidation_margin)
+    inputs["consolidation_need"] = need
+    if need >= current:
+        return proposal.hold(current=current, reason="hold_consolidation",
+                             detail=f"{current - 1} survivors could not carry {load_tps:.0f} tok/s within "
+                                    f"{pol.consolidation_margin:.0%} of target")
+    if need > proposal.decode:
+        proposal = replace(proposal, decode=need).note(f"consolidation keeps {need}")
+    return proposal
+
+
+def _damp(service: "ServiceConfig", proposal: Proposal, *, current: int) -> Proposal:
+    pol = service.policy
+    damped = damp(current, proposal.decode, max_out_factor=pol.max_scale_out_factor,
+                  max_in_factor=pol.max_scale_in_factor)
+    if damped == proposal.decode:
+        return proposal
+    return replace(proposal, decode=damped).note(f"step damped {proposal.decode} -> {damped}")
+
+
+def _apply_bounds(service: "ServiceConfig", proposal: Proposal, *, low: int, high: int) -> Proposal:
+    """The decode bounds (or a schedule's), then the GPU budget across both pools."""
+    bounded = clamp(proposal.decode, low, high)
+    if bounded != proposal.decode:
+        proposal = replace(proposal, decode=bounded,
+                           reason="bounded_max" if proposal.decode > high else "bounded_min"
+                           ).note(f"bounded to [{low}, {high}]")
+    budgeted = fit_budget(service, proposal.decode, low=low)
+    if budgeted != proposal.decode:
+        proposal = replace(proposal, decode=budgeted, reason="bounded_budget").note(
+            f"GPU budget {service.policy.gpu_budget} allows {budgeted} decode")
+    return proposal
+
+
+def _apply_ratio(service: "ServiceConfig", proposal: Proposal, *,
+                 current: PoolCounts) -> tuple[PoolCounts, Proposal]:
+    """Prefill follows decode by the ratio; a hold keeps today's prefill; a tolerance
+    hold whose prefill drifted from the ratio repairs it (``ratio_repair``)."""
+    if proposal.keep_prefill and proposal.decode == current.decode:
+        return current, proposal
+    desired = pools_for_decode(service, proposal.decode)
+    if proposal.reason == "hold_tolerance" and desired != current:
+        proposal = replace(proposal, reason="ratio_repair").note(
+            f"prefill {current.prefill} -> {desired.prefill} to keep {service.pd_ratio_text}")
+    return desired, proposal
+
+
+def _remember(state: PolicyState, *, load_tps: float | None, now_s: float, window_s: float) -> PolicyState:
     kept = tuple(s for s in state.tps_samples if now_s - s[0] < window_s)
-    if valid and observation.decode_tps is not None:
+    if load_tps is not None:
         # The newest sample always counts, even with a zero-length window.
-        kept = tuple(s for s in kept if s[0] < now_s) + ((now_s, observation.decode_tps),)
+        kept = tuple(s for s in kept if s[0] < now_s) + ((now_s, load_tps),)
     return replace(state, tps_samples=kept)
 
 

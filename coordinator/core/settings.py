@@ -38,6 +38,19 @@ class LeaseConfig:
 
 
 @dataclass(frozen=True)
+class ApiConfig:
+    """The Kubernetes API client (backend ``kubernetes``)."""
+
+    timeout_s: float = 10.0
+    """Bound on one read (connect + answer)."""
+    write_timeout_s: float = 4.0
+    """Bound on one write attempt. A write still in flight when the lease is lost must
+    land before a rival can take over: ``lease.duration_s − lease.renew_deadline_s``
+    must exceed it (checked), and each attempt is further cut to the time left before
+    the renew deadline."""
+
+
+@dataclass(frozen=True)
 class CollectConfig:
     """How reports are pulled from sidecars each tick."""
 
@@ -100,6 +113,8 @@ class CoordinatorConfig:
     """Status page, API and ``/metrics``."""
     lease: LeaseConfig = LeaseConfig()
     """Leader election."""
+    api: ApiConfig = ApiConfig()
+    """The Kubernetes API client's timeouts."""
     collect: CollectConfig = CollectConfig()
     """Report pulls (``metrics_source.type: sidecars``)."""
     history_s: float = 3600.0

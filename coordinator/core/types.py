@@ -1,19 +1,34 @@
-"""Values and seams shared by the coordinator's parts (pure).
+"""Values shared by the coordinator's parts and the simulator (pure).
 
 ``PoolCounts`` is a pair of instance counts; ``PoolStatus`` is what an actuator
-observed of a service's two pools; ``Decision`` is what the policy decided and
-why. ``Actuator`` and ``LeaderElection`` are the two seams the reconciler talks
-through: Kubernetes, local processes and the advisory ``static`` backend each
-implement ``Actuator``; the Kubernetes Lease and the local file lease each
-implement ``LeaderElection``.
+observed of a service's two pools; ``Fetched`` is what one instance answered this
+tick (a parsed report, or why there is none); ``Observation`` is one service's
+aggregated signals; ``Decision`` is what the policy decided and why; ``ApplyResult``
+is what an actuator did. The seams that produce and consume them are in
+``coordinator.seams``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Protocol
+from typing import TYPE_CHECKING, Any, Mapping
+
+if TYPE_CHECKING:
+    from heteroscale.report import SidecarReport
 
 ROLES = ("prefill", "decode")
+
+
+@dataclass(frozen=True)
+class Fetched:
+    """One instance's answer this tick, as a collector produced it (``/v1/report`` pulls,
+    PromQL, or the simulator's sidecars). ``error`` is a short reason when ``report`` is
+    None: ``timeout``, ``connect``, ``http_status``, ``invalid_json``, ``invalid_report``..."""
+
+    url: str
+    role: str | None
+    report: "SidecarReport | None" = None
+    error: str | None = None
 
 
 @dataclass(frozen=True)
@@ -79,10 +94,12 @@ class Observation:
     """One service's measured state for one tick: built by ``aggregate``, read by ``policy``
     (and built directly by the simulator).
 
-    ``decode_tps`` is the SUM of decode tokens/s over fresh decode reports (the load),
-    ``None`` when nothing fresh was seen. ``fresh_*``/``expected_*`` count reports used
-    against instances that should have reported (instances still warming up are not
-    expected). Latencies are p90 seconds over fresh, warmed-up instances: ``*_p90_s`` is
+    ``decode_tps`` is the SUM of decode tokens/s over fresh decode reports (the load
+    measured), ``None`` when nothing fresh was seen; ``reporting_decode`` is how many
+    reports that sum covers (warming instances included). ``fresh_*``/``expected_*`` count
+    reports used against instances that should have reported (instances still warming
+    up are not expected); ``missing_decode`` is how many expected decode instances sent
+    nothing usable: the view is complete only when it is 0. Latencies are p90 seconds over fresh, warmed-up instances: ``*_p90_s`` is
     the throughput-weighted fleet value the policy acts on, ``*_p90_max_s`` the worst
     single instance (shown, not acted on).
     ``excluded`` counts dropped reports by reason (``stale``, ``engine_down``, ``too_old``,
@@ -93,6 +110,8 @@ class Observation:
     decode_tps: float | None
     fresh_decode: int = 0
     expected_decode: int = 0
+    reporting_decode: int = 0
+    missing_decode: int = 0
     fresh_prefill: int = 0
     expected_prefill: int = 0
     warming_decode: int = 0
@@ -114,41 +133,3 @@ class ApplyResult:
     applied: PoolCounts
     note: str = ""
     shortfall: PoolCounts = PoolCounts(0, 0)
-
-
-class Actuator(Protocol):
-    """Reads and writes one backend's pool sizes. Never decides anything.
-
-    ``service`` is the coordinator's per-service config object. Errors are raised as
-    ``heteroscale.errors.ApiError`` (transient; the reconciler keeps running).
-    """
-
-    name: str                      # "kubernetes" | "local" | "static"
-    writes: bool                   # False for advisory backends
-
-    async def observe(self, service: Any) -> PoolStatus:
-        ...
-
-    async def apply(self, service: Any, decision: Decision) -> ApplyResult:
-        ...
-
-    async def close(self) -> None:
-        ...
-
-
-class LeaderElection(Protocol):
-    """client-go style leader election. ``is_leader`` reflects the latest local observation;
-    ``still_leader()`` is the fence every write re-checks right before it acts."""
-
-    identity: str
-
-    @property
-    def is_leader(self) -> bool:
-        ...
-
-    async def still_leader(self) -> bool:
-        ...
-
-    async def run(self) -> None:
-        """Acquire, renew, and release on cancellation; runs until cancelled."""
-        ...
