@@ -67,16 +67,11 @@ def add_coordinator_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
 
 
-def run_validate(args: argparse.Namespace) -> int:
-    try:
-        config = read_config(args.config)
-    except ConfigError as exc:
-        for problem in exc.problems:
-            sys.stderr.write(f"{args.config}: {problem}\n")
-        return EXIT_USAGE
-    count = len(config.services)
-    print(f"ok: {count} service{'s' if count != 1 else ''}")
-    return 0
+def report_problems(path: str, exc: ConfigError) -> int:
+    """``validate``'s output: every problem on its own line, prefixed by the file; exit 2."""
+    for problem in exc.problems:
+        sys.stderr.write(f"{path}: {problem}\n")
+    return EXIT_USAGE
 
 
 # ---------------------------------------------------------------- wiring
@@ -193,7 +188,10 @@ async def serve(runtime: Runtime, *, host: str, port: int, stop: asyncio.Event) 
         # stop too rather than serve a status page for a coordinator that does nothing.
         done, _ = await asyncio.wait({stop_task, loop_task, election_task}, return_when=asyncio.FIRST_COMPLETED)
         for task in done - {stop_task}:
-            crashed = task.exception() if not task.cancelled() else None
+            error = task.exception() if not task.cancelled() else None
+            if error is None and stop.is_set():
+                continue            # the loop saw the stop first: a clean shutdown, not a crash
+            crashed = error or RuntimeError(f"{task.get_name()} returned")
             log.error("%s ended unexpectedly: %r; shutting down", task.get_name(), crashed)
     finally:
         for task in (stop_task, loop_task, election_task):   # loop first: no write after the lease goes

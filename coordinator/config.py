@@ -28,6 +28,7 @@ from heteroscale.coordinator.core.settings import (
 from heteroscale.errors import ConfigError, UsageError
 from heteroscale.net import parse_host_port
 DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+REPORT_PATH = "/v1/report"                                 # the sidecar's report (ARCHITECTURE §3.2)
 _NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")   # a Kubernetes DNS label
 _RATIO_RE = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 _HHMM_RE = re.compile(r"^([01]\d|2[0-3]):([0-5]\d)$")
@@ -169,6 +170,14 @@ def _listen(value: str) -> str | None:
     return None
 
 
+def _report_url(value: str) -> str:
+    """A sidecar given by its address (``http://host:9400``) means its report there."""
+    scheme, sep, rest = value.partition("://")
+    if scheme in ("http", "https") and sep and rest and "/" not in rest.rstrip("/"):
+        return f"{scheme}://{rest.rstrip('/')}{REPORT_PATH}"
+    return value
+
+
 def _url(value: str) -> str | None:
     if not (value.startswith("http://") or value.startswith("https://")):
         return f"must be an http(s) URL, got {value!r}"
@@ -199,20 +208,28 @@ def _lease(node: _Node) -> LeaseConfig:
     return lease
 
 
-def _api(node: _Node) -> ApiConfig:
+def _api(node: _Node, *, lease_margin_s: float) -> ApiConfig:
     d = ApiConfig()
+    # Unless given, a write attempt may take half the lease margin (4 s with the defaults).
+    write_default = min(d.write_timeout_s, 0.5 * lease_margin_s) if lease_margin_s > 0 else d.write_timeout_s
     out = ApiConfig(
         timeout_s=node.number("timeout_s", d.timeout_s, minimum=0, exclusive_min=True),
-        write_timeout_s=node.number("write_timeout_s", d.write_timeout_s, minimum=0, exclusive_min=True),
+        write_timeout_s=node.number("write_timeout_s", write_default, minimum=0, exclusive_min=True),
     )
     node.finish()
     return out
 
 
-def _collect(node: _Node) -> CollectConfig:
+def _follows_interval(default_s: float, interval_s: float) -> float:
+    """A per-tick timeout nobody set: its default, but never more than half the interval."""
+    return min(default_s, 0.5 * interval_s)
+
+
+def _collect(node: _Node, *, interval_s: float) -> CollectConfig:
     d = CollectConfig()
     out = CollectConfig(
-        timeout_s=node.number("timeout_s", d.timeout_s, minimum=0, exclusive_min=True),
+        timeout_s=node.number("timeout_s", _follows_interval(d.timeout_s, interval_s), minimum=0,
+                              exclusive_min=True),
         concurrency=node.integer("concurrency", d.concurrency, minimum=1),
         sidecar_port=node.integer("sidecar_port", d.sidecar_port, minimum=1),
     )
@@ -229,12 +246,13 @@ def _selector(value: str) -> str | None:
     return None
 
 
-def _metrics_source(node: _Node) -> MetricsSourceConfig:
+def _metrics_source(node: _Node, *, interval_s: float) -> MetricsSourceConfig:
     d = MetricsSourceConfig()
     out = MetricsSourceConfig(
         type=node.string("type", d.type, choices=METRICS_SOURCES),
         url=node.string("url", d.url, check=_url),
-        timeout_s=node.number("timeout_s", d.timeout_s, minimum=0, exclusive_min=True),
+        timeout_s=node.number("timeout_s", _follows_interval(d.timeout_s, interval_s), minimum=0,
+                              exclusive_min=True),
         selector=node.string("selector", None, check=_selector) or d.selector,
         lookback_s=node.number("lookback_s", d.lookback_s, minimum=0, exclusive_min=True),
     )
@@ -273,18 +291,20 @@ def _placement(node: _Node) -> PlacementConfig:
 
 def _coordinator(node: _Node) -> CoordinatorConfig:
     d = CoordinatorConfig()
+    interval_s = node.number("interval_s", d.interval_s, minimum=0, exclusive_min=True)
+    lease = _lease(node.child("lease"))
     out = CoordinatorConfig(
-        interval_s=node.number("interval_s", d.interval_s, minimum=0, exclusive_min=True),
+        interval_s=interval_s,
         backend=node.string("backend", d.backend, choices=BACKENDS),
         dry_run=node.boolean("dry_run", d.dry_run),
         listen=node.string("listen", d.listen, check=_listen),
-        lease=_lease(node.child("lease")),
-        api=_api(node.child("api")),
-        collect=_collect(node.child("collect")),
+        lease=lease,
+        api=_api(node.child("api"), lease_margin_s=lease.duration_s - lease.renew_deadline_s),
+        collect=_collect(node.child("collect"), interval_s=interval_s),
         history_s=node.number("history_s", d.history_s, minimum=0, exclusive_min=True),
         decisions_kept=node.integer("decisions_kept", d.decisions_kept, minimum=1),
         observe_timeout_s=node.number("observe_timeout_s", d.observe_timeout_s, minimum=0, exclusive_min=True),
-        metrics_source=_metrics_source(node.child("metrics_source")),
+        metrics_source=_metrics_source(node.child("metrics_source"), interval_s=interval_s),
         placement=_placement(node.child("placement")),
     )
     node.finish()
@@ -350,14 +370,15 @@ def _policy(node: _Node) -> PolicyConfig:
     return out
 
 
-def _role(node: _Node, *, backend: str, needs_sidecars: bool = True) -> RoleConfig:
+def _role(node: _Node, *, backend: str | None, needs_sidecars: bool = True) -> RoleConfig:
+    """``backend`` is ``None`` when the backend itself was invalid: its rules are not checked."""
     options = node.raw("options")
     if options is _MISSING or options is None:
         options = {}
     elif not isinstance(options, Mapping):
         node.problem("options", "must be a mapping")
         options = {}
-    sidecars = node.strings("sidecars")
+    sidecars = tuple(_report_url(url) for url in node.strings("sidecars"))
     for i, url in enumerate(sidecars):
         bad = _url(url)
         if bad:
@@ -453,7 +474,7 @@ def _ratio(node: _Node) -> tuple[int, int]:
     return (int(match.group(1)), int(match.group(2)))
 
 
-def _service(node: _Node, *, backend: str, needs_sidecars: bool = True) -> ServiceConfig:
+def _service(node: _Node, *, backend: str | None, needs_sidecars: bool = True) -> ServiceConfig:
     pd = _ratio(node)
     schedules_raw = node.raw("schedules")
     schedules: list[ScheduleEntry] = []
@@ -466,9 +487,11 @@ def _service(node: _Node, *, backend: str, needs_sidecars: bool = True) -> Servi
                 if entry is not None:
                     schedules.append(entry)
     slo_node = node.child("slo")
+    known = len(node.problems)
     slo = Slo(ttft_s=slo_node.number("ttft_s", None, minimum=0, exclusive_min=True, allow_null=True),
               tbt_s=slo_node.number("tbt_s", None, minimum=0, exclusive_min=True, allow_null=True))
     slo_node.finish()
+    slo_ok = len(node.problems) == known
     svc = ServiceConfig(
         name=node.string("name", "?", required=True, check=_dns_label),
         namespace=node.string("namespace", "default", check=_dns_label),
@@ -494,11 +517,13 @@ def _service(node: _Node, *, backend: str, needs_sidecars: bool = True) -> Servi
     if "decode" not in node.doc:
         node.problem("decode", "is required (the decode role block)")
     node.finish()
-    _service_rules(node, svc)
+    _service_rules(node, svc, slo_ok=slo_ok)
     return svc
 
 
-def _service_rules(node: _Node, svc: ServiceConfig) -> None:
+def _service_rules(node: _Node, svc: ServiceConfig, *, slo_ok: bool) -> None:
+    """Cross-field rules. A rule that depends on a field already reported as wrong is not
+    checked (it would only repeat that problem in other words)."""
     if svc.min_decode > svc.max_decode:
         node.problem("min_decode", f"must be <= max_decode ({svc.min_decode} > {svc.max_decode})")
     if svc.min_prefill is not None and svc.max_prefill is not None and svc.min_prefill > svc.max_prefill:
@@ -510,7 +535,7 @@ def _service_rules(node: _Node, svc: ServiceConfig) -> None:
         if need > budget:
             node.problem("policy.gpu_budget", f"{budget} GPUs cannot hold the minimum pools "
                          f"({floor_p}P + {svc.min_decode}D need {need})")
-    if svc.policy.latency_net.enabled and svc.slo.tbt_s is None and svc.slo.ttft_s is None:
+    if slo_ok and svc.policy.latency_net.enabled and svc.slo.tbt_s is None and svc.slo.ttft_s is None:
         node.problem("slo", "the latency safety net needs slo.tbt_s or slo.ttft_s "
                      "(or set policy.latency_net.enabled: false)")
 
@@ -531,7 +556,10 @@ def load_config(source: str | Mapping[str, Any], *, origin: str = "config") -> C
     if doc is None:
         raise ConfigError(["the file is empty"], source=origin)
     root = _Node(doc, "", problems)
+    coordinator_doc = root.doc.get("coordinator")
+    raw_backend = coordinator_doc.get("backend") if isinstance(coordinator_doc, Mapping) else None
     coordinator = _coordinator(root.child("coordinator"))
+    backend = coordinator.backend if raw_backend is None or raw_backend in BACKENDS else None
     services: list[ServiceConfig] = []
     raw_services = root.raw("services")
     if raw_services is _MISSING or raw_services is None:
@@ -541,7 +569,7 @@ def load_config(source: str | Mapping[str, Any], *, origin: str = "config") -> C
     else:
         for i, item in enumerate(raw_services):
             # With the Prometheus source the static backend reads instances from PromQL, not URLs.
-            services.append(_service(_Node(item, f"services[{i}]", problems), backend=coordinator.backend,
+            services.append(_service(_Node(item, f"services[{i}]", problems), backend=backend,
                                      needs_sidecars=coordinator.metrics_source.type == "sidecars"))
     root.finish()
     names = [s.name for s in services]

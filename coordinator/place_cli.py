@@ -33,7 +33,7 @@ from heteroscale.coordinator.core.topology import (
     DEFAULT_GPU_RESOURCE, DEFAULT_GPU_TYPE_LABEL, DEFAULT_S1_LABEL, DEFAULT_S2_LABEL, ClusterView,
     TopologyKeys, build_view, nodes_from_document)
 from heteroscale.coordinator.core.types import PoolCounts
-from heteroscale.errors import UsageError
+from heteroscale.errors import ConfigError, UsageError
 
 COLUMNS = ("role", "node", "s1", "s2", "gpu_type", "tier", "dg", "count", "why")
 
@@ -120,6 +120,9 @@ def build_plan(args: argparse.Namespace) -> tuple[ClusterView, PlacementPlan, An
     try:
         keys = TopologyKeys(gpu_type_label=args.gpu_type_label, s1_label=args.s1_label,
                             s2_label=args.s2_label, gpu_resource=args.gpu_resource)
+    except ConfigError as exc:
+        raise ConfigError(exc.problems, source="--gpu-type-label/--s1-label/--s2-label") from None
+    try:
         nodes = nodes_from_document(_read_yaml(args.nodes, "nodes"))
     except ValueError as exc:
         raise UsageError(f"{args.nodes}: {exc}") from None

@@ -44,7 +44,31 @@ def _coordinator() -> tuple[AddArguments, Run]:
 
 def _validate() -> tuple[AddArguments, Run]:
     from heteroscale.coordinator import app
-    return app.add_validate_arguments, app.run_validate
+    return app.add_validate_arguments, _run_validate
+
+
+def _run_validate(args: argparse.Namespace) -> int:
+    """A coordinator config, or a simulator config (one with a ``simulation:`` block,
+    checked whole by the simulator's reader): every problem on its own line, exit 2."""
+    import yaml
+
+    from heteroscale.coordinator.app import report_problems
+    from heteroscale.coordinator.config import read_config, read_text
+    text = read_text(args.config)
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError:
+        doc = None                           # the coordinator's reader says where
+    try:
+        if isinstance(doc, dict) and "simulation" in doc:
+            from heteroscale.simulator.config import load_sim_config
+            services = load_sim_config(text, origin=args.config).coordinator.services
+        else:
+            services = read_config(args.config).services
+    except ConfigError as exc:
+        return report_problems(args.config, exc)
+    print(f"ok: {len(services)} service{'s' if len(services) != 1 else ''}")
+    return 0
 
 
 def _place() -> tuple[AddArguments, Run]:

@@ -134,6 +134,8 @@ def load_trace(path: str | Path, *, fmt: str = "auto",
                prefix_cache_blocks: int = 200_000) -> Workload:
     """Read a trace file in its native format (see module docstring)."""
     p = Path(path)
+    if p.is_dir():
+        raise TraceError(f"trace {p} is a directory: give a trace file (Azure CSV, Mooncake JSONL, BurstGPT CSV)")
     if not p.is_file():
         raise TraceError(f"trace {p}: no such file")
     kind = detect_format(p) if fmt == "auto" else fmt

@@ -88,7 +88,7 @@ services:
         "services[0].target_decode_tps_per_instance: must be > 0",
         "services[0].min_decode: must be <= max_decode (5 > 2)",
         "services[0].prefill: give either deployment or statefulset, not both",
-        "services[0].decode: backend kubernetes needs a deployment or statefulset name",
+        # (no "decode: backend kubernetes needs a deployment": the backend itself is invalid)
         "services[0].policy.tolerance.scale_in: must be <= 0.99",
         "services[0].policy.tolerance.extra: unknown key",
         "services[0].policy.latency_net.severe: must be >= moderate",
@@ -220,3 +220,62 @@ def test_coordinator_with_a_bad_config_is_one_line_exit_2(tmp_path, capsys):
     assert cli_main(["coordinator", "--config", str(path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "services: must be a non-empty list" in err[0]
+
+
+# ---------------------------------------------------------------- defaults that follow other settings
+
+def test_a_short_interval_brings_its_timeouts_down_with_it():
+    # interval_s 1: the collect and PromQL timeouts the user never wrote follow it (half of it).
+    cfg = load_config(MINIMAL + "coordinator: {interval_s: 1}\n")
+    assert cfg.coordinator.collect.timeout_s == 0.5 and cfg.coordinator.metrics_source.timeout_s == 0.5
+    # ...but a timeout the user did write is checked against the interval.
+    problems = problems_of(MINIMAL + "coordinator: {interval_s: 1, collect: {timeout_s: 2}}\n")
+    assert problems == ["coordinator.collect.timeout_s: must be shorter than interval_s (2 >= 1)"]
+
+
+def test_a_short_lease_brings_the_write_timeout_down_with_it():
+    lease = "coordinator: {lease: {duration_s: 6, renew_deadline_s: 4, retry_period_s: 1}"
+    cfg = load_config(MINIMAL + lease + "}\n")
+    assert cfg.coordinator.api.write_timeout_s == 1.0          # half the 2 s margin
+    problems = problems_of(MINIMAL + lease + ", api: {write_timeout_s: 4}}\n")
+    assert len(problems) == 1 and "must exceed renew_deadline_s by more than api.write_timeout_s" in problems[0]
+
+
+@pytest.mark.parametrize("given,meant", [
+    ("http://10.0.0.1:9400", "http://10.0.0.1:9400/v1/report"),
+    ("http://10.0.0.1:9400/", "http://10.0.0.1:9400/v1/report"),
+    ("https://sidecar.llm:9400", "https://sidecar.llm:9400/v1/report"),
+    ("http://10.0.0.1:9400/v1/report", "http://10.0.0.1:9400/v1/report"),
+    ("http://proxy/pods/d0/report", "http://proxy/pods/d0/report"),        # a path given is kept
+])
+def test_a_sidecar_address_means_its_report(given, meant):
+    cfg = load_config({"coordinator": {"backend": "static"}, "services": [{
+        "name": "chat", "pd_ratio": "1:1", "target_decode_tps_per_instance": 100, "slo": {"tbt_s": 0.05},
+        "prefill": {"sidecars": [given]}, "decode": {"sidecars": [given]}}]})
+    assert cfg.services[0].decode.sidecars == (meant,)
+
+
+def test_no_follow_on_problems():
+    # A bad backend is one problem, not also "backend kubernetes needs a deployment" per role.
+    problems = problems_of({"coordinator": {"backend": "staticc"}, "services": [{
+        "name": "chat", "pd_ratio": "1:1", "target_decode_tps_per_instance": 100, "slo": {"tbt_s": 0.05},
+        "prefill": {}, "decode": {}}]})
+    assert problems == ["coordinator.backend: must be one of kubernetes, local, static, got 'staticc'"]
+    # A malformed SLO is one problem, not also "the latency net needs an SLO".
+    problems = problems_of(MINIMAL.replace("slo: {tbt_s: 0.04}", "slo: {tbt_s: fast}"))
+    assert problems == ["services[0].slo.tbt_s: must be a number, got 'fast'"]
+    # A missing SLO is still reported.
+    assert any("the latency safety net needs" in p for p in problems_of(MINIMAL.replace("slo: {tbt_s: 0.04}", "")))
+
+
+SIM_CONFIG = REPO / "docs" / "reproductions" / "dialogue.yaml"
+
+
+def test_validate_checks_a_simulator_config_whole(tmp_path, capsys):
+    assert cli_main(["validate", "--config", str(SIM_CONFIG)]) == 0
+    assert capsys.readouterr().out.startswith("ok: 1 service")
+    bad = tmp_path / "sim.yaml"
+    bad.write_text(SIM_CONFIG.read_text().replace("simulation:", "simulation:\n  frobnicate: 1", 1))
+    assert cli_main(["validate", "--config", str(bad)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err and all(line.startswith(f"{bad}: ") for line in err) and any("frobnicate" in line for line in err)

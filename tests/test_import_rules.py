@@ -29,10 +29,16 @@ PARSER_ONLY = ("engine_adapters", "kv_transfer/connectors.py")
 
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """``pip install --no-deps --target DIR .``: the package exactly as a wheel lays it out."""
+    """``pip install --no-deps --target DIR .``: the package exactly as a wheel lays it out
+    (built from a clean copy of the sources, so no stale build/ output can sneak in)."""
+    source = tmp_path_factory.mktemp("source")
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, source / name)
+    for folder in TOP_LEVEL_FOLDERS:
+        shutil.copytree(REPO / folder, source / folder, ignore=shutil.ignore_patterns("__pycache__"))
     target = tmp_path_factory.mktemp("installed")
     pip = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-compile",
-                          "--disable-pip-version-check", "--target", str(target), str(REPO)],
+                          "--disable-pip-version-check", "--target", str(target), str(source)],
                          capture_output=True, text=True, timeout=300)
     assert pip.returncode == 0, pip.stderr[-2000:]
     return target

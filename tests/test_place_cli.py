@@ -186,3 +186,11 @@ def test_bad_config_is_one_line_per_problem(files):
     assert len(lines) >= 4 and all(line.startswith(f"heteroscale place: error: {cfg}: ") for line in lines)
     assert any("services[0].name" in line for line in lines)
     assert any("services[0].pd_ratio" in line for line in lines)
+
+
+def test_the_three_topology_labels_must_differ(files):
+    proc = place(*base(files), "--s1-label", "example.com/switch", "--s2-label", "example.com/switch")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        "heteroscale place: error: --gpu-type-label/--s1-label/--s2-label: the GPU-type, S1 and S2 labels must be "
+        "three different labels, got ('nvidia.com/gpu.product', 'example.com/switch', 'example.com/switch')"]

@@ -553,3 +553,13 @@ def test_decide_never_raises_for_any_observation(tps, tbt, ttft, prefill, decode
         if tps is None or not math.isfinite(tps) or tps < 0:
             assert d.desired.decode >= min(decode, 64) or d.reason in ("bounded_max", "bounded_budget",
                                                                           "manual_override")
+
+
+def test_the_stabilisation_hold_says_it_is_holding_a_scale_in():
+    svc = service(policy={"scale_in_stabilization_s": 60})
+    state = PolicyState()
+    _, state = applied(svc, obs((9, 7), 16000), state=state, now_s=0.0)      # 16000/2400 -> 7: hold
+    d, _ = applied(svc, obs((9, 7), 4000), state=state, now_s=10.0)          # wants 2, window says 7
+    assert d.reason == "hold_stabilization" and d.desired == PoolCounts(9, 7)
+    assert d.detail.startswith("wants 2 decode, but the highest recommendation in the last 60s was 7")
+    assert "no scale-in yet" in d.detail

@@ -367,7 +367,7 @@ async def test_a_hung_observe_skips_the_service_not_the_loop(world: World):
     assert "TimeoutError" in rec.services["chat"].last_error
 
 
-async def test_serve_stops_cleanly_and_reports_a_crashed_loop(world: World):
+async def test_serve_stops_cleanly_and_reports_a_crashed_loop(world: World, caplog):
     from heteroscale.coordinator.app import CoordinatorCrashed, Runtime, serve
     from heteroscale.coordinator.status import make_status_app
     from tests.conftest import free_port
@@ -378,8 +378,10 @@ async def test_serve_stops_cleanly_and_reports_a_crashed_loop(world: World):
     task = asyncio.create_task(serve(runtime, host="127.0.0.1", port=free_port(), stop=stop), name="test-serve")
     while rec.ticks < 1:
         await asyncio.sleep(0.01)
-    stop.set()
-    await asyncio.wait_for(task, timeout=10)          # a normal stop returns
+    with caplog.at_level("INFO", logger="heteroscale.coordinator"):
+        stop.set()
+        await asyncio.wait_for(task, timeout=10)          # a normal stop returns...
+    assert not [r for r in caplog.records if r.levelname == "ERROR"], caplog.text   # ...and says no error
 
     async def broken_tick():
         raise RuntimeError("bug in a tick")
@@ -428,3 +430,13 @@ async def test_an_actuator_that_knows_its_instances_is_the_report_source():
     source = report_source(config, Started())
     assert await source.targets(config.services[0]) == [
         ReportTarget(url="http://127.0.0.1:9/v1/report", role="decode", pod="chat-d0")]
+
+
+async def test_advisory_decisions_are_logged_once_per_change(world: World, caplog):
+    world.reconciler.dry_run = True
+    world.load["chat"] = 8000.0
+    with caplog.at_level("INFO", logger="heteroscale.coordinator"):
+        await world.ticks(3)                       # the same "would scale out" three times
+    lines = [r.getMessage() for r in caplog.records if "chat: scale_out_tps" in r.getMessage()]
+    assert len(lines) == 1 and "not written (dry run)" in lines[0] and "-> 6P4D" in lines[0]
+    assert world.actuator.applied == []

@@ -95,6 +95,7 @@ def test_curate_recommends_ratio_target_and_policy(config: Path, data_dir: Path,
 @pytest.mark.parametrize("args, message", [
     (["--policies", "nope"], "unknown policy nope"),
     (["--trace", "/nonexistent.csv"], "no such file"),
+    (["--trace", "/tmp"], "is a directory: give a trace file"),
     (["--service", "other"], "no service 'other'"),
 ])
 def test_user_mistakes_are_one_line_exit_2(config: Path, data_dir: Path, tmp_path: Path, capsys, args, message):

@@ -447,7 +447,9 @@ def _stabilize_scale_in(service: "ServiceConfig", proposal: Proposal, *, state: 
     inputs["stabilized_recommendation"] = stable
     if stable >= current:
         return proposal.hold(current=current, reason="hold_stabilization",
-                             detail=f"highest recommendation over {pol.scale_in_stabilization_s:g}s is {stable}")
+                             detail=f"wants {proposal.decode} decode, but the highest recommendation in the "
+                                    f"last {pol.scale_in_stabilization_s:g}s was {stable} (>= {current} now): "
+                                    "no scale-in yet")
     proposal = _damp(service, replace(proposal, decode=stable), current=current)
     need = consolidation_decode(load_tps, target_tps_per_instance=service.target_decode_tps_per_instance,
                                 margin=pol.consolidation_margin)

@@ -46,8 +46,9 @@ class ApiConfig:
     write_timeout_s: float = 4.0
     """Bound on one write attempt. A write still in flight when the lease is lost must
     land before a rival can take over: ``lease.duration_s − lease.renew_deadline_s``
-    must exceed it (checked), and each attempt is further cut to the time left before
-    the renew deadline."""
+    must exceed it (checked; unless set, it is 4 s or half that margin, whichever is
+    shorter), and each attempt is further cut to the time left before the renew
+    deadline."""
 
 
 @dataclass(frozen=True)
@@ -55,7 +56,8 @@ class CollectConfig:
     """How reports are pulled from sidecars each tick."""
 
     timeout_s: float = 2.0
-    """Per request, connect + read. Shorter than ``interval_s``."""
+    """Per request, connect + read. Shorter than ``interval_s``; unless set, 2 s or half
+    the interval, whichever is shorter."""
     concurrency: int = 64
     """Requests in flight at once, all services together."""
     sidecar_port: int = 9400
@@ -72,7 +74,8 @@ class MetricsSourceConfig:
     url: str | None = None
     """Prometheus base URL (type ``prometheus``)."""
     timeout_s: float = 2.0
-    """Bound on one tick's queries, all together (shorter than ``interval_s``)."""
+    """Bound on one tick's queries, all together (shorter than ``interval_s``; unless set,
+    2 s or half the interval, whichever is shorter)."""
     selector: str = ""
     """Extra label matchers added to every query, e.g. ``job="heteroscale"``."""
     lookback_s: float = 300.0
@@ -215,7 +218,8 @@ class RoleConfig:
     statefulset: str | None = None
     """StatefulSet scaled in place."""
     sidecars: tuple[str, ...] = ()
-    """Report URLs (``http://host:9400/v1/report``); the static backend's pool."""
+    """Report URLs (``http://host:9400/v1/report``; an address alone, ``http://host:9400``,
+    means its ``/v1/report``); the static backend's pool."""
     selector: str | None = None
     """Pod label selector for discovery."""
     gpu_types: tuple[str, ...] = ()

@@ -71,6 +71,10 @@ class TopologyKeys:
         problems = [f"{name} must be a non-empty string"
                     for name in ("gpu_type_label", "s1_label", "s2_label", "gpu_resource")
                     if not isinstance(getattr(self, name), str) or not getattr(self, name)]
+        labels = (self.gpu_type_label, self.s1_label, self.s2_label)
+        if not problems and len(set(labels)) != len(labels):
+            # one label cannot name both a switch and a GPU model, or both switch levels
+            problems.append(f"the GPU-type, S1 and S2 labels must be three different labels, got {labels}")
         if problems:
             raise ConfigError(problems, source="topology keys")
 
