@@ -270,7 +270,8 @@ async def test_probe_server_and_client_extensions_on_loopback(tmp_path):
         finally:
             await prefill.close()
         server_doc = (await decode.sample(2.0))["probe"]["server"]
-        assert server_doc == {"name": "decode-7", "probes": 1, "bytes_received": 2 * 1024 * 1024, "refusals": {}}
+        assert server_doc == {"name": "decode-7", "probes": 1, "bytes_received": 2 * 1024 * 1024, "refusals": {},
+                              "pending": 0, "active": 0}
     finally:
         await decode.close()
 
