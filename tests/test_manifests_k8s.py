@@ -29,6 +29,7 @@ import pytest
 import yaml
 
 from heteroscale.coordinator.actuators.kubernetes import KubernetesActuator
+from heteroscale.coordinator.config import load_config
 from heteroscale.coordinator.core.types import Decision, PoolCounts
 from heteroscale.coordinator.kube import (DEPLOYMENTS, EVENTS, LEASES, NO_RETRY, PODS, STATEFULSETS,
                                           kube_from_config)
@@ -296,8 +297,10 @@ async def test_the_scale_path_runs_as_the_service_account(k8s_cluster, kube, ins
     sts = deployment_body("chat-decode", 1)
     sts["kind"], sts["spec"]["serviceName"] = "StatefulSet", "chat-decode"
     await kube.create(STATEFULSETS, sts, namespace=ns)
-    service = SimpleNamespace(name="chat", namespace=ns, prefill=SimpleNamespace(deployment="chat-prefill"),
-                              decode=SimpleNamespace(statefulset="chat-decode"))
+    service = load_config({"coordinator": {"backend": "kubernetes"}, "services": [{
+        "name": "chat", "namespace": ns, "pd_ratio": "1:1", "target_decode_tps_per_instance": 100,
+        "slo": {"tbt_s": 0.05}, "prefill": {"deployment": "chat-prefill"},
+        "decode": {"statefulset": "chat-decode"}}]}).services[0]
     api = kube_from_config(kubeconfig=str(service_account_kubeconfig(k8s_cluster, tmp_path / "sa")), timeout_s=10)
     timing = dict(duration_s=3, renew_deadline_s=2, retry_period_s=0.5)
     election = KubernetesLeaseElection(api=api, name="heteroscale-coordinator", namespace="heteroscale-system",
@@ -311,7 +314,7 @@ async def test_the_scale_path_runs_as_the_service_account(k8s_cluster, kube, ins
         # (create is allowed by any name, but a Lease it can neither get nor update is useless).
         await eventually(lambda: asyncio.sleep(0, elsewhere.last_error), what="another Lease refused")
         assert "403" in str(elsewhere.last_error) and not elsewhere.is_leader
-        actuator = KubernetesActuator(api=api, fence=election.still_leader, identity="sa-test")
+        actuator = KubernetesActuator(api=api.fenced(election), identity="sa-test")
         status = await actuator.observe(service)
         assert status.current == PoolCounts(1, 1)
         result = await actuator.apply(service, Decision(service="chat", at=time.time(), reason="scale_out_tps",
