@@ -3,7 +3,9 @@
 Two commands, both built from the very flags ``heteroscale sidecar`` takes:
 
 * ``serve``  - run the probe server (``--probe-listen``) until SIGTERM/SIGINT;
-  prints ``listening HOST:PORT`` once bound. For a decode host, or a testbed.
+  prints ``listening HOST:PORT`` once bound and, on the way out, the server's
+  counters (``probe.server`` of the report) as one JSON line. For a decode host,
+  or a testbed.
 * ``sample`` - run ``--rounds`` probe rounds over ``--probe-peers`` (plus one
   RDMA/exporter sample) and print the ``kv_transfer`` object the sidecar would
   put in ``/v1/report``, as JSON. For a prefill host, or a one-off measurement.
@@ -47,6 +49,8 @@ async def _serve(ext: extension.KvTransferExtension) -> int:
     host = ext.settings.probe_listen[0] if ext.settings.probe_listen else "?"
     print(f"listening {host}:{ext.probe_server_port}", flush=True)
     await stop.wait()
+    print(json.dumps(ext.build_sample(time.monotonic()).get("probe", {}).get("server", {}), sort_keys=True),
+          flush=True)
     return 0
 
 

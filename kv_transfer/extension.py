@@ -122,6 +122,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="largest probe the server accepts (default 64 MiB)")
     group.add_argument("--probe-server-max-rate", type=float, default=8.0 * MIB, metavar="B/S",
                        help="average bytes/s the server accepts over all clients (default 8 MiB/s)")
+    group.add_argument("--probe-server-peer-rate", type=float, default=None, metavar="B/S",
+                       help="average bytes/s the server accepts from one client address "
+                            "(default: a quarter of --probe-server-max-rate)")
+    group.add_argument("--probe-server-min-rate", type=float, default=4.0 * MIB, metavar="B/S",
+                       help="slowest transfer the server waits for: a probe holds the server at most "
+                            "1 s + bytes / this (default 4 MiB/s)")
+    group.add_argument("--probe-auth-timeout-s", type=float, default=2.0, metavar="S",
+                       help="seconds a client has, from connecting, to authenticate (default 2)")
+    group.add_argument("--probe-server-max-pending", type=int, default=64, metavar="N",
+                       help="connections waiting to authenticate, all clients (default 64)")
+    group.add_argument("--probe-server-max-pending-per-peer", type=int, default=8, metavar="N",
+                       help="connections waiting to authenticate, per client address (default 8)")
 
 
 def _host_port(text: str, flag: str) -> tuple[str, int]:
@@ -166,10 +178,17 @@ def settings_from_args(args: argparse.Namespace) -> KvSettings:
         name = (getattr(args, "probe_name", None) or getattr(args, "pod", None)
                 or os.environ.get("POD_NAME") or socket.gethostname())
         max_bytes = int(getattr(args, "probe_server_max_bytes", 64 * MIB))
+        max_rate = float(getattr(args, "probe_server_max_rate", 8.0 * MIB))
+        peer_rate = getattr(args, "probe_server_peer_rate", None)
         try:
-            server = ProbeServerSettings(name=name, max_bytes_per_probe=max_bytes,
-                                         max_bytes_per_s=float(getattr(args, "probe_server_max_rate", 8.0 * MIB)),
-                                         burst_bytes=max(2 * max_bytes, 0))
+            server = ProbeServerSettings(
+                name=name, max_bytes_per_probe=max_bytes, max_bytes_per_s=max_rate,
+                burst_bytes=max(2 * max_bytes, 0),
+                peer_bytes_per_s=float(peer_rate) if peer_rate is not None else max_rate / 4,
+                min_bytes_per_s=float(getattr(args, "probe_server_min_rate", 4.0 * MIB)),
+                auth_timeout_s=float(getattr(args, "probe_auth_timeout_s", 2.0)),
+                max_pending=int(getattr(args, "probe_server_max_pending", 64)),
+                max_pending_per_peer=int(getattr(args, "probe_server_max_pending_per_peer", 8)))
         except ConfigError as exc:
             problems.extend(f"--probe-listen: {p}" for p in exc.problems)
     if peers_text:
@@ -528,7 +547,8 @@ class KvTransferExtension:
         if self._server is not None:
             c = self._server.counters
             doc["server"] = {"name": self._server.settings.name, "probes": c.probes,
-                             "bytes_received": c.bytes_received, "refusals": dict(c.refusals)}
+                             "bytes_received": c.bytes_received, "refusals": dict(c.refusals),
+                             "pending": self._server.pending, "active": self._server.active}
         return doc
 
     def collect(self) -> Iterable[Metric]:

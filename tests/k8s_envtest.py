@@ -141,6 +141,87 @@ async def kube(k8s_cluster: Cluster):
     await api.close()
 
 
+def apply_objects(cluster: Cluster, docs: list[dict]) -> list[dict]:
+    """Create ``docs`` as the admin (Namespaces first); returns the objects this call
+    created. One that exists already (another test of the session made it) is left to its
+    creator. Undo with ``delete_objects``."""
+    from kubernetes import config, dynamic
+    from kubernetes.dynamic.exceptions import ConflictError
+
+    api_client = config.new_client_from_config(config_file=str(cluster.kubeconfig))
+    created: list[dict] = []
+    try:
+        dyn = dynamic.DynamicClient(api_client)
+        for doc in sorted(docs, key=lambda d: d["kind"] != "Namespace"):
+            resource = dyn.resources.get(api_version=doc["apiVersion"], kind=doc["kind"])
+            where = {"namespace": doc["metadata"]["namespace"]} if resource.namespaced else {}
+            try:
+                dyn.create(resource, body=doc, **where)
+                created.append(doc)
+            except ConflictError:
+                pass
+    finally:
+        api_client.close()
+    return created
+
+
+def delete_objects(cluster: Cluster, docs: list[dict]) -> None:
+    """Delete what ``apply_objects`` created, in reverse order, Namespaces excepted (other
+    tests of the session may use them; their contents are gone with these deletions)."""
+    from kubernetes import config, dynamic
+    from kubernetes.dynamic.exceptions import NotFoundError
+
+    api_client = config.new_client_from_config(config_file=str(cluster.kubeconfig))
+    try:
+        dyn = dynamic.DynamicClient(api_client)
+        for doc in reversed(docs):
+            if doc["kind"] == "Namespace":
+                continue
+            resource = dyn.resources.get(api_version=doc["apiVersion"], kind=doc["kind"])
+            where = {"namespace": doc["metadata"]["namespace"]} if resource.namespaced else {}
+            try:
+                dyn.delete(resource, name=doc["metadata"]["name"], **where)
+            except NotFoundError:
+                pass
+    finally:
+        api_client.close()
+
+
+def service_account_kubeconfig(cluster: Cluster, path: Path, *, namespace: str = "heteroscale-system",
+                               name: str = "heteroscale-coordinator") -> Path:
+    """A kubeconfig that authenticates as a ServiceAccount (its token Secret, made by the
+    v1.20 token controller), with the admin kubeconfig's server and CA: the API server
+    then authorizes every call with that ServiceAccount's RBAC, as in a pod."""
+    import base64
+
+    import yaml
+
+    core, _ = cluster.core()
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            sa = core.read_namespaced_service_account(name, namespace)
+            if sa.secrets:
+                secret = core.read_namespaced_secret(sa.secrets[0].name, namespace)
+                if secret.data and secret.data.get("token"):
+                    break
+            assert time.monotonic() < deadline, f"no token Secret for the ServiceAccount {namespace}/{name}"
+            time.sleep(0.2)
+        token = base64.b64decode(secret.data["token"]).decode()
+    finally:
+        core.api_client.close()
+    admin = yaml.safe_load(cluster.kubeconfig.read_text())
+    server = admin["clusters"][0]["cluster"]
+    doc = {"apiVersion": "v1", "kind": "Config", "current-context": "sa",
+           "clusters": [{"name": "envtest", "cluster": {"server": server["server"],
+                                                        "certificate-authority-data":
+                                                            server["certificate-authority-data"]}}],
+           "users": [{"name": "sa", "user": {"token": token}}],
+           "contexts": [{"name": "sa", "context": {"cluster": "envtest", "user": "sa"}}]}
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
 def deployment_body(name: str, replicas: int) -> dict:
     return {"apiVersion": "apps/v1", "kind": "Deployment",
             "metadata": {"name": name, "labels": {"app": name}},

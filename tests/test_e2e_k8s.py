@@ -1,11 +1,14 @@
 """The whole loop on a real control plane (issue 8; marker ``k8s``, k8s-envtest v1.20 with
 the scheduler and the controllers).
 
-What is real: kube-apiserver, scheduler, Deployment/ReplicaSet controllers, the base
-manifests' RBAC (rendered with ``kubectl kustomize manifests/base``), a
+What is real: kube-apiserver, scheduler, Deployment/ReplicaSet controllers, the
+manifests' least-privilege RBAC as an operator installs it for a Deployment-Group service
+(``manifests/base`` + ``manifests/placement`` + a ``manifests/service-namespace`` overlay
+with its ``groups`` component for the test's namespace, rendered by kustomize), a
 ``heteroscale coordinator`` PROCESS that talks to the API with the ServiceAccount's own
-token (so a verb missing from manifests/base/rbac.yaml fails this test), and one
-``heteroscale emulate-engine`` + ``heteroscale sidecar`` process pair per pod.
+token and elects itself on the one Lease the RBAC names (so a verb or a name missing from
+those manifests fails this test), and one ``heteroscale emulate-engine`` + ``heteroscale
+sidecar`` process pair per pod.
 
 What stands in: the GPU machines are labelled Node objects (``nvidia.com/gpu.product``,
 ``heteroscale.io/s1``/``s2``, allocatable ``nvidia.com/gpu``); there is no kubelet, so
@@ -28,7 +31,6 @@ ReplicaSets remove exactly those pods.
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import json
 import os
@@ -47,11 +49,12 @@ import yaml
 
 from heteroscale.coordinator.actuators.groups import (ANNOTATION_GROUP, GATE, LABEL_DG, LABEL_ROLE, MANAGED_BY,
                                                   is_draining)
-from heteroscale.coordinator.kube import DEPLOYMENTS, NODES, PODS, Kube, format_time
+from heteroscale.coordinator.kube import DEPLOYMENTS, LEASES, NODES, PODS, Kube, format_time
 from tests.conftest import free_port
-from tests.k8s_envtest import Cluster, eventually, k8s_cluster, k8s_namespace, kube  # noqa: F401
+from tests.k8s_envtest import (Cluster, apply_objects, delete_objects, eventually, k8s_cluster,  # noqa: F401
+                               k8s_namespace, kube, service_account_kubeconfig)
 from tests.test_groups_k8s import template
-from tests.test_manifests import render
+from tests.test_manifests import service_namespace, with_placement
 
 pytestmark = pytest.mark.k8s
 
@@ -62,69 +65,18 @@ SA_NAMESPACE, SA_NAME = "heteroscale-system", "heteroscale-coordinator"
 # ---------------------------------------------------------------- cluster setup
 
 RBAC_KINDS = ("Namespace", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding")
+LEASE = "heteroscale-coordinator"      # the one Lease the RBAC lets the coordinator renew
 
 
-def rbac_objects(cluster: Cluster, *, delete: list[dict] | None = None) -> list[dict]:
-    """Create the base manifests' namespace, ServiceAccount and RBAC as they are; returns
-    the objects this call created. With ``delete``: delete those instead (the session's
-    control plane is shared: tests/test_manifests_k8s.py dry-runs the same objects and
-    needs them absent), except the Namespace, which other tests tolerate."""
-    from kubernetes import config, dynamic
-    from kubernetes.dynamic.exceptions import ConflictError, NotFoundError
-
-    api_client = config.new_client_from_config(config_file=str(cluster.kubeconfig))
-    created: list[dict] = []
-    try:
-        dyn = dynamic.DynamicClient(api_client)
-        if delete is None:
-            docs = sorted((d for d in render("base") if d["kind"] in RBAC_KINDS),
-                          key=lambda d: RBAC_KINDS.index(d["kind"]))
-        else:
-            docs = [d for d in reversed(delete) if d["kind"] != "Namespace"]
-        for doc in docs:
-            resource = dyn.resources.get(api_version=doc["apiVersion"], kind=doc["kind"])
-            where = {"namespace": doc["metadata"]["namespace"]} if resource.namespaced else {}
-            if delete is not None:
-                with contextlib.suppress(NotFoundError):
-                    dyn.delete(resource, name=doc["metadata"]["name"], **where)
-                continue
-            try:
-                dyn.create(resource, body=doc, **where)
-                created.append(doc)
-            except ConflictError:   # another test of the session applied it: leave it to that one
-                pass
-    finally:
-        api_client.close()
-    return created
-
-
-def sa_kubeconfig(cluster: Cluster, path: Path) -> Path:
-    """A kubeconfig that authenticates as the coordinator's ServiceAccount (its token
-    Secret, made by the v1.20 token controller), with the admin kubeconfig's server and CA."""
-    core, _ = cluster.core()
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            sa = core.read_namespaced_service_account(SA_NAME, SA_NAMESPACE)
-            if sa.secrets:
-                secret = core.read_namespaced_secret(sa.secrets[0].name, SA_NAMESPACE)
-                if secret.data and secret.data.get("token"):
-                    break
-            assert time.monotonic() < deadline, "no token Secret for the ServiceAccount"
-            time.sleep(0.2)
-        token = base64.b64decode(secret.data["token"]).decode()
-    finally:
-        core.api_client.close()
-    admin = yaml.safe_load(cluster.kubeconfig.read_text())
-    server = admin["clusters"][0]["cluster"]
-    doc = {"apiVersion": "v1", "kind": "Config", "current-context": "sa",
-           "clusters": [{"name": "envtest", "cluster": {"server": server["server"],
-                                                        "certificate-authority-data":
-                                                            server["certificate-authority-data"]}}],
-           "users": [{"name": "sa", "user": {"token": token}}],
-           "contexts": [{"name": "sa", "context": {"cluster": "envtest", "user": "sa"}}]}
-    path.write_text(yaml.safe_dump(doc))
-    return path
+def rbac_objects(cluster: Cluster, namespace: str, work: Path) -> list[dict]:
+    """Install the coordinator's least-privilege RBAC as an operator would for a Deployment
+    Group service in ``namespace``: the base (ServiceAccount, the Lease Role), the placement
+    component (cluster-wide reads), and the service-namespace overlay with the groups
+    component. Returns what was created, for ``delete_objects`` (the session's control
+    plane is shared: tests/test_manifests_k8s.py needs these absent)."""
+    docs = [d for d in with_placement(work / "coordinator") + service_namespace(work / namespace, namespace)
+            if d["kind"] in RBAC_KINDS]
+    return apply_objects(cluster, docs)
 
 
 def gpu_node(name: str, *, gpu_type: str, s2: str, s1: str, gpus: int) -> dict:
@@ -333,7 +285,7 @@ async def test_load_up_and_down_through_a_real_coordinator_process(k8s_cluster, 
     nodes = [gpu_node(f"e2e-{tag}-a-l20", gpu_type=types["prefill"], s2=f"a-{tag}", s1="a1", gpus=2),
              gpu_node(f"e2e-{tag}-a-h20", gpu_type=types["decode"], s2=f"a-{tag}", s1="a1", gpus=2),
              gpu_node(f"e2e-{tag}-b-h20", gpu_type=types["decode"], s2=f"b-{tag}", s1="b1", gpus=8)]
-    rbac = rbac_objects(k8s_cluster)
+    rbac = rbac_objects(k8s_cluster, k8s_namespace, tmp_path / "manifests")
     try:
         for node in nodes:
             await kube.create(NODES, node)
@@ -341,7 +293,9 @@ async def test_load_up_and_down_through_a_real_coordinator_process(k8s_cluster, 
             await kube.create(DEPLOYMENTS, template(f"chat-{role}", role, k8s_namespace), namespace=k8s_namespace)
         await run_loop(k8s_cluster, kube, k8s_namespace, tmp_path, tag=tag, types=types, nodes=nodes)
     finally:
-        rbac_objects(k8s_cluster, delete=rbac)
+        delete_objects(k8s_cluster, rbac)
+        with contextlib.suppress(Exception):
+            await kube.delete(LEASES, LEASE, namespace=SA_NAMESPACE)
         for node in nodes:
             with contextlib.suppress(Exception):
                 await kube.delete(NODES, node["metadata"]["name"])
@@ -350,12 +304,13 @@ async def test_load_up_and_down_through_a_real_coordinator_process(k8s_cluster, 
 async def run_loop(k8s_cluster: Cluster, kube: Kube, k8s_namespace: str, tmp_path: Path, *,  # noqa: F811
                    tag: str, types: dict[str, str], nodes: list[dict]) -> None:
     labels_of = {n["metadata"]["name"]: n["metadata"]["labels"] for n in nodes}
-    kubeconfig = sa_kubeconfig(k8s_cluster, tmp_path / "sa-kubeconfig")
+    kubeconfig = service_account_kubeconfig(k8s_cluster, tmp_path / "sa-kubeconfig", namespace=SA_NAMESPACE,
+                                            name=SA_NAME)
 
     port, sidecar_port, engine_port, probe_port = free_port(), free_port(), free_port(), free_port()
     config = tmp_path / "coordinator.yaml"
     config.write_text(yaml.safe_dump(coordinator_config(namespace=k8s_namespace, port=port,
-                                                        sidecar_port=sidecar_port, lease=f"e2e-{tag}",
+                                                        sidecar_port=sidecar_port, lease=LEASE,
                                                         types=types)))
     runner = PodRunner(kube, k8s_namespace, logs=tmp_path, sidecar_port=sidecar_port, engine_port=engine_port,
                        probe_port=probe_port, gpu_of_role={"prefill": "L20", "decode": "H20"})

@@ -11,6 +11,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from heteroscale.kv_transfer import extension
 from heteroscale.kv_transfer.extension import KvSettings, KvTransferExtension
+from heteroscale.kv_transfer.probe import MIB
 from heteroscale.errors import ConfigError
 from heteroscale.sidecar.extensions import SidecarExtension, build_extensions, observe_engine_page
 from heteroscale.sidecar.metrics import view_kv
@@ -223,6 +224,28 @@ def test_every_flag_problem_at_once(tmp_path):
     assert "--probe-peers" in text and "--probe-listen" in text
 
 
+def test_probe_server_flags_reach_its_settings_and_are_checked(tmp_path):
+    secret = tmp_path / "secret"
+    secret.write_text("0123456789abcdef0123\n")
+    common = ["--engine", "vllm", "--engine-url", "http://x", "--role", "decode", "--service", "s",
+              "--probe-listen", "0.0.0.0:9401", "--probe-secret-file", str(secret), "--pod", "decode-3"]
+    s = extension.settings_from_args(agent_parser().parse_args(common + [
+        "--probe-server-max-rate", "16777216", "--probe-server-min-rate", "1048576", "--probe-auth-timeout-s", "1.5",
+        "--probe-server-max-pending", "32", "--probe-server-max-pending-per-peer", "2"]))
+    server = s.probe_server
+    assert (server.name, server.max_bytes_per_s, server.peer_bytes_per_s) == ("decode-3", 16 * MIB, 4 * MIB)  # 1/4
+    assert (server.min_bytes_per_s, server.auth_timeout_s, server.max_pending, server.max_pending_per_peer) == (
+        MIB, 1.5, 32, 2)
+    assert extension.settings_from_args(agent_parser().parse_args(
+        common + ["--probe-server-peer-rate", "1000"])).probe_server.peer_bytes_per_s == 1000
+    with pytest.raises(ConfigError) as err:
+        extension.settings_from_args(agent_parser().parse_args(common + [
+            "--probe-server-max-pending", "4", "--probe-server-max-pending-per-peer", "8",
+            "--probe-auth-timeout-s", "0"]))
+    text = " | ".join(err.value.problems)
+    assert "max_pending_per_peer cannot exceed max_pending" in text and "timeouts" in text
+
+
 def test_observe_engine_page_helper_skips_extensions_without_the_hook():
     seen = []
 
@@ -270,7 +293,8 @@ async def test_probe_server_and_client_extensions_on_loopback(tmp_path):
         finally:
             await prefill.close()
         server_doc = (await decode.sample(2.0))["probe"]["server"]
-        assert server_doc == {"name": "decode-7", "probes": 1, "bytes_received": 2 * 1024 * 1024, "refusals": {}}
+        assert server_doc == {"name": "decode-7", "probes": 1, "bytes_received": 2 * 1024 * 1024, "refusals": {},
+                              "pending": 0, "active": 0}
     finally:
         await decode.close()
 

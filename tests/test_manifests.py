@@ -9,7 +9,7 @@ tests/test_manifests_k8s.py.
 from __future__ import annotations
 
 import ast
-
+import os
 import shutil
 import subprocess
 import sys
@@ -25,14 +25,38 @@ MANIFESTS = REPO / "manifests"
 SCHEMA_VERSIONS = ("1.29", "1.33")
 
 
-def render(overlay: str) -> list[dict]:
+def render(overlay: str | Path) -> list[dict]:
+    """``kubectl kustomize`` of ``manifests/<overlay>`` (or of a directory given as a Path)."""
     kubectl = shutil.which("kubectl")
     if kubectl is None:
         pytest.skip("kubectl (with built-in kustomize) is not installed")
-    out = subprocess.run([kubectl, "kustomize", str(MANIFESTS / overlay)],
-                         capture_output=True, text=True, timeout=60)
+    where = overlay if isinstance(overlay, Path) else MANIFESTS / overlay
+    out = subprocess.run([kubectl, "kustomize", str(where)], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     return [d for d in yaml.safe_load_all(out.stdout) if d]
+
+
+def service_namespace(where: Path, namespace: str, *, groups: bool = True, network: bool = True) -> list[dict]:
+    """An operator's overlay for one service namespace, as docs/kubernetes.md shows it,
+    written to ``where`` and rendered (kustomize takes relative paths only)."""
+    up = Path(os.path.relpath(MANIFESTS, where))
+    components = ([f"{up}/service-namespace/groups"] if groups else []) + \
+        ([f"{up}/service-namespace/network"] if network else [])
+    where.mkdir(parents=True, exist_ok=True)
+    (where / "kustomization.yaml").write_text(yaml.safe_dump({
+        "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization", "namespace": namespace,
+        "resources": [f"{up}/service-namespace"], "components": components}))
+    return render(where)
+
+
+def with_placement(where: Path) -> list[dict]:
+    """The base with the placement component (what a Deployment-Group install applies)."""
+    up = Path(os.path.relpath(MANIFESTS, where))
+    where.mkdir(parents=True, exist_ok=True)
+    (where / "kustomization.yaml").write_text(yaml.safe_dump({
+        "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
+        "resources": [f"{up}/base"], "components": [f"{up}/placement"]}))
+    return render(where)
 
 
 def by_kind(docs: list[dict], kind: str) -> list[dict]:
@@ -46,9 +70,8 @@ def base() -> list[dict]:
 
 def test_base_has_every_object_the_coordinator_needs(base):
     kinds = sorted(d["kind"] for d in base)
-    assert kinds == sorted(["Namespace", "ServiceAccount", "Role", "ClusterRole", "RoleBinding",
-                            "ClusterRoleBinding", "ConfigMap", "Service", "Deployment",
-                            "PodDisruptionBudget"])
+    assert kinds == sorted(["Namespace", "ServiceAccount", "Role", "RoleBinding", "ConfigMap", "Service",
+                            "Deployment", "PodDisruptionBudget"])
     assert all(d["metadata"].get("namespace") in (None, "heteroscale-system") for d in base)
 
 
@@ -59,25 +82,65 @@ def test_base_validates_against_kubernetes_schemas(base, version):
         kubernetes_validate.validate(doc, version, strict=True)
 
 
-def test_rbac_grants_exactly_what_the_coordinator_calls(base):
-    rules = {}
-    for role in by_kind(base, "ClusterRole") + by_kind(base, "Role"):
-        for rule in role["rules"]:
-            for group in rule["apiGroups"]:
-                for resource in rule["resources"]:
-                    rules[(group, resource)] = set(rule["verbs"])
-    assert rules == {
-        ("", "nodes"): {"get", "list", "watch"},
-        ("", "pods"): {"get", "list", "watch", "patch", "delete"},
-        ("", "pods/status"): {"patch"},
-        ("", "events"): {"create", "patch"},
-        ("apps", "deployments"): {"get", "list", "watch", "create", "patch", "delete"},
-        ("apps", "statefulsets"): {"get", "list", "watch", "create", "patch", "delete"},
-        ("apps", "deployments/scale"): {"get", "patch", "update"},
-        ("apps", "statefulsets/scale"): {"get", "patch", "update"},
-        ("coordination.k8s.io", "leases"): {"get", "create", "update"},
+def _rules(docs: list[dict]) -> dict[tuple[str, str, str], set[tuple[str, str, str, tuple[str, ...]]]]:
+    """(kind, namespace, name) of each Role/ClusterRole -> its rules, one (group, resource,
+    verb, resourceNames) per combination."""
+    out = {}
+    for role in by_kind(docs, "ClusterRole") + by_kind(docs, "Role"):
+        key = (role["kind"], role["metadata"].get("namespace", ""), role["metadata"]["name"])
+        out[key] = {(group, resource, verb, tuple(rule.get("resourceNames") or ()))
+                    for rule in role["rules"] for group in rule["apiGroups"]
+                    for resource in rule["resources"] for verb in rule["verbs"]}
+    return out
+
+
+def test_rbac_grants_exactly_what_the_coordinator_calls(tmp_path):
+    """Every verb here is one the coordinator's code uses (the table in docs/kubernetes.md);
+    writes only in the namespaces an operator lists; cluster-wide only reads."""
+    docs = with_placement(tmp_path / "coordinator") + service_namespace(tmp_path / "team-a", "team-a")
+    lease = ("heteroscale-coordinator",)
+    assert _rules(docs) == {
+        ("ClusterRole", "", "heteroscale-coordinator-topology"): {
+            ("", "nodes", "list", ()), ("", "pods", "list", ())},
+        ("Role", "heteroscale-system", "heteroscale-leader-election"): {
+            ("coordination.k8s.io", "leases", "get", lease), ("coordination.k8s.io", "leases", "update", lease),
+            ("coordination.k8s.io", "leases", "create", ())},    # create cannot be limited by name
+        ("Role", "team-a", "heteroscale-scaler"): {
+            ("apps", r, v, ()) for r in ("deployments", "statefulsets") for v in ("get", "patch")} | {
+            ("apps", r, v, ()) for r in ("deployments/scale", "statefulsets/scale") for v in ("get", "update")} | {
+            ("", "pods", "list", ()), ("", "events", "create", ())},
+        ("Role", "team-a", "heteroscale-groups"): {
+            ("apps", "deployments", v, ()) for v in ("list", "create", "delete")} | {
+            ("", "pods", "patch", ()), ("", "pods", "delete", ()), ("", "pods/status", "patch", ())},
     }
-    assert not any("*" in verbs for verbs in rules.values())
+    # Each Role is bound to the coordinator's ServiceAccount, in the Role's own namespace.
+    bindings = by_kind(docs, "RoleBinding") + by_kind(docs, "ClusterRoleBinding")
+    assert len(bindings) == 4
+    for binding in bindings:
+        assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "heteroscale-coordinator",
+                                        "namespace": "heteroscale-system"}]
+        assert binding["roleRef"]["name"] == binding["metadata"]["name"]
+
+
+def test_the_lease_rule_names_the_lease_the_config_elects_on(base):
+    (cm,) = by_kind(base, "ConfigMap")
+    lease = yaml.safe_load(cm["data"]["config.yaml"])["coordinator"]["lease"]
+    (role,) = by_kind(base, "Role")
+    assert role["metadata"]["namespace"] == lease["namespace"]
+    named = [r for r in role["rules"] if r.get("resourceNames")]
+    assert named and all(r["resourceNames"] == [lease["name"]] for r in named)
+
+
+def test_service_namespace_overlays_validate_and_keep_their_subject(tmp_path):
+    kubernetes_validate = pytest.importorskip("kubernetes_validate")
+    docs = with_placement(tmp_path / "coordinator") + service_namespace(tmp_path / "team-a", "team-a")
+    for doc in docs:
+        for version in SCHEMA_VERSIONS:
+            kubernetes_validate.validate(doc, version, strict=True)
+    # Without the components: only the scaler Role and its binding.
+    plain = service_namespace(tmp_path / "team-b", "team-b", groups=False, network=False)
+    assert sorted((d["kind"], d["metadata"]["name"], d["metadata"]["namespace"]) for d in plain) == [
+        ("Role", "heteroscale-scaler", "team-b"), ("RoleBinding", "heteroscale-scaler", "team-b")]
 
 
 def test_coordinator_runs_two_hardened_replicas(base):
@@ -161,6 +224,64 @@ def test_image_install_steps_in_a_clean_venv(tmp_path):
 @pytest.fixture(scope="module")
 def examples() -> list[dict]:
     return render("examples")
+
+
+def _selects(selector: dict, labels: dict) -> bool:
+    """A LabelSelector (matchLabels, and the operators the manifests use) against labels."""
+    if any(labels.get(k) != v for k, v in (selector.get("matchLabels") or {}).items()):
+        return False
+    for expr in selector.get("matchExpressions") or ():
+        present = expr["key"] in labels
+        if (expr["operator"] == "Exists") != present:
+            return False
+    return True
+
+
+def _allowed_sources(policies: list[dict], pod: dict, port: int) -> list:
+    """Every ``from`` clause (None: from anywhere) that lets TCP traffic to ``port`` of ``pod`` in."""
+    found = []
+    for policy in policies:
+        if policy["metadata"]["namespace"] != pod["metadata"]["namespace"] or \
+                not _selects(policy["spec"]["podSelector"], pod["metadata"]["labels"]):
+            continue
+        for rule in policy["spec"]["ingress"]:
+            if any(p.get("protocol", "TCP") == "TCP" and p["port"] <= port <= p.get("endPort", p["port"])
+                   for p in rule["ports"]):
+                found.append(rule.get("from"))
+    return found
+
+
+def test_network_policies_fence_the_sidecar_and_probe_ports(examples):
+    policies = by_kind(examples, "NetworkPolicy")
+    coordinator = next(d for d in by_kind(examples, "Deployment") if d["metadata"]["name"] == "heteroscale-coordinator")
+    pods = {d["metadata"]["name"]: {"metadata": {"namespace": d["metadata"]["namespace"],
+                                                 "labels": d["spec"]["template"]["metadata"]["labels"]}}
+            for d in _engine_deployments(examples)}
+    for name, pod in pods.items():
+        # 9400 only from the coordinators (their namespace and pod labels) and Prometheus.
+        (sources,) = _allowed_sources(policies, pod, 9400)
+        peers = [(s["namespaceSelector"]["matchLabels"], s["podSelector"]["matchLabels"]) for s in sources]
+        assert peers == [({"kubernetes.io/metadata.name": "heteroscale-system"},
+                          {"app.kubernetes.io/name": "heteroscale-coordinator"}),
+                         ({"kubernetes.io/metadata.name": "monitoring"}, {"app.kubernetes.io/name": "prometheus"})]
+        assert _selects(sources[0]["podSelector"], coordinator["spec"]["template"]["metadata"]["labels"])
+        assert coordinator["metadata"]["namespace"] == "heteroscale-system"
+        # 9401: on decode pods from the same service's prefill pods only; on prefill pods from no one.
+        probe = _allowed_sources(policies, pod, 9401)
+        labels = pod["metadata"]["labels"]
+        if labels["heteroscale.io/role"] == "decode":
+            assert probe == [[{"podSelector": {"matchLabels": {
+                "heteroscale.io/service": labels["heteroscale.io/service"], "heteroscale.io/role": "prefill"}}}]]
+        else:
+            assert probe == []
+        # Every other port stays as open as before (the engine, its KV side channels).
+        for port in (8000, 5600, 9399, 9402, 65535):
+            assert _allowed_sources(policies, pod, port) == [None], (name, port)
+        # The sidecar really listens where the policy expects it.
+        template = next(d for d in _engine_deployments(examples) if d["metadata"]["name"] == name)
+        sidecar = next(c for c in template["spec"]["template"]["spec"]["containers"]
+                       if c["name"] == "heteroscale-sidecar")
+        assert {"name": "hs-metrics", "containerPort": 9400, "protocol": "TCP"} in sidecar["ports"]
 
 
 def _engine_deployments(docs: list[dict]) -> list[dict]:
