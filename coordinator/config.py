@@ -23,7 +23,8 @@ import yaml
 
 from heteroscale.coordinator.core.ratio import prefill_for_ratio
 from heteroscale.coordinator.core.settings import (
-    AFFINITIES, BACKENDS, METRICS_SOURCES, ApiConfig, CollectConfig, Config, CoordinatorConfig, LatencyNet, LeaseConfig,
+    AFFINITIES, BACKENDS, METRICS_SOURCES, PD_RATIO_MODES, AdaptiveTarget, ApiConfig, CollectConfig, DemandEstimate,
+    Forecast, KvPressure, RatioDrift, Config, CoordinatorConfig, LatencyNet, LeaseConfig,
     MetricsSourceConfig, PlacementConfig, PolicyConfig, RoleConfig, ScheduleEntry, ServiceConfig, Slo, Tolerance)
 from heteroscale.errors import ConfigError, UsageError
 from heteroscale.net import parse_host_port
@@ -348,7 +349,47 @@ def _policy(node: _Node) -> PolicyConfig:
     if latency.severe_step < latency.moderate_step:
         lat_node.problem("severe_step", f"must be >= moderate_step "
                          f"({latency.severe_step:g} < {latency.moderate_step:g})")
+    dd = node.child("demand")
+    demand = DemandEstimate(enabled=dd.boolean("enabled", d.demand.enabled),
+                            max_factor=dd.number("max_factor", d.demand.max_factor, minimum=1))
+    dd.finish()
+    at = node.child("adaptive_target")
+    da = d.adaptive_target
+    adaptive = AdaptiveTarget(
+        enabled=at.boolean("enabled", da.enabled),
+        floor=at.number("floor", da.floor, minimum=0, exclusive_min=True, maximum=1),
+        step=at.number("step", da.step, minimum=0, exclusive_min=True, maximum=0.9),
+        calm_ratio=at.number("calm_ratio", da.calm_ratio, minimum=0, exclusive_min=True, maximum=1),
+        recover_after_s=at.number("recover_after_s", da.recover_after_s, minimum=0, exclusive_min=True),
+        recover_step=at.number("recover_step", da.recover_step, minimum=0, exclusive_min=True, maximum=1))
+    at.finish()
+    kp = node.child("kv_pressure")
+    kv = KvPressure(enabled=kp.boolean("enabled", d.kv_pressure.enabled),
+                    usage=kp.number("usage", d.kv_pressure.usage, minimum=0, exclusive_min=True, maximum=1),
+                    preemptions_per_s=kp.number("preemptions_per_s", d.kv_pressure.preemptions_per_s, minimum=0))
+    kp.finish()
+    rd = node.child("ratio_drift")
+    dr = d.ratio_drift
+    drift = RatioDrift(
+        window_s=rd.number("window_s", dr.window_s, minimum=0, exclusive_min=True),
+        threshold=rd.number("threshold", dr.threshold, minimum=0, exclusive_min=True, maximum=10),
+        step=rd.number("step", dr.step, minimum=0, exclusive_min=True, maximum=1),
+        dwell_s=rd.number("dwell_s", dr.dwell_s, minimum=0),
+        min_ratio=rd.number("min_ratio", dr.min_ratio, minimum=0, exclusive_min=True),
+        max_ratio=rd.number("max_ratio", dr.max_ratio, minimum=0, exclusive_min=True),
+        reference_prefill_per_decode=rd.number("reference_prefill_per_decode", None, minimum=0,
+                                               exclusive_min=True, allow_null=True))
+    rd.finish()
+    if drift.min_ratio > drift.max_ratio:
+        rd.problem("min_ratio", f"must be <= max_ratio ({drift.min_ratio:g} > {drift.max_ratio:g})")
+    fc = node.child("forecast")
+    df = d.forecast
+    forecast = Forecast(enabled=fc.boolean("enabled", df.enabled),
+                        horizon_s=fc.number("horizon_s", df.horizon_s, minimum=0, exclusive_min=True),
+                        trend_window_s=fc.number("trend_window_s", df.trend_window_s, minimum=0, exclusive_min=True))
+    fc.finish()
     out = PolicyConfig(
+        demand=demand, adaptive_target=adaptive, kv_pressure=kv, ratio_drift=drift, forecast=forecast,
         tolerance=tolerance,
         scale_out_cooldown_s=node.number("scale_out_cooldown_s", d.scale_out_cooldown_s, minimum=0),
         scale_in_stabilization_s=node.number("scale_in_stabilization_s", d.scale_in_stabilization_s, minimum=0),
@@ -509,6 +550,7 @@ def _service(node: _Node, *, backend: str | None, needs_sidecars: bool = True) -
         schedules=tuple(schedules),
         priority=node.integer("priority", 0),
         affinity=node.string("affinity", "none", choices=AFFINITIES),
+        pd_ratio_mode=node.string("pd_ratio_mode", "advise", choices=PD_RATIO_MODES),
     )
     if (svc.prefill.template is None) != (svc.decode.template is None):
         node.problem("", "both roles must give a template (Deployment Groups) or neither")

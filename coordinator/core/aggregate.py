@@ -115,6 +115,12 @@ def aggregate(service: "ServiceConfig", fetched: Iterable[Fetched], *, pools: Po
         ttft_p90_max_s=max((v for v, _ in ttft), default=None),
         prefill_tps=sum(prefill_rates) if prefill_rates else None,
         prefill_uncached_tps=sum(uncached) if uncached else None,
+        decode_running=_sum(r.requests_running for r in (u.report for u in decode)),
+        decode_waiting=_sum(r.requests_waiting for r in (u.report for u in decode)),
+        decode_kv_usage_max=max((u.report.kv_cache_usage_ratio for u in decode
+                                 if u.report.kv_cache_usage_ratio is not None), default=None),
+        prefill_waiting=_sum(r.requests_waiting for r in (u.report for u in prefill)),
+        prefill_gpu_utilization=_mean(g.utilization_ratio for u in prefill for g in u.report.gpus),
         excluded=dict(excluded),
     )
 
@@ -127,3 +133,14 @@ def weighted_mean(pairs: list[tuple[float, float]]) -> float | None:
     if total <= 0:
         return sum(v for v, _ in pairs) / len(pairs)
     return sum(v * w for v, w in pairs) / total
+
+
+def _sum(values: Iterable[float | None]) -> float | None:
+    """Sum of the measured values; ``None`` when none was measured (never 0 for unknown)."""
+    known = [v for v in values if v is not None]
+    return sum(known) if known else None
+
+
+def _mean(values: Iterable[float | None]) -> float | None:
+    known = [v for v in values if v is not None]
+    return sum(known) / len(known) if known else None

@@ -54,9 +54,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from fractions import Fraction
 from typing import TYPE_CHECKING, Any
 
-from heteroscale.coordinator.core.ratio import prefill_for_ratio
+from heteroscale.coordinator.core.demand import demand_tps, kv_pressure
+from heteroscale.coordinator.core.drift import DriftState, observe_drift, ratio_in_use
+from heteroscale.coordinator.core.forecast import ForecastState, forecast_tps, remember_load
+from heteroscale.coordinator.core.ratio import prefill_for_fraction, prefill_for_ratio, ratio_text
+from heteroscale.coordinator.core.target import TargetState, learn_target
 from heteroscale.coordinator.core.types import Decision, Observation, PoolCounts
 
 if TYPE_CHECKING:
@@ -64,8 +69,8 @@ if TYPE_CHECKING:
 
 REASONS = (
     "scale_out_tps", "scale_in_tps", "latency_moderate", "latency_severe",
-    "hold_missing_data", "hold_partial_data", "hold_pending", "hold_cooldown", "hold_stabilization",
-    "hold_tolerance", "hold_consolidation", "bounded_max", "bounded_min",
+    "kv_pressure", "hold_missing_data", "hold_partial_data", "hold_pending", "hold_cooldown",
+    "hold_stabilization", "hold_cold_start", "hold_tolerance", "hold_consolidation", "bounded_max", "bounded_min",
     "bounded_budget", "ratio_repair", "schedule", "manual_override",
 )
 _EPS = 1e-9
@@ -81,6 +86,10 @@ class PolicyState:
     last_scale_in_s: float | None = None
     pending_seen_s: float | None = None                    # first tick pending was seen
     adopted: PoolCounts | None = None                      # a human's counts, already adopted
+    first_data_s: float | None = None                      # the first tick with data (cold start)
+    target: TargetState = TargetState()                    # the effective τ (core.target)
+    drift: DriftState = DriftState()                       # the P/D ratio in use and its advice
+    forecast: ForecastState = ForecastState()              # load history for the predictive lead
 
 
 # ---------------------------------------------------------------- building blocks
@@ -190,9 +199,10 @@ def gpus_for(service: "ServiceConfig", pools: PoolCounts) -> int:
             + pools.decode * service.decode.gpus_per_instance)
 
 
-def pools_for_decode(service: "ServiceConfig", decode: int) -> PoolCounts:
-    """Both pools for ``decode`` instances: prefill by the ratio, then its own bounds."""
-    prefill = prefill_for_decode(service, decode)
+def pools_for_decode(service: "ServiceConfig", decode: int, *, ratio: Fraction | None = None) -> PoolCounts:
+    """Both pools for ``decode`` instances: prefill by the ratio (the configured one, or
+    the one in use under ``pd_ratio_mode: adapt``), then its own bounds."""
+    prefill = prefill_for_decode(service, decode) if ratio is None else prefill_for_fraction(decode, ratio)
     if service.min_prefill is not None:
         prefill = max(prefill, service.min_prefill)
     if service.max_prefill is not None:
@@ -200,12 +210,12 @@ def pools_for_decode(service: "ServiceConfig", decode: int) -> PoolCounts:
     return PoolCounts(prefill=prefill, decode=decode)
 
 
-def fit_budget(service: "ServiceConfig", decode: int, *, low: int) -> int:
+def fit_budget(service: "ServiceConfig", decode: int, *, low: int, ratio: Fraction | None = None) -> int:
     """The largest decode count ``<= decode`` (and ``>= low``) whose pools fit the GPU budget."""
     budget = service.policy.gpu_budget
     if budget is None:
         return decode
-    while decode > low and gpus_for(service, pools_for_decode(service, decode)) > budget:
+    while decode > low and gpus_for(service, pools_for_decode(service, decode, ratio=ratio)) > budget:
         decode -= 1
     return decode
 
@@ -312,15 +322,26 @@ def decide(*, service: "ServiceConfig", observation: Observation, state: PolicyS
     low, high = decode_bounds(service, entry)
     inputs["bounds"] = [low, high]
 
+    ratio = ratio_in_use(state.drift, service.pd_ratio)
     if not valid:
         proposal = Proposal(decode=current.decode, reason="hold_missing_data", keep_prefill=True, detail=(
             f"{observation.fresh_decode} fresh of {observation.expected_decode} expected decode reports "
             f"(need {pol.min_fresh_reports_ratio:.0%})"))
     else:
         tps = smoothed_tps(state.tps_samples) or 0.0
-        proposal = _propose(service, tps=tps, current=current.decode, inputs=inputs)
-        proposal, recommendation = _latency_net(service, proposal, observation=observation,
-                                                current=current.decode, inputs=inputs)
+        tau = service.target_decode_tps_per_instance * state.target.scale
+        inputs["effective_target_decode_tps_per_instance"] = round(tau, 3)
+        state, scale_out_tps = _scale_out_load(service, state, observation=observation, tps=tps,
+                                               now_s=now_s, inputs=inputs)
+        proposal = _propose(service, tps=tps, scale_out_tps=scale_out_tps, tau=tau, current=current.decode,
+                            inputs=inputs)
+        proposal = _kv_pressure(service, proposal, observation=observation, current=current.decode, inputs=inputs)
+        proposal, recommendation, decode_breach = _latency_net(service, proposal, observation=observation,
+                                                               current=current.decode, inputs=inputs)
+        state = replace(state, target=learn_target(
+            state.target, settings=pol.adaptive_target, now_s=now_s, decode_breach=decode_breach,
+            latency_ratio=inputs.get("latency_slo_ratio"), per_instance_tps=tps / current.decode if current.decode
+            else None, tau=service.target_decode_tps_per_instance, cooldown_s=pol.scale_out_cooldown_s))
         # The window keeps each tick's final recommendation, the latency net's included (as
         # HPA keeps its computed replicas): a size that latency asked for is not given back
         # by a tokens/s scale-in before the stabilisation window has passed.
@@ -333,12 +354,14 @@ def decide(*, service: "ServiceConfig", observation: Observation, state: PolicyS
                                        pending_since_s=observation.pools.pending_since_s)
         elif proposal.decode < current.decode:
             proposal = _stabilize_scale_in(service, proposal, state=state, current=current.decode, now_s=now_s,
-                                           load_tps=max(tps, load or 0.0), inputs=inputs)
-    proposal = _apply_bounds(service, proposal, low=low, high=high)
-    desired, proposal = _apply_ratio(service, proposal, current=current)
+                                           load_tps=max(tps, load or 0.0), tau=tau, inputs=inputs)
+    proposal = _apply_bounds(service, proposal, low=low, high=high, ratio=ratio)
+    desired, proposal = _apply_ratio(service, proposal, current=current, ratio=ratio)
     if valid and not complete:
         desired, proposal = _hold_shrink_on_partial_data(desired, proposal, current=current,
                                                          missing=observation.missing_decode)
+    if valid:
+        state = _watch_ratio(service, state, observation=observation, load_tps=load, now_s=now_s, inputs=inputs)
     return decision(proposal.reason, desired, proposal.detail), state
 
 
@@ -382,33 +405,83 @@ def _adopt_manual_edit(state: PolicyState, *, current: PoolCounts, manual: bool,
                    recommendations=((now_s, current.decode),))
 
 
-def _propose(service: "ServiceConfig", *, tps: float, current: int, inputs: dict[str, Any]) -> Proposal:
-    """Proportional control against the asymmetric band."""
+def _scale_out_load(service: "ServiceConfig", state: PolicyState, *, observation: Observation, tps: float,
+                    now_s: float, inputs: dict[str, Any]) -> tuple[PolicyState, float]:
+    """The load a scale-out is judged on: the smoothed served rate, or more when decode
+    queues (the demand estimate, ``core.demand``) or the forecast says more is coming
+    (``core.forecast``). Scale-in never sees these."""
     pol = service.policy
-    tau = service.target_decode_tps_per_instance
+    out = tps
+    demand = demand_tps(observation, served_tps=tps, settings=pol.demand)
+    if demand is not None and demand > out:
+        inputs["demand_decode_tps"] = round(demand, 3)
+        out = demand
+    if pol.forecast.enabled:
+        state = replace(state, forecast=remember_load(state.forecast, settings=pol.forecast, now_s=now_s,
+                                                      load_tps=tps))
+        ahead, how = forecast_tps(state.forecast, settings=pol.forecast, now_s=now_s)
+        if ahead is not None and ahead > out:
+            inputs.update(forecast_decode_tps=round(ahead, 3), forecast_from=how)
+            out = ahead
+    return state, out
+
+
+def _propose(service: "ServiceConfig", *, tps: float, scale_out_tps: float, tau: float, current: int,
+             inputs: dict[str, Any]) -> Proposal:
+    """Proportional control against the asymmetric band, on the effective target ``tau``:
+    scale-out on ``scale_out_tps`` (the demand, when it is more than what is served),
+    scale-in on the served rate alone."""
+    pol = service.policy
     want = proportional_decode(tps, tau)
+    want_out = proportional_decode(scale_out_tps, tau)
     utilization = tps / (current * tau) if current > 0 else math.inf
-    inputs.update(smoothed_decode_tps=round(tps, 3), recommendation=want,
+    out_utilization = scale_out_tps / (current * tau) if current > 0 else math.inf
+    inputs.update(smoothed_decode_tps=round(tps, 3), recommendation=max(want, want_out),
                   utilization=None if math.isinf(utilization) else round(utilization, 4))
     detail = (f"decode tps {tps:.0f} is {utilization:.0%} of {current}x{tau:g}" if current
               else f"decode tps {tps:.0f}, no decode instances")
-    if utilization > 1 + pol.tolerance.scale_out and want > current:
-        return Proposal(decode=want, reason="scale_out_tps", detail=detail)
+    if out_utilization > 1 + pol.tolerance.scale_out and want_out > current:
+        if scale_out_tps > tps:
+            detail += f"; demand {scale_out_tps:.0f} tok/s is {out_utilization:.0%}"
+        return Proposal(decode=want_out, reason="scale_out_tps", detail=detail)
     if utilization < 1 - pol.tolerance.scale_in and want < current:
         return Proposal(decode=want, reason="scale_in_tps", detail=detail)
     return Proposal(decode=current, reason="hold_tolerance", detail=detail)
 
 
+def _kv_pressure(service: "ServiceConfig", proposal: Proposal, *, observation: Observation, current: int,
+                 inputs: dict[str, Any]) -> Proposal:
+    """Decode KV cache nearly full, or preempting: a moderate step before TBT breaks
+    (never a scale-in)."""
+    why = kv_pressure(observation, settings=service.policy.kv_pressure)
+    if why is None:
+        return proposal
+    inputs["kv_pressure"] = why
+    step = latency_target(current, service.policy.latency_net.moderate_step)
+    inputs["recommendation"] = max(inputs.get("recommendation", 0), step)
+    if step > max(proposal.decode, current):
+        return Proposal(decode=step, reason="kv_pressure",
+                        detail=f"{why}: +{service.policy.latency_net.moderate_step:.0%} both pools")
+    return proposal
+
+
 def _latency_net(service: "ServiceConfig", proposal: Proposal, *, observation: Observation, current: int,
-                 inputs: dict[str, Any]) -> tuple[Proposal, int]:
+                 inputs: dict[str, Any]) -> tuple[Proposal, int, bool]:
     """The safety net: a breach asks for +step of both pools (at least +1), never less.
-    Returns the proposal and this tick's recommendation for the stabilisation window."""
+    Returns the proposal, this tick's recommendation for the stabilisation window, and
+    whether the breach was on the decode side (TBT; or TTFT while decode queues or is
+    under KV pressure) — the one that teaches the effective τ."""
     step, reason, ratio = latency_step(service, tbt_p90_s=observation.tbt_p90_s,
                                        ttft_p90_s=observation.ttft_p90_s)
     inputs["latency_slo_ratio"] = None if ratio is None else round(ratio, 4)
     want = inputs["recommendation"]
     if reason is None:
-        return proposal, want
+        return proposal, want, False
+    net = service.policy.latency_net
+    tbt_ratio = (observation.tbt_p90_s / service.slo.tbt_s
+                 if observation.tbt_p90_s is not None and service.slo.tbt_s else None)
+    decode_queues = (observation.decode_waiting or 0) > 0 or "kv_pressure" in inputs
+    decode_breach = (tbt_ratio is not None and tbt_ratio > net.moderate) or decode_queues
     # The step is at least +1, so a breach always overrides a scale-in: latency never
     # lets the pools shrink. A larger proportional scale-out keeps its own reason.
     lat_d = latency_target(current, step)
@@ -416,7 +489,7 @@ def _latency_net(service: "ServiceConfig", proposal: Proposal, *, observation: O
     if lat_d > max(proposal.decode, current):
         proposal = Proposal(decode=lat_d, reason=reason,
                             detail=f"p90 latency at {ratio:.2f}x SLO: +{step:.0%} both pools")
-    return proposal, max(want, lat_d)
+    return proposal, max(want, lat_d), decode_breach
 
 
 def _gate_scale_out(service: "ServiceConfig", proposal: Proposal, *, state: PolicyState, current: int,
@@ -439,9 +512,15 @@ def _gate_scale_out(service: "ServiceConfig", proposal: Proposal, *, state: Poli
 
 
 def _stabilize_scale_in(service: "ServiceConfig", proposal: Proposal, *, state: PolicyState, current: int,
-                        now_s: float, load_tps: float, inputs: dict[str, Any]) -> Proposal:
-    """HPA's stabilisation window, the damped step, and the consolidation check."""
+                        now_s: float, load_tps: float, tau: float, inputs: dict[str, Any]) -> Proposal:
+    """No scale-in on less than a full smoothing window of data; HPA's stabilisation
+    window; the damped step; the consolidation check (on the effective τ)."""
     pol = service.policy
+    since = state.first_data_s if state.first_data_s is not None else now_s
+    if now_s - since < pol.smoothing_window_s:
+        return proposal.hold(current=current, reason="hold_cold_start",
+                             detail=f"{now_s - since:.0f}s of data, less than the {pol.smoothing_window_s:g}s "
+                                    "smoothing window: no scale-in yet")
     stable = stabilized_recommendation(state.recommendations, now_s=now_s, window_s=pol.scale_in_stabilization_s)
     stable = current if stable is None else stable
     inputs["stabilized_recommendation"] = stable
@@ -451,8 +530,7 @@ def _stabilize_scale_in(service: "ServiceConfig", proposal: Proposal, *, state: 
                                     f"last {pol.scale_in_stabilization_s:g}s was {stable} (>= {current} now): "
                                     "no scale-in yet")
     proposal = _damp(service, replace(proposal, decode=stable), current=current)
-    need = consolidation_decode(load_tps, target_tps_per_instance=service.target_decode_tps_per_instance,
-                                margin=pol.consolidation_margin)
+    need = consolidation_decode(load_tps, target_tps_per_instance=tau, margin=pol.consolidation_margin)
     inputs["consolidation_need"] = need
     if need >= current:
         return proposal.hold(current=current, reason="hold_consolidation",
@@ -472,31 +550,63 @@ def _damp(service: "ServiceConfig", proposal: Proposal, *, current: int) -> Prop
     return replace(proposal, decode=damped).note(f"step damped {proposal.decode} -> {damped}")
 
 
-def _apply_bounds(service: "ServiceConfig", proposal: Proposal, *, low: int, high: int) -> Proposal:
+def _apply_bounds(service: "ServiceConfig", proposal: Proposal, *, low: int, high: int,
+                  ratio: Fraction) -> Proposal:
     """The decode bounds (or a schedule's), then the GPU budget across both pools."""
     bounded = clamp(proposal.decode, low, high)
     if bounded != proposal.decode:
         proposal = replace(proposal, decode=bounded,
                            reason="bounded_max" if proposal.decode > high else "bounded_min"
                            ).note(f"bounded to [{low}, {high}]")
-    budgeted = fit_budget(service, proposal.decode, low=low)
+    budgeted = fit_budget(service, proposal.decode, low=low, ratio=ratio)
     if budgeted != proposal.decode:
         proposal = replace(proposal, decode=budgeted, reason="bounded_budget").note(
             f"GPU budget {service.policy.gpu_budget} allows {budgeted} decode")
     return proposal
 
 
-def _apply_ratio(service: "ServiceConfig", proposal: Proposal, *,
-                 current: PoolCounts) -> tuple[PoolCounts, Proposal]:
-    """Prefill follows decode by the ratio; a hold keeps today's prefill; a tolerance
-    hold whose prefill drifted from the ratio repairs it (``ratio_repair``)."""
+def _apply_ratio(service: "ServiceConfig", proposal: Proposal, *, current: PoolCounts,
+                 ratio: Fraction) -> tuple[PoolCounts, Proposal]:
+    """Prefill follows decode by the ratio in use; a hold keeps today's prefill; a tolerance
+    hold whose prefill drifted from the ratio repairs it (``ratio_repair``). While an
+    adapted ratio is in use the two pools never move in opposite directions in one
+    decision (the ratio catches up over the next ticks)."""
     if proposal.keep_prefill and proposal.decode == current.decode:
         return current, proposal
-    desired = pools_for_decode(service, proposal.decode)
+    desired = pools_for_decode(service, proposal.decode, ratio=ratio)
+    adapted = ratio != Fraction(*service.pd_ratio)
+    if adapted and ((desired.decode > current.decode and desired.prefill < current.prefill) or (
+            desired.decode < current.decode and desired.prefill > current.prefill)):
+        desired = PoolCounts(prefill=current.prefill, decode=desired.decode)
+        proposal = proposal.note("prefill kept: the pools never move in opposite directions in one step")
     if proposal.reason == "hold_tolerance" and desired != current:
         proposal = replace(proposal, reason="ratio_repair").note(
-            f"prefill {current.prefill} -> {desired.prefill} to keep {service.pd_ratio_text}")
+            f"prefill {current.prefill} -> {desired.prefill} to keep {ratio_text(ratio)}")
     return desired, proposal
+
+
+def _watch_ratio(service: "ServiceConfig", state: PolicyState, *, observation: Observation,
+                 load_tps: float | None, now_s: float, inputs: dict[str, Any]) -> PolicyState:
+    """The P/D ratio drift detector (``core.drift``); its estimate and advice go in the
+    decision's inputs."""
+    if service.pd_ratio_mode == "fixed":
+        return state
+    ttft_ratio = (observation.ttft_p90_s / service.slo.ttft_s
+                  if observation.ttft_p90_s is not None and service.slo.ttft_s else None)
+    tbt_ratio = (observation.tbt_p90_s / service.slo.tbt_s
+                 if observation.tbt_p90_s is not None and service.slo.tbt_s else None)
+    prefill = observation.prefill_uncached_tps if observation.prefill_uncached_tps is not None \
+        else observation.prefill_tps
+    drift = observe_drift(state.drift, settings=service.policy.ratio_drift, mode=service.pd_ratio_mode,
+                          configured=service.pd_ratio, now_s=now_s, prefill_tps=prefill, decode_tps=load_tps,
+                          ttft_ratio=ttft_ratio, tbt_ratio=tbt_ratio, prefill_waiting=observation.prefill_waiting)
+    if drift.needed is not None:
+        inputs["pd_ratio_needed"] = ratio_text(drift.needed)
+    if drift.advice is not None:
+        inputs["pd_ratio_advice"] = ratio_text(drift.advice)
+    if drift.ratio is not None:
+        inputs["pd_ratio_in_use"] = ratio_text(drift.ratio)
+    return replace(state, drift=drift)
 
 
 def _remember(state: PolicyState, *, load_tps: float | None, now_s: float, window_s: float) -> PolicyState:
@@ -504,6 +614,8 @@ def _remember(state: PolicyState, *, load_tps: float | None, now_s: float, windo
     if load_tps is not None:
         # The newest sample always counts, even with a zero-length window.
         kept = tuple(s for s in kept if s[0] < now_s) + ((now_s, load_tps),)
+        if state.first_data_s is None:
+            state = replace(state, first_data_s=now_s)
     return replace(state, tps_samples=kept)
 
 

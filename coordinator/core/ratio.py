@@ -15,7 +15,18 @@ from fractions import Fraction
 
 def prefill_for_ratio(decode: int, pd_ratio: tuple[int, int]) -> int:
     """The prefill count that keeps P:D nearest ``pd_ratio`` (see module doc)."""
+    return prefill_for_fraction(decode, Fraction(pd_ratio[0], pd_ratio[1]))
+
+
+def prefill_for_fraction(decode: int, ratio: Fraction) -> int:
+    """The same rule for a ratio held as a fraction (prefill per decode instance), as the
+    drift detector's ``adapt`` mode moves it."""
     if decode <= 0:
         return 0
-    p, d = pd_ratio
-    return max(1, math.floor(Fraction(decode * p, d) + Fraction(1, 2)))
+    return max(1, math.floor(decode * ratio + Fraction(1, 2)))
+
+
+def ratio_text(ratio: Fraction) -> str:
+    """``P:D`` with small integers: 9/7 → ``9:7``; 1.3 → ``13:10``."""
+    simple = ratio.limit_denominator(16)
+    return f"{simple.numerator}:{simple.denominator}"

@@ -15,6 +15,7 @@ from typing import Any, Mapping
 BACKENDS = ("kubernetes", "local", "static")
 METRICS_SOURCES = ("sidecars", "prometheus")
 AFFINITIES = ("s1", "s2", "none")
+PD_RATIO_MODES = ("fixed", "advise", "adapt")
 
 
 @dataclass(frozen=True)
@@ -163,6 +164,90 @@ class LatencyNet:
 
 
 @dataclass(frozen=True)
+class DemandEstimate:
+    """Demand, not only service: served decode tokens/s saturates at capacity, so while
+    decode requests queue the load is read as served × (running + waiting) / running —
+    each waiting request would be served at the running ones' per-request rate."""
+
+    enabled: bool = True
+    """Use the estimate for scale-out (never for scale-in)."""
+    max_factor: float = 3.0
+    """The estimate is at most this multiple of the served tokens/s."""
+
+
+@dataclass(frozen=True)
+class AdaptiveTarget:
+    """One controller, not two: when the latency net fires while the decode tokens/s is
+    below target, τ is too high for today's traffic. The policy then lowers an effective
+    τ (so the proportional rule keeps the capacity latency asked for, instead of giving it
+    back) and lets it recover slowly while latency stays well inside the SLO."""
+
+    enabled: bool = True
+    """Adapt the effective τ."""
+    floor: float = 0.5
+    """The effective τ never goes below ``floor × τ``."""
+    step: float = 0.15
+    """Largest cut of the effective τ per breach (a fraction of it)."""
+    calm_ratio: float = 0.7
+    """Latency is "well inside" the SLO below this share of it."""
+    recover_after_s: float = 900.0
+    """After this long well inside the SLO the effective τ rises by ``recover_step``."""
+    recover_step: float = 0.05
+    """The rise, a fraction of τ, each ``recover_after_s`` of calm."""
+
+
+@dataclass(frozen=True)
+class KvPressure:
+    """An early, moderate step before TBT breaks: decode KV cache nearly full, or the
+    engines preempting (vLLM ``num_preemptions``, SGLang retractions)."""
+
+    enabled: bool = True
+    """Act on KV pressure."""
+    usage: float = 0.95
+    """Decode KV-cache usage (the fullest instance) at or above which decode is short."""
+    preemptions_per_s: float = 0.5
+    """Preemptions per second over the decode pool at or above which decode is short."""
+
+
+@dataclass(frozen=True)
+class RatioDrift:
+    """P/D ratio drift: compare the prefill:decode demand with the configured ratio over a
+    long window. Demand per decode token is ``uncached prefill tokens/s ÷ decode
+    tokens/s`` against its reference (given, or learnt over the first window), nudged by
+    which side's latency is tighter (TTFT against TBT)."""
+
+    window_s: float = 1800.0
+    """The long window the demand ratio is averaged over."""
+    threshold: float = 0.2
+    """Advise (or adapt) when the needed ratio is off the ratio in use by more than this."""
+    step: float = 0.15
+    """``adapt``: the largest change of the ratio per move (a fraction of it)."""
+    dwell_s: float = 900.0
+    """``adapt``: least time between two ratio moves."""
+    min_ratio: float = 0.25
+    """``adapt``: the ratio (prefill per decode instance) never goes below this..."""
+    max_ratio: float = 8.0
+    """...nor above this."""
+    reference_prefill_per_decode: float | None = None
+    """Uncached prefill tokens per decode token at which ``pd_ratio`` was curated
+    (``heteroscale curate`` prints it); ``None``: learnt over the first window."""
+
+
+@dataclass(frozen=True)
+class Forecast:
+    """Predictive lead: scale out ahead of demand that is forecast to arrive within the
+    start-up horizon (the current trend, and yesterday's shape once a day of history is
+    kept). Never scales in on a forecast."""
+
+    enabled: bool = False
+    """Off unless the benchmarks show it helps (docs/control.md)."""
+    horizon_s: float = 120.0
+    """How far ahead: about an instance's start-up time."""
+    trend_window_s: float = 600.0
+    """The window the trend is fitted over."""
+
+
+@dataclass(frozen=True)
 class PolicyConfig:
     """The scaling policy of one service (``core.policy``)."""
 
@@ -192,6 +277,16 @@ class PolicyConfig:
     """Before scale-in the survivors must carry the load within this share of target."""
     gpu_budget: int | None = None
     """Cap on the GPUs of both pools together; ``None``: no cap."""
+    demand: DemandEstimate = DemandEstimate()
+    """Demand estimate while decode is saturated."""
+    adaptive_target: AdaptiveTarget = AdaptiveTarget()
+    """The effective τ the latency net teaches."""
+    kv_pressure: KvPressure = KvPressure()
+    """KV-cache pressure as an early step."""
+    ratio_drift: RatioDrift = RatioDrift()
+    """P/D ratio drift detection (``pd_ratio_mode``)."""
+    forecast: Forecast = Forecast()
+    """Predictive lead."""
 
 
 @dataclass(frozen=True)
@@ -308,6 +403,10 @@ class ServiceConfig:
     """Placement serves higher priorities first."""
     affinity: str = "none"
     """The network domain a Deployment Group shares: ``s1``, ``s2`` or ``none``."""
+    pd_ratio_mode: str = "advise"
+    """``fixed``: the ratio as configured; ``advise``: also watch for drift and recommend
+    a ratio (status, metric, Kubernetes Event); ``adapt``: move the ratio in use, in
+    bounded steps within ``policy.ratio_drift``'s limits."""
 
     @property
     def uses_groups(self) -> bool:

@@ -121,6 +121,12 @@ class Observation:
     ttft_p90_max_s: float | None = None
     prefill_tps: float | None = None
     prefill_uncached_tps: float | None = None
+    decode_running: float | None = None          # requests in the decode batches, summed
+    decode_waiting: float | None = None          # requests queued for decode capacity, summed
+    decode_kv_usage_max: float | None = None     # the fullest decode instance's KV cache, 0..1
+    decode_preemptions_per_s: float | None = None
+    prefill_waiting: float | None = None         # requests queued on prefill, summed
+    prefill_gpu_utilization: float | None = None  # mean GPU utilisation of the prefill instances
     excluded: Mapping[str, int] = field(default_factory=dict)
 
 
