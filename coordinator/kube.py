@@ -122,6 +122,7 @@ NAMESPACES = Resource("v1", "namespaces", "Namespace", namespaced=False)
 LEASES = Resource("coordination.k8s.io/v1", "leases", "Lease")
 
 WORKLOADS = {"Deployment": DEPLOYMENTS, "StatefulSet": STATEFULSETS}
+MAX_EVENT_MESSAGE = 1024         # the API server truncates longer messages anyway
 
 
 # ---------------------------------------------------------------- the seam
@@ -499,6 +500,25 @@ def _replicas(scale: Mapping[str, Any]) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ApiError(f"scale answer without a valid spec.replicas: {str(spec)[:80]}", status=200)
     return value
+
+
+def event_body(*, api_version: str, kind: str, name: str, namespace: str, reason: str, message: str,
+               now_s: float, component: str, instance: str, warning: bool = False, uid: str | None = None,
+               resource_version: str | None = None) -> JSON:
+    """A ``v1`` Event about one object (``kubectl describe`` shows it), labelled as ours."""
+    stamp = format_time(now_s)
+    return {
+        "apiVersion": "v1", "kind": "Event",
+        "metadata": {"generateName": f"{name}.", "namespace": namespace,
+                     "labels": {"app.kubernetes.io/managed-by": "heteroscale"}},
+        "involvedObject": {"apiVersion": api_version, "kind": kind, "name": name, "namespace": namespace,
+                           **({"uid": uid} if uid else {}),
+                           **({"resourceVersion": resource_version} if resource_version else {})},
+        "reason": reason, "message": message[:MAX_EVENT_MESSAGE], "type": "Warning" if warning else "Normal",
+        "source": {"component": component},
+        "firstTimestamp": stamp, "lastTimestamp": stamp, "count": 1,
+        "reportingComponent": component, "reportingInstance": instance,
+    }
 
 
 def kube_from_config(*, kubeconfig: str | None = None, context: str | None = None,

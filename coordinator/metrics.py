@@ -13,6 +13,8 @@ Families: ``heteroscale_coordinator_is_leader``, ``heteroscale_desired_replicas`
 ``heteroscale_coordinator_errors_total`` {service, op} (observe/decide/apply/fenced);
 ``heteroscale_coordinator_excluded_reports`` {service, reason} (last tick);
 ``heteroscale_coordinator_tick_duration_seconds``; ``heteroscale_coordinator_ticks_total``;
+``heteroscale_target_decode_tokens_per_second`` {service, kind=configured|effective};
+``heteroscale_pd_ratio`` {service, kind=configured|in_use|needed|recommended};
 ``heteroscale_placement_shortfall`` {service, role} (instances the latest write could not
 place; Deployment Group services); the KV bandwidth map's families
 (``bandwidth_families``: ``heteroscale_kv_bandwidth_*``, see below).
@@ -26,6 +28,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from heteroscale.coordinator.core.bandwidth import CROSS_SWITCH, SAME_SWITCH, BandwidthMap
+from heteroscale.coordinator.core.drift import ratio_in_use
 
 if TYPE_CHECKING:
     from heteroscale.coordinator.reconciler import Reconciler
@@ -54,6 +57,13 @@ class CoordinatorCollector:
                                 "decode tokens/s summed over fresh decode reports", labels=["service"])
         excluded = GaugeMetricFamily("heteroscale_coordinator_excluded_reports",
                                      "reports dropped in the last tick, by reason", labels=["service", "reason"])
+        target = GaugeMetricFamily("heteroscale_target_decode_tokens_per_second",
+                                   "decode tokens/s per instance the policy aims at: configured, and effective (as "
+                                   "the latency net taught it)", labels=["service", "kind"])
+        ratio = GaugeMetricFamily("heteroscale_pd_ratio",
+                                  "prefill instances per decode instance: configured, in_use, needed (the drift "
+                                  "detector's estimate), recommended (while it advises a change)",
+                                  labels=["service", "kind"])
         shortfall = GaugeMetricFamily("heteroscale_placement_shortfall",
                                       "instances the latest write asked for but placement could not place",
                                       labels=["service", "role"])
@@ -74,7 +84,16 @@ class CoordinatorCollector:
             if s.shortfall is not None:
                 for role in ("prefill", "decode"):
                     shortfall.add_metric([name, role], float(getattr(s.shortfall, role)))
-        yield from (desired, current, ready, tps, excluded, shortfall)
+            tau = s.config.target_decode_tps_per_instance
+            target.add_metric([name, "configured"], tau)
+            target.add_metric([name, "effective"], tau * s.target.scale)
+            p, d = s.config.pd_ratio
+            ratio.add_metric([name, "configured"], p / d)
+            ratio.add_metric([name, "in_use"], float(ratio_in_use(s.drift, s.config.pd_ratio)))
+            for kind, value in (("needed", s.drift.needed), ("recommended", s.drift.advice)):
+                if value is not None:
+                    ratio.add_metric([name, kind], float(value))
+        yield from (desired, current, ready, tps, excluded, target, ratio, shortfall)
         yield from bandwidth_families(BandwidthMap(
             services=tuple(s.bandwidth for s in snap.services if s.bandwidth is not None), generated_at=snap.at))
         decisions = CounterMetricFamily("heteroscale_scaling_decisions",

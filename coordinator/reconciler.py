@@ -35,7 +35,7 @@ from heteroscale.coordinator.core.bandwidth import ServiceBandwidth, build_bandw
 from heteroscale.coordinator.core.policy import PolicyState, decide, settle
 from heteroscale.coordinator.core.settings import Config, ServiceConfig
 from heteroscale.coordinator.core.types import ApplyResult, Decision, Fetched, Observation, PoolCounts, PoolStatus
-from heteroscale.coordinator.seams import Actuator, LeaderElection, SignalCollector, TopologySource
+from heteroscale.coordinator.seams import Actuator, EventRecorder, LeaderElection, SignalCollector, TopologySource
 from heteroscale.coordinator.snapshot import ServiceSnapshot, Snapshot, render_status
 from heteroscale.errors import NotLeaderError
 
@@ -80,6 +80,7 @@ class ServiceRuntime:
     bandwidth: ServiceBandwidth | None = None   # KV-transfer map from this tick's reports
     last_error: str | None = None
     last_tick_s: float | None = None
+    advised: str | None = None                  # the P/D ratio advice last told to operators
     decisions: deque[Decision] = field(default_factory=deque)
     history: deque[dict[str, Any]] = field(default_factory=deque)
 
@@ -101,7 +102,8 @@ class ServiceRuntime:
         return ServiceSnapshot(config=self.config, status=self.status, observation=self.observation,
                                last=self.last, decisions=tuple(self.decisions), history=tuple(self.history),
                                last_apply=self.last_apply, shortfall=self.shortfall, bandwidth=self.bandwidth,
-                               last_error=self.last_error, tick_s=self.last_tick_s)
+                               last_error=self.last_error, tick_s=self.last_tick_s, target=self.state.target,
+                               drift=self.state.drift)
 
 
 class Reconciler:
@@ -189,7 +191,26 @@ class Reconciler:
                      decision.desired.decode, self._why_not_written(), decision.detail)
         self.decisions_total[(service.name, decision.direction, decision.reason)] += 1
         self._remember(rt, decision, observation, now_s)
+        await self._tell_ratio_advice(rt, decision)
         return decision
+
+    async def _tell_ratio_advice(self, rt: ServiceRuntime, decision: Decision) -> None:
+        """A new P/D ratio recommendation (``pd_ratio_mode`` advise or adapt) becomes a
+        Kubernetes Event, once per change, written by the leader only."""
+        advice = decision.inputs.get("pd_ratio_advice")
+        if advice == rt.advised:
+            return
+        rt.advised = advice
+        if advice is None or not self._may_write() or not isinstance(self.actuator, EventRecorder):
+            return
+        service = rt.config
+        in_use = decision.inputs.get("pd_ratio_in_use", service.pd_ratio_text)
+        verb = "moving the ratio in use towards it" if service.pd_ratio_mode == "adapt" else \
+            "set pd_ratio (or pd_ratio_mode: adapt) to follow it"
+        await self.actuator.record_event(
+            service, reason="PdRatioDrift", warning=True,
+            message=f"the traffic needs about {advice} prefill:decode, the ratio in use is {in_use} "
+                    f"(configured {service.pd_ratio_text}); {verb}")
 
     def _bandwidth(self, name: str, fetched: tuple[Fetched, ...], *, now_s: float) -> ServiceBandwidth | None:
         """The service's prefill x decode bandwidth map, if its prefill sidecars probe.

@@ -19,6 +19,8 @@ its connectors) rather than ``getattr`` probes:
 ``PodLister``         ``list_pods(service, role)``: (pod, IP) pairs for report discovery.
 ``TopologySource``    ``switches`` and ``pod_groups``: node → switches and pod → Deployment
                       Group, for the KV-transfer bandwidth map.
+``EventRecorder``     ``record_event(service, reason, message)``: a Kubernetes Event (the
+                      P/D ratio advice).
 ``ReportSource``      an actuator that knows its own instances' report URLs (local).
 """
 
@@ -66,6 +68,15 @@ class TopologySource(Protocol):
     @property
     def pod_groups(self) -> Mapping[str, str]:
         """pod name → Deployment Group, as last observed."""
+        ...
+
+
+@runtime_checkable
+class EventRecorder(Protocol):
+    async def record_event(self, service: "ServiceConfig", *, reason: str, message: str,
+                           warning: bool = False) -> None:
+        """Tell the service's operators something (a Kubernetes Event on its decode workload).
+        Best-effort: never raises for an API failure."""
         ...
 
 

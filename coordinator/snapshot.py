@@ -13,6 +13,9 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from heteroscale.coordinator.core.bandwidth import ServiceBandwidth
+from heteroscale.coordinator.core.drift import DriftState, ratio_in_use
+from heteroscale.coordinator.core.ratio import ratio_text
+from heteroscale.coordinator.core.target import TargetState
 from heteroscale.coordinator.core.settings import ServiceConfig
 from heteroscale.coordinator.core.types import ApplyResult, Decision, Observation, PoolCounts, PoolStatus
 
@@ -32,6 +35,8 @@ class ServiceSnapshot:
     bandwidth: ServiceBandwidth | None
     last_error: str | None
     tick_s: float | None
+    target: TargetState = TargetState()
+    drift: DriftState = DriftState()
 
     @property
     def name(self) -> str:
@@ -88,8 +93,15 @@ def _service_status(s: ServiceSnapshot, *, history: bool) -> dict[str, Any]:
         "decode_tps": obs.decode_tps if obs else None,
         "smoothed_decode_tps": s.last.inputs.get("smoothed_decode_tps") if s.last else None,
         "target_decode_tps_per_instance": svc.target_decode_tps_per_instance,
+        "effective_target": {"decode_tps_per_instance": svc.target_decode_tps_per_instance * s.target.scale,
+                             "scale": s.target.scale, "why": s.target.why or None, "since": s.target.changed_s},
         "capacity_tps": (current.decode * svc.target_decode_tps_per_instance) if current else None,
         "pd_ratio": svc.pd_ratio_text,
+        "pd_ratio_drift": {"mode": svc.pd_ratio_mode,
+                           "in_use": ratio_text(ratio_in_use(s.drift, svc.pd_ratio)),
+                           "needed": ratio_text(s.drift.needed) if s.drift.needed is not None else None,
+                           "advice": ratio_text(s.drift.advice) if s.drift.advice is not None else None,
+                           "prefill_per_decode_token": s.drift.k_mean, "reference": s.drift.k_ref},
         "bounds": {"min_decode": svc.min_decode, "max_decode": svc.max_decode},
         "slo": {"ttft_s": svc.slo.ttft_s, "tbt_s": svc.slo.tbt_s},
         "latency": {"tbt_p90_s": obs.tbt_p90_s if obs else None,

@@ -280,3 +280,24 @@ async def test_kv_bandwidth_map_reaches_status_and_metrics_with_switches_from_th
                .samples}
     assert medians == {"same_switch": 10e9, "cross_switch": 6e9}
     assert [s.value for s in families["heteroscale_kv_bandwidth_flagged_pairs"].samples] == [1.0]
+
+
+async def test_an_event_names_the_decode_workload_and_is_written_through_the_fence(world):
+    fake, api, clock = world
+    await seed(api)
+    asked: list[str] = []
+
+    class Fence:
+        async def permit(self, what: str) -> float:
+            asked.append(what)
+            return 5.0
+
+    cfg = load_config(doc())
+    backend = KubernetesBackend(cfg, api=api.fenced(Fence()), clock=clock)
+    plain, chat = cfg.services
+    await backend.record_event(plain, reason="PdRatioDrift", message="the traffic needs about 3:1", warning=True)
+    await backend.record_event(chat, reason="PdRatioDrift", message="the traffic needs about 2:1")
+    events = fake.objects("events", NS)
+    about = {(e["involvedObject"]["kind"], e["involvedObject"]["name"], e["type"]) for e in events}
+    assert ("Deployment", "plain-decode", "Warning") in about and ("Deployment", "chat-decode", "Normal") in about
+    assert all(e["reason"] == "PdRatioDrift" for e in events) and len(asked) == 2

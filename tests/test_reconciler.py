@@ -440,3 +440,31 @@ async def test_advisory_decisions_are_logged_once_per_change(world: World, caplo
     lines = [r.getMessage() for r in caplog.records if "chat: scale_out_tps" in r.getMessage()]
     assert len(lines) == 1 and "not written (dry run)" in lines[0] and "-> 6P4D" in lines[0]
     assert world.actuator.applied == []
+
+
+async def test_ratio_advice_becomes_one_event_per_change_from_the_leader(world: World):
+    told: list[tuple[str, str]] = []
+
+    class Telling(InMemoryActuator):
+        async def record_event(self, service, *, reason, message, warning=False):
+            told.append((reason, message))
+
+    rec = world.reconciler
+    rec.actuator = Telling(rec.config, clock=world.clock)
+    from dataclasses import replace as _replace
+    from fractions import Fraction
+
+    from heteroscale.coordinator.core.drift import DriftState
+    rt = rec.services["chat"]
+    # The detector has been advising 3:1 for a while (its state as the policy leaves it).
+    advising = DriftState(k_mean=8.0, k_seen_s=world.clock.now, k_weight=1.0, k_ref=4.0,
+                          off_since_s=world.clock.now - 4000, advice=Fraction(3, 1), needed=Fraction(3, 1))
+    rt.state = _replace(rt.state, drift=advising)
+    world.load["chat"] = 2000.0
+    await world.ticks(3)
+    assert len(told) == 1 and told[0][0] == "PdRatioDrift" and "about 3:1" in told[0][1]
+    # A standby says nothing.
+    rec.services["code"].state = _replace(rec.services["code"].state, drift=advising)
+    rec.election.leader = False
+    await world.ticks(2)
+    assert len(told) == 1

@@ -116,3 +116,30 @@ async def test_standby_serves_read_only_status(world: World):
     assert world.actuator.pools["chat"].spec == PoolCounts(3, 2)
     assert metrics[("heteroscale_coordinator_is_leader", (("identity", "me"),))] == 0.0
     assert post.status == 405
+
+
+async def test_the_effective_target_and_the_ratio_are_shown_with_their_configured_values(world: World):
+    rt = world.reconciler.services["chat"]
+    from dataclasses import replace as _replace
+    from fractions import Fraction
+
+    from heteroscale.coordinator.core.drift import DriftState
+    from heteroscale.coordinator.core.target import TargetState
+    # As the policy leaves them after a TBT breach under target and a drifted mix.
+    rt.state = _replace(rt.state, target=TargetState(scale=0.85, changed_s=1.0, why="latency broke at 850"),
+                        drift=DriftState(needed=Fraction(3, 1), advice=Fraction(3, 1), k_mean=8.0, k_ref=4.0))
+    await world.ticks(1)
+    client = await client_for(world)
+    try:
+        doc = await (await client.get("/api/v1/status?history=0")).json()
+        metrics = samples(await (await client.get("/metrics")).text())
+    finally:
+        await client.close()
+    chat = next(s for s in doc["services"] if s["name"] == "chat")
+    assert chat["effective_target"]["decode_tps_per_instance"] == 850.0        # 0.85 x 1000
+    assert chat["effective_target"]["why"] == "latency broke at 850"
+    assert chat["pd_ratio_drift"]["advice"] == "3:1" and chat["pd_ratio_drift"]["in_use"] == "3:2"
+    assert metrics[("heteroscale_target_decode_tokens_per_second", (("kind", "configured"), ("service", "chat")))] == 1000
+    assert metrics[("heteroscale_target_decode_tokens_per_second", (("kind", "effective"), ("service", "chat")))] == 850
+    assert metrics[("heteroscale_pd_ratio", (("kind", "recommended"), ("service", "chat")))] == 3.0
+    assert metrics[("heteroscale_pd_ratio", (("kind", "configured"), ("service", "chat")))] == 1.5

@@ -14,17 +14,22 @@ workloads behaves exactly as before (same API calls, same RBAC needs).
 
 from __future__ import annotations
 
+import logging
 from typing import Mapping
 
 from heteroscale.coordinator.actuators.groups import DeploymentGroupActuator, GroupSettings
-from heteroscale.coordinator.actuators.kubernetes import KubernetesActuator
+from heteroscale.coordinator.actuators.kubernetes import COMPONENT, KubernetesActuator
 from heteroscale.coordinator.core.settings import Config, ServiceConfig
 from heteroscale.coordinator.core.types import ApplyResult, Decision, PoolStatus
-from heteroscale.coordinator.kube import Clock, Kube
+from heteroscale.coordinator.kube import EVENTS, Clock, Kube, event_body
+from heteroscale.errors import ApiError, NotLeaderError
+
+log = logging.getLogger(__name__)
 
 
 class KubernetesBackend:
-    """``seams.Actuator`` (and ``PodLister``, ``TopologySource``) dispatching per service."""
+    """``seams.Actuator`` (and ``PodLister``, ``TopologySource``, ``EventRecorder``) dispatching
+    per service."""
 
     name = "kubernetes"
 
@@ -64,6 +69,20 @@ class KubernetesBackend:
     @property
     def pod_groups(self) -> Mapping[str, str]:
         return self.groups.pod_groups if self.groups is not None else {}
+
+    async def record_event(self, service: ServiceConfig, *, reason: str, message: str, warning: bool = False) -> None:
+        """An Event on the service's decode workload (or its Deployment Groups' template)."""
+        workload = service.decode.workload or service.decode.group_template
+        if workload is None or self.dry_run:
+            return
+        kind, name = workload
+        body = event_body(api_version="apps/v1", kind=kind, name=name, namespace=service.namespace, reason=reason,
+                          message=message, warning=warning, now_s=self.scale.clock.time(), component=COMPONENT,
+                          instance=self.scale.identity)
+        try:
+            await self.api.create(EVENTS, body, namespace=service.namespace)
+        except (ApiError, NotLeaderError) as exc:
+            log.warning("%s: could not record event %s: %s", service.name, reason, exc)
 
     async def close(self) -> None:
         return None          # the client belongs to the caller

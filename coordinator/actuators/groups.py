@@ -58,7 +58,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
 from heteroscale.coordinator.kube import (DEPLOYMENTS, EVENTS, NODES, PODS, WORKLOADS, Clock, Kube, SystemClock,
-                                          format_time, parse_time, set_replicas)
+                                          event_body, format_time, parse_time, set_replicas)
 from heteroscale.coordinator.core.gate import admit
 from heteroscale.coordinator.core.placement import (DeploymentGroup, PlacementPlan, RoleGroup,
                                            demand_from_service, plan)
@@ -589,20 +589,14 @@ class DeploymentGroupActuator:
         if workload is None:
             return
         kind, name = workload
-        stamp = format_time(self.clock.time())
         reasons = "; ".join(result.reasons.get(service.name, ()))
-        event = {"apiVersion": "v1", "kind": "Event",
-                 "metadata": {"generateName": f"{name}.", "namespace": service.namespace,
-                              "labels": {MANAGED_BY: MANAGER}},
-                 "involvedObject": {"apiVersion": "apps/v1", "kind": kind, "name": name,
-                                    "namespace": service.namespace},
-                 "reason": "PlacementShortfall", "type": "Warning",
-                 "message": (f"could not place {short.prefill} prefill / {short.decode} decode: {reasons}")[:1024],
-                 "source": {"component": COMPONENT}, "firstTimestamp": stamp, "lastTimestamp": stamp,
-                 "count": 1, "reportingComponent": COMPONENT, "reportingInstance": self.identity}
+        event = event_body(api_version="apps/v1", kind=kind, name=name, namespace=service.namespace,
+                           reason="PlacementShortfall", warning=True, now_s=self.clock.time(),
+                           message=f"could not place {short.prefill} prefill / {short.decode} decode: {reasons}",
+                           component=COMPONENT, instance=self.identity)
         try:
             await self.api.create(EVENTS, event, namespace=service.namespace)
-        except ApiError as exc:
+        except (ApiError, NotLeaderError) as exc:
             log.warning("%s: could not record the shortfall event: %s", service.name, exc)
 
     async def close(self) -> None:

@@ -43,7 +43,7 @@ from typing import Any, Mapping
 
 from heteroscale.coordinator.core.settings import ServiceConfig
 from heteroscale.coordinator.core.types import ROLES, ApplyResult, Decision, PoolCounts, PoolStatus
-from heteroscale.coordinator.kube import (EVENTS, PODS, WORKLOADS, Clock, Kube, Resource, SystemClock, format_time,
+from heteroscale.coordinator.kube import (EVENTS, PODS, WORKLOADS, Clock, Kube, Resource, SystemClock, event_body,
                                           label_selector_text, parse_time, set_replicas)
 from heteroscale.errors import ApiError, ConfigError, NotLeaderError
 
@@ -52,7 +52,6 @@ log = logging.getLogger(__name__)
 ANNOTATION_REPLICAS = "heteroscale.io/last-applied-replicas"
 ANNOTATION_DECISION = "heteroscale.io/last-decision"
 COMPONENT = "heteroscale-coordinator"
-MAX_EVENT_MESSAGE = 1024
 
 
 @dataclass(frozen=True)
@@ -265,19 +264,10 @@ class KubernetesActuator:
 
     def _event(self, target: WorkloadRef, obj: Mapping[str, Any], reason: str, message: str) -> dict[str, Any]:
         meta = obj.get("metadata") or {}
-        stamp = format_time(self.clock.time())
-        return {
-            "apiVersion": "v1", "kind": "Event",
-            "metadata": {"generateName": f"{target.name}.", "namespace": target.namespace,
-                         "labels": {"app.kubernetes.io/managed-by": "heteroscale"}},
-            "involvedObject": {"apiVersion": target.resource.api_version, "kind": target.kind,
-                               "name": target.name, "namespace": target.namespace,
-                               "uid": meta.get("uid"), "resourceVersion": meta.get("resourceVersion")},
-            "reason": reason, "message": message[:MAX_EVENT_MESSAGE], "type": "Normal",
-            "source": {"component": COMPONENT},
-            "firstTimestamp": stamp, "lastTimestamp": stamp, "count": 1,
-            "reportingComponent": COMPONENT, "reportingInstance": self.identity,
-        }
+        return event_body(api_version=target.resource.api_version, kind=target.kind, name=target.name,
+                          namespace=target.namespace, reason=reason, message=message, now_s=self.clock.time(),
+                          component=COMPONENT, instance=self.identity, uid=meta.get("uid"),
+                          resource_version=meta.get("resourceVersion"))
 
     @staticmethod
     def _describe(current: PoolCounts, desired: PoolCounts) -> str:
