@@ -17,7 +17,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from heteroscale.demo.emulator.page import VllmMetrics
+from heteroscale.demo.emulator.page import LATENCY_BUCKETS, VllmMetrics
 from heteroscale.errors import ConfigError
 from heteroscale.simulator import perfmodel
 
@@ -48,6 +48,11 @@ class EmulatorSettings:
         modelled KV bytes) (at least 1 byte) — loopback stays light.
     kv_bandwidth_gbps: modelled P->D link speed used to time the transfer.
     kv_wait_timeout_s: how long (wall) a decode request waits for its KV.
+    latency_buckets: ``vllm`` (vLLM's default TTFT/ITL buckets) or ``fine`` (vLLM's plus
+        bounds every 2.5 ms from 20 to 100 ms and every 0.25 s up to 10 s; see ``page``).
+
+    Latency histograms are recorded in modelled seconds (wall × ``speedup``), so the
+    page reads the same at any speed-up; token counters stay per wall second.
     """
 
     role: str
@@ -69,6 +74,7 @@ class EmulatorSettings:
     kv_bytes_cap: int = 1 << 20
     kv_bandwidth_gbps: float = 200.0
     kv_wait_timeout_s: float = 10.0
+    latency_buckets: str = "vllm"
 
     def __post_init__(self) -> None:
         problems = self.problems()
@@ -99,6 +105,8 @@ class EmulatorSettings:
         for name in ("tick_s", "stream_interval_s", "kv_bandwidth_gbps", "kv_wait_timeout_s"):
             if not getattr(self, name) > 0:
                 out.append(f"{name} must be positive")
+        if self.latency_buckets not in LATENCY_BUCKETS:
+            out.append(f"--latency-buckets must be one of {', '.join(LATENCY_BUCKETS)}, got {self.latency_buckets!r}")
         return out
 
 
