@@ -384,3 +384,11 @@ async def test_continuous_usage_stats_put_the_running_count_on_every_chunk():
     assert len(chunks) > 2 and usage == 200
     assert counts == [sum(texts[: i + 1]) for i in range(len(texts))]     # a running count, chunk by chunk
     assert all("usage" not in c for c in plain)                           # only when asked for
+
+
+@pytest.mark.parametrize("gpu, expected", [("L20", 2048), ("L40S", 2048), ("A100", 2048),
+                                           ("H20", 8192), ("H100", 8192), ("H200", 8192)])
+def test_prefill_budget_defaults_to_vllms_per_gpu_choice(gpu, expected):
+    # vLLM's API server: 8192 tokens per step on >= 70 GiB GPUs except A100, else 2048
+    assert settings("prefill", gpu=gpu, model="8b").max_num_batched_tokens == expected
+    assert settings("prefill", gpu=gpu, model="8b", max_num_batched_tokens=512).max_num_batched_tokens == 512

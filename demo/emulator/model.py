@@ -17,6 +17,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from heteroscale.demo.emulator.defaults import vllm_max_num_batched_tokens
 from heteroscale.demo.emulator.page import LATENCY_BUCKETS, VllmMetrics
 from heteroscale.errors import ConfigError
 from heteroscale.simulator import perfmodel
@@ -40,7 +41,8 @@ class EmulatorSettings:
     speedup: modelled seconds per wall second (>1 runs faster than a real GPU).
     startup_delay_s: modelled time to load weights before the port opens.
     max_num_seqs: decode batch cap (vLLM ``--max-num-seqs``).
-    max_num_batched_tokens: prompt tokens per prefill pass (vLLM's budget).
+    max_num_batched_tokens: prompt tokens per prefill pass (vLLM's budget); ``None``: vLLM's
+        API-server default for the GPU (8192 on ≥ 70 GiB GPUs but A100, else 2048; ``defaults``).
     tick_s: shortest wall time one decode task wake-up covers; larger is cheaper
         on CPU and coarser in token timing.
     stream_interval_s: least wall time between two SSE chunks of one request.
@@ -66,7 +68,7 @@ class EmulatorSettings:
     startup_delay_s: float = 0.0
     kv_port: int = 0
     max_num_seqs: int = 256
-    max_num_batched_tokens: int = 8192
+    max_num_batched_tokens: int | None = None
     max_model_len: int = 32768
     tick_s: float = 0.05
     stream_interval_s: float = 0.1
@@ -82,6 +84,9 @@ class EmulatorSettings:
             raise ConfigError(problems, source="emulator")
         if not self.served_model_name:
             object.__setattr__(self, "served_model_name", self.model)
+        if self.max_num_batched_tokens is None:
+            object.__setattr__(self, "max_num_batched_tokens",
+                               vllm_max_num_batched_tokens(perfmodel.gpu(self.gpu)))
 
     def problems(self) -> list[str]:
         out = []
@@ -100,7 +105,8 @@ class EmulatorSettings:
             if getattr(self, name) < 0:
                 out.append(f"{name} must not be negative")
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "kv_bytes_cap"):
-            if getattr(self, name) < 1:
+            value = getattr(self, name)
+            if value is not None and value < 1:
                 out.append(f"{name} must be at least 1")
         for name in ("tick_s", "stream_interval_s", "kv_bandwidth_gbps", "kv_wait_timeout_s"):
             if not getattr(self, name) > 0:

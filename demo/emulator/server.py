@@ -434,7 +434,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="modelled seconds to load weights before the port opens")
     parser.add_argument("--kv-port", type=int, default=0, help="TCP port for incoming KV pushes (0: any free port)")
     parser.add_argument("--max-num-seqs", type=int, default=256)
-    parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=None,
+                        help="prompt tokens per prefill pass (default: vLLM's API-server default for the "
+                             "GPU: 8192 with >= 70 GiB except A100, else 2048)")
     parser.add_argument("--tick", type=float, default=0.05, dest="tick_s", help="least wall seconds per decode wake-up")
     parser.add_argument("--stream-interval", type=float, default=0.1, dest="stream_interval_s",
                         help="least wall seconds between two SSE chunks of one request")
