@@ -1,13 +1,17 @@
 """The demo's load: a trace's request sizes, arriving on a compressed diurnal rate profile.
 
-Sizes (prompt and output tokens) are replayed in the trace's own order, read by the
-simulator's native trace readers (Azure, Mooncake, BurstGPT). Arrival times do not
-come from the trace: a one-hour trace replayed as is would hardly change rate, so the
-arrivals follow a day's profile (the simulator's ``DEFAULT_PROFILE``, a dialogue
-service shaped like the paper's Fig. 2) compressed into the demo's duration and
-started at the night-time trough, so load rises, holds and falls within one run.
-They are a non-homogeneous Poisson process drawn by thinning with an injected
-``random.Random`` — reproducible for a seed.
+Sizes (prompt and output tokens) are read by the simulator's native trace readers
+(Azure, Mooncake, BurstGPT) and each request's size is drawn at random from them, as
+the simulator's diurnal day does: the whole trace's size distribution is what the
+demo's sizing plans for, whereas the first few hundred rows of a trace in order can
+differ from it by a quarter (the Azure conversation trace's first 860 answers average
+255 tokens against 211 over the trace). Arrival times do not come from the trace: a
+one-hour trace replayed as is would hardly change rate, so the arrivals follow a day's
+profile (the simulator's ``DEFAULT_PROFILE``, a dialogue service shaped like the paper's
+Fig. 2) compressed into the demo's duration and started at the night-time trough, so
+load rises, holds and falls within one run. Arrivals are a non-homogeneous Poisson
+process drawn by thinning; arrivals and sizes come from one injected ``random.Random``
+seeded by ``--seed`` — reproducible for a seed.
 
 The default trace is the Azure conversation trace in ``../shared/traces/``; where that
 folder is absent a small sample shipped with the package is used
@@ -52,7 +56,12 @@ class RequestSize:
     output_tokens: int
 
 
-def read_sizes(path: Path, *, max_prompt_tokens: int = 8000, max_output_tokens: int = 1000) -> list[RequestSize]:
+MAX_PROMPT_TOKENS = 8000
+MAX_OUTPUT_TOKENS = 1000
+
+
+def read_sizes(path: Path, *, max_prompt_tokens: int = MAX_PROMPT_TOKENS,
+               max_output_tokens: int = MAX_OUTPUT_TOKENS) -> list[RequestSize]:
     """The trace's (prompt, output) sizes in order, clipped to what the demo engines take."""
     workload = load_trace(path)
     return [RequestSize(int(min(max(1, p), max_prompt_tokens)), int(min(max(1, o), max_output_tokens)))
@@ -113,9 +122,16 @@ class LoadGenerator:
         self.max_in_flight = max_in_flight
         self.clock = clock
         self.stats = LoadStats()
-        self.arrivals = arrival_times(duration_s=duration_s, peak_rps=peak_rps, rng=random.Random(seed))
+        rng = random.Random(seed)
+        self.arrivals = arrival_times(duration_s=duration_s, peak_rps=peak_rps, rng=rng)
+        self.picks = [sizes[rng.randrange(len(sizes))] for _ in self.arrivals]
         self._tasks: set[asyncio.Task[None]] = set()
         self.started_at: float | None = None
+        self.sending_done = False          # every arrival has been sent (or shed)
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._tasks)
 
     def rate_now(self) -> float:
         """Offered request rate (req/s) at this moment of the run."""
@@ -127,11 +143,10 @@ class LoadGenerator:
         """Send every arrival on time; wait for those in flight; return the stats."""
         self.started_at = self.clock()
         try:
-            for index, at in enumerate(self.arrivals):
+            for index, (at, size) in enumerate(zip(self.arrivals, self.picks)):
                 delay = self.started_at + at - self.clock()
                 if delay > 0:
                     await asyncio.sleep(delay)
-                size = self.sizes[index % len(self.sizes)]
                 if len(self._tasks) >= self.max_in_flight:
                     self.stats.shed += 1
                     continue
@@ -139,6 +154,7 @@ class LoadGenerator:
                 task = asyncio.create_task(self._one(size), name=f"demo-request-{index}")
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
+            self.sending_done = True
             if self._tasks:
                 await asyncio.gather(*list(self._tasks), return_exceptions=True)
         finally:

@@ -26,12 +26,21 @@ from heteroscale.demo.app import DemoSettings, _attainment, build_world
 from heteroscale.demo.loadgen import (PACKAGE_SAMPLE, LoadGenerator, RequestSize, arrival_times,
                                   default_trace_path, profile_at, read_sizes)
 from heteroscale.demo.router import RequestResult
-from heteroscale.demo.sizing import decode_capacity, size_service
+from heteroscale.demo.sizing import (decode_capacity, fleet_bounds, prefill_capacity_rps, prefill_rate_within,
+                                     prefill_ttft_p90_s, ratio_for, size_service)
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 # ---------------------------------------------------------------- sizing
+
+L20X2 = perfmodel.InstanceSpec(perfmodel.model("32b"), perfmodel.gpu("L20"), 2)
+
+
+def _trace_sizes():
+    sizes = read_sizes(PACKAGE_SAMPLE)
+    return [s.prompt_tokens for s in sizes], [s.output_tokens for s in sizes]
+
 
 def test_decode_capacity_is_the_largest_batch_within_the_tbt_budget():
     spec = perfmodel.InstanceSpec(perfmodel.model("32b"), perfmodel.gpu("H20"), 1)
@@ -41,34 +50,83 @@ def test_decode_capacity_is_the_largest_batch_within_the_tbt_budget():
     assert spec.decode_step_time_s(batch + 1, (batch + 1) * context) > 0.8 * 0.05
 
 
+def test_prefill_capacity_packs_passes_in_the_budget():
+    # 1,000-token prompts, 2,048-token passes: two per pass, so 4 prompts take two passes
+    one_pass = perfmodel.prefill_batch_time_s(L20X2.model, L20X2.gpu, 2, new_tokens=2000,
+                                              attention_pairs=2 * perfmodel.attention_pairs(1000))
+    assert prefill_capacity_rps(L20X2, [1000] * 4, batch_tokens=2048) == pytest.approx(4 / (2 * one_pass))
+
+
+def test_prefill_pressure_test_is_monotone_and_bounded_by_the_budget():
+    prompts, _ = _trace_sizes()
+    capacity = prefill_capacity_rps(L20X2, prompts, batch_tokens=2048)
+    p90s = [prefill_ttft_p90_s(L20X2, prompts, rate_rps=f * capacity, batch_tokens=2048) for f in (0.2, 0.5, 0.8)]
+    assert p90s == sorted(p90s)                              # queueing: more load, longer waits
+    assert p90s[-1] > 2 * p90s[0]                            # and it bends up near saturation
+    rate, p90 = prefill_rate_within(L20X2, prompts, ttft_budget_s=3.0, batch_tokens=2048,
+                                    max_rate_rps=0.7 * capacity)
+    assert p90 <= 3.0 < prefill_ttft_p90_s(L20X2, prompts, rate_rps=rate * 1.1, batch_tokens=2048)
+    # a generous budget is bounded by the throughput cap instead
+    assert prefill_rate_within(L20X2, prompts, ttft_budget_s=100.0, batch_tokens=2048,
+                               max_rate_rps=0.7 * capacity)[0] == pytest.approx(0.7 * capacity)
+
+
+def test_ratio_rounds_up_to_a_half_and_the_fleet_fits():
+    assert ratio_for(2.25) == (5, 2)         # 2.25 / 1.05 = 2.14 -> 2.5
+    assert ratio_for(3.04) == (3, 1)         # within 5% of 3: 3, not 3.5
+    assert ratio_for(3.2) == (7, 2)
+    assert ratio_for(0.3) == (1, 2)          # at least one prefill per two decode
+    # 16 instances at 3:1: D = 4, P = 12; at 5:2: D = floor(16·2/7) = 4, P = round(10) = 10
+    assert fleet_bounds((3, 1), max_instances=16) == (12, 4)
+    assert fleet_bounds((5, 2), max_instances=16) == (10, 4)
+    assert fleet_bounds((5, 2), max_instances=4) == (3, 1)   # round(2.5) = 3, ties up
+    # a cluster that holds only 9 prefill instances caps the fleet at D = 3 (P = 9)
+    assert fleet_bounds((3, 1), max_instances=16, fits=lambda p, d: p <= 9) == (9, 3)
+
+
 def test_size_service_worked_example():
-    z = size_service(model="32b", prefill_gpu="L20", decode_gpu="H20", prefill_tp=2,
-                     mean_prompt=1155, mean_output=211, tbt_slo_s=0.05, max_instances=16)
+    prompts, outputs = _trace_sizes()
+    z = size_service(model="32b", prefill_gpu="L20", decode_gpu="H20", prefill_tp=2, prompts=prompts,
+                     outputs=outputs, tbt_slo_s=0.05, ttft_slo_s=4.5, max_instances=16)
+    assert z.mean_output == pytest.approx(sum(outputs) / len(outputs))
     assert z.target_decode_tps == pytest.approx(0.7 * z.decode_capacity_tps)
-    # one decode instance at τ takes τ/211 req/s; prefill serves 0.7 × its capacity each
-    per_decode = (z.target_decode_tps / 211) / (0.7 * z.prefill_capacity_rps)
+    assert z.prefill_batch_tokens == 2048                                   # vLLM's default on L20
+    # the prefill rate keeps p90 time to prefill within 75% of the TTFT SLO, below 70% of throughput
+    assert z.prefill_ttft_p90_s <= 0.75 * 4.5 and z.prefill_rate_rps <= 0.7 * z.prefill_capacity_rps
+    # the ratio gives each prefill instance at most ~its rate when decode runs at τ (rounded up, -5%)
+    per_decode = (z.target_decode_tps / z.mean_output) / z.prefill_rate_rps
     p, d = z.pd_ratio
-    assert abs(p / d - per_decode) <= 0.5
-    assert (p, d) == (5, 2)
-    # 16 instances: D = floor(16·2/7) = 4, P = round(4·5/2) = 10 → 14 instances
-    assert (z.max_prefill, z.max_decode) == (10, 4)
-    small = size_service(model="32b", prefill_gpu="L20", decode_gpu="H20", prefill_tp=2,
-                         mean_prompt=1155, mean_output=211, tbt_slo_s=0.05, max_instances=4)
-    assert (small.max_prefill, small.max_decode) == (3, 1)      # round(2.5) = 3, ties up
-    # the profile's peak asks for max_decode: ceil(peak tps / τ) == max_decode
-    assert -(-(z.peak_rps * 211) // z.target_decode_tps) == z.max_decode
+    assert per_decode / 1.05 <= p / d < per_decode / 1.05 + 0.5
+    assert z.max_prefill + z.max_decode <= 16
+    # the profile's peak asks for max_decode: ceil(peak tps / τ) == max_decode, with 15% head-room
+    assert -(-(z.peak_rps * z.mean_output) // z.target_decode_tps) == z.max_decode
+    assert z.peak_decode_tps == pytest.approx(0.85 * z.max_decode * z.target_decode_tps)
+    # at the peak each prefill instance sees no more than the pressure-tested rate
+    assert z.peak_prefill_load <= 1.0
 
 
-def test_build_world_scales_targets_and_slos_to_wall_time(tmp_path):
-    settings = DemoSettings(speedup=2.0, max_instances=8)
-    world = build_world(settings, mean_prompt=1000, mean_output=200, p90_prompt=2500,
-                        lease_path=tmp_path / "lease")
+def test_build_world_keeps_latency_modelled_and_rates_per_wall_second(tmp_path):
+    settings = DemoSettings(speedup=10.0, max_instances=8)
+    sizes = read_sizes(PACKAGE_SAMPLE)
+    world = build_world(settings, sizes=sizes, lease_path=tmp_path / "lease")
     svc = world.service
-    assert svc.target_decode_tps_per_instance == pytest.approx(2 * world.sizing.target_decode_tps, rel=1e-3)
-    assert svc.slo.tbt_s == pytest.approx(0.05 / 2)
-    assert world.peak_rps_wall == pytest.approx(2 * world.sizing.peak_rps)
+    # tokens/s are counted per wall second: τ × 10; SLOs stay in modelled seconds
+    assert svc.target_decode_tps_per_instance == pytest.approx(10 * world.sizing.target_decode_tps, rel=1e-3)
+    assert svc.slo.tbt_s == pytest.approx(0.05)
+    assert world.peak_rps_wall == pytest.approx(10 * world.sizing.peak_rps)
     assert svc.affinity == "s2" and svc.prefill.gpus_per_instance == 2
     assert world.config.coordinator.lease.path == str(tmp_path / "lease")
+    same = build_world(DemoSettings(speedup=1.0, max_instances=8), sizes=sizes, lease_path=tmp_path / "l2")
+    assert same.service.slo == svc.slo                       # the speed-up never moves an SLO
+
+
+def test_default_fleet_fits_the_default_topology():
+    from heteroscale.coordinator.actuators.local import SimulatedCluster
+    from heteroscale.demo.app import DEFAULT_TOPOLOGY, cluster_fits
+    fits = cluster_fits(DemoSettings(), SimulatedCluster.from_file(DEFAULT_TOPOLOGY))
+    # two S2 pods, each 16 L20 + 4 H20 GPUs: 12 prefill (24 L20) and 4 decode fit; 17 prefill do not
+    assert fits(12, 4) and fits(16, 4)
+    assert not fits(17, 4) and not fits(4, 9)
 
 
 # ---------------------------------------------------------------- load
@@ -105,8 +163,20 @@ async def test_load_generator_sends_every_arrival_and_sheds_beyond_the_cap():
                         peak_rps=200.0, seed=3)
     stats = await gen.run()
     assert len(stats.results) == len(gen.arrivals) == len(sent) > 10
-    assert sent[:2] == [(10, 2), (20, 3)]                    # sizes replayed in trace order
-    assert stats.shed == 0
+    assert set(sent) == {(10, 2), (20, 3)}                   # sizes drawn from the trace's
+    assert sent == [(x.prompt_tokens, x.output_tokens) for x in gen.picks]
+    assert stats.shed == 0 and gen.sending_done and gen.in_flight == 0
+
+
+def test_sizes_are_drawn_from_the_whole_trace_reproducibly():
+    sizes = read_sizes(PACKAGE_SAMPLE)
+    a = LoadGenerator(sizes=sizes, send=None, duration_s=180, peak_rps=8.0, seed=1)
+    b = LoadGenerator(sizes=sizes, send=None, duration_s=180, peak_rps=8.0, seed=1)
+    assert a.picks == b.picks
+    drawn = sum(x.output_tokens for x in a.picks) / len(a.picks)
+    mean = sum(x.output_tokens for x in sizes) / len(sizes)
+    # the draw follows the trace's mean, which is what sizing plans for
+    assert abs(drawn - mean) < 0.08 * mean
 
 
 def test_slo_attainment_counts_failures_as_misses():
@@ -114,6 +184,9 @@ def test_slo_attainment_counts_failures_as_misses():
     slow = RequestResult(True, 1, 1, 0.0, ttft_s=3.0, tbt_s=0.02)
     failed = RequestResult(False, 1, 0, 0.0, error="x")
     assert _attainment([ok, slow, failed, ok], 1.0, 0.05) == 0.5
+    # all tokens in one chunk: no TBT to judge, TTFT alone decides
+    one_chunk = RequestResult(True, 1, 3, 0.0, ttft_s=0.5, tbt_s=None)
+    assert _attainment([one_chunk, slow], 1.0, 0.05) == 0.5
 
 
 # ---------------------------------------------------------------- the command
@@ -165,11 +238,54 @@ def test_bad_flags_are_one_line_and_exit_2(flags, needle):
     assert "Traceback" not in proc.stderr
 
 
+def test_outputs_are_checked_before_anything_starts(tmp_path):
+    """--report DIR and --log-dir FILE used to fail only after the whole run (or not at all)."""
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    started = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "heteroscale", "demo", "--report", str(tmp_path),
+                           "--log-dir", str(a_file)], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+    assert f"--report {tmp_path}: is a directory" in proc.stderr          # both problems, at once
+    assert f"--log-dir {a_file}: not a directory" in proc.stderr
+    assert "starting" not in proc.stdout and time.monotonic() - started < 50   # nothing ran
+
+
+@pytest.mark.parametrize("make, flag, needle", [
+    (lambda t: ["--report", str(t / "missing" / "r.json")], "--report", "no such directory"),
+    (lambda t: ["--report", str(t / "r.json"), "--log-dir", str(t / "r.json" / "logs")], "--log-dir", "not a directory"),
+    (lambda t: (t / "r-timeline.png").mkdir() or ["--report", str(t / "r.json")], "timeline plot",
+     "is a directory"),
+])
+def test_bad_output_paths_are_one_line_and_exit_2(tmp_path, make, flag, needle):
+    (tmp_path / "r.json").write_text("{}")
+    proc = subprocess.run([sys.executable, "-m", "heteroscale", "demo", *make(tmp_path)], cwd=REPO,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert flag in proc.stderr and needle in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_an_unwritable_report_at_the_end_is_rescued_not_lost(tmp_path, capsys):
+    from heteroscale.demo.app import Demo, write_outputs
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    target = gone / "report.json"
+    gone.rmdir()                                # the directory vanished during the run
+    report = {"requests": 1, "timeline": [], "slo": {}, "decisions": []}
+    assert not write_outputs(Demo(DemoSettings(quiet=True)), report, target)
+    err = capsys.readouterr().err
+    assert "cannot write the report" in err and len(err.strip().splitlines()) == 1
+    rescued = Path(err.strip().rsplit("it is in ", 1)[1])
+    assert json.loads(rescued.read_text()) == report
+    rescued.unlink()
+
+
 @pytest.mark.slow
 def test_short_demo_scales_out_and_in_keeping_the_ratio(tmp_path):
     report_path = tmp_path / "report.json"
     (port,) = free_ports(1)
-    proc = _demo("--duration", "45", "--max-instances", "7", "--startup-delay", "2", "--listen",
+    proc = _demo("--duration", "45", "--max-instances", "8", "--startup-delay", "2", "--listen",
                  f"127.0.0.1:{port}", "--report", str(report_path))
     try:
         out, _ = proc.communicate(timeout=240)
@@ -195,6 +311,10 @@ def test_short_demo_scales_out_and_in_keeping_the_ratio(tmp_path):
     assert 0 <= report["mean_gpu_utilization"]["prefill"] < report["mean_gpu_utilization"]["decode"]
     # one terminal line per decision
     assert sum(1 for line in out.splitlines() if line.startswith("[") and "->" in line) == len(report["decisions"])
+    # the end is explained while it drains, and the timeline plot lies beside the report
+    assert "load over:" in out and "every request is done" in out
+    plot = tmp_path / "report-timeline.png"
+    assert f"timeline plot: {plot}" in out and plot.read_bytes().startswith(b"\x89PNG")
     time.sleep(0.5)
     assert report["child_pids"] and not [pid for pid in report["child_pids"] if _alive(pid)]
 
@@ -202,7 +322,7 @@ def test_short_demo_scales_out_and_in_keeping_the_ratio(tmp_path):
 def _serving_demo() -> subprocess.Popen:
     """A demo started in the background and read up to its 'serving:' line (instances up)."""
     (port,) = free_ports(1)
-    proc = _demo("--duration", "120", "--max-instances", "7", "--startup-delay", "1",
+    proc = _demo("--duration", "120", "--max-instances", "8", "--startup-delay", "1",
                  "--listen", f"127.0.0.1:{port}")
     deadline = time.monotonic() + 120
     lines: list[str] = []
