@@ -392,3 +392,16 @@ def test_prefill_budget_defaults_to_vllms_per_gpu_choice(gpu, expected):
     # vLLM's API server: 8192 tokens per step on >= 70 GiB GPUs except A100, else 2048
     assert settings("prefill", gpu=gpu, model="8b").max_num_batched_tokens == expected
     assert settings("prefill", gpu=gpu, model="8b", max_num_batched_tokens=512).max_num_batched_tokens == 512
+
+
+def test_lane_model_clock_makes_up_late_wake_ups_within_bounds():
+    from heteroscale.demo.emulator.model import lane_start
+    # a pass ended at 10.00 s, the next request arrived at 9.90 s, the loop woke at 10.03 s
+    assert lane_start(now_s=10.03, free_at_s=10.0, ready_at_s=9.9, catch_up_s=0.5) == 10.0
+    # the work arrived after the lane went idle: it starts at its arrival, not at the wake-up
+    assert lane_start(now_s=12.02, free_at_s=10.0, ready_at_s=12.0, catch_up_s=0.5) == 12.0
+    # a stall longer than the bound is lost beyond 0.5 s
+    assert lane_start(now_s=13.0, free_at_s=10.0, ready_at_s=9.9, catch_up_s=0.5) == 12.5
+    # never in the future, nothing to make up on a fresh lane
+    assert lane_start(now_s=5.0, free_at_s=6.0, ready_at_s=6.0, catch_up_s=0.5) == 5.0
+    assert lane_start(now_s=5.0, free_at_s=None, ready_at_s=5.0, catch_up_s=0.5) == 5.0

@@ -3,7 +3,9 @@
 ``EmulatedEngine`` runs one instance's two lanes as background tasks, timed by the
 simulator's roofline model (``heteroscale.simulator.perfmodel``) divided by the speed-up;
 the clock is injected. It owns no socket: the server (``server``) feeds it requests and
-renders its ``VllmMetrics``. Limits, on purpose: prefill and decode lanes of one instance
+renders its ``VllmMetrics``. Each lane keeps a model clock that resumes where its last
+pass or tick ended, so a late wake-up on a busy host delays when tokens are delivered
+but not the modelled throughput (``lane_start``). Limits, on purpose: prefill and decode lanes of one instance
 do not compete for the GPU; no preemption (admission is bounded by KV capacity instead);
 no prefix cache.
 """
@@ -50,6 +52,8 @@ class EmulatorSettings:
         modelled KV bytes) (at least 1 byte) — loopback stays light.
     kv_bandwidth_gbps: modelled P->D link speed used to time the transfer.
     kv_wait_timeout_s: how long (wall) a decode request waits for its KV.
+    catch_up_s: wall seconds of lateness a lane's model clock makes up after this process
+        woke late (a busy host); see ``lane_start``.
     latency_buckets: ``vllm`` (vLLM's default TTFT/ITL buckets) or ``fine`` (vLLM's plus
         bounds every 2.5 ms from 20 to 100 ms and every 0.25 s up to 10 s; see ``page``).
 
@@ -77,6 +81,7 @@ class EmulatorSettings:
     kv_bandwidth_gbps: float = 200.0
     kv_wait_timeout_s: float = 10.0
     latency_buckets: str = "vllm"
+    catch_up_s: float = 0.5
 
     def __post_init__(self) -> None:
         problems = self.problems()
@@ -111,9 +116,26 @@ class EmulatorSettings:
         for name in ("tick_s", "stream_interval_s", "kv_bandwidth_gbps", "kv_wait_timeout_s"):
             if not getattr(self, name) > 0:
                 out.append(f"{name} must be positive")
+        if self.catch_up_s < 0:
+            out.append("catch_up_s must not be negative")
         if self.latency_buckets not in LATENCY_BUCKETS:
             out.append(f"--latency-buckets must be one of {', '.join(LATENCY_BUCKETS)}, got {self.latency_buckets!r}")
         return out
+
+
+def lane_start(*, now_s: float, free_at_s: float | None, ready_at_s: float, catch_up_s: float) -> float:
+    """Where the next pass (prefill) or tick (decode) starts on the lane's model clock (pure).
+
+    The model resumes where it stopped (``free_at_s``), or when the work became ready
+    (``ready_at_s``) if that was later — not when this process got round to it: on a busy
+    host a coroutine wakes late, and without this every late wake-up would slow the
+    modelled GPU. At most ``catch_up_s`` is made up (a process stalled longer loses the
+    rest), and a start is never in the future.
+    Worked example: a pass ended at 10.00 s on the model clock, the next request had
+    arrived at 9.90 s, the loop woke at 10.03 s: the pass starts at 10.00 s.
+    """
+    start = ready_at_s if free_at_s is None else max(free_at_s, ready_at_s)
+    return min(now_s, max(start, now_s - catch_up_s))
 
 
 class BusyWindow:
@@ -232,6 +254,7 @@ class EmulatedEngine:
     # -- prefill lane ------------------------------------------------------
     async def _prefill_loop(self) -> None:
         s = self.settings
+        free_at: float | None = None          # model clock: when the lane finished its last pass
         while True:
             if not self.prefill_queue:
                 self._prefill_wake.clear()
@@ -242,16 +265,18 @@ class EmulatedEngine:
             pairs = sum(perfmodel.attention_pairs(r.prompt_tokens) for r in batch)
             pass_s = perfmodel.prefill_batch_time_s(self.spec.model, self.spec.gpu, s.tp,
                                                     new_tokens=new_tokens, attention_pairs=pairs)
-            start = self.clock()
+            start = lane_start(now_s=self.clock(), free_at_s=free_at, ready_at_s=batch[0].arrival_s,
+                               catch_up_s=s.catch_up_s)
+            end = start + pass_s / s.speedup
             for r in batch:
                 r.scheduled_s = start
             self.prefilling = batch
             self._refresh_gauges()
             try:
-                await asyncio.sleep(pass_s / s.speedup)
+                await asyncio.sleep(max(0.0, end - self.clock()))
             finally:
                 self.prefilling = []
-            end = self.clock()
+            free_at = end
             self.prefill_busy.add(start, end)
             self.metrics.iteration_tokens.observe(new_tokens)
             self.metrics.prompt_tokens.inc(new_tokens)
@@ -278,17 +303,23 @@ class EmulatedEngine:
     # -- decode lane -------------------------------------------------------
     async def _decode_loop(self) -> None:
         s = self.settings
+        modelled_to: float | None = None      # model clock: the batch has been stepped up to here
         while True:
             self._admit()
             if not self.running:
+                modelled_to = None            # idle: nothing to catch up on
                 self._decode_wake.clear()
                 await self._decode_wake.wait()
                 continue
-            start = self.clock()
-            budget_sim = s.tick_s * s.speedup
+            now = self.clock()
+            start = lane_start(now_s=now, free_at_s=modelled_to, ready_at_s=modelled_to or now,
+                               catch_up_s=s.catch_up_s)
+            # Step up to one tick past now: a late wake-up is made up with more steps.
+            budget_sim = (now + s.tick_s - start) * s.speedup
             used_sim, compute_weighted, progress = self._advance(budget_sim)
-            await asyncio.sleep(used_sim / s.speedup)
-            end = self.clock()
+            end = start + used_sim / s.speedup
+            await asyncio.sleep(max(0.0, end - self.clock()))
+            modelled_to = end
             self.decode_busy.add(start, end, compute_weighted / used_sim if used_sim else 0.0)
             self._publish(progress, start=start, used_sim=used_sim)
 
@@ -356,8 +387,11 @@ class EmulatedEngine:
                 continue
             at = start + last_offset_sim / speed
             if req.first_token_s is None:
-                req.first_token_s = start + (last_offset_sim / tokens) / speed
+                # a request admitted during a catch-up tick cannot have a token before it came
+                req.first_token_s = max(start + (last_offset_sim / tokens) / speed,
+                                        req.scheduled_s or req.arrival_s)
                 self.metrics.ttft.observe(req.first_token_s - req.arrival_s)
+            at = max(at, req.first_token_s)
             req.generated += tokens
             req.last_token_s = at
             total += tokens
