@@ -65,7 +65,8 @@ from heteroscale.coordinator.status import make_status_app
 from heteroscale.coordinator.core.placement import RoleDemand, ServiceDemand, plan
 from heteroscale.coordinator.core.types import Decision, PoolCounts
 from heteroscale.demo.plot import plot_timeline
-from heteroscale.demo.loadgen import MAX_OUTPUT_TOKENS, LoadGenerator, RequestSize, default_trace_path, read_sizes
+from heteroscale.demo.loadgen import (MAX_GROWTH_PER_S, MAX_OUTPUT_TOKENS, DayClock, LoadGenerator, RequestSize,
+                                     default_trace_path, read_sizes)
 from heteroscale.demo.router import Backend, RequestResult, Router
 from heteroscale.demo.sizing import Fits, ServiceSizing, size_service
 from heteroscale.errors import ConfigError, UsageError
@@ -267,6 +268,14 @@ def build_world(settings: DemoSettings, *, sizes: list[RequestSize], lease_path:
     return World(sizing=sizing, config=load_config(doc, origin="demo config"), peak_rps_wall=sizing.peak_rps * x)
 
 
+def day_clock(settings: DemoSettings, world: World) -> DayClock:
+    """The compressed day, slowed where the load rises above what the smallest fleet carries
+    at τ (``loadgen.DayClock``)."""
+    svc = world.service
+    floor = svc.min_decode * world.sizing.target_decode_tps / world.sizing.peak_decode_tps
+    return DayClock(duration_s=settings.duration_s, floor=floor, max_growth_per_s=MAX_GROWTH_PER_S)
+
+
 # ---------------------------------------------------------------- bookkeeping
 
 @dataclass
@@ -432,7 +441,8 @@ class Demo:
         reconciler = Reconciler(config=world.config, actuator=actuator, collector=collector, election=election)
         self.reconciler = reconciler
         loadgen = LoadGenerator(sizes=sizes, send=lambda p, o: router.complete(prompt_tokens=p, max_tokens=o),
-                                duration_s=s.duration_s, peak_rps=world.peak_rps_wall, seed=s.seed)
+                                duration_s=s.duration_s, peak_rps=world.peak_rps_wall, seed=s.seed,
+                                day=day_clock(s, world))
         app = make_status_app(reconciler)
         app.middlewares.append(status_kv_transfer_middleware(reconciler))
         self._add_demo_routes(app, world=world, loadgen=loadgen)
@@ -495,8 +505,10 @@ class Demo:
                  f"P:D ratio {svc.pd_ratio_text}, target {z.target_decode_tps:.0f} decode tok/s "
                  f"per instance, SLO TTFT {svc.slo.ttft_s:.2f}s TBT {svc.slo.tbt_s * 1000:.0f}ms, "
                  f"up to {z.max_prefill}P+{z.max_decode}D")
+        floor = svc.min_decode * z.target_decode_tps / z.peak_decode_tps
         self.say(f"load: {trace.name} request sizes, peak {z.peak_rps:.1f} req/s on a day compressed into "
-                 f"{s.duration_s:.0f}s" + (f" (speed-up {s.speedup:g}: {world.peak_rps_wall:.1f} req/s and "
+                 f"{s.duration_s:.0f}s, its rise above {100 * floor:.0f}% of the peak slowed to "
+                 f"{100 * MAX_GROWTH_PER_S:.1f}%/s" + (f" (speed-up {s.speedup:g}: {world.peak_rps_wall:.1f} req/s and "
                                            f"{svc.target_decode_tps_per_instance:.0f} tok/s per wall second; "
                                            f"latencies in modelled seconds)" if s.speedup != 1 else ""))
         self.say(f"status page: {self.url}demo  (coordinator page alone: {self.url})")

@@ -7,17 +7,19 @@ and the request sizes the demo will send, so the emulated engines, the policy's 
 and the load agree whatever model or GPUs are chosen:
 
 * **decode**: the largest batch whose modelled step stays within ``step_share`` of the
-  TBT SLO (and whose KV fits) gives the instance's capacity ``b / step(b)`` tokens/s;
-  ``τ = target_load × capacity`` (the operator's head-room).
+  TBT SLO (and whose KV fits) gives the instance's capacity ``b / step(b)`` tokens/s, its
+  limit; ``τ = target_load × capacity`` (the operator's head-room).
 * **prefill**: a pressure test of the emulator's own prefill lane (FIFO passes of at most
   ``batch_tokens`` prompt tokens, vLLM's budget for the GPU): Poisson arrivals with the
   demo's prompt sizes, bisection on the rate, the highest rate per instance whose p90
-  time to prefill stays within ``ttft_share`` of the TTFT SLO and within ``target_load``
-  of the lane's throughput. Prompt sizes are heavy-tailed (a few take seconds alone), so
-  TTFT, not throughput, bounds prefill: on 2×L20 for a 32B model that is about half of
-  the throughput.
-* **ratio**: the prefill instances one decode instance at ``τ`` needs at that rate,
-  rounded *up* to a half (more prefill protects TTFT; a shortfall of up to 5% is
+  time to prefill stays within ``ttft_share`` of the TTFT SLO, its limit. Prompt sizes are
+  heavy-tailed (a few take seconds alone), so TTFT, not throughput, bounds prefill: on
+  2×L20 for a 32B model the limit is about half of the lane's throughput.
+* **ratio**: balanced, as the paper's pressure test picks it: the prefill instances one
+  decode instance at *its* limit needs at *theirs*, so both pools reach their SLO at the
+  same load and the head-room ``τ`` leaves on decode is head-room on prefill too (a
+  ratio sized at ``τ`` instead leaves prefill at its limit while decode still has 30% to
+  go). Rounded *up* to a half (more prefill protects TTFT; a shortfall of up to 5% is
   accepted rather than rounding 3.04 up to 3.5).
 * **fleet and peak**: the most decode instances whose pools fit in ``max_instances``
   (and, where the caller passes ``fits``, on the cluster); the peak request rate is
@@ -52,7 +54,7 @@ class ServiceSizing:
     decode_capacity_tps: float         # tokens/s one decode instance sustains within the TBT SLO
     target_decode_tps: float           # τ
     prefill_capacity_rps: float        # requests/s one prefill instance computes back to back
-    prefill_rate_rps: float            # requests/s one prefill instance takes within the TTFT budget
+    prefill_rate_rps: float            # its limit: requests/s with p90 time to prefill within the budget
     prefill_ttft_p90_s: float          # the pressure test's p90 time to prefill at that rate
     prefill_batch_tokens: int          # prompt tokens per prefill pass (vLLM's budget)
     pd_ratio: tuple[int, int]
@@ -68,8 +70,13 @@ class ServiceSizing:
 
     @property
     def peak_prefill_load(self) -> float:
-        """Prefill requests/s per instance at the peak, over ``prefill_rate_rps``."""
+        """Prefill requests/s per instance at the peak, as a share of its limit."""
         return self.peak_rps / (self.max_prefill * self.prefill_rate_rps)
+
+    @property
+    def peak_decode_load(self) -> float:
+        """Decode tokens/s per instance at the peak, as a share of its limit."""
+        return self.peak_decode_tps / (self.max_decode * self.decode_capacity_tps)
 
     def to_dict(self) -> dict[str, object]:
         return {"decode_batch": self.decode_batch, "decode_step_s": round(self.decode_step_s, 5),
@@ -202,7 +209,7 @@ def fleet_bounds(ratio: tuple[int, int], *, max_instances: int, fits: Fits | Non
 
 def size_service(*, model: str, prefill_gpu: str, decode_gpu: str, prompts: Sequence[int],
                  outputs: Sequence[int], tbt_slo_s: float, ttft_slo_s: float, max_instances: int,
-                 target_load: float = 0.7, peak_share: float = 0.85, ttft_share: float = 0.75,
+                 target_load: float = 0.7, peak_share: float = 0.85, ttft_share: float = 0.8,
                  prefill_tp: int = 1, decode_tp: int = 1, prefill_batch_tokens: int | None = None,
                  fits: Fits | None = None, seed: int = 0) -> ServiceSizing:
     """Derive τ, the ratio, the fleet and the peak load (see the module docstring)."""
@@ -221,11 +228,11 @@ def size_service(*, model: str, prefill_gpu: str, decode_gpu: str, prompts: Sequ
     budget = prefill_batch_tokens or vllm_max_num_batched_tokens(prefill_spec.gpu)
     prefill_rps = prefill_capacity_rps(prefill_spec, prompts, batch_tokens=budget)
     rate, p90 = prefill_rate_within(prefill_spec, prompts, ttft_budget_s=ttft_share * ttft_slo_s,
-                                    batch_tokens=budget, max_rate_rps=target_load * prefill_rps, seed=seed)
+                                    batch_tokens=budget, max_rate_rps=prefill_rps, seed=seed)
     if rate <= 0:
         raise ValueError(f"no prefill rate keeps p90 TTFT within {ttft_share * ttft_slo_s:.2f}s on "
                          f"{prefill_gpu}: the TTFT SLO is below what one prompt takes")
-    ratio = ratio_for((tau / mean_output) / rate)
+    ratio = ratio_for((capacity_tps / mean_output) / rate)      # balanced at both limits
     max_prefill, max_decode = fleet_bounds(ratio, max_instances=max_instances, fits=fits)
     # Peak demand asks for max_decode instances (D = ceil(tps / τ) reaches it) with some
     # head-room left, so the fleet can catch up with a steep compressed-day ramp.
