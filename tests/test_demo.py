@@ -434,3 +434,31 @@ def test_children_die_with_a_killed_demo():
             proc.kill()
             proc.wait()
     assert not [pid for pid in children if _alive(pid)]
+
+
+def test_kv_transfer_summary_rows_and_sums_from_sidecar_reports():
+    from heteroscale.demo.app import kv_transfer_summary
+    from heteroscale.report import SidecarReport
+
+    def report(pod: str, role: str, kv: dict) -> SidecarReport:
+        return SidecarReport.from_dict({"service": "chat", "role": role, "pod": pod, "engine": "vllm",
+                                        "engine_up": True, "stale": False, "observed_at": 1.0, "window_s": 5.0,
+                                        "kv_transfer": kv})
+
+    engine = {"connector": "vllm_nixl", "bytes_per_second": 2e5, "transfers_per_second": 1.5,
+              "latency_p90_s": 0.01, "window_s": 5.0}
+    reports = [report("chat-d1", "decode", {"bytes_per_second": 3e5, "direction": "receive", "source": "engine",
+                                            "sources": {"engine": dict(engine, bytes_per_second=3e5)}}),
+               report("chat-p0", "prefill", {"bytes_per_second": 2e5, "direction": "send", "source": "engine",
+                                             "sources": {"engine": engine}}),
+               report("chat-p1", "prefill", {"bytes_per_second": 1e5, "direction": "send", "source": "engine",
+                                             "sources": {"engine": dict(engine, bytes_per_second=1e5)}}),
+               report("chat-p2", "prefill", {"bytes_per_second": None, "direction": "send", "sources": {}}),
+               report("chat-p3", "prefill", {})]
+    doc = kv_transfer_summary(reports)
+    assert [r["pod"] for r in doc["instances"]] == ["chat-p0", "chat-p1", "chat-d1"]   # measured ones, prefill first
+    assert doc["send_bytes_per_second"] == pytest.approx(3e5) and doc["receive_bytes_per_second"] == pytest.approx(3e5)
+    assert doc["instances"][0] == {"pod": "chat-p0", "role": "prefill", "direction": "send", "source": "engine",
+                                   "connector": "vllm_nixl", "bytes_per_second": 2e5, "transfers_per_second": 1.5,
+                                   "latency_p90_s": 0.01, "window_s": 5.0}
+    assert kv_transfer_summary(reports[3:]) is None            # nothing measured: absent, not zero
