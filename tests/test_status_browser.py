@@ -270,7 +270,7 @@ async def test_status_page_labels_sources_and_explains_what_it_counts(tmp_path, 
         assert state["tiers"] == ["medium"] and state["draining"] == ["2 (1P 1D)"]
         assert state["gpuNote"].startswith("GPUs held: 10 = 7 by the pools + 3 by draining instances")
         assert state["kvRows"] == 2 and "engine: vllm_nixl" in state["text"]
-        assert "1.50 GB/s sent" in state["text"]
+        assert "1.50 GB/s sent" in state["text"] and "12 ms" in state["text"]
     else:                               # a document without the newer fields still renders
         assert state["tiers"] == ["–"] and state["draining"] == ["–"] and not state["gpuNote"]
         assert state["kvRows"] == -1

@@ -133,7 +133,13 @@ function groupsTable(groups) {
       ? ` + ${leaving} by draining instances, which keep theirs until their last request is done.` : ".")));
 }
 
-const rate = (bps) => (bps === null || bps === undefined) ? "–" : `${fmt(bps / 1e9, 2)} GB/s`;
+function rate(bps) {
+  if (bps === null || bps === undefined) return "–";
+  for (const [unit, name] of [[1e9, "GB/s"], [1e6, "MB/s"], [1e3, "kB/s"]]) {
+    if (Math.abs(bps) >= unit) return `${fmt(bps / unit, 2)} ${name}`;
+  }
+  return `${fmt(bps)} B/s`;
+}
 
 // What the engines' KV connectors moved (services[].kv_transfer: per-instance rows from the
 // sidecars' kv_transfer samples). Absent from older coordinators: then nothing is drawn.
