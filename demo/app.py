@@ -227,13 +227,16 @@ def build_world(settings: DemoSettings, *, sizes: list[RequestSize], lease_path:
     x = settings.speedup
     prompts = sorted(r.prompt_tokens for r in sizes)
     ttft_slo = settings.ttft_slo_s or ttft_slo_for(settings, p90_prompt=prompts[int(0.9 * (len(prompts) - 1))])
-    sizing = size_service(model=settings.model, prefill_gpu=emulator_gpu(settings.prefill_gpu_types[0]),
-                          decode_gpu=emulator_gpu(settings.decode_gpu_types[0]),
-                          prefill_tp=settings.prefill_gpus_per_instance,
-                          decode_tp=settings.decode_gpus_per_instance,
-                          prompts=[r.prompt_tokens for r in sizes], outputs=[r.output_tokens for r in sizes],
-                          tbt_slo_s=settings.tbt_slo_s, ttft_slo_s=ttft_slo,
-                          max_instances=settings.max_instances, fits=fits, seed=settings.seed)
+    try:
+        sizing = size_service(model=settings.model, prefill_gpu=emulator_gpu(settings.prefill_gpu_types[0]),
+                              decode_gpu=emulator_gpu(settings.decode_gpu_types[0]),
+                              prefill_tp=settings.prefill_gpus_per_instance,
+                              decode_tp=settings.decode_gpus_per_instance,
+                              prompts=[r.prompt_tokens for r in sizes], outputs=[r.output_tokens for r in sizes],
+                              tbt_slo_s=settings.tbt_slo_s, ttft_slo_s=ttft_slo,
+                              max_instances=settings.max_instances, fits=fits, seed=settings.seed)
+    except ValueError as exc:
+        raise UsageError(f"--max-instances {settings.max_instances}: {exc}") from None
     d = settings.duration_s
     # Policy time constants scale with the run so that a short run still scales both ways.
     policy = {

@@ -198,12 +198,22 @@ def prefill_for(decode: int, ratio: tuple[int, int]) -> int:
 
 def fleet_bounds(ratio: tuple[int, int], *, max_instances: int, fits: Fits | None = None) -> tuple[int, int]:
     """(max_prefill, max_decode): the most decode instances whose pools fit in ``max_instances``
-    and, if given, on the cluster (``fits``)."""
+    and, if given, on the cluster (``fits``). ``ValueError`` if not even one decode instance
+    and its prefill fit."""
     p, d = ratio
+
+    def ok(decode: int) -> bool:
+        prefill = prefill_for(decode, ratio)
+        return decode + prefill <= max_instances and (fits is None or fits(prefill, decode))
+
     decode = max(1, (max_instances * d) // (p + d))
-    while decode > 1 and (decode + prefill_for(decode, ratio) > max_instances
-                          or (fits is not None and not fits(prefill_for(decode, ratio), decode))):
+    while decode > 1 and not ok(decode):
         decode -= 1
+    if not ok(decode):
+        raise ValueError(f"the smallest fleet at {p}:{d} is {prefill_for(1, ratio)}P+1D "
+                         f"({prefill_for(1, ratio) + 1} instances): "
+                         + ("more than --max-instances allows" if decode + prefill_for(1, ratio) > max_instances
+                            else "more than the cluster holds"))
     return prefill_for(decode, ratio), decode
 
 

@@ -83,6 +83,9 @@ def test_ratio_rounds_up_to_a_half_and_the_fleet_fits():
     assert fleet_bounds((5, 2), max_instances=4) == (3, 1)   # round(2.5) = 3, ties up
     # a cluster that holds only 9 prefill instances caps the fleet at D = 3 (P = 9)
     assert fleet_bounds((3, 1), max_instances=16, fits=lambda p, d: p <= 9) == (9, 3)
+    # not even 4P+1D fits in 4 instances: an error, never a fleet larger than asked for
+    with pytest.raises(ValueError, match="smallest fleet at 4:1 is 4P\\+1D"):
+        fleet_bounds((4, 1), max_instances=4)
 
 
 def test_size_service_worked_example():
@@ -258,6 +261,7 @@ def _descendants(pid: int) -> set[int]:
     (["--listen", "nowhere"], "--listen"),
     (["--trace", "/no/such/trace.csv"], "no such file"),
     (["--max-instances", "2"], "--max-instances"),
+    (["--max-instances", "4"], "smallest fleet"),
     (["--trace", __file__], "unknown format"),
     (["--topology", str(REPO / "pyproject.toml")], "not valid YAML"),
 ])
