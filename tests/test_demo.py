@@ -281,9 +281,10 @@ def test_outputs_are_checked_before_anything_starts(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "heteroscale", "demo", "--report", str(tmp_path),
                            "--log-dir", str(a_file)], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2, proc.stdout + proc.stderr
-    assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
-    assert f"--report {tmp_path}: is a directory" in proc.stderr          # both problems, at once
-    assert f"--log-dir {a_file}: not a directory" in proc.stderr
+    lines = proc.stderr.strip().splitlines()                             # both problems, at once
+    assert len(lines) == 2 and "Traceback" not in proc.stderr
+    assert f"--report {tmp_path}: is a directory" in lines[0]
+    assert f"--log-dir {a_file}: not a directory" in lines[1]
     assert "starting" not in proc.stdout and time.monotonic() - started < 50   # nothing ran
 
 
