@@ -229,19 +229,31 @@ CARD_STATE = """
 """
 
 
-@pytest.mark.parametrize("newer_fields", [True, False], ids=["with-local-fields", "older-document"])
-async def test_status_page_labels_sources_and_explains_what_it_counts(tmp_path, newer_fields):
+async def _card(tools: DevTools, *, after_tick: str = "") -> dict:
+    deadline = time.monotonic() + 30
+    state = {"ready": False}
+    while time.monotonic() < deadline:
+        state = json.loads(await tools.evaluate(CARD_STATE))
+        if state["ready"] and state["tick"] != after_tick:
+            return state
+        await asyncio.sleep(0.3)
+    raise AssertionError(f"the card never rendered: {state}")
+
+
+async def test_status_page_labels_sources_and_explains_what_it_counts(tmp_path):
+    """One browser, two documents: with the fields the local backend and the demo add, then
+    an older document without them, which must still render."""
     from aiohttp import web
     from aiohttp.test_utils import TestServer
     from heteroscale.coordinator.status import STATIC_DIR
 
-    doc = _status_doc(newer_fields=newer_fields)
+    served = {"doc": _status_doc(newer_fields=True)}
 
     async def index(request):
         return web.FileResponse(STATIC_DIR / "index.html")
 
     async def status(request):
-        return web.json_response(doc)
+        return web.json_response(served["doc"])
 
     app = web.Application()
     app.router.add_get("/", index)
@@ -251,30 +263,30 @@ async def test_status_page_labels_sources_and_explains_what_it_counts(tmp_path, 
     await server.start_server()
     try:
         async with Chromium(f"http://127.0.0.1:{server.port}/", tmp_path / "profile") as tools:
-            deadline = time.monotonic() + 30
-            state = {"ready": False}
-            while not state["ready"] and time.monotonic() < deadline:
-                await asyncio.sleep(0.3)
-                state = json.loads(await tools.evaluate(CARD_STATE))
+            newer = await _card(tools)
+            older_doc = _status_doc(newer_fields=False)
+            older_doc["ticks"] = 43
+            served["doc"] = older_doc
+            await tools.evaluate("refresh()")
+            older = await _card(tools, after_tick=newer["tick"])
     finally:
         await server.close()
-    assert state["ready"], "the card never rendered"
-    keys = dict(state["keys"])
-    # the coordinator's latencies say where they come from (the demo tiles say "clients")
-    assert "TBT p90 (engines) / SLO" in keys and "inter-token-latency histogram" in keys["TBT p90 (engines) / SLO"]
-    assert "TTFT p90 (engines) / SLO" in keys
-    # "1 / 2" fresh reports, and why the other one was left out
-    assert "excluded: too old 1, warming 1" in state["text"]
-    assert state["tick"] == "42"
-    if newer_fields:
-        assert state["tiers"] == ["medium"] and state["draining"] == ["2 (1P 1D)"]
-        assert state["gpuNote"].startswith("GPUs held: 10 = 7 by the pools + 3 by draining instances")
-        assert state["kvRows"] == 2 and "engine: vllm_nixl" in state["text"]
-        assert "1.50 GB/s sent" in state["text"] and "12 ms" in state["text"]
-    else:                               # a document without the newer fields still renders
-        assert state["tiers"] == ["–"] and state["draining"] == ["–"] and not state["gpuNote"]
-        assert state["kvRows"] == -1
-        assert "No KV-transfer probes or engine connector metrics reported." in state["text"]
+    for state in (newer, older):
+        keys = dict(state["keys"])
+        # the coordinator's latencies say where they come from (the demo tiles say "clients")
+        assert "TBT p90 (engines) / SLO" in keys and "inter-token-latency histogram" in keys["TBT p90 (engines) / SLO"]
+        assert "TTFT p90 (engines) / SLO" in keys
+        # "1 / 2" fresh reports, and why the other one was left out
+        assert "excluded: too old 1, warming 1" in state["text"]
+    assert newer["tick"] == "42" and older["tick"] == "43"
+    assert newer["tiers"] == ["medium"] and newer["draining"] == ["2 (1P 1D)"]
+    assert newer["gpuNote"].startswith("GPUs held: 10 = 7 by the pools + 3 by draining instances")
+    assert newer["kvRows"] == 2 and "engine: vllm_nixl" in newer["text"]
+    assert "1.50 GB/s sent" in newer["text"] and "12 ms" in newer["text"]
+    # a document without the newer fields still renders, with dashes where they would be
+    assert older["tiers"] == ["–"] and older["draining"] == ["–"] and not older["gpuNote"]
+    assert older["kvRows"] == -1
+    assert "No KV-transfer probes or engine connector metrics reported." in older["text"]
 
 
 # ---------------------------------------------------------------- a real demo
