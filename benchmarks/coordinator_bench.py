@@ -1,10 +1,12 @@
-"""Benchmark: one coordinator tick at fleet scale; writes benchmarks/results/coordinator.json.
+"""Benchmark: one coordinator tick at fleet scale; records benchmarks/results/coordinator.json.
 
     .venv/bin/python benchmarks/coordinator_bench.py [--services 200] [--per-service 50]
-                                                     [--ticks 5] [--nice -10]
-                                                     [--out benchmarks/results/coordinator.json]
+                                                     [--ticks 5] [--nice -10] [--replace | --out FILE]
 
-Target (issue 3): 10,000 sidecar reports collected, aggregated and decided for 200
+Results go to a new file under benchmarks/results/runs/ unless ``--replace`` (the committed
+coordinator.json) or ``--out``; a missed target is recorded, never a failure (``record.py``).
+
+Target: 10,000 sidecar reports collected, aggregated and decided for 200
 services in <= 2 s per tick on one core, memory <= 300 MB.
 
 Setup: a lightweight report server (a minimal HTTP/1.1 keep-alive responder on
@@ -37,6 +39,8 @@ import statistics
 import sys
 import time
 from pathlib import Path
+
+import record
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -169,7 +173,7 @@ def main() -> int:
     parser.add_argument("--services", type=int, default=200)
     parser.add_argument("--per-service", type=int, default=50)
     parser.add_argument("--ticks", type=int, default=5)
-    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "coordinator.json"))
+    record.add_output_arguments(parser, "coordinator")
     parser.add_argument("--nice", type=int, default=0,
                         help="scheduling niceness for both processes (e.g. -10 as root on a shared "
                              "machine, so other work does not take turns on the measured core)")
@@ -219,10 +223,11 @@ def main() -> int:
                     "platform": platform.platform()},
         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    out = record.write(record.output_path(args, "coordinator"), result)
     print(json.dumps(result, indent=2))
-    return 0 if result["meets_tick_target_cpu"] and result["meets_memory_target"] else 1
+    return record.verdict({"tick CPU <= 2 s": result["meets_tick_target_cpu"],
+                           "tick wall <= 2 s": result["meets_tick_target_wall_median"],
+                           "RSS <= 300 MB": result["meets_memory_target"]}, out)
 
 
 if __name__ == "__main__":

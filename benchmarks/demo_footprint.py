@@ -3,10 +3,11 @@
 Runs the demo as a child process (default flags unless given after ``--``), and once
 a second walks its process tree in /proc: CPU seconds (utime + stime of every live
 process, plus what exited children left in the parent's cutime/cstime) and resident
-memory (sum of RSS). Writes ``benchmarks/results/demo.json`` with the demo's own
-report embedded, and prints a one-line summary.
+memory (sum of RSS). Records the result with the demo's own report embedded (a new file
+under benchmarks/results/runs/; ``--replace`` for the committed ``demo.json``; see
+``record.py``), and prints a one-line summary.
 
-    .venv/bin/python benchmarks/demo_footprint.py [--out FILE] [-- DEMO FLAGS...]
+    .venv/bin/python benchmarks/demo_footprint.py [--replace | --out FILE] [-- DEMO FLAGS...]
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import record
 
 REPO = Path(__file__).resolve().parents[1]
 TICKS = os.sysconf("SC_CLK_TCK")
@@ -64,7 +67,7 @@ def _cpu_rss(pid: int) -> tuple[float, float, float]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "demo.json")
+    record.add_output_arguments(parser, "demo")
     parser.add_argument("demo_args", nargs="*", help="flags for heteroscale demo (after --)")
     args = parser.parse_args()
     report = Path(tempfile.mkdtemp(prefix="demo-footprint-")) / "report.json"
@@ -102,15 +105,17 @@ def main() -> int:
         "peak_rss_mb": round(peak_rss / 2**20, 1),
         "peak_processes": peak_procs,
         "machine_cores": os.cpu_count(),
+        "host": record.machine(),
+        "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "demo_report": {k: v for k, v in (demo or {}).items() if k != "timeline"},
         "samples": samples,
         "output_tail": output.splitlines()[-30:],
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    out = record.write(record.output_path(args, "demo"), result)
     print(f"demo footprint: {result['wall_s']}s wall, {result['cpu_s_total']} CPU-s "
           f"({result['mean_cores']} cores on average), peak RSS {result['peak_rss_mb']} MB over "
-          f"{peak_procs} processes; exit {proc.returncode}; written to {args.out}")
+          f"{peak_procs} processes; exit {proc.returncode}; written to {out}")
+    # A demo that failed is a failure to measure, not a missed target.
     return 0 if proc.returncode == 0 else 1
 
 

@@ -1,7 +1,8 @@
-"""How close the active probe gets to a shaped link, and what a probe costs; writes
-benchmarks/results/kv_probe.json.
+"""How close the active probe gets to a shaped link, and what a probe costs; records
+benchmarks/results/kv_probe.json (a new file under benchmarks/results/runs/ unless
+``--replace``; a rate outside 10% is recorded, not a failure: see ``record.py``).
 
-    sudo .venv/bin/python benchmarks/kv_probe_bench.py [--rates 50,100,200,400] [--repeats 3]
+    sudo .venv/bin/python benchmarks/kv_probe_bench.py [--rates 50,100,200,400] [--repeats 3] [--replace]
 
 Builds two network namespaces joined by a veth pair (addresses exist only inside
 them), shapes the prefill side with ``tc tbf`` at each rate in turn, runs the real
@@ -30,8 +31,9 @@ import sys
 import time
 from pathlib import Path
 
+import record
+
 REPO = Path(__file__).resolve().parents[1]
-RESULT = REPO / "benchmarks" / "results" / "kv_probe.json"
 PROBE_BYTES = 16 * 1024 * 1024
 
 
@@ -43,6 +45,7 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rates", default="50,100,200,400", help="shaped rates, Mbit/s")
     parser.add_argument("--repeats", type=int, default=3)
+    record.add_output_arguments(parser, "kv_probe")
     args = parser.parse_args()
     rates = [int(r) for r in args.rates.split(",")]
     load_at_start = os.getloadavg()[0]
@@ -104,17 +107,16 @@ def main() -> int:
         for ns in (p_ns, d_ns):
             ip("netns", "del", ns, check=False)
         secret.unlink(missing_ok=True)
-    RESULT.parent.mkdir(parents=True, exist_ok=True)
-    RESULT.write_text(json.dumps({
+    out = record.write(record.output_path(args, "kv_probe"), {
         "command": "python benchmarks/kv_probe_bench.py " + " ".join(sys.argv[1:]),
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "machine": {"python": platform.python_version(), "cpus": os.cpu_count(), "platform": platform.platform(),
                     # other work on the machine starves the probe's processes: record how busy it was
                     "load_average_1m_at_start": load_at_start, "load_average_1m_at_end": os.getloadavg()[0]},
         "probe_bytes": PROBE_BYTES, "target": "within 10% of the shaped rate",
-        "all_within_target": all(r["within_10_percent"] for r in runs), "runs": runs}, indent=2) + "\n")
-    print(f"wrote {RESULT.relative_to(REPO)}")
-    return 0 if all(r["within_10_percent"] for r in runs) else 1
+        "all_within_target": all(r["within_10_percent"] for r in runs), "runs": runs})
+    # Accuracy under tc shaping depends on how busy the machine is: recorded, not failed.
+    return record.verdict({f"{r['shaped_mbit']} Mbit/s within 10%": r["within_10_percent"] for r in runs}, out)
 
 
 if __name__ == "__main__":

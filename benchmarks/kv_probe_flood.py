@@ -1,7 +1,8 @@
-"""Does the KV probe server keep serving honest probes under a flood? Writes
-benchmarks/results/kv_probe_flood.json.
+"""Does the KV probe server keep serving honest probes under a flood? Records
+benchmarks/results/kv_probe_flood.json (a new file under benchmarks/results/runs/ unless
+``--replace`` or ``--out``: see ``record.py``).
 
-    .venv/bin/python benchmarks/kv_probe_flood.py [--idle 512] [--probes 20] [--scenarios ...]
+    .venv/bin/python benchmarks/kv_probe_flood.py [--idle 512] [--probes 20] [--scenarios ...] [--replace]
 
 Three processes on loopback: the real probe server (``python -m heteroscale.kv_transfer
 serve``), a flooder (this file, ``flood`` subcommand) and the honest prober (this
@@ -41,8 +42,9 @@ import tempfile
 import time
 from pathlib import Path
 
+import record
+
 REPO = Path(__file__).resolve().parents[1]
-RESULT = REPO / "benchmarks" / "results" / "kv_probe_flood.json"
 OTHER_SOURCES = [f"127.0.0.{n}" for n in range(2, 10)]
 OWN_SOURCES = [f"127.0.0.{n}" for n in range(1, 9)]
 SECRET = "benchmark-shared-secret-0123456789"
@@ -193,7 +195,7 @@ def main() -> int:
     parser.add_argument("--probes", type=int, default=20, help="honest probes per scenario (default 20)")
     parser.add_argument("--scenarios", default="no_flood,idle_flood,idle_flood_own_address,slot_holder")
     parser.add_argument("--ramp-s", type=float, default=3.0, help="flood time before the first honest probe")
-    parser.add_argument("--out", default=str(RESULT))
+    record.add_output_arguments(parser, "kv_probe_flood")
     args = parser.parse_args()
     if args.command == "flood":
         asyncio.run(_flood(args))
@@ -224,19 +226,16 @@ def main() -> int:
     finally:
         counters = _stop(server)
         secret.unlink(missing_ok=True)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     from heteroscale.kv_transfer import probe
-    out.write_text(json.dumps({
+    out = record.write(record.output_path(args, "kv_probe_flood"), {
         "protocol_version": getattr(probe, "PROTOCOL_VERSION", 1),
         "command": "python benchmarks/kv_probe_flood.py " + " ".join(sys.argv[1:]),
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "machine": {"python": platform.python_version(), "cpus": os.cpu_count(), "platform": platform.platform(),
                     "load_average_1m_at_start": load_at_start, "load_average_1m_at_end": os.getloadavg()[0]},
         "idle_connections": args.idle, "probe_bytes": PROBE_BYTES, "scenarios": results,
-        "server_counters": counters}, indent=2) + "\n")
-    print(f"wrote {out}")
-    return 0
+        "server_counters": counters})
+    return record.verdict({}, out)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,12 @@
 """Benchmark: one placement cycle for 100 services over 5,000 nodes (40,000 GPUs, 3 tiers).
 
-Target (issue 4): one cycle <= 100 ms. Run:
+Target: one cycle <= 100 ms. Run:
 
-    .venv/bin/python benchmarks/placement_bench.py [--repeat 7] [--out benchmarks/results/placement.json]
+    .venv/bin/python benchmarks/placement_bench.py [--repeat 7] [--replace | --out FILE]
+
+It writes a new file under benchmarks/results/runs/ unless ``--replace`` (the committed
+benchmarks/results/placement.json) or ``--out`` says otherwise, and exits 0 whether the
+target was met or not (``meets_target`` and the load average are in the result).
 
 The synthetic cluster: 50 S2 switches x 10 S1 switches x 10 nodes x 8 GPUs.
 30 S2s are homogeneous (low tier: 15 all-H20, 15 all-L20), 15 hold an L20 S1 beside
@@ -30,6 +34,8 @@ import statistics
 import sys
 import time
 from pathlib import Path
+
+import record
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -97,7 +103,7 @@ def _median_ms(fn, repeat: int):
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=7)
-    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "placement.json"))
+    record.add_output_arguments(parser, "placement")
     args = parser.parse_args(argv)
     rng = random.Random(4)
     nodes = make_nodes()
@@ -145,13 +151,12 @@ def main(argv: list[str] | None = None) -> int:
         "steady_cycle_with_view_ms": round(view_ms + steady_ms, 2),
         "meets_target": view_ms + max(cold_ms, steady_ms) <= TARGET_MS,
         "python": platform.python_version(), "machine": platform.machine(),
-        "repeat": args.repeat,
+        "repeat": args.repeat, "host": record.machine(),
+        "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    out = record.write(record.output_path(args, "placement"), result)
     print(json.dumps(result, indent=2))
-    return 0 if result["meets_target"] else 1
+    return record.verdict({"cycle_ms <= 100": result["meets_target"]}, out)
 
 
 if __name__ == "__main__":

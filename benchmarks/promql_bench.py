@@ -1,7 +1,9 @@
-"""Benchmark: the PromQL metric source at fleet scale; writes benchmarks/results/promql.json.
+"""Benchmark: the PromQL metric source at fleet scale; records benchmarks/results/promql.json.
 
     .venv/bin/python benchmarks/promql_bench.py [--services 40] [--per-service 50] [--ticks 5]
-                                                [--pure-services 200] [--out benchmarks/results/promql.json]
+                                                [--pure-services 200] [--replace | --out FILE]
+
+A new file under benchmarks/results/runs/ unless ``--replace`` or ``--out`` (``record.py``).
 
 Two measurements:
 
@@ -34,6 +36,8 @@ import time
 from pathlib import Path
 
 from aiohttp import web
+
+import record
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -171,16 +175,17 @@ def main() -> int:
     parser.add_argument("--per-service", type=int, default=50)
     parser.add_argument("--ticks", type=int, default=5)
     parser.add_argument("--pure-services", type=int, default=200)
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "promql.json"))
+    record.add_output_arguments(parser, "promql")
     args = parser.parse_args()
-    result = {"machine": platform.machine(), "python": platform.python_version(),
+    result = {"machine": platform.machine(), "python": platform.python_version(), "host": record.machine(),
+              "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
               "pure": pure(args.pure_services, args.per_service)}
     with tempfile.TemporaryDirectory() as tmp:
         result["real_prometheus"] = asyncio.run(real(args.services, args.per_service, args.ticks, Path(tmp)))
     result["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    out = record.write(record.output_path(args, "promql"), result)
     print(json.dumps(result, indent=2))
-    return 0
+    return record.verdict({}, out)
 
 
 if __name__ == "__main__":

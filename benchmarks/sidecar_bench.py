@@ -1,6 +1,9 @@
-"""What the sidecar costs on a realistic page; writes benchmarks/results/sidecar.json.
+"""What the sidecar costs on a realistic page; records benchmarks/results/sidecar.json.
 
-    .venv/bin/python benchmarks/sidecar_bench.py [--cycles 2000] [--seconds 10]
+    .venv/bin/python benchmarks/sidecar_bench.py [--cycles 2000] [--seconds 10] [--replace | --out FILE]
+
+A new file under benchmarks/results/runs/ unless ``--replace`` or ``--out``; a missed
+target is recorded, not a failure (``record.py``).
 
 The page: a full vLLM 0.32 page with every default histogram and 2 data-parallel
 engines (``benchmarks/vllm_page.py``, made by prometheus_client with vLLM's
@@ -42,6 +45,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import record
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
@@ -54,7 +59,6 @@ from heteroscale.sidecar.agent import Agent, AgentSettings  # noqa: E402
 from heteroscale.net import free_ports  # noqa: E402
 from vllm_page import build_page  # noqa: E402
 
-RESULTS = REPO / "benchmarks" / "results" / "sidecar.json"
 REAL_PAGE = REPO / "tests" / "data" / "vllm_0.32_cpu.txt"
 TARGETS = {"cpu_ms_per_cycle": 2.0, "rss_mb": 80.0, "metrics_p99_ms": 5.0}
 
@@ -227,12 +231,13 @@ def run_kind(kind: str, args: argparse.Namespace) -> dict:
                         proc.kill()
 
 
-def main() -> None:
+def main() -> int:
     parser = argparse.ArgumentParser(description="sidecar cost benchmark")
     parser.add_argument("--cycles", type=int, default=2000)
     parser.add_argument("--seconds", type=float, default=10.0, help="duration of the 50 req/s /metrics load")
     parser.add_argument("--nice", type=int, default=None,
                         help="run the /metrics latency phase at this nice value (needs root below 0)")
+    record.add_output_arguments(parser, "sidecar")
     args = parser.parse_args()
     kinds = ["constructed_dp2"] + (["real_0.32_dp2"] if REAL_PAGE.exists() else [])
     runs = {kind: run_kind(kind, args) for kind in kinds}
@@ -246,15 +251,16 @@ def main() -> None:
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "nice": args.nice,
         "machine": {"python": platform.python_version(), "cpus": os.cpu_count(), "platform": platform.platform()},
+        "host": record.machine(),
         "targets": TARGETS,
         "worst": worst,
         "met": {k: worst[k] <= TARGETS[k] for k in TARGETS},
         "runs": runs,
     }
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(doc, indent=2) + "\n")
+    out = record.write(record.output_path(args, "sidecar"), doc)
     print(json.dumps(doc, indent=2))
+    return record.verdict({f"{k} <= {v}": doc["met"][k] for k, v in TARGETS.items()}, out)
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

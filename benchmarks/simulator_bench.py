@@ -1,12 +1,12 @@
 """Benchmark: one simulated 24-hour day of ~2 million requests for one service.
 
-Target (issue 6): ≤ 60 s on one core, ≤ 1 GB memory. Builds a diurnal day from
-the Azure conversation trace's request sizes (peak 40 req/s, the default 24-hour
-profile → ~2.0 M requests), runs the ``heteroscale`` policy through the full
-simulator (the coordinator's own ``decide`` every 15 s), and writes
-``benchmarks/results/simulator.json``.
+Target: ≤ 60 s on one core, ≤ 1 GB memory. Builds a diurnal day from the Azure
+conversation trace's request sizes (peak 40 req/s, the default 24-hour profile → ~2.0 M
+requests), runs the ``heteroscale`` policy through the full simulator (the coordinator's
+own ``decide`` every 15 s), and records the result (``benchmarks/record.py``: a new file
+under benchmarks/results/runs/, or the committed ``simulator.json`` with ``--replace``).
 
-    .venv/bin/python benchmarks/simulator_bench.py [--peak-rps 40] [--policy heteroscale]
+    .venv/bin/python benchmarks/simulator_bench.py [--peak-rps 40] [--policy heteroscale] [--replace]
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ import resource
 import sys
 import time
 from pathlib import Path
+
+import record
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -48,7 +50,7 @@ def main() -> int:
     parser.add_argument("--peak-rps", type=float, default=40.0)
     parser.add_argument("--policy", default="heteroscale")
     parser.add_argument("--trace", default=str(REPO.parent / "shared" / "traces" / "AzureLLMInferenceTrace_conv.csv"))
-    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "simulator.json"))
+    record.add_output_arguments(parser, "simulator")
     args = parser.parse_args()
     cfg = load_sim_config(CONFIG)
     service = cfg.coordinator.services[0]
@@ -81,11 +83,11 @@ def main() -> int:
         "result_summary": {k: result.summary[k] for k in ("gpu_hours", "slo_attainment", "ttft_p90_s",
                                                           "tbt_p90_s", "scaling_actions")},
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(doc, indent=2) + "\n")
+    doc["host"] = record.machine()
+    doc["measured_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    out = record.write(record.output_path(args, "simulator"), doc)
     print(json.dumps(doc, indent=2))
-    return 0 if doc["met"] else 1
+    return record.verdict({"simulate <= 60 s and RSS <= 1 GB": doc["met"]}, out)
 
 
 if __name__ == "__main__":

@@ -9,21 +9,27 @@ What runs, all on loopback:
 * the coordinator's own parts, in this process: the ``Collector`` pulling every
   sidecar's ``/v1/report``, the ``Reconciler`` running the real policy, a local
   file lease (``LocalLeaseElection``), and the status app on ``--listen``;
-* a P/D router and a load generator replaying a trace's request sizes on a
+* a P/D router and a load generator drawing a trace's request sizes on a
   compressed diurnal profile (``loadgen``).
 
-The service is sized from the performance model (``sizing``): a 32B model, prefill
-on L20 (2 GPUs per instance), decode on H20; the target decode tokens/s per instance
-and the P/D ratio come out of a modelled pressure test, and the load's peak asks for
-about ``--max-instances``. ``--speedup X`` runs the modelled world X times faster
-than the wall clock: engines, start-up delays and arrivals all speed up together, so
-request rates (and CPU) grow with X. Throughputs the coordinator sees, and its
-target and SLOs, are therefore in wall units (modelled × X, latencies ÷ X).
+The service is sized from the performance model (``sizing``, a modelled pressure
+test): a 32B model, prefill on L20 (2 GPUs per instance), decode on H20; the target
+decode tokens/s per instance, the P/D ratio and the fleet come out of it, and the
+load's peak asks for about ``--max-instances``.
 
-Exit paths: the run ends after ``--duration`` (plus a short drain), on Ctrl-C or
-SIGTERM, or on an error; every path goes through one ``finally`` that stops the
-loop, releases the lease and stops every child process group; ``atexit`` SIGKILLs
-whatever could still be left if even that was skipped.
+``--speedup X`` runs the modelled world X times faster than the wall clock: engines,
+start-up delays and arrivals all speed up together, so request rates (and CPU) grow
+with X. Latency is judged in the time the service models, whatever X: the engines
+write their latency histograms in modelled seconds, the router converts what clients
+measure, and the SLOs stay in modelled seconds. Throughputs are per wall second
+(token counters do not know about the speed-up), so the decode target τ the
+coordinator compares them with is modelled τ × X.
+
+Outputs (``--report FILE``, its timeline plot, ``--log-dir DIR``) are checked before
+anything starts. Exit paths: the run ends after ``--duration`` and the drain of the
+requests still in flight, on Ctrl-C or SIGTERM, or on an error; every path goes
+through one ``finally`` that stops the loop, releases the lease and stops every child
+process group; ``atexit`` SIGKILLs whatever could still be left if even that was skipped.
 """
 
 from __future__ import annotations
@@ -48,7 +54,7 @@ from typing import Any
 from aiohttp import web
 
 from heteroscale.coordinator.actuators.local import (LocalActuator, LocalSettings, SimulatedCluster,
-                                                 emulator_gpu)
+                                                     emulator_gpu)
 from heteroscale.coordinator.collect import Collector
 from heteroscale.coordinator.config import load_config
 from heteroscale.coordinator.core.settings import Config
@@ -56,10 +62,13 @@ from heteroscale.coordinator.leader import LocalLeaseElection
 from heteroscale.coordinator.core.policy import prefill_for_decode
 from heteroscale.coordinator.reconciler import Reconciler
 from heteroscale.coordinator.status import make_status_app
+from heteroscale.coordinator.core.placement import RoleDemand, ServiceDemand, plan
 from heteroscale.coordinator.core.types import Decision, PoolCounts
-from heteroscale.demo.loadgen import LoadGenerator, default_trace_path, read_sizes
+from heteroscale.demo.plot import plot_timeline
+from heteroscale.demo.loadgen import (MAX_GROWTH_PER_S, MAX_OUTPUT_TOKENS, DayClock, LoadGenerator, RequestSize,
+                                     default_trace_path, read_sizes)
 from heteroscale.demo.router import Backend, RequestResult, Router
-from heteroscale.demo.sizing import ServiceSizing, size_service
+from heteroscale.demo.sizing import Fits, ServiceSizing, size_service
 from heteroscale.errors import ConfigError, UsageError
 from heteroscale.net import free_ports, parse_host_port
 from heteroscale.simulator import perfmodel
@@ -70,6 +79,9 @@ DEFAULT_TOPOLOGY = Path(__file__).resolve().parent / "topology.yaml"
 PANEL = Path(__file__).resolve().parent / "demo.html"
 LATENCY_WINDOW_S = 5.0
 SERVICE = "chat"
+TAIL_S = 3.0                      # quiet seconds after the last request, before the report
+DRAIN_NOTE_S = 5.0                # how often the drain at the end is reported
+KV_BYTES_SCALE = 1.0 / 1024       # real KV bytes sent per modelled byte (the emulator's default)
 
 
 @dataclass(frozen=True)
@@ -124,8 +136,12 @@ class DemoSettings:
             path = getattr(self, name)
             if path is not None and not Path(path).is_file():
                 out.append(f"--{name}: no such file: {path}")
-        if self.report is not None and not Path(self.report).resolve().parent.is_dir():
-            out.append(f"--report: no such directory: {Path(self.report).resolve().parent}")
+        if self.report is not None:
+            report = Path(self.report)
+            out.extend(_file_problems(report, "--report")
+                       or _file_problems(plot_path(report), "--report (its timeline plot)"))
+        if self.log_dir is not None:
+            out.extend(_dir_problems(Path(self.log_dir), "--log-dir"))
         return out
 
     @property
@@ -133,17 +149,48 @@ class DemoSettings:
         return parse_host_port(self.listen, require_host=True)
 
 
+def plot_path(report: Path) -> Path:
+    """Where the timeline plot of ``--report FILE`` goes: beside it, ``<stem>-timeline.png``."""
+    return report.with_name(f"{report.stem}-timeline.png")
+
+
+def _file_problems(path: Path, flag: str) -> list[str]:
+    """Why ``path`` cannot be written as a file (checked before the run, not after it)."""
+    if path.is_dir():
+        return [f"{flag} {path}: is a directory (give a file name, e.g. {path / 'report.json'})"]
+    parent = path.absolute().parent
+    if not parent.is_dir():
+        return [f"{flag} {path}: no such directory: {parent}"]
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return [f"{flag} {path}: cannot write in {parent}"]
+    if path.exists() and not os.access(path, os.W_OK):
+        return [f"{flag} {path}: not writable"]
+    return []
+
+
+def _dir_problems(path: Path, flag: str) -> list[str]:
+    """Why ``path`` cannot be (created as) a writable directory."""
+    if path.exists() and not path.is_dir():
+        return [f"{flag} {path}: not a directory"]
+    existing = path.absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        return [f"{flag} {path}: {existing} is not a directory"]
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return [f"{flag} {path}: cannot write in {existing}"]
+    return []
+
+
 # ---------------------------------------------------------------- the world
 
 @dataclass(frozen=True)
 class World:
-    """The sized service, in wall units, and the config the coordinator runs."""
+    """The sized service and the config the coordinator runs (rates per wall second)."""
 
     sizing: ServiceSizing
     config: Config
     peak_rps_wall: float
-    mean_prompt: float
-    mean_output: float
 
     @property
     def service(self):  # noqa: ANN201 - ServiceConfig
@@ -158,16 +205,38 @@ def ttft_slo_for(settings: DemoSettings, *, p90_prompt: int) -> float:
     return max(0.5, math.ceil(2.5 * spec.prefill_time_s(p90_prompt) * 2) / 2)
 
 
-def build_world(settings: DemoSettings, *, mean_prompt: float, mean_output: float, p90_prompt: int,
-                lease_path: Path) -> World:
+def cluster_fits(settings: DemoSettings, cluster: SimulatedCluster) -> Fits:
+    """Whether the simulated cluster holds ``(prefill, decode)`` instances of the demo's service,
+    asked of the real placement code on the empty cluster."""
+    view = cluster.view({})
+
+    def fits(prefill: int, decode: int) -> bool:
+        demand = ServiceDemand(name=SERVICE, affinity="s2", ratio=(prefill, decode),
+                               prefill=RoleDemand(settings.prefill_gpu_types, settings.prefill_gpus_per_instance),
+                               decode=RoleDemand(settings.decode_gpu_types, settings.decode_gpus_per_instance))
+        result = plan(view=view, services=[demand], current={},
+                      desired={SERVICE: PoolCounts(prefill, decode)})
+        short = result.shortfall.get(SERVICE)
+        return short is None or short.prefill + short.decode == 0
+
+    return fits
+
+
+def build_world(settings: DemoSettings, *, sizes: list[RequestSize], lease_path: Path,
+                fits: Fits | None = None) -> World:
     x = settings.speedup
-    ttft_slo = settings.ttft_slo_s or ttft_slo_for(settings, p90_prompt=p90_prompt)
-    sizing = size_service(model=settings.model, prefill_gpu=emulator_gpu(settings.prefill_gpu_types[0]),
-                          decode_gpu=emulator_gpu(settings.decode_gpu_types[0]),
-                          prefill_tp=settings.prefill_gpus_per_instance,
-                          decode_tp=settings.decode_gpus_per_instance, mean_prompt=mean_prompt,
-                          mean_output=mean_output, tbt_slo_s=settings.tbt_slo_s,
-                          max_instances=settings.max_instances)
+    prompts = sorted(r.prompt_tokens for r in sizes)
+    ttft_slo = settings.ttft_slo_s or ttft_slo_for(settings, p90_prompt=prompts[int(0.9 * (len(prompts) - 1))])
+    try:
+        sizing = size_service(model=settings.model, prefill_gpu=emulator_gpu(settings.prefill_gpu_types[0]),
+                              decode_gpu=emulator_gpu(settings.decode_gpu_types[0]),
+                              prefill_tp=settings.prefill_gpus_per_instance,
+                              decode_tp=settings.decode_gpus_per_instance,
+                              prompts=[r.prompt_tokens for r in sizes], outputs=[r.output_tokens for r in sizes],
+                              tbt_slo_s=settings.tbt_slo_s, ttft_slo_s=ttft_slo,
+                              max_instances=settings.max_instances, fits=fits, seed=settings.seed)
+    except ValueError as exc:
+        raise UsageError(f"--max-instances {settings.max_instances}: {exc}") from None
     d = settings.duration_s
     # Policy time constants scale with the run so that a short run still scales both ways.
     policy = {
@@ -187,9 +256,11 @@ def build_world(settings: DemoSettings, *, mean_prompt: float, mean_output: floa
                         "history_s": max(600.0, d * 2), "decisions_kept": 200},
         "services": [{
             "name": SERVICE, "pd_ratio": f"{sizing.pd_ratio[0]}:{sizing.pd_ratio[1]}",
+            # tokens/s are counted per wall second: modelled τ × speed-up
             "target_decode_tps_per_instance": round(sizing.target_decode_tps * x, 2),
             "min_decode": 1, "max_decode": sizing.max_decode, "affinity": "s2",
-            "slo": {"ttft_s": ttft_slo / x, "tbt_s": settings.tbt_slo_s / x},
+            # latencies are modelled seconds everywhere (engine histograms, clients)
+            "slo": {"ttft_s": ttft_slo, "tbt_s": settings.tbt_slo_s},
             "prefill": {"gpu_types": list(settings.prefill_gpu_types),
                         "gpus_per_instance": settings.prefill_gpus_per_instance},
             "decode": {"gpu_types": list(settings.decode_gpu_types),
@@ -197,14 +268,29 @@ def build_world(settings: DemoSettings, *, mean_prompt: float, mean_output: floa
             "policy": policy,
         }],
     }
-    return World(sizing=sizing, config=load_config(doc, origin="demo config"),
-                 peak_rps_wall=sizing.peak_rps * x, mean_prompt=mean_prompt, mean_output=mean_output)
+    return World(sizing=sizing, config=load_config(doc, origin="demo config"), peak_rps_wall=sizing.peak_rps * x)
+
+
+def day_clock(settings: DemoSettings, world: World) -> DayClock:
+    """The compressed day, slowed where the load rises above what the smallest fleet carries
+    at τ (``loadgen.DayClock``)."""
+    svc = world.service
+    floor = svc.min_decode * world.sizing.target_decode_tps / world.sizing.peak_decode_tps
+    return DayClock(duration_s=settings.duration_s, floor=floor, max_growth_per_s=MAX_GROWTH_PER_S)
 
 
 # ---------------------------------------------------------------- bookkeeping
 
 @dataclass
 class Sample:
+    """One second of the run. Latencies are modelled seconds; rates are per wall second.
+
+    ``prefill``/``decode``: instances in the pools (starting or ready); ``gpus``: GPUs held,
+    which includes instances still draining (``gpus_draining``) until they stop.
+    ``ttft_p90_s``/``tbt_p90_s``: what clients saw, over requests finished in the last 5 s;
+    ``engine_*``: what the coordinator read from the engines' histograms at its last tick.
+    """
+
     at_s: float
     prefill: int
     decode: int
@@ -215,6 +301,11 @@ class Sample:
     completed_rps: float = 0.0
     ttft_p90_s: float | None = None
     tbt_p90_s: float | None = None
+    gpus_draining: int = 0
+    desired_prefill: int | None = None
+    desired_decode: int | None = None
+    engine_ttft_p90_s: float | None = None
+    engine_tbt_p90_s: float | None = None
 
 
 @dataclass
@@ -249,6 +340,66 @@ class RouterSource:
                 for i in self.actuator.routable(SERVICE)]
 
 
+def kv_transfer_summary(reports: list[Any]) -> dict[str, Any] | None:
+    """The service's KV-transfer throughput from its sidecars' ``kv_transfer`` samples (pure).
+
+    One row per instance whose sidecar measured something (engine connector metrics,
+    RDMA counters), plus per-direction sums; ``None`` when no report carries a measured
+    rate. This is the shape of the status document's ``services[].kv_transfer`` field.
+    """
+    rows = []
+    for r in reports:
+        kv = r.kv_transfer if isinstance(getattr(r, "kv_transfer", None), dict) else {}
+        rate = kv.get("bytes_per_second")
+        if not isinstance(rate, (int, float)):
+            continue
+        source = kv.get("source") or "engine"
+        detail = (kv.get("sources") or {}).get(source) or {}
+        rows.append({"pod": r.pod, "role": r.role, "direction": kv.get("direction"), "source": source,
+                     "connector": detail.get("connector"), "bytes_per_second": float(rate),
+                     "transfers_per_second": detail.get("transfers_per_second"),
+                     "latency_p90_s": detail.get("latency_p90_s", detail.get("latency_mean_s")),
+                     "window_s": detail.get("window_s", kv.get("window_s"))})
+    if not rows:
+        return None
+    rows.sort(key=lambda x: (x["role"] != "prefill", x["pod"]))
+
+    def total(direction: str) -> float | None:
+        values = [x["bytes_per_second"] for x in rows if x["direction"] == direction]
+        return sum(values) if values else None
+
+    return {"send_bytes_per_second": total("send"), "receive_bytes_per_second": total("receive"),
+            "instances": rows}
+
+
+def _fresh_reports(reconciler: Reconciler) -> list[Any]:
+    collection = reconciler.collector.latest.get(SERVICE)
+    return [f.report for f in (collection.fetched if collection else ()) if f.report is not None]
+
+
+def status_kv_transfer_middleware(reconciler: Reconciler):  # noqa: ANN201 - aiohttp middleware
+    """Adds ``services[].kv_transfer`` (``kv_transfer_summary``) to ``/api/v1/status`` when the
+    coordinator's document does not carry it, so the status page can show the engine-connector
+    throughput the demo's engines really move. A document that has the field is left alone."""
+
+    @web.middleware
+    async def middleware(request: web.Request, handler):  # noqa: ANN001, ANN202
+        response = await handler(request)
+        if request.path != "/api/v1/status" or not isinstance(response, web.Response) or response.status != 200:
+            return response
+        doc = json.loads(response.body)
+        changed = False
+        for svc in doc.get("services", []):
+            if svc.get("name") == SERVICE and "kv_transfer" not in svc:
+                svc["kv_transfer"] = kv_transfer_summary(_fresh_reports(reconciler))
+                changed = True
+        if not changed:
+            return response
+        return web.json_response(doc, headers={"Cache-Control": "no-store"})
+
+    return middleware
+
+
 # ---------------------------------------------------------------- the run
 
 class Demo:
@@ -258,6 +409,8 @@ class Demo:
         self.tally = Tally()
         self.started_mono = time.monotonic()
         self.actuator: LocalActuator | None = None
+        self.reconciler: Reconciler | None = None
+        self.world: World | None = None
         self.url = ""
 
     def say(self, text: str) -> None:
@@ -273,26 +426,28 @@ class Demo:
         sizes = read_sizes(Path(trace))
         cluster = SimulatedCluster.from_file(s.topology or DEFAULT_TOPOLOGY)
         workdir = Path(tempfile.mkdtemp(prefix="heteroscale-demo-"))
-        prompts = sorted(x.prompt_tokens for x in sizes)
-        world = build_world(s, mean_prompt=statistics.fmean(prompts),
-                            mean_output=statistics.fmean(x.output_tokens for x in sizes),
-                            p90_prompt=prompts[int(0.9 * (len(prompts) - 1))], lease_path=workdir / "lease")
+        world = build_world(s, sizes=sizes, lease_path=workdir / "lease", fits=cluster_fits(s, cluster))
+        self.world = world
         svc = world.service
         router: Router | None = None
         actuator = LocalActuator(cluster=cluster, settings=LocalSettings(
-            model=s.model, speedup=s.speedup, startup_delay_s=s.startup_delay_s,
-            log_dir=s.log_dir), in_flight=lambda name: router.in_flight.get(name, 0) if router else 0)
+            model=s.model, speedup=s.speedup, startup_delay_s=s.startup_delay_s, log_dir=s.log_dir,
+            emulator_args=("--latency-buckets", "fine")),
+            in_flight=lambda name: router.in_flight.get(name, 0) if router else 0)
         self.actuator = actuator
-        router = Router(RouterSource(actuator), model=s.model)
+        router = Router(RouterSource(actuator), model=s.model, time_scale=s.speedup)
         collector = Collector(source=actuator, timeout_s=world.config.coordinator.collect.timeout_s)
         lease = world.config.coordinator.lease
         election = LocalLeaseElection(path=lease.path, identity=f"demo-{os.getpid()}",
                                       duration_s=lease.duration_s, renew_deadline_s=lease.renew_deadline_s,
                                       retry_period_s=lease.retry_period_s)
         reconciler = Reconciler(config=world.config, actuator=actuator, collector=collector, election=election)
+        self.reconciler = reconciler
         loadgen = LoadGenerator(sizes=sizes, send=lambda p, o: router.complete(prompt_tokens=p, max_tokens=o),
-                                duration_s=s.duration_s, peak_rps=world.peak_rps_wall, seed=s.seed)
+                                duration_s=s.duration_s, peak_rps=world.peak_rps_wall, seed=s.seed,
+                                day=day_clock(s, world))
         app = make_status_app(reconciler)
+        app.middlewares.append(status_kv_transfer_middleware(reconciler))
         self._add_demo_routes(app, world=world, loadgen=loadgen)
         runner = web.AppRunner(app, access_log=None)
         tasks: list[asyncio.Task[Any]] = []
@@ -325,9 +480,10 @@ class Demo:
             await asyncio.wait({load_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
             interrupted = stop.is_set()
             if not interrupted:
-                # Give the coordinator a few ticks over the quiet tail.
+                self.say(f"[{self.elapsed():6.1f}s] every request is done; {TAIL_S:.0f}s more for the "
+                         f"coordinator to see the quiet, then the report")
                 try:
-                    async with asyncio.timeout(3.0):
+                    async with asyncio.timeout(TAIL_S):
                         await stop.wait()
                 except TimeoutError:
                     pass
@@ -349,11 +505,15 @@ class Demo:
         z, svc, s = world.sizing, world.service, self.settings
         self.say(f"heteroscale demo: model {s.model}, prefill on {'/'.join(s.prefill_gpu_types)} "
                  f"({s.prefill_gpus_per_instance} GPUs each), decode on {'/'.join(s.decode_gpu_types)}; "
-                 f"P:D ratio {svc.pd_ratio_text}, target {svc.target_decode_tps_per_instance:.0f} decode tok/s "
+                 f"P:D ratio {svc.pd_ratio_text}, target {z.target_decode_tps:.0f} decode tok/s "
                  f"per instance, SLO TTFT {svc.slo.ttft_s:.2f}s TBT {svc.slo.tbt_s * 1000:.0f}ms, "
                  f"up to {z.max_prefill}P+{z.max_decode}D")
-        self.say(f"load: {trace.name}, peak {world.peak_rps_wall:.1f} req/s on a compressed day over "
-                 f"{s.duration_s:.0f}s (speed-up {s.speedup:g})")
+        floor = svc.min_decode * z.target_decode_tps / z.peak_decode_tps
+        self.say(f"load: {trace.name} request sizes, peak {z.peak_rps:.1f} req/s on a day compressed into "
+                 f"{s.duration_s:.0f}s, its rise above {100 * floor:.0f}% of the peak slowed to "
+                 f"{100 * MAX_GROWTH_PER_S:.1f}%/s" + (f" (speed-up {s.speedup:g}: {world.peak_rps_wall:.1f} req/s and "
+                                           f"{svc.target_decode_tps_per_instance:.0f} tok/s per wall second; "
+                                           f"latencies in modelled seconds)" if s.speedup != 1 else ""))
         self.say(f"status page: {self.url}demo  (coordinator page alone: {self.url})")
 
     async def _bring_up(self, actuator: LocalActuator, svc, stop: asyncio.Event) -> None:  # noqa: ANN001
@@ -376,9 +536,11 @@ class Demo:
 
     async def _watch(self, reconciler: Reconciler, actuator: LocalActuator, loadgen: LoadGenerator,
                      stop: asyncio.Event) -> None:
-        """Once a second: print new decisions, sample pools, GPUs and utilisation."""
+        """Once a second: print new decisions, sample pools, GPUs and utilisation; say what the
+        drain at the end waits for."""
         seen: set[tuple[float, str]] = set()
         last = time.monotonic()
+        drain_said_at: float | None = None
         while not stop.is_set():
             try:      # asyncio.timeout: 3.11's wait_for can swallow a racing cancel
                 async with asyncio.timeout(1.0):
@@ -394,6 +556,23 @@ class Demo:
                     self._decision(decision)
             self._sample(reconciler, actuator, loadgen, dt=now - last)
             last = now
+            if loadgen.sending_done and loadgen.in_flight and (drain_said_at is None
+                                                               or now - drain_said_at >= DRAIN_NOTE_S):
+                self._drain_note(loadgen, first=drain_said_at is None)
+                drain_said_at = now
+
+    def _drain_note(self, loadgen: LoadGenerator, *, first: bool) -> None:
+        left = loadgen.in_flight
+        if first:
+            self.say(f"[{self.elapsed():6.1f}s] load over: {loadgen.stats.sent} requests sent; waiting for the "
+                     f"{left} still in flight (long answers take up to ~{self._longest_answer_s():.0f}s)")
+        else:
+            self.say(f"[{self.elapsed():6.1f}s] draining: {left} request{'s' if left != 1 else ''} in flight")
+
+    def _longest_answer_s(self) -> float:
+        """Wall seconds the longest answer the demo asks for takes at the sized decode step."""
+        step = self.world.sizing.decode_step_s if self.world else self.settings.tbt_slo_s
+        return MAX_OUTPUT_TOKENS * step / self.settings.speedup
 
     def _decision(self, d: Decision) -> None:
         at = self.elapsed()
@@ -410,30 +589,34 @@ class Demo:
                 dt: float) -> None:
         live = [i for i in actuator.instances.values() if i.live]
         gpus = sum(i.gpus for i in actuator.instances.values() if i.holds_gpus)
+        draining = sum(i.gpus for i in actuator.instances.values() if i.state == "draining")
         self.tally.gpu_seconds += gpus * dt
         self.tally.max_instances = max(self.tally.max_instances, len(live))
         util: dict[str, list[float]] = {"prefill": [], "decode": []}
-        collection = reconciler.collector.latest.get(SERVICE)
-        for fetched in collection.fetched if collection else ():
-            report = fetched.report
-            if report is None or not report.engine_up:
+        for report in _fresh_reports(reconciler):
+            if not report.engine_up:
                 continue
             for g in report.gpus:
                 if g.utilization_ratio is not None:
                     util[report.role].append(g.utilization_ratio)
         recent = _finished_since(loadgen.stats.results, time.monotonic() - LATENCY_WINDOW_S)
         done = [r for r in recent if r.ok]
+        svc = _service_status(reconciler)
+        latency = svc.get("latency") or {}
         self.tally.samples.append(Sample(
             at_s=round(self.elapsed(), 2), prefill=sum(1 for i in live if i.role == "prefill"),
-            decode=sum(1 for i in live if i.role == "decode"), gpus=gpus,
+            decode=sum(1 for i in live if i.role == "decode"), gpus=gpus, gpus_draining=draining,
             util_prefill=_mean(util["prefill"]), util_decode=_mean(util["decode"]),
             offered_rps=round(loadgen.rate_now(), 3), completed_rps=round(len(recent) / LATENCY_WINDOW_S, 3),
             ttft_p90_s=_quantile([r.ttft_s for r in done if r.ttft_s is not None], 0.9),
-            tbt_p90_s=_quantile([r.tbt_s for r in done if r.tbt_s is not None], 0.9)))
+            tbt_p90_s=_quantile([r.tbt_s for r in done if r.tbt_s is not None], 0.9),
+            desired_prefill=(svc.get("prefill") or {}).get("desired"),
+            desired_decode=(svc.get("decode") or {}).get("desired"),
+            engine_ttft_p90_s=latency.get("ttft_p90_s"), engine_tbt_p90_s=latency.get("tbt_p90_s")))
 
     def _add_demo_routes(self, app: web.Application, *, world: World, loadgen: LoadGenerator) -> None:
         async def demo_status(request: web.Request) -> web.Response:
-            return web.json_response(self._live_doc(world, loadgen))
+            return web.json_response(self._live_doc(world, loadgen), headers={"Cache-Control": "no-store"})
 
         async def panel(request: web.Request) -> web.FileResponse:
             return web.FileResponse(PANEL, headers={"Cache-Control": "no-store"})
@@ -446,15 +629,24 @@ class Demo:
         recent = results[-200:]
         svc = world.service
         ok = [r for r in recent if r.ok]
+        instances = list(self.actuator.instances.values()) if self.actuator else []
+        held = [i for i in instances if i.holds_gpus]
+        gpus = {state: sum(i.gpus for i in held if i.state == state) for state in ("starting", "ready", "draining")}
         return {"elapsed_s": round(self.elapsed(), 1), "duration_s": self.settings.duration_s,
                 "speedup": self.settings.speedup, "pd_ratio": svc.pd_ratio_text,
-                "slo": {"ttft_s": svc.slo.ttft_s, "tbt_s": svc.slo.tbt_s},
+                "slo": {"ttft_s": svc.slo.ttft_s, "tbt_s": svc.slo.tbt_s}, "latency_unit": "modelled seconds",
                 "offered_rps": round(loadgen.rate_now(), 3), "requests": len(results),
+                "in_flight": loadgen.in_flight, "sending_done": loadgen.sending_done,
                 "recent_slo_attainment": _attainment(recent, svc.slo.ttft_s, svc.slo.tbt_s),
                 "recent_ttft_p90_s": _quantile([r.ttft_s for r in ok if r.ttft_s is not None], 0.9),
                 "recent_tbt_p90_s": _quantile([r.tbt_s for r in ok if r.tbt_s is not None], 0.9),
+                "gpus": {"held": sum(gpus.values()), **gpus,
+                         "per_instance": {"prefill": self.settings.prefill_gpus_per_instance,
+                                          "decode": self.settings.decode_gpus_per_instance}},
+                "kv_transfer": kv_transfer_summary(_fresh_reports(self.reconciler)) if self.reconciler else None,
+                "kv_bytes_scale": KV_BYTES_SCALE,
                 "samples": [asdict(x) for x in self.tally.samples[-600:]],
-                "instances": [i.to_dict() for i in (self.actuator.instances.values() if self.actuator else [])]}
+                "instances": [i.to_dict() for i in instances]}
 
     def _report(self, world: World, loadgen: LoadGenerator, actuator: LocalActuator, *,
                 interrupted: bool) -> dict[str, Any]:
@@ -470,10 +662,11 @@ class Demo:
             "requests_shed": loadgen.stats.shed,
             "slo_attainment": _attainment(results, svc.slo.ttft_s, svc.slo.tbt_s),
             "slo": {"ttft_s": svc.slo.ttft_s, "tbt_s": svc.slo.tbt_s},
-            "latency": {"ttft_p50_s": _quantile([r.ttft_s for r in ok], 0.5),
-                        "ttft_p90_s": _quantile([r.ttft_s for r in ok], 0.9),
-                        "tbt_p50_s": _quantile([r.tbt_s for r in ok], 0.5),
-                        "tbt_p90_s": _quantile([r.tbt_s for r in ok], 0.9)},
+            "latency_unit": "modelled seconds",
+            "latency": {"ttft_p50_s": _quantile([r.ttft_s for r in ok if r.ttft_s is not None], 0.5),
+                        "ttft_p90_s": _quantile([r.ttft_s for r in ok if r.ttft_s is not None], 0.9),
+                        "tbt_p50_s": _quantile([r.tbt_s for r in ok if r.tbt_s is not None], 0.5),
+                        "tbt_p90_s": _quantile([r.tbt_s for r in ok if r.tbt_s is not None], 0.9)},
             "gpu_seconds": round(self.tally.gpu_seconds, 1),
             "mean_gpu_utilization": {
                 "prefill": _mean([x.util_prefill for x in samples if x.util_prefill is not None]),
@@ -487,6 +680,7 @@ class Demo:
             "sizing": world.sizing.to_dict(),
             "speedup": self.settings.speedup,
             "duration_s": self.settings.duration_s,
+            "seed": self.settings.seed,
             "elapsed_s": round(self.elapsed(), 1),
             "interrupted": interrupted,
             "processes_started": len(actuator.all_pids()),
@@ -495,11 +689,17 @@ class Demo:
         }
 
 
+def _service_status(reconciler: Reconciler) -> dict[str, Any]:
+    """The demo service's entry of the coordinator's status document ({} before the first tick)."""
+    doc = reconciler.status(history=False)
+    return next((x for x in doc.get("services", []) if x.get("name") == SERVICE), {})
+
+
 def _finished_since(results: list[RequestResult], since_mono: float) -> list[RequestResult]:
     """Requests that finished after ``since_mono`` (results are appended as they finish)."""
     out = []
     for r in reversed(results):
-        end = r.arrival_s + (r.e2e_s if r.e2e_s is not None else 0.0)
+        end = r.finished_s if r.finished_s is not None else r.arrival_s
         if end < since_mono:
             break
         out.append(r)
@@ -507,12 +707,15 @@ def _finished_since(results: list[RequestResult], since_mono: float) -> list[Req
 
 
 def _attainment(results: list[RequestResult], ttft_s: float | None, tbt_s: float | None) -> float | None:
-    """Share of requests that completed within both SLOs (failures count as misses)."""
+    """Share of requests that completed within both SLOs (failures count as misses).
+
+    A request whose tokens all came in one chunk has no measurable TBT (``tbt_s`` None)
+    and is judged on TTFT alone."""
     if not results:
         return None
     good = sum(1 for r in results if r.ok
                and (ttft_s is None or (r.ttft_s is not None and r.ttft_s <= ttft_s))
-               and (tbt_s is None or (r.tbt_s is not None and r.tbt_s <= tbt_s)))
+               and (tbt_s is None or r.tbt_s is None or r.tbt_s <= tbt_s))
     return round(good / len(results), 4)
 
 
@@ -528,14 +731,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--listen", default=None,
                         help="status page HOST:PORT (default 127.0.0.1:9500, or any free port if that is "
                              "taken; port 0: any free port)")
-    parser.add_argument("--report", type=Path, default=None, help="write a JSON summary here at the end")
+    parser.add_argument("--report", type=Path, default=None,
+                        help="write a JSON summary to this file at the end, and its timeline plot beside it "
+                             "(FILE without its suffix + '-timeline.png')")
     parser.add_argument("--topology", type=Path, default=None, help="simulated cluster YAML")
     parser.add_argument("--max-instances", type=int, default=16,
                         help="fleet size the load's peak asks for (default 16)")
     parser.add_argument("--startup-delay", type=float, default=3.0, dest="startup_delay_s",
                         help="modelled engine start-up seconds (default 3)")
     parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--log-dir", type=Path, default=None, help="keep each child process's log here")
+    parser.add_argument("--log-dir", type=Path, default=None,
+                        help="keep each child process's log in this directory (created if missing)")
     parser.add_argument("--quiet", action="store_true", help="print nothing but errors")
 
 
@@ -575,10 +781,38 @@ def run(args: argparse.Namespace) -> int:
         last_resort()
         atexit.unregister(last_resort)
     _summary(demo, report)
-    if settings.report is not None:
-        settings.report.write_text(json.dumps(report, indent=2) + "\n")
-        demo.say(f"report: {settings.report}")
-    return 130 if report.get("interrupted") else 0
+    code = 130 if report.get("interrupted") else 0
+    if settings.report is not None and not write_outputs(demo, report, settings.report):
+        code = code or EXIT_OUTPUT
+    return code
+
+
+EXIT_OUTPUT = 2
+
+
+def write_outputs(demo: Demo, report: dict[str, Any], path: Path) -> bool:
+    """Write the JSON report and its timeline plot beside it. The paths were checked before
+    the run; should writing still fail, the report goes to a temporary file instead of
+    being lost, and the problem is one line on stderr. False if anything was not written."""
+    text = json.dumps(report, indent=2) + "\n"
+    try:
+        path.write_text(text)
+    except OSError as exc:
+        fd, rescue = tempfile.mkstemp(prefix="heteroscale-demo-report-", suffix=".json")
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        print(f"heteroscale demo: error: cannot write the report to {path} ({exc.strerror or exc}); "
+              f"it is in {rescue}", file=sys.stderr)
+        return False
+    demo.say(f"report: {path}")
+    plot = plot_path(path)
+    try:
+        plot_timeline(report, plot)
+    except (OSError, ValueError) as exc:
+        print(f"heteroscale demo: error: cannot write the timeline plot {plot}: {exc}", file=sys.stderr)
+        return False
+    demo.say(f"timeline plot: {plot}")
+    return True
 
 
 def _summary(demo: Demo, report: dict[str, Any]) -> None:

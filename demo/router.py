@@ -13,13 +13,21 @@ KV cache never crosses a DG's network domain), and runs vLLM's disaggregated flo
 
 "In traffic" is the actuator's call (the ready-ratio gate and draining live
 there): the router asks its ``BackendSource`` for the routable instances on every
-request and never sends to one that is not listed. It counts its own in-flight
-requests per instance, which is both its load measure and what the actuator
-waits on to finish draining.
+request and never sends to one that is not listed. It counts its own requests in
+flight per instance: on a prefill instance from dispatch until the prefill answer
+(its queue: a request that moved on to decode no longer loads it), on a decode
+instance for the whole request. That is both its load measure and what the
+actuator waits on to finish draining.
 
-Latency is measured as a client sees it (wall seconds): TTFT = arrival → first
-streamed token; TBT = mean gap between tokens after the first, i.e.
-``(last − first) / (tokens − 1)``.
+Latency is measured as a client sees it and reported in *modelled* seconds (wall ×
+``time_scale``, the demo's speed-up), so it compares with SLOs at any speed-up:
+TTFT = arrival → first streamed token; TBT = the mean gap per token after the
+first chunk, ``(t_last − t_first) / (tokens_last − tokens_first)``, read from the
+running token count vLLM puts on every chunk with
+``stream_options.continuous_usage_stats``. Tokens coalesce into chunks (the
+engine's stream interval), so counting ``tokens − 1`` gaps between the first and
+last chunk would understate TBT; when every token came in one chunk TBT is not
+measurable and is ``None``.
 """
 
 from __future__ import annotations
@@ -53,7 +61,8 @@ class BackendSource(Protocol):
 
 @dataclass(frozen=True)
 class RequestResult:
-    """What happened to one request, in wall seconds."""
+    """What happened to one request. Latencies in modelled seconds; ``arrival_s`` and
+    ``finished_s`` are wall (monotonic) clock readings."""
 
     ok: bool
     prompt_tokens: int
@@ -65,6 +74,20 @@ class RequestResult:
     error: str | None = None
     prefill: str | None = None
     decode: str | None = None
+    finished_s: float | None = None
+    prefill_s: float | None = None      # dispatch → prefill answer (prefill + KV push)
+
+
+def client_tbt_s(*, first_s: float, last_s: float, first_tokens: int, last_tokens: int,
+                 time_scale: float = 1.0) -> float | None:
+    """Mean modelled gap per token after the first chunk; ``None`` if all came in one chunk.
+
+    Worked example: the first chunk arrives at 10.0 s holding 1 token, the last at 12.0 s
+    with the count at 41: 40 tokens in 2.0 s → 50 ms each (× ``time_scale``)."""
+    gaps = last_tokens - first_tokens
+    if gaps <= 0:
+        return None
+    return (last_s - first_s) * time_scale / gaps
 
 
 class NoBackend(Exception):
@@ -73,9 +96,10 @@ class NoBackend(Exception):
 
 class Router:
     def __init__(self, source: BackendSource, *, model: str, timeout_s: float = 120.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 time_scale: float = 1.0, clock: Callable[[], float] = time.monotonic) -> None:
         self.source = source
         self.model = model
+        self.time_scale = time_scale       # modelled seconds per wall second
         self.timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=5.0)
         self.clock = clock
         self.in_flight: Counter[str] = Counter()
@@ -118,25 +142,34 @@ class Router:
         try:
             prefill, decode = self.pick()
         except NoBackend as exc:
-            return RequestResult(False, prompt_tokens, 0, arrival, error=f"no_backend: {exc}")
+            return RequestResult(False, prompt_tokens, 0, arrival, error=f"no_backend: {exc}", finished_s=arrival)
         for b in (prefill, decode):
             self.in_flight[b.instance] += 1
             self.sent[b.instance] += 1
+        held = [prefill, decode]
         try:
-            return await self._run(prefill, decode, prompt_tokens=prompt_tokens,
-                                   max_tokens=max_tokens, arrival=arrival)
+            return await self._run(prefill, decode, prompt_tokens=prompt_tokens, max_tokens=max_tokens,
+                                   arrival=arrival, release_prefill=lambda: self._release(held, prefill))
         except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, KeyError) as exc:
             return RequestResult(False, prompt_tokens, 0, arrival, error=f"{type(exc).__name__}: {exc}",
-                                 prefill=prefill.instance, decode=decode.instance)
+                                 prefill=prefill.instance, decode=decode.instance, finished_s=self.clock())
         finally:
-            for b in (prefill, decode):
-                self.in_flight[b.instance] -= 1
-                if self.in_flight[b.instance] <= 0:
-                    del self.in_flight[b.instance]
+            for b in list(held):
+                self._release(held, b)
+
+    def _release(self, held: list[Backend], backend: Backend) -> None:
+        """Drop one request's in-flight count on ``backend`` (once)."""
+        if backend not in held:
+            return
+        held.remove(backend)
+        self.in_flight[backend.instance] -= 1
+        if self.in_flight[backend.instance] <= 0:
+            del self.in_flight[backend.instance]
 
     async def _run(self, prefill: Backend, decode: Backend, *, prompt_tokens: int, max_tokens: int,
-                   arrival: float) -> RequestResult:
+                   arrival: float, release_prefill: Callable[[], None]) -> RequestResult:
         session = self._client()
+        scale = self.time_scale
         prompt = [1] * prompt_tokens
         body = {"model": self.model, "prompt": prompt, "max_tokens": 1, "stream": False,
                 "kv_transfer_params": {"do_remote_decode": True, "remote_host": decode.kv_host,
@@ -146,11 +179,14 @@ class Router:
                 return self._failed(f"prefill HTTP {resp.status}", prompt_tokens=prompt_tokens, arrival=arrival,
                                     prefill=prefill, decode=decode)
             doc = await resp.json()
+        prefill_s = (self.clock() - arrival) * scale
+        release_prefill()
         kv = doc["kv_transfer_params"]
         body = {"model": self.model, "prompt": prompt, "max_tokens": max_tokens, "stream": True,
-                "stream_options": {"include_usage": True}, "kv_transfer_params": kv}
+                "stream_options": {"include_usage": True, "continuous_usage_stats": True},
+                "kv_transfer_params": kv}
         first = last = None
-        tokens = 0
+        first_tokens = last_tokens = tokens = 0
         async with session.post(f"{decode.url}/v1/completions", json=body) as resp:
             if resp.status != 200:
                 return self._failed(f"decode HTTP {resp.status}", prompt_tokens=prompt_tokens, arrival=arrival,
@@ -162,22 +198,23 @@ class Router:
                 usage = chunk.get("usage")
                 if usage:
                     tokens = int(usage["completion_tokens"])
-                    continue
                 choices = chunk.get("choices") or []
                 if choices and choices[0].get("text"):
                     now = self.clock()
-                    first = first if first is not None else now
-                    last = now
+                    if first is None:
+                        first, first_tokens = now, tokens
+                    last, last_tokens = now, tokens
         end = self.clock()
         if first is None or tokens <= 0:
             return self._failed("decode produced no tokens", prompt_tokens=prompt_tokens, arrival=arrival,
                                 prefill=prefill, decode=decode)
-        tbt = (last - first) / (tokens - 1) if tokens > 1 else 0.0
-        return RequestResult(True, prompt_tokens, tokens, arrival, ttft_s=first - arrival, tbt_s=tbt,
-                             e2e_s=end - arrival, prefill=prefill.instance, decode=decode.instance)
+        tbt = client_tbt_s(first_s=first, last_s=last, first_tokens=first_tokens, last_tokens=last_tokens,
+                           time_scale=scale)
+        return RequestResult(True, prompt_tokens, tokens, arrival, ttft_s=(first - arrival) * scale, tbt_s=tbt,
+                             e2e_s=(end - arrival) * scale, prefill=prefill.instance, decode=decode.instance,
+                             finished_s=end, prefill_s=prefill_s)
 
-    @staticmethod
-    def _failed(error: str, *, prompt_tokens: int, arrival: float, prefill: Backend,
+    def _failed(self, error: str, *, prompt_tokens: int, arrival: float, prefill: Backend,
                 decode: Backend) -> RequestResult:
         return RequestResult(False, prompt_tokens, 0, arrival, error=error,
-                             prefill=prefill.instance, decode=decode.instance)
+                             prefill=prefill.instance, decode=decode.instance, finished_s=self.clock())

@@ -322,3 +322,86 @@ def test_real_process_serves_and_stops_on_sigterm(unused_port):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+# ---------------------------------------------------------------- modelled time and buckets
+
+def _buckets(families: dict, family: str) -> list[float]:
+    return sorted(float(s.labels["le"]) for s in families[family].samples
+                  if s.name == f"{family}_bucket" and s.labels["le"] != "+Inf")
+
+
+async def test_latency_histograms_are_in_modelled_seconds_at_any_speedup():
+    """At a speed-up of 40 the page still shows the modelled step and prefill times."""
+    m, g = perfmodel.model("8b"), perfmodel.gpu("H20")
+    async with Running(settings("decode", speedup=40.0, tick_s=0.01, stream_interval_s=0.01)) as emu:
+        await stream_completion(emu.session, emu.url("/v1/completions"),
+                                {"prompt": [1] * 4000, "max_tokens": 60, "stream": True})
+        families, _ = await emu.metrics()
+    itl_sum = sample(families, "vllm:inter_token_latency_seconds", "vllm:inter_token_latency_seconds_sum")
+    itl_count = sample(families, "vllm:inter_token_latency_seconds", "vllm:inter_token_latency_seconds_count")
+    # batch 1, context 4000..4060 tokens: every modelled step lies between these two
+    low, high = (perfmodel.decode_step_time_s(m, g, 1, 1, c) for c in (4000, 4060))
+    assert itl_count == 60
+    assert low <= itl_sum / itl_count <= high            # not ÷ 40: modelled, not wall
+    # TTFT covers at least the modelled prefill of 4,000 tokens (wall time would be 1/40 of it)
+    ttft = sample(families, "vllm:time_to_first_token_seconds", "vllm:time_to_first_token_seconds_sum")
+    assert ttft >= perfmodel.prefill_time_s(m, g, 1, 4000)
+
+
+async def test_fine_latency_buckets_keep_vllms_and_resolve_the_slo_range():
+    async with Running(settings("decode")) as vllm_emu, Running(settings("decode", latency_buckets="fine")) as fine_emu:
+        vllm_page, _ = await vllm_emu.metrics()
+        fine_page, _ = await fine_emu.metrics()
+    for family, default in (("vllm:inter_token_latency_seconds", ITL_BUCKETS),
+                            ("vllm:request_time_per_output_token_seconds", ITL_BUCKETS),
+                            ("vllm:time_to_first_token_seconds", TTFT_BUCKETS)):
+        assert _buckets(vllm_page, family) == list(default)              # the default is vLLM's, exactly
+        fine = _buckets(fine_page, family)
+        assert set(default) <= set(fine)                                  # every vLLM bound kept
+    itl = _buckets(fine_page, "vllm:inter_token_latency_seconds")
+    near = [b for b in itl if 0.02 <= b <= 0.1]
+    assert max(b - a for a, b in zip(near, near[1:])) <= 0.0025 + 1e-9    # ≤ 2.5 ms around a 50 ms SLO
+    ttft = _buckets(fine_page, "vllm:time_to_first_token_seconds")
+    near = [b for b in ttft if 1.0 <= b <= 10.0]
+    assert max(b - a for a, b in zip(near, near[1:])) <= 0.25 + 1e-9
+
+
+def test_unknown_latency_buckets_are_a_usage_error():
+    with pytest.raises(UsageError, match="--latency-buckets"):
+        settings("decode", latency_buckets="coarse")
+
+
+async def test_continuous_usage_stats_put_the_running_count_on_every_chunk():
+    async with Running(settings("decode", speedup=20.0, tick_s=0.01, stream_interval_s=0.02)) as emu:
+        chunks, usage = await stream_completion(emu.session, emu.url("/v1/completions"), {
+            "prompt": [1] * 100, "max_tokens": 200, "stream": True,
+            "stream_options": {"include_usage": True, "continuous_usage_stats": True}})
+        plain, _ = await stream_completion(emu.session, emu.url("/v1/completions"), {
+            "prompt": [1] * 100, "max_tokens": 5, "stream": True, "stream_options": {"include_usage": True}})
+    counts = [c["usage"]["completion_tokens"] for c in chunks]
+    texts = [c["choices"][0]["text"].count(" tok") for c in chunks]
+    assert len(chunks) > 2 and usage == 200
+    assert counts == [sum(texts[: i + 1]) for i in range(len(texts))]     # a running count, chunk by chunk
+    assert all("usage" not in c for c in plain)                           # only when asked for
+
+
+@pytest.mark.parametrize("gpu, expected", [("L20", 2048), ("L40S", 2048), ("A100", 2048),
+                                           ("H20", 8192), ("H100", 8192), ("H200", 8192)])
+def test_prefill_budget_defaults_to_vllms_per_gpu_choice(gpu, expected):
+    # vLLM's API server: 8192 tokens per step on >= 70 GiB GPUs except A100, else 2048
+    assert settings("prefill", gpu=gpu, model="8b").max_num_batched_tokens == expected
+    assert settings("prefill", gpu=gpu, model="8b", max_num_batched_tokens=512).max_num_batched_tokens == 512
+
+
+def test_lane_model_clock_makes_up_late_wake_ups_within_bounds():
+    from heteroscale.demo.emulator.model import lane_start
+    # a pass ended at 10.00 s, the next request arrived at 9.90 s, the loop woke at 10.03 s
+    assert lane_start(now_s=10.03, free_at_s=10.0, ready_at_s=9.9, catch_up_s=0.5) == 10.0
+    # the work arrived after the lane went idle: it starts at its arrival, not at the wake-up
+    assert lane_start(now_s=12.02, free_at_s=10.0, ready_at_s=12.0, catch_up_s=0.5) == 12.0
+    # a stall longer than the bound is lost beyond 0.5 s
+    assert lane_start(now_s=13.0, free_at_s=10.0, ready_at_s=9.9, catch_up_s=0.5) == 12.5
+    # never in the future, nothing to make up on a fresh lane
+    assert lane_start(now_s=5.0, free_at_s=6.0, ready_at_s=6.0, catch_up_s=0.5) == 5.0
+    assert lane_start(now_s=5.0, free_at_s=None, ready_at_s=5.0, catch_up_s=0.5) == 5.0

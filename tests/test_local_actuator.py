@@ -133,6 +133,44 @@ def _decision(current: PoolCounts, desired: PoolCounts) -> Decision:
     return Decision("chat", time.time(), "test", current, desired)
 
 
+async def test_groups_carry_tier_draining_and_the_gpus_they_hold():
+    """3P1D at 2 GPUs per prefill is 7 GPUs; with 1P+1D draining the DGs hold 10: the
+    status page can only explain that if the groups say so."""
+    svc = load_config(SERVICE_YAML.replace("prefill: {gpu_types: [NVIDIA-L20, NVIDIA-H20]}",
+                                           "prefill: {gpu_types: [NVIDIA-L20, NVIDIA-H20], gpus_per_instance: 2}")
+                      ).services[0]
+    actuator = LocalActuator(cluster=SimulatedCluster.from_file(DEFAULT_TOPOLOGY),
+                             in_flight=lambda name: 1)          # draining ones stay draining
+    from heteroscale.coordinator.actuators.local import Instance
+
+    def inst(name, role, group, s2, state, gpus):
+        node = f"{s2[-1]}-{'l20' if role == 'prefill' else 'h20'}"
+        return Instance(name=name, service="chat", role=role, group=group, node=node,
+                        gpu_type="NVIDIA-L20" if role == "prefill" else "NVIDIA-H20", s1=node, s2=s2,
+                        gpus=gpus, engine_port=1, kv_port=2, sidecar_port=3, created_s=0.0, state=state,
+                        in_traffic=state == "ready")
+
+    members = [inst("p0", "prefill", "chat-g1", "pod-a", "ready", 2),
+               inst("p1", "prefill", "chat-g1", "pod-a", "ready", 2),
+               inst("p2", "prefill", "chat-g1", "pod-a", "ready", 2),
+               inst("d0", "decode", "chat-g1", "pod-a", "ready", 1),
+               inst("p3", "prefill", "chat-g1", "pod-a", "draining", 2),
+               inst("d1", "decode", "chat-g2", "pod-b", "draining", 1)]   # g2: only draining left
+    actuator.instances = {i.name: i for i in members}
+    try:
+        status = await actuator.observe(svc)
+    finally:
+        await actuator.close()
+    g1, g2 = status.groups
+    assert status.current == PoolCounts(3, 1)
+    assert (g1["name"], g1["tier"], g1["prefill"]["count"], g1["decode"]["count"]) == ("chat-g1", "medium", 3, 1)
+    assert g1["draining"] == 1 and g1["draining_by_role"] == {"prefill": 1, "decode": 0}
+    assert (g1["gpus"], g1["gpus_draining"]) == (9, 2)               # 3×2 + 1 serving, 2 draining
+    assert (g2["name"], g2["s2"], g2["tier"]) == ("chat-g2", "pod-b", "medium")
+    assert (g2["prefill"]["count"], g2["decode"]["count"], g2["draining"], g2["gpus"]) == (0, 0, 1, 1)
+    assert sum(g["gpus"] for g in status.groups) == 10                # what "GPUs held" shows
+
+
 @pytest.mark.slow
 async def test_pairs_start_get_ready_drain_and_stop(tmp_path):
     svc = load_config(SERVICE_YAML).services[0]
@@ -168,6 +206,9 @@ async def test_pairs_start_get_ready_drain_and_stop(tmp_path):
         assert after.current == PoolCounts(1, 1)
         draining = [i for i in actuator.instances.values() if i.state == "draining"]
         assert [i.role for i in draining] == ["prefill"] and not draining[0].in_traffic
+        (group,) = after.groups
+        assert group["draining"] == 1 and group["draining_by_role"]["prefill"] == 1 and group["tier"] == "medium"
+        assert group["prefill"]["count"] == 1 and (group["gpus"], group["gpus_draining"]) == (3, 1)
         assert [i.role for i in actuator.routable("chat")] .count("prefill") == 1
         await asyncio.sleep(1.0)                       # several polls: still draining while busy
         assert draining[0].state == "draining" and all(_alive(p) for p in draining[0].pids())

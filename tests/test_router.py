@@ -7,7 +7,9 @@ from aiohttp.test_utils import TestServer
 
 from heteroscale.demo.emulator.model import EmulatorSettings
 from heteroscale.demo.emulator.server import EmulatorServer
-from heteroscale.demo.router import Backend, NoBackend, Router
+import asyncio
+
+from heteroscale.demo.router import Backend, NoBackend, Router, client_tbt_s
 from tests.conftest import free_port
 
 FAST = dict(speedup=1000.0, tick_s=0.002, stream_interval_s=0.001, kv_wait_timeout_s=2.0)
@@ -47,9 +49,21 @@ def test_pick_without_a_pair_raises():
         Router(Listed([B("p1", "prefill", "g1"), B("d1", "decode", "g2")]), model="m").pick()
 
 
-async def _serve(role: str, gpu: str) -> tuple[EmulatorServer, TestServer]:
+def test_client_tbt_counts_tokens_after_the_first_chunk():
+    # first chunk at 10.0 s with 1 token, last at 12.0 s with 41: 40 tokens in 2 s = 50 ms each
+    assert client_tbt_s(first_s=10.0, last_s=12.0, first_tokens=1, last_tokens=41) == pytest.approx(0.05)
+    # at a speed-up of 10 the same wall gaps are 10× longer in the modelled service
+    assert client_tbt_s(first_s=10.0, last_s=12.0, first_tokens=1, last_tokens=41,
+                        time_scale=10.0) == pytest.approx(0.5)
+    # coalesced chunks: 8 tokens came with the first chunk, so only 33 gaps remain
+    assert client_tbt_s(first_s=10.0, last_s=12.0, first_tokens=8, last_tokens=41) == pytest.approx(2.0 / 33)
+    # everything in one chunk: not measurable, never a made-up 0
+    assert client_tbt_s(first_s=10.0, last_s=10.0, first_tokens=5, last_tokens=5) is None
+
+
+async def _serve(role: str, gpu: str, **kw) -> tuple[EmulatorServer, TestServer]:
     emu = EmulatorServer(EmulatorSettings(role=role, gpu=gpu, model="8b", port=0,
-                                          served_model_name="m", **FAST))
+                                          served_model_name="m", **{**FAST, **kw}))
     server = TestServer(emu.app(), host="127.0.0.1")
     await server.start_server()
     return emu, server
@@ -72,11 +86,36 @@ async def test_complete_runs_prefill_then_decode_through_real_emulators():
         assert r.ok, r.error
         assert r.output_tokens == 25 and r.prompt_tokens == 64
         assert r.ttft_s is not None and r.ttft_s > 0
-        assert r.tbt_s is not None and r.tbt_s >= 0
-        assert r.e2e_s >= r.ttft_s
+        assert r.tbt_s is None or r.tbt_s > 0
+        assert r.e2e_s >= r.ttft_s >= r.prefill_s > 0
+        assert r.finished_s >= r.arrival_s
         assert (r.prefill, r.decode) == ("p", "d")
     decode_tokens = dec_emu.metrics.generation_tokens._value.get()
     assert decode_tokens == 75
+
+
+async def test_a_request_loads_its_prefill_only_until_the_prefill_answer():
+    """The prefill instance's count drops when decode starts streaming; decode's stays."""
+    dec_emu, dec = await _serve("decode", "H20", speedup=4.0, tick_s=0.01, stream_interval_s=0.02)
+    pre_emu, pre = await _serve("prefill", "L20", speedup=4.0)
+    seen = []
+    try:
+        backends = [B("p", "prefill", "g", pre.port), B("d", "decode", "g", dec.port, dec_emu.kv_port)]
+        async with Router(Listed(backends), model="m", time_scale=4.0) as router:
+            task = asyncio.create_task(router.complete(prompt_tokens=64, max_tokens=300))
+            while not task.done():
+                seen.append(dict(router.in_flight))
+                await asyncio.sleep(0.01)
+            result = task.result()
+            assert not router.in_flight
+    finally:
+        await dec.close()
+        await pre.close()
+    assert result.ok, result.error
+    assert {"p": 1, "d": 1} in seen                 # while prefilling, both
+    assert {"d": 1} in seen                          # while decoding, only decode
+    # 300 tokens streamed in several chunks: the client's TBT is measurable, in modelled seconds
+    assert result.tbt_s is not None and result.tbt_s > 0
 
 
 async def test_engine_down_is_a_failed_result_not_an_exception():

@@ -54,7 +54,8 @@ import yaml
 from heteroscale.net import free_ports
 from heteroscale.coordinator.core.gate import gate_admit
 from heteroscale.coordinator.core.placement import DeploymentGroup, RoleGroup, demand_from_service, plan
-from heteroscale.coordinator.core.topology import ClusterView, TopologyKeys, build_view, nodes_from_document
+from heteroscale.coordinator.core.topology import (TIER_VALUE, ClusterView, TopologyKeys, build_view,
+                                                   nodes_from_document)
 from heteroscale.coordinator.seams import ReportTarget
 from heteroscale.coordinator.core.types import ApplyResult, Decision, PoolCounts, PoolStatus
 from heteroscale.errors import ConfigError
@@ -271,6 +272,7 @@ class LocalActuator:
         self._session: aiohttp.ClientSession | None = None
         self._closed = False
         self._lock = asyncio.Lock()
+        self._tier_cache: dict[tuple[str, ...], str] | None = None
 
     # ---------------------------------------------------------- Actuator seam
 
@@ -390,15 +392,55 @@ class LocalActuator:
         return result
 
     def _group_docs(self, service: str) -> Iterable[dict[str, Any]]:
+        """The service's DGs for the status page, as the Kubernetes DG actuator describes them
+        (counts of live instances, ``tier`` of the switch domain, ``draining``), plus what this
+        backend knows exactly: ``in_traffic`` per role, ``draining_by_role`` and the GPUs held
+        (``gpus``, draining ones included, which they hold until they stop; ``gpus_draining``).
+        A DG whose last instances are draining is still listed, with counts 0."""
         if service not in self._services:
             return []
+        live = {dg.name: dg for dg in self._current_groups(service)}
+        members: dict[str, list[Instance]] = {}
+        for inst in self.instances.values():
+            if inst.service == service and inst.holds_gpus:
+                members.setdefault(inst.group, []).append(inst)
         docs = []
-        for dg in self._current_groups(service):
+        for name in sorted(set(live) | set(members)):
+            mine = members.get(name, [])
+            dg = live.get(name) or self._emptied_group(service, name, mine)
+            draining = [i for i in mine if i.state == "draining"]
             doc = dg.to_dict()
-            members = [i for i in self.instances.values() if i.service == service and i.group == dg.name]
-            doc["in_traffic"] = _count(i for i in members if i.in_traffic).as_dict()
+            doc["tier"] = self._tiers().get(dg.domain)
+            doc["draining"] = len(draining)
+            doc["draining_by_role"] = _count(draining).as_dict()
+            doc["in_traffic"] = _count(i for i in mine if i.in_traffic).as_dict()
+            doc["gpus"] = sum(i.gpus for i in mine)
+            doc["gpus_draining"] = sum(i.gpus for i in draining)
             docs.append(doc)
         return docs
+
+    def _emptied_group(self, service: str, name: str, members: list[Instance]) -> DeploymentGroup:
+        """A DG with no live instance left (only draining ones): counts 0, same domain."""
+        svc = self._services[service]
+        level = {"s1": "s1", "s2": "s2", "none": "cluster"}[svc.affinity]
+        first = members[0]
+        roles = {role: RoleGroup(next((m.gpu_type for m in members if m.role == role),
+                                      self._role_types(svc, role)[0]), 0, {}) for role in ROLES}
+        return DeploymentGroup(name=name, service=service, level=level,
+                               s2=first.s2 if level != "cluster" else "", s1=first.s1 if level == "s1" else "",
+                               prefill=roles["prefill"], decode=roles["decode"])
+
+    def _tiers(self) -> dict[tuple[str, ...], str]:
+        """RDMA subgroup tier of every switch domain of the (static) simulated cluster, keyed
+        like ``DeploymentGroup.domain``."""
+        if self._tier_cache is None:
+            view = self.cluster.view({})
+            tiers: dict[tuple[str, ...], str] = {("s2", s2): t for s2, t in view.s2_tiers().items()}
+            tiers.update({("s1", s2, s1): t for (s2, s1), t in view.s1_tiers().items()})
+            if view.nodes:
+                tiers[("cluster",)] = max((n.tier for n in view.nodes), key=TIER_VALUE.__getitem__)
+            self._tier_cache = tiers
+        return self._tier_cache
 
     # ---------------------------------------------------------- start / release / stop
 

@@ -1,7 +1,11 @@
 // HeteroScale status page: polls /api/v1/status and draws it. Plain JS, no libraries.
+// Embedded (index.html?embedded=1, as the demo panel does), it does not poll on its own:
+// the parent calls window.heteroscaleRender(doc) with the document it fetched, so both
+// pages show the same coordinator tick.
 "use strict";
 
 const REFRESH_MS = 3000;
+const EMBEDDED = new URLSearchParams(window.location.search).has("embedded");
 const $ = (sel, root = document) => root.querySelector(sel);
 
 function el(tag, attrs = {}, ...children) {
@@ -21,6 +25,23 @@ const counts = (c) => c ? `${c.prefill}P ${c.decode}D` : "–";
 
 function kv(label, value, cls = "v") {
   return el("div", { class: "kv" }, el("div", { class: "k" }, label), el("div", { class: cls }, value));
+}
+
+function sourced(node, title) {
+  node.title = title;
+  node.classList.add("sourced");
+  return node;
+}
+
+// "1 / 2" fresh decode reports, with why the others were left out (reports.excluded).
+function reportsKv(r) {
+  const node = kv("fresh decode reports", `${r.fresh_decode} / ${r.expected_decode}`, "v small");
+  const excluded = Object.entries(r.excluded || {}).filter(([, n]) => n > 0);
+  if (excluded.length) {
+    node.append(el("div", { class: "excluded" }, "excluded: "
+      + excluded.map(([why, n]) => `${why.replace(/_/g, " ")} ${n}`).join(", ")));
+  }
+  return node;
 }
 
 function pool(role, p) {
@@ -84,21 +105,74 @@ function decisionsTable(decisions) {
   return el("table", {}, el("tr", {}, ...["at", "reason", "from", "to", "detail"].map((h) => el("th", {}, h))), ...rows);
 }
 
+function draining(g) {
+  if (g.draining === null || g.draining === undefined) return "–";
+  const by = g.draining_by_role;
+  if (!g.draining || !by) return fmt(g.draining);
+  return `${g.draining} (${by.prefill}P ${by.decode}D)`;
+}
+
 function groupsTable(groups) {
   if (!groups.length) return el("p", { class: "muted" }, "No Deployment Groups (placement not in use for this service).");
   const sw = (g) => g.level === "s1" ? `${g.s2} / ${g.s1}` : g.level === "s2" ? g.s2 : "cluster";
   const role = (r) => `${r.count} × ${r.gpu_type || "?"}`;
-  return el("table", {}, el("tr", {}, ...["group", "switch (level)", "tier", "prefill", "decode", "draining"]
-    .map((h) => el("th", {}, h))),
+  const withGpus = groups.some((g) => typeof g.gpus === "number");
+  const heads = ["group", "switch (level)", "tier", "prefill", "decode", "draining"].concat(withGpus ? ["GPUs held"] : []);
+  const table = el("table", { class: "groups" }, el("tr", {}, ...heads.map((h) => el("th", {}, h))),
     ...groups.map((g) => el("tr", {}, el("td", {}, g.name), el("td", {}, `${sw(g)} (${g.level})`),
       el("td", {}, g.tier || "–"), el("td", {}, role(g.prefill)), el("td", {}, role(g.decode)),
-      el("td", {}, fmt(g.draining)))));
+      el("td", {}, draining(g)),
+      ...(withGpus ? [el("td", {}, typeof g.gpus === "number"
+        ? `${g.gpus}${g.gpus_draining ? ` (${g.gpus_draining} draining)` : ""}` : "–")] : []))));
+  if (!withGpus) return table;
+  // Draining instances hold their GPUs until their last request is done: say so, with the sums.
+  const held = groups.reduce((a, g) => a + (g.gpus || 0), 0);
+  const leaving = groups.reduce((a, g) => a + (g.gpus_draining || 0), 0);
+  return el("div", {}, table, el("p", { class: "muted note", id: "gpu-note" },
+    `GPUs held: ${held} = ${held - leaving} by the pools` + (leaving
+      ? ` + ${leaving} by draining instances, which keep theirs until their last request is done.` : ".")));
 }
 
-const rate = (bps) => (bps === null || bps === undefined) ? "–" : `${fmt(bps / 1e9, 2)} GB/s`;
+function rate(bps) {
+  if (bps === null || bps === undefined) return "–";
+  for (const [unit, name] of [[1e9, "GB/s"], [1e6, "MB/s"], [1e3, "kB/s"]]) {
+    if (Math.abs(bps) >= unit) return `${fmt(bps / unit, 2)} ${name}`;
+  }
+  return `${fmt(bps)} B/s`;
+}
 
-function bandwidthTable(bw) {
-  if (!bw) return el("p", { class: "muted" }, "No KV-transfer probes reported.");
+// What the engines' KV connectors moved (services[].kv_transfer: per-instance rows from the
+// sidecars' kv_transfer samples). Absent from older coordinators: then nothing is drawn.
+function connectorTable(kv) {
+  if (!kv || !kv.instances || !kv.instances.length) return null;
+  const sums = [["sent", kv.send_bytes_per_second], ["received", kv.receive_bytes_per_second]]
+    .filter(([, v]) => v !== null && v !== undefined).map(([k, v]) => `${rate(v)} ${k}`).join(", ");
+  const rows = kv.instances.slice(0, 40).map((r) => el("tr", {},
+    el("td", {}, r.pod), el("td", {}, r.role), el("td", {}, r.direction || "–"),
+    el("td", {}, r.connector ? `${r.source}: ${r.connector}` : (r.source || "–")),
+    el("td", {}, rate(r.bytes_per_second)),
+    el("td", {}, r.transfers_per_second === null || r.transfers_per_second === undefined ? "–" : `${fmt(r.transfers_per_second, 1)}/s`),
+    el("td", {}, ms(r.latency_p90_s))));
+  return el("div", { id: "kv-connector" },
+    el("p", { class: "muted" }, `Engine connector metrics (what the engines moved): ${sums || "–"}.`),
+    el("table", {}, el("tr", {}, ...["instance", "role", "direction", "source", "rate", "transfers", "latency p90"]
+      .map((h) => el("th", {}, h))), ...rows));
+}
+
+function kvSection(s) {
+  const parts = [];
+  const connectors = connectorTable(s.kv_transfer);
+  if (connectors) parts.push(connectors);
+  parts.push(bandwidthTable(s.kv_bandwidth, Boolean(connectors)));
+  return el("div", {}, ...parts);
+}
+
+function bandwidthTable(bw, haveConnectors = false) {
+  if (!bw) {
+    return el("p", { class: "muted" }, haveConnectors
+      ? "Active probes: none reported (the prefill × decode bandwidth map needs sidecars started with KV probe peers)."
+      : "No KV-transfer probes or engine connector metrics reported.");
+  }
   const ratio = bw.cross_to_same_ratio;
   const summary = el("p", { class: "muted" }, `${bw.pairs.length} pair(s); same-switch median `
     + `${rate(bw.same_switch_median_bytes_per_second)}, cross-switch median `
@@ -125,9 +199,12 @@ function serviceCard(s) {
     kv("decode tok/s vs τ×decode", `${fmt(load)} / ${fmt(capacity)}`),
     kv("utilisation", util === null ? "–" : `${fmt(util * 100)}%`),
     kv("target tok/s per decode (τ)", fmt(s.target_decode_tps_per_instance)),
-    kv("TBT p90 / SLO", `${ms(s.latency.tbt_p90_s)} / ${ms(s.slo.tbt_s)}`, "v small"),
-    kv("TTFT p90 / SLO", `${ms(s.latency.ttft_p90_s)} / ${ms(s.slo.ttft_s)}`, "v small"),
-    kv("fresh decode reports", `${s.reports.fresh_decode} / ${s.reports.expected_decode}`, "v small"),
+    sourced(kv("TBT p90 (engines) / SLO", `${ms(s.latency.tbt_p90_s)} / ${ms(s.slo.tbt_s)}`, "v small"),
+      "Engine-side: each sidecar's p90 of the engine's inter-token-latency histogram over its window, "
+      + "averaged over decode instances weighted by their tokens/s. Interpolated inside histogram buckets."),
+    sourced(kv("TTFT p90 (engines) / SLO", `${ms(s.latency.ttft_p90_s)} / ${ms(s.slo.ttft_s)}`, "v small"),
+      "Engine-side: the sidecars' p90 of the engines' time-to-first-token histograms, weighted by tokens/s."),
+    reportsKv(s.reports),
     kv("last reason", last ? el("code", { class: "reason" }, last.reason) : "–", "v small")));
   if (s.last_error) card.append(el("p", { class: "err" }, `last error: ${s.last_error}`));
   const applied = s.last_apply;
@@ -149,7 +226,7 @@ function serviceCard(s) {
     card.append(el("p", { class: "err" }, `placement shortfall: ${counts(short)} could not be placed`));
   }
   card.append(el("h2", {}, "Deployment Groups"), groupsTable(s.groups || []));
-  card.append(el("h2", {}, "KV-transfer bandwidth"), bandwidthTable(s.kv_bandwidth));
+  card.append(el("h2", {}, "KV transfer"), kvSection(s));
   setTimeout(() => {   // after the card is in the document, so the canvas has a size
     chart(c1, [
       { values: hist.map((p) => [p.at, p.decode_tps]), color: "#1a9c5b" },
@@ -166,24 +243,29 @@ function serviceCard(s) {
   return card;
 }
 
+function render(st) {
+  const badge = $("#leader");
+  badge.textContent = st.leader ? `leader: ${st.identity}` : `standby: ${st.identity} (read-only)`;
+  badge.className = `badge ${st.leader ? "leader" : "follower"}`;
+  $("#meta").textContent = `backend ${st.backend}${st.dry_run ? " (dry run)" : ""}${st.writes ? "" : " · not writing"}`
+    + ` · every ${st.interval_s}s · tick ${st.ticks}`
+    + (st.last_tick_duration_s !== null ? ` (${fmt(st.last_tick_duration_s * 1000)} ms)` : "");
+  const main = $("#services");
+  main.replaceChildren(...st.services.map(serviceCard));
+  $("#updated").textContent = `updated ${new Date().toLocaleTimeString()}`;
+  document.body.dataset.tick = String(st.ticks);
+}
+
 async function refresh() {
   try {
     const resp = await fetch("/api/v1/status", { cache: "no-store" });
     if (!resp.ok) throw new Error(`HTTP ${resp.status}`);
-    const st = await resp.json();
-    const badge = $("#leader");
-    badge.textContent = st.leader ? `leader: ${st.identity}` : `standby: ${st.identity} (read-only)`;
-    badge.className = `badge ${st.leader ? "leader" : "follower"}`;
-    $("#meta").textContent = `backend ${st.backend}${st.dry_run ? " (dry run)" : ""}${st.writes ? "" : " · not writing"}`
-      + ` · every ${st.interval_s}s · tick ${st.ticks}`
-      + (st.last_tick_duration_s !== null ? ` (${fmt(st.last_tick_duration_s * 1000)} ms)` : "");
-    const main = $("#services");
-    main.replaceChildren(...st.services.map(serviceCard));
-    $("#updated").textContent = `updated ${new Date().toLocaleTimeString()}`;
+    render(await resp.json());
   } catch (err) {
     $("#updated").textContent = `refresh failed: ${err.message}`;
   }
 }
 
+window.heteroscaleRender = render;
 refresh();
-setInterval(refresh, REFRESH_MS);
+if (!EMBEDDED) setInterval(refresh, REFRESH_MS);

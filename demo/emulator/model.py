@@ -3,7 +3,9 @@
 ``EmulatedEngine`` runs one instance's two lanes as background tasks, timed by the
 simulator's roofline model (``heteroscale.simulator.perfmodel``) divided by the speed-up;
 the clock is injected. It owns no socket: the server (``server``) feeds it requests and
-renders its ``VllmMetrics``. Limits, on purpose: prefill and decode lanes of one instance
+renders its ``VllmMetrics``. Each lane keeps a model clock that resumes where its last
+pass or tick ended, so a late wake-up on a busy host delays when tokens are delivered
+but not the modelled throughput (``lane_start``). Limits, on purpose: prefill and decode lanes of one instance
 do not compete for the GPU; no preemption (admission is bounded by KV capacity instead);
 no prefix cache.
 """
@@ -17,7 +19,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from heteroscale.demo.emulator.page import VllmMetrics
+from heteroscale.demo.emulator.defaults import vllm_max_num_batched_tokens
+from heteroscale.demo.emulator.page import LATENCY_BUCKETS, VllmMetrics
 from heteroscale.errors import ConfigError
 from heteroscale.simulator import perfmodel
 
@@ -40,7 +43,8 @@ class EmulatorSettings:
     speedup: modelled seconds per wall second (>1 runs faster than a real GPU).
     startup_delay_s: modelled time to load weights before the port opens.
     max_num_seqs: decode batch cap (vLLM ``--max-num-seqs``).
-    max_num_batched_tokens: prompt tokens per prefill pass (vLLM's budget).
+    max_num_batched_tokens: prompt tokens per prefill pass (vLLM's budget); ``None``: vLLM's
+        API-server default for the GPU (8192 on ≥ 70 GiB GPUs but A100, else 2048; ``defaults``).
     tick_s: shortest wall time one decode task wake-up covers; larger is cheaper
         on CPU and coarser in token timing.
     stream_interval_s: least wall time between two SSE chunks of one request.
@@ -48,6 +52,13 @@ class EmulatorSettings:
         modelled KV bytes) (at least 1 byte) — loopback stays light.
     kv_bandwidth_gbps: modelled P->D link speed used to time the transfer.
     kv_wait_timeout_s: how long (wall) a decode request waits for its KV.
+    catch_up_s: wall seconds of lateness a lane's model clock makes up after this process
+        woke late (a busy host); see ``lane_start``.
+    latency_buckets: ``vllm`` (vLLM's default TTFT/ITL buckets) or ``fine`` (vLLM's plus
+        bounds every 2.5 ms from 20 to 100 ms and every 0.25 s up to 10 s; see ``page``).
+
+    Latency histograms are recorded in modelled seconds (wall × ``speedup``), so the
+    page reads the same at any speed-up; token counters stay per wall second.
     """
 
     role: str
@@ -61,7 +72,7 @@ class EmulatorSettings:
     startup_delay_s: float = 0.0
     kv_port: int = 0
     max_num_seqs: int = 256
-    max_num_batched_tokens: int = 8192
+    max_num_batched_tokens: int | None = None
     max_model_len: int = 32768
     tick_s: float = 0.05
     stream_interval_s: float = 0.1
@@ -69,6 +80,8 @@ class EmulatorSettings:
     kv_bytes_cap: int = 1 << 20
     kv_bandwidth_gbps: float = 200.0
     kv_wait_timeout_s: float = 10.0
+    latency_buckets: str = "vllm"
+    catch_up_s: float = 0.5
 
     def __post_init__(self) -> None:
         problems = self.problems()
@@ -76,6 +89,9 @@ class EmulatorSettings:
             raise ConfigError(problems, source="emulator")
         if not self.served_model_name:
             object.__setattr__(self, "served_model_name", self.model)
+        if self.max_num_batched_tokens is None:
+            object.__setattr__(self, "max_num_batched_tokens",
+                               vllm_max_num_batched_tokens(perfmodel.gpu(self.gpu)))
 
     def problems(self) -> list[str]:
         out = []
@@ -94,12 +110,32 @@ class EmulatorSettings:
             if getattr(self, name) < 0:
                 out.append(f"{name} must not be negative")
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "kv_bytes_cap"):
-            if getattr(self, name) < 1:
+            value = getattr(self, name)
+            if value is not None and value < 1:
                 out.append(f"{name} must be at least 1")
         for name in ("tick_s", "stream_interval_s", "kv_bandwidth_gbps", "kv_wait_timeout_s"):
             if not getattr(self, name) > 0:
                 out.append(f"{name} must be positive")
+        if self.catch_up_s < 0:
+            out.append("catch_up_s must not be negative")
+        if self.latency_buckets not in LATENCY_BUCKETS:
+            out.append(f"--latency-buckets must be one of {', '.join(LATENCY_BUCKETS)}, got {self.latency_buckets!r}")
         return out
+
+
+def lane_start(*, now_s: float, free_at_s: float | None, ready_at_s: float, catch_up_s: float) -> float:
+    """Where the next pass (prefill) or tick (decode) starts on the lane's model clock (pure).
+
+    The model resumes where it stopped (``free_at_s``), or when the work became ready
+    (``ready_at_s``) if that was later — not when this process got round to it: on a busy
+    host a coroutine wakes late, and without this every late wake-up would slow the
+    modelled GPU. At most ``catch_up_s`` is made up (a process stalled longer loses the
+    rest), and a start is never in the future.
+    Worked example: a pass ended at 10.00 s on the model clock, the next request had
+    arrived at 9.90 s, the loop woke at 10.03 s: the pass starts at 10.00 s.
+    """
+    start = ready_at_s if free_at_s is None else max(free_at_s, ready_at_s)
+    return min(now_s, max(start, now_s - catch_up_s))
 
 
 class BusyWindow:
@@ -218,6 +254,7 @@ class EmulatedEngine:
     # -- prefill lane ------------------------------------------------------
     async def _prefill_loop(self) -> None:
         s = self.settings
+        free_at: float | None = None          # model clock: when the lane finished its last pass
         while True:
             if not self.prefill_queue:
                 self._prefill_wake.clear()
@@ -228,16 +265,18 @@ class EmulatedEngine:
             pairs = sum(perfmodel.attention_pairs(r.prompt_tokens) for r in batch)
             pass_s = perfmodel.prefill_batch_time_s(self.spec.model, self.spec.gpu, s.tp,
                                                     new_tokens=new_tokens, attention_pairs=pairs)
-            start = self.clock()
+            start = lane_start(now_s=self.clock(), free_at_s=free_at, ready_at_s=batch[0].arrival_s,
+                               catch_up_s=s.catch_up_s)
+            end = start + pass_s / s.speedup
             for r in batch:
                 r.scheduled_s = start
             self.prefilling = batch
             self._refresh_gauges()
             try:
-                await asyncio.sleep(pass_s / s.speedup)
+                await asyncio.sleep(max(0.0, end - self.clock()))
             finally:
                 self.prefilling = []
-            end = self.clock()
+            free_at = end
             self.prefill_busy.add(start, end)
             self.metrics.iteration_tokens.observe(new_tokens)
             self.metrics.prompt_tokens.inc(new_tokens)
@@ -264,17 +303,23 @@ class EmulatedEngine:
     # -- decode lane -------------------------------------------------------
     async def _decode_loop(self) -> None:
         s = self.settings
+        modelled_to: float | None = None      # model clock: the batch has been stepped up to here
         while True:
             self._admit()
             if not self.running:
+                modelled_to = None            # idle: nothing to catch up on
                 self._decode_wake.clear()
                 await self._decode_wake.wait()
                 continue
-            start = self.clock()
-            budget_sim = s.tick_s * s.speedup
+            now = self.clock()
+            start = lane_start(now_s=now, free_at_s=modelled_to, ready_at_s=modelled_to or now,
+                               catch_up_s=s.catch_up_s)
+            # Step up to one tick past now: a late wake-up is made up with more steps.
+            budget_sim = (now + s.tick_s - start) * s.speedup
             used_sim, compute_weighted, progress = self._advance(budget_sim)
-            await asyncio.sleep(used_sim / s.speedup)
-            end = self.clock()
+            end = start + used_sim / s.speedup
+            await asyncio.sleep(max(0.0, end - self.clock()))
+            modelled_to = end
             self.decode_busy.add(start, end, compute_weighted / used_sim if used_sim else 0.0)
             self._publish(progress, start=start, used_sim=used_sim)
 
@@ -342,8 +387,11 @@ class EmulatedEngine:
                 continue
             at = start + last_offset_sim / speed
             if req.first_token_s is None:
-                req.first_token_s = start + (last_offset_sim / tokens) / speed
+                # a request admitted during a catch-up tick cannot have a token before it came
+                req.first_token_s = max(start + (last_offset_sim / tokens) / speed,
+                                        req.scheduled_s or req.arrival_s)
                 self.metrics.ttft.observe(req.first_token_s - req.arrival_s)
+            at = max(at, req.first_token_s)
             req.generated += tokens
             req.last_token_s = at
             total += tokens

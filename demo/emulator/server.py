@@ -4,6 +4,8 @@
 runs an asyncio aiohttp server with
 
 * ``POST /v1/completions`` — OpenAI-compatible completions, streaming (SSE) or not;
+  ``stream_options: {include_usage, continuous_usage_stats}`` as vLLM has them (the
+  latter puts the running token count on every chunk);
 * ``GET /metrics`` — vLLM 0.32's Prometheus page: the same names, the labels
   ``model_name``/``engine`` and the default histogram buckets of ENGINES.md §1,
   written by ``prometheus_client`` itself from a private registry, so the format
@@ -15,7 +17,10 @@ runs an asyncio aiohttp server with
 * ``GET /emulator/info`` — role, GPU, model, speed-up and the KV port.
 
 Timing comes from ``heteroscale.simulator.perfmodel`` (the simulator's roofline model), so the
-demo and the simulator agree. Modelled durations are divided by ``--speedup``.
+demo and the simulator agree. Modelled durations are divided by ``--speedup``; the latency
+histograms on ``/metrics`` are written in modelled seconds (wall × ``--speedup``), so a
+sidecar and a coordinator judge latency in the time the service models, at any speed-up.
+``--latency-buckets fine`` adds finer TTFT/ITL bounds near typical SLOs to vLLM's own.
 
 Prefill/decode disaggregation works like vLLM's P/D proxy flow: the router sends
 the prompt to a prefill instance with ``max_tokens=1`` and
@@ -58,7 +63,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
 
 from heteroscale.demo.emulator.model import ROLES, EmulatedEngine, EmulatorSettings, Request
-from heteroscale.demo.emulator.page import CONTENT_TYPE_LATEST, VllmMetrics
+from heteroscale.demo.emulator.page import CONTENT_TYPE_LATEST, LATENCY_BUCKETS, VllmMetrics
 from heteroscale.errors import UsageError
 from heteroscale.simulator import perfmodel
 
@@ -192,9 +197,12 @@ def parse_completion(body: Any, *, served_model_name: str, max_model_len: int) -
     if not isinstance(kv, dict):
         raise BadRequest("kv_transfer_params must be an object")
     stream_options = body.get("stream_options") or {}
+    include_usage = bool(isinstance(stream_options, dict) and stream_options.get("include_usage"))
+    # vLLM: usage on every chunk only with both include_usage and continuous_usage_stats.
+    continuous = include_usage and bool(stream_options.get("continuous_usage_stats"))
     return {"prompt_tokens": prompt_tokens, "max_tokens": max_tokens,
             "stream": bool(body.get("stream", False)), "kv": kv,
-            "include_usage": bool(isinstance(stream_options, dict) and stream_options.get("include_usage"))}
+            "include_usage": include_usage, "continuous_usage": continuous}
 
 
 def _error(status: int, message: str, kind: str) -> web.Response:
@@ -211,7 +219,8 @@ class EmulatorServer:
         cache_info = {"block_size": "16", "cache_dtype": "auto", "enable_prefix_caching": "False",
                       "gpu_memory_utilization": str(perfmodel.DEFAULT_EFFICIENCY.memory_fraction)}
         self.metrics = VllmMetrics(self.registry, model_name=settings.served_model_name,
-                                   max_model_len=settings.max_model_len, cache_info=cache_info)
+                                   max_model_len=settings.max_model_len, cache_info=cache_info,
+                                   time_scale=settings.speedup, latency_buckets=settings.latency_buckets)
         self.engine = EmulatedEngine(settings, metrics=self.metrics, clock=clock)
         self.inbox = KvInbox(self.metrics, clock=clock)
         self.kv_port = 0
@@ -257,7 +266,8 @@ class EmulatorServer:
         s = self.settings
         return web.json_response({"role": s.role, "gpu": s.gpu, "model": s.model, "tp": s.tp,
                                   "served_model_name": s.served_model_name, "speedup": s.speedup,
-                                  "kv_port": self.kv_port, "kv_capacity_tokens": self.engine.kv_capacity_tokens})
+                                  "kv_port": self.kv_port, "kv_capacity_tokens": self.engine.kv_capacity_tokens,
+                                  "latency_buckets": s.latency_buckets, "latency_unit": "modelled seconds"})
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
         s = self.settings
@@ -286,7 +296,8 @@ class EmulatorServer:
             if req.finish_reason is None:
                 self.engine.submit_decode(req)
             if params["stream"]:
-                return await self._stream(request, req, include_usage=params["include_usage"])
+                return await self._stream(request, req, include_usage=params["include_usage"],
+                                           continuous_usage=params["continuous_usage"])
             await req.done.wait()
             return web.json_response(self._completion_doc(req, text=" tok" * req.generated))
         except asyncio.CancelledError:
@@ -354,7 +365,8 @@ class EmulatorServer:
         req.prefill_done_s = self.clock()
         return True
 
-    async def _stream(self, request: web.Request, req: Request, *, include_usage: bool) -> web.StreamResponse:
+    async def _stream(self, request: web.Request, req: Request, *, include_usage: bool,
+                      continuous_usage: bool = False) -> web.StreamResponse:
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await response.prepare(request)
         sent = 0
@@ -371,12 +383,14 @@ class EmulatorServer:
                     pass
             new = req.generated - sent
             if new > 0:
-                await response.write(self._chunk(req, " tok" * new, None))
+                await response.write(self._chunk(req, " tok" * new, None,
+                                                 completion_tokens=req.generated if continuous_usage else None))
                 sent = req.generated
                 last_emit = self.clock()
             if req.finished_s is not None:
                 break
-        await response.write(self._chunk(req, "", req.finish_reason))
+        await response.write(self._chunk(req, "", req.finish_reason,
+                                         completion_tokens=req.generated if continuous_usage else None))
         if include_usage:
             usage = self._completion_doc(req, text="")
             usage["choices"] = []
@@ -385,11 +399,15 @@ class EmulatorServer:
         await response.write_eof()
         return response
 
-    def _chunk(self, req: Request, text: str, finish_reason: str | None) -> bytes:
-        doc = {"id": req.id, "object": "text_completion", "created": int(time.time()),
-               "model": self.settings.served_model_name,
-               "choices": [{"index": 0, "text": text, "logprobs": None,
-                            "finish_reason": finish_reason, "stop_reason": None}]}
+    def _chunk(self, req: Request, text: str, finish_reason: str | None, *,
+               completion_tokens: int | None = None) -> bytes:
+        doc: dict[str, Any] = {"id": req.id, "object": "text_completion", "created": int(time.time()),
+                               "model": self.settings.served_model_name,
+                               "choices": [{"index": 0, "text": text, "logprobs": None,
+                                            "finish_reason": finish_reason, "stop_reason": None}]}
+        if completion_tokens is not None:     # continuous_usage_stats: the running count
+            doc["usage"] = {"prompt_tokens": req.prompt_tokens, "completion_tokens": completion_tokens,
+                            "total_tokens": req.prompt_tokens + completion_tokens}
         return b"data: " + json.dumps(doc).encode() + b"\n\n"
 
     def _completion_doc(self, req: Request, *, text: str) -> dict[str, Any]:
@@ -416,12 +434,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="modelled seconds to load weights before the port opens")
     parser.add_argument("--kv-port", type=int, default=0, help="TCP port for incoming KV pushes (0: any free port)")
     parser.add_argument("--max-num-seqs", type=int, default=256)
-    parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=None,
+                        help="prompt tokens per prefill pass (default: vLLM's API-server default for the "
+                             "GPU: 8192 with >= 70 GiB except A100, else 2048)")
     parser.add_argument("--tick", type=float, default=0.05, dest="tick_s", help="least wall seconds per decode wake-up")
     parser.add_argument("--stream-interval", type=float, default=0.1, dest="stream_interval_s",
                         help="least wall seconds between two SSE chunks of one request")
     parser.add_argument("--kv-bytes-scale", type=float, default=1.0 / 1024)
     parser.add_argument("--kv-bytes-cap", type=int, default=1 << 20)
+    parser.add_argument("--latency-buckets", choices=sorted(LATENCY_BUCKETS), default="vllm",
+                        help="TTFT/ITL histogram buckets: vllm (vLLM's defaults) or fine (vLLM's plus "
+                             "2.5 ms steps from 20 to 100 ms and 0.25 s steps up to 10 s)")
     parser.add_argument("--log-level", default="WARNING")
 
 
@@ -432,7 +455,7 @@ def settings_from_args(args: argparse.Namespace) -> EmulatorSettings:
         startup_delay_s=args.startup_delay_s, kv_port=args.kv_port, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, tick_s=args.tick_s,
         stream_interval_s=args.stream_interval_s, kv_bytes_scale=args.kv_bytes_scale,
-        kv_bytes_cap=args.kv_bytes_cap)
+        kv_bytes_cap=args.kv_bytes_cap, latency_buckets=args.latency_buckets)
 
 
 async def serve(settings: EmulatorSettings, *, stop: asyncio.Event | None = None,
