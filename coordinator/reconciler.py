@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from heteroscale.coordinator.core.aggregate import aggregate
-from heteroscale.coordinator.core.bandwidth import ServiceBandwidth, build_bandwidth_map
+from heteroscale.coordinator.core.bandwidth import ServiceBandwidth, build_bandwidth_map, transfer_summary
 from heteroscale.coordinator.core.policy import PolicyState, decide, settle
 from heteroscale.coordinator.core.settings import Config, ServiceConfig
 from heteroscale.coordinator.core.types import ApplyResult, Decision, Fetched, Observation, PoolCounts, PoolStatus
@@ -78,6 +78,7 @@ class ServiceRuntime:
     last_apply: ApplyResult | None = None
     shortfall: PoolCounts | None = None         # what the latest write could not place
     bandwidth: ServiceBandwidth | None = None   # KV-transfer map from this tick's reports
+    kv_transfer: dict[str, Any] | None = None   # KV bytes moved, per instance, from this tick's reports
     last_error: str | None = None
     last_tick_s: float | None = None
     advised: str | None = None                  # the P/D ratio advice last told to operators
@@ -102,7 +103,8 @@ class ServiceRuntime:
         return ServiceSnapshot(config=self.config, status=self.status, observation=self.observation,
                                last=self.last, decisions=tuple(self.decisions), history=tuple(self.history),
                                last_apply=self.last_apply, shortfall=self.shortfall, bandwidth=self.bandwidth,
-                               last_error=self.last_error, tick_s=self.last_tick_s, target=self.state.target,
+                               last_error=self.last_error, tick_s=self.last_tick_s, kv_transfer=self.kv_transfer,
+                               target=self.state.target,
                                drift=self.state.drift)
 
 
@@ -174,6 +176,7 @@ class Reconciler:
         now_s = self.clock()
         try:
             rt.bandwidth = self._bandwidth(service.name, collection.fetched, now_s=now_s)
+            rt.kv_transfer = transfer_summary(f.report for f in collection.fetched if f.report is not None)
             observation = aggregate(service, collection.fetched, pools=status, now_s=now_s)
             decision, state = decide(service=service, observation=observation, state=rt.state, now_s=now_s)
         except Exception as exc:   # a value the pure code did not expect: this service skips the tick

@@ -35,6 +35,7 @@ class ServiceSnapshot:
     bandwidth: ServiceBandwidth | None
     last_error: str | None
     tick_s: float | None
+    kv_transfer: Mapping[str, Any] | None = None
     target: TargetState = TargetState()
     drift: DriftState = DriftState()
 
@@ -123,6 +124,7 @@ def _service_status(s: ServiceSnapshot, *, history: bool) -> dict[str, Any]:
         "groups": [dict(g) for g in s.status.groups] if s.status else [],
         "placement_shortfall": s.shortfall.as_dict() if s.shortfall is not None else None,
         "kv_bandwidth": s.bandwidth.to_dict() if s.bandwidth is not None else None,
+        "kv_transfer": dict(s.kv_transfer) if s.kv_transfer is not None else None,
     }
     if history:
         doc["history"] = [dict(h) for h in s.history]

@@ -61,6 +61,7 @@ from heteroscale.coordinator.core.settings import Config
 from heteroscale.coordinator.leader import LocalLeaseElection
 from heteroscale.coordinator.core.policy import prefill_for_decode
 from heteroscale.coordinator.reconciler import Reconciler
+from heteroscale.coordinator.snapshot import ServiceSnapshot
 from heteroscale.coordinator.status import make_status_app
 from heteroscale.coordinator.core.placement import RoleDemand, ServiceDemand, plan
 from heteroscale.coordinator.core.types import Decision, PoolCounts
@@ -340,64 +341,13 @@ class RouterSource:
                 for i in self.actuator.routable(SERVICE)]
 
 
-def kv_transfer_summary(reports: list[Any]) -> dict[str, Any] | None:
-    """The service's KV-transfer throughput from its sidecars' ``kv_transfer`` samples (pure).
-
-    One row per instance whose sidecar measured something (engine connector metrics,
-    RDMA counters), plus per-direction sums; ``None`` when no report carries a measured
-    rate. This is the shape of the status document's ``services[].kv_transfer`` field.
-    """
-    rows = []
-    for r in reports:
-        kv = r.kv_transfer if isinstance(getattr(r, "kv_transfer", None), dict) else {}
-        rate = kv.get("bytes_per_second")
-        if not isinstance(rate, (int, float)):
-            continue
-        source = kv.get("source") or "engine"
-        detail = (kv.get("sources") or {}).get(source) or {}
-        rows.append({"pod": r.pod, "role": r.role, "direction": kv.get("direction"), "source": source,
-                     "connector": detail.get("connector"), "bytes_per_second": float(rate),
-                     "transfers_per_second": detail.get("transfers_per_second"),
-                     "latency_p90_s": detail.get("latency_p90_s", detail.get("latency_mean_s")),
-                     "window_s": detail.get("window_s", kv.get("window_s"))})
-    if not rows:
-        return None
-    rows.sort(key=lambda x: (x["role"] != "prefill", x["pod"]))
-
-    def total(direction: str) -> float | None:
-        values = [x["bytes_per_second"] for x in rows if x["direction"] == direction]
-        return sum(values) if values else None
-
-    return {"send_bytes_per_second": total("send"), "receive_bytes_per_second": total("receive"),
-            "instances": rows}
+def _service_snapshot(reconciler: Reconciler) -> ServiceSnapshot:
+    return next(s for s in reconciler.snapshot.services if s.name == SERVICE)
 
 
 def _fresh_reports(reconciler: Reconciler) -> list[Any]:
     collection = reconciler.collector.latest.get(SERVICE)
     return [f.report for f in (collection.fetched if collection else ()) if f.report is not None]
-
-
-def status_kv_transfer_middleware(reconciler: Reconciler):  # noqa: ANN201 - aiohttp middleware
-    """Adds ``services[].kv_transfer`` (``kv_transfer_summary``) to ``/api/v1/status`` when the
-    coordinator's document does not carry it, so the status page can show the engine-connector
-    throughput the demo's engines really move. A document that has the field is left alone."""
-
-    @web.middleware
-    async def middleware(request: web.Request, handler):  # noqa: ANN001, ANN202
-        response = await handler(request)
-        if request.path != "/api/v1/status" or not isinstance(response, web.Response) or response.status != 200:
-            return response
-        doc = json.loads(response.body)
-        changed = False
-        for svc in doc.get("services", []):
-            if svc.get("name") == SERVICE and "kv_transfer" not in svc:
-                svc["kv_transfer"] = kv_transfer_summary(_fresh_reports(reconciler))
-                changed = True
-        if not changed:
-            return response
-        return web.json_response(doc, headers={"Cache-Control": "no-store"})
-
-    return middleware
 
 
 # ---------------------------------------------------------------- the run
@@ -447,7 +397,6 @@ class Demo:
                                 duration_s=s.duration_s, peak_rps=world.peak_rps_wall, seed=s.seed,
                                 day=day_clock(s, world))
         app = make_status_app(reconciler)
-        app.middlewares.append(status_kv_transfer_middleware(reconciler))
         self._add_demo_routes(app, world=world, loadgen=loadgen)
         runner = web.AppRunner(app, access_log=None)
         tasks: list[asyncio.Task[Any]] = []
@@ -643,7 +592,7 @@ class Demo:
                 "gpus": {"held": sum(gpus.values()), **gpus,
                          "per_instance": {"prefill": self.settings.prefill_gpus_per_instance,
                                           "decode": self.settings.decode_gpus_per_instance}},
-                "kv_transfer": kv_transfer_summary(_fresh_reports(self.reconciler)) if self.reconciler else None,
+                "kv_transfer": _service_snapshot(self.reconciler).kv_transfer if self.reconciler else None,
                 "kv_bytes_scale": KV_BYTES_SCALE,
                 "samples": [asdict(x) for x in self.tally.samples[-600:]],
                 "instances": [i.to_dict() for i in instances]}

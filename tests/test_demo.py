@@ -442,7 +442,7 @@ def test_children_die_with_a_killed_demo():
 
 
 def test_kv_transfer_summary_rows_and_sums_from_sidecar_reports():
-    from heteroscale.demo.app import kv_transfer_summary
+    from heteroscale.coordinator.core.bandwidth import transfer_summary as kv_transfer_summary
     from heteroscale.report import SidecarReport
 
     def report(pod: str, role: str, kv: dict) -> SidecarReport:

@@ -272,3 +272,35 @@ def _service(name: str, pairs: list[PairBandwidth], settings: BandwidthSettings,
         groups=tuple(GroupBandwidth(group=g, pairs=len(v), median_bytes_per_second=_median(v))
                      for g, v in sorted(by_group.items())),
         stale=stale, malformed=malformed)
+
+
+def transfer_summary(reports: Iterable[SidecarReport]) -> dict[str, Any] | None:
+    """The service's KV-transfer throughput as moved, from its sidecars' ``kv_transfer`` samples.
+
+    One row per instance whose sidecar measured something (engine connector metrics,
+    RDMA counters), plus per-direction sums; ``None`` when no report carries a measured
+    rate. This is the shape of the status document's ``services[].kv_transfer`` field.
+    """
+    rows = []
+    for r in reports:
+        kv = r.kv_transfer if isinstance(r.kv_transfer, Mapping) else {}
+        rate = kv.get("bytes_per_second")
+        if not isinstance(rate, (int, float)):
+            continue
+        source = kv.get("source") or "engine"
+        detail = (kv.get("sources") or {}).get(source) or {}
+        rows.append({"pod": r.pod, "role": r.role, "direction": kv.get("direction"), "source": source,
+                     "connector": detail.get("connector"), "bytes_per_second": float(rate),
+                     "transfers_per_second": detail.get("transfers_per_second"),
+                     "latency_p90_s": detail.get("latency_p90_s", detail.get("latency_mean_s")),
+                     "window_s": detail.get("window_s", kv.get("window_s"))})
+    if not rows:
+        return None
+    rows.sort(key=lambda x: (x["role"] != "prefill", x["pod"]))
+
+    def total(direction: str) -> float | None:
+        values = [x["bytes_per_second"] for x in rows if x["direction"] == direction]
+        return sum(values) if values else None
+
+    return {"send_bytes_per_second": total("send"), "receive_bytes_per_second": total("receive"),
+            "instances": rows}
