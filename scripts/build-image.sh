@@ -127,13 +127,13 @@ project_wheel=("$wheelhouse"/heteroscale-*.whl)
 
 # (3) The build.
 start=$(date +%s)
-build_args=(--build-arg "BASE_IMAGE=$BASE_IMAGE" --label "org.opencontainers.image.version=$version"
+# --force-rm: intermediate containers go even when a step fails (buildah and podman accept
+# it only beside an explicit --layers).
+build_args=(--force-rm --build-arg "BASE_IMAGE=$BASE_IMAGE" --label "org.opencontainers.image.version=$version"
             -f Dockerfile -t "$IMAGE")
-# Intermediate containers go even when a step fails (buildah takes the flag only with layers).
-if [ "$BUILDER" = docker ] || [ "$BUILDAH_LAYERS" = true ]; then build_args+=(--force-rm); fi
 case "$BUILDER" in
-  buildah) buildah bud "${build_args[@]}" . ;;
-  podman)  podman build "${build_args[@]}" . ;;
+  buildah) buildah bud --layers="$BUILDAH_LAYERS" "${build_args[@]}" . ;;
+  podman)  podman build --layers="$BUILDAH_LAYERS" "${build_args[@]}" . ;;
   docker)  docker build "${build_args[@]}" . ;;
 esac
 echo "build-image: built $IMAGE from $BASE_IMAGE with $BUILDER in $(( $(date +%s) - start )) s" >&2
