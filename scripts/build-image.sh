@@ -89,7 +89,11 @@ fi
 
 # (1) What the wheels must fit: Python X.Y, glibc 2.N, machine.
 probe='import os, platform, sys
-print("%d.%d" % sys.version_info[:2], platform.machine(), os.confstr("CS_GNU_LIBC_VERSION") or "none")'
+try:
+    libc = os.confstr("CS_GNU_LIBC_VERSION") or "none"
+except (ValueError, OSError):  # not glibc (musl)
+    libc = "none"
+print("%d.%d" % sys.version_info[:2], platform.machine(), libc)'
 case "$BUILDER" in
   buildah)
     ctr=$(buildah from --quiet "$BASE_IMAGE") || die "cannot get BASE_IMAGE $BASE_IMAGE"
