@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Prepares the real servers the integration tiers use, where this machine allows:
 #  - a Kubernetes control plane (../shared/tools/k8s-envtest install: ~6 min once, then cached)
-#  - Debian packages: iproute2 (network namespaces), prometheus, chromium (status page checks)
+#  - Debian packages: iproute2 (network namespaces), prometheus, chromium (status page checks),
+#    buildah, mmdebstrap, podman, runc (the image tier: tests/test_image.py)
 # Each step is best effort: a tier whose prerequisite is missing skips its tests.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -17,6 +18,11 @@ need=()
 command -v ip >/dev/null 2>&1 || need+=(iproute2)
 command -v prometheus >/dev/null 2>&1 || need+=(prometheus)
 command -v chromium >/dev/null 2>&1 || need+=(chromium)
+# Image tier: buildah builds (no daemon), mmdebstrap makes the Debian base image (no registry),
+# podman runs read-only containers; runc for hosts where podman's default crun cannot start one.
+for pkg in buildah mmdebstrap podman runc; do
+  command -v "$pkg" >/dev/null 2>&1 || need+=("$pkg")
+done
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     echo "test-deps: installing ${need[*]}" >&2
