@@ -20,8 +20,9 @@ COPY build/image/wheelhouse/ /wheelhouse/
 # pip runs from its wheel (Debian's python3 has no pip and no ensurepip), so the venv never
 # gets a pip of its own. Not needed at run time, and removed: the dependencies' test suites
 # and bytecode caches, and kubernetes/aio (42 MB: an asyncio twin of the client; HeteroScale
-# uses the synchronous one). Every heteroscale module, and each dependency it imports lazily,
-# is imported once afterwards to prove nothing it needs went.
+# uses the synchronous one). Every module of the sidecar and the coordinator, and each
+# dependency they import lazily, is imported once afterwards to prove nothing they need went.
+# The simulator and the demo (the [sim] extra: numpy, matplotlib) are not in the image.
 RUN set -- /wheelhouse/pip-*.whl \
  && python3 -m venv --without-pip /opt/heteroscale \
  && /opt/heteroscale/bin/python "$1/pip" install --no-index --find-links /wheelhouse \
@@ -29,8 +30,9 @@ RUN set -- /wheelhouse/pip-*.whl \
  && find /opt/heteroscale -depth -type d \( -name tests -o -name test -o -name __pycache__ \) -exec rm -rf {} + \
  && rm -rf /opt/heteroscale/lib/python3*/site-packages/kubernetes/aio \
  && /opt/heteroscale/bin/python -c "import importlib, pkgutil, heteroscale as h; \
-[importlib.import_module(m.name) for m in pkgutil.walk_packages(h.__path__, 'heteroscale.') if not m.name.endswith('__main__')]; \
-import grpc, kubernetes.client, kubernetes.config, kubernetes.client.exceptions, matplotlib.pyplot" \
+[importlib.import_module(m.name) for m in pkgutil.walk_packages(h.__path__, 'heteroscale.') \
+ if not m.name.endswith('__main__') and not m.name.startswith(('heteroscale.simulator', 'heteroscale.demo'))]; \
+import grpc, kubernetes.client, kubernetes.config, kubernetes.client.exceptions" \
  && /opt/heteroscale/bin/heteroscale --version
 
 FROM ${BASE_IMAGE}
@@ -42,11 +44,10 @@ RUN rm -rf /usr/local/bin/pip* /usr/local/lib/python3*/site-packages/pip \
            /usr/local/lib/python3*/site-packages/pip-*.dist-info \
            /usr/local/lib/python3*/ensurepip /usr/lib/python3*/ensurepip
 COPY --from=build /opt/heteroscale /opt/heteroscale
-# Writable paths at run time: /tmp only (MPLCONFIGDIR, the coordinator's local lease file).
+# Writable paths at run time: /tmp only (the coordinator's local lease file).
 ENV PATH=/opt/heteroscale/bin:$PATH \
     PYTHONUNBUFFERED=1 \
-    PYTHONDONTWRITEBYTECODE=1 \
-    MPLCONFIGDIR=/tmp/matplotlib
+    PYTHONDONTWRITEBYTECODE=1
 # Numeric UID/GID so Kubernetes runAsNonRoot can verify it without /etc/passwd.
 USER 10001:10001
 # 9400: sidecar /metrics, /v1/report, /healthz, /readyz; 9500: coordinator status page and API.

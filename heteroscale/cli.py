@@ -16,19 +16,30 @@ from __future__ import annotations
 import argparse
 import sys
 from dataclasses import dataclass
-from typing import Callable, NoReturn, Sequence
+from typing import Any, Callable, NoReturn, Sequence
 
 from heteroscale import __version__
 from heteroscale.errors import ConfigError, UsageError
 
 EXIT_USAGE = 2
 
+SIM_EXTRA = ("numpy", "matplotlib")      # the [sim] extra: simulate, curate, demo
 AddArguments = Callable[[argparse.ArgumentParser], None]
 Run = Callable[[argparse.Namespace], int]
 
 
+def _needs_sim_extra(command: str, exc: ModuleNotFoundError) -> UsageError:
+    return UsageError(f"'heteroscale {command}' needs the sim extra ({exc.name} is not installed): "
+                      "pip install 'heteroscale[sim]'")
+
+
 def _demo() -> tuple[AddArguments, Run]:
-    from heteroscale.demo import app
+    try:
+        from heteroscale.demo import app
+    except ModuleNotFoundError as exc:
+        if exc.name not in SIM_EXTRA:
+            raise
+        raise _needs_sim_extra("demo", exc) from None
     return app.add_arguments, app.run
 
 
@@ -76,18 +87,28 @@ def _place() -> tuple[AddArguments, Run]:
     return place_cli.add_arguments, place_cli.run
 
 
+def _simulator_cli(command: str) -> Any:
+    try:
+        from heteroscale.simulator import cli
+    except ModuleNotFoundError as exc:
+        if exc.name not in SIM_EXTRA:
+            raise
+        raise _needs_sim_extra(command, exc) from None
+    return cli
+
+
 def _simulate() -> tuple[AddArguments, Run]:
-    from heteroscale.simulator import cli
+    cli = _simulator_cli("simulate")
     return cli.add_simulate_arguments, cli.run_simulate
 
 
 def _curate() -> tuple[AddArguments, Run]:
-    from heteroscale.simulator import cli
+    cli = _simulator_cli("curate")
     return cli.add_curate_arguments, cli.run_curate
 
 
 def _emulate_engine() -> tuple[AddArguments, Run]:
-    from heteroscale.demo.emulator import server
+    from heteroscale.demo.emulator import server         # the scalar perf model: no numpy needed
     return server.add_arguments, server.run
 
 

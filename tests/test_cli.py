@@ -34,3 +34,19 @@ def test_bad_flag_is_one_line_exit_2(capsys):
     err = capsys.readouterr().err
     assert code == 2 or code is None
     assert err.count("\n") == 1 and "error" in err
+
+
+def test_without_the_sim_extra_the_simulator_says_what_to_install():
+    """The container image (and `pip install heteroscale`) carry no numpy or matplotlib:
+    simulate, curate and demo say in one line what to install; the rest works."""
+    code = ("import sys; sys.modules['numpy'] = None; sys.modules['matplotlib'] = None\n"
+            "from heteroscale.cli import main\n"
+            "for name in ('simulate', 'curate', 'demo', 'emulate-engine', 'coordinator'):\n"
+            "    print(name, main([name, '--help']))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    codes = dict(line.split() for line in out.stdout.splitlines() if line.split()[0] in
+                 ("simulate", "curate", "demo", "emulate-engine", "coordinator") and len(line.split()) == 2)
+    assert codes == {"simulate": "2", "curate": "2", "demo": "2", "emulate-engine": "0", "coordinator": "0"}, out
+    errors = out.stderr.strip().splitlines()
+    assert len(errors) == 3 and "Traceback" not in out.stderr
+    assert all("needs the sim extra" in e and "pip install 'heteroscale[sim]'" in e for e in errors)

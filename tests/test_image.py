@@ -184,7 +184,7 @@ def test_image_runs_as_a_numeric_non_root_user(built: Built, container: str):
     assert config["Entrypoint"] == ["heteroscale"]
     assert {"9400/tcp", "9500/tcp"} <= set(config["ExposedPorts"])
     env = dict(item.split("=", 1) for item in config["Env"])
-    assert env["MPLCONFIGDIR"].startswith("/tmp/")
+    assert env["PYTHONDONTWRITEBYTECODE"] == "1"
     assert config["Labels"]["org.opencontainers.image.version"] == VERSION
     ids = _in(container, "python3", "-c", "import os; print(os.getuid(), os.getgid())").stdout.split()
     assert ids == [uid, gid]
@@ -193,6 +193,12 @@ def test_image_runs_as_a_numeric_non_root_user(built: Built, container: str):
 def test_cli_version_in_the_image(container: str):
     out = _in(container, "heteroscale", "--version")
     assert out.stdout.strip() == f"heteroscale {VERSION}"
+
+
+def test_the_simulator_is_not_in_the_image_and_says_so(container: str):
+    out = _in(container, "heteroscale", "simulate", "--help", check=False)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "needs the sim extra" in out.stderr and "pip install 'heteroscale[sim]'" in out.stderr
 
 
 CONTENTS = r"""
