@@ -44,8 +44,8 @@ def test_without_the_sim_extra_the_simulator_says_what_to_install():
             "for name in ('simulate', 'curate', 'demo', 'emulate-engine', 'coordinator'):\n"
             "    print(name, main([name, '--help']))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
-    codes = dict(line.split() for line in out.stdout.splitlines() if line.split()[0] in
-                 ("simulate", "curate", "demo", "emulate-engine", "coordinator") and len(line.split()) == 2)
+    names = ("simulate", "curate", "demo", "emulate-engine", "coordinator")
+    codes = dict(w for w in (line.split() for line in out.stdout.splitlines()) if len(w) == 2 and w[0] in names)
     assert codes == {"simulate": "2", "curate": "2", "demo": "2", "emulate-engine": "0", "coordinator": "0"}, out
     errors = out.stderr.strip().splitlines()
     assert len(errors) == 3 and "Traceback" not in out.stderr
