@@ -11,10 +11,10 @@ missing), then measures:
   and a sidecar's first ``/healthz`` (beside ``true``, buildah's own overhead), once as
   built (no bytecode) and once after ``compileall``, with what bytecode would add in size.
 
-Writes ``benchmarks/results/image.json`` (with the machine's load around the run) and prints
+Writes a result file (``--replace``: ``benchmarks/results/image.json``; ``benchmarks/record.py``) (with the machine's load around the run) and prints
 a summary. A busy machine makes the times longer, never a failure.
 
-    .venv/bin/python benchmarks/image_bench.py [--base IMAGE] [--out FILE]
+    .venv/bin/python benchmarks/image_bench.py [--base IMAGE] [--replace | --out FILE]
 """
 
 from __future__ import annotations
@@ -32,6 +32,8 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
+
+import record
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_BASE = "localhost/heteroscale-base:bookworm"
@@ -115,8 +117,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--base", default=os.environ.get("HETEROSCALE_IMAGE_BASE", DEFAULT_BASE))
     parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "image.json")
+    record.add_output_arguments(parser, "image")
     args = parser.parse_args()
+    out = record.output_path(args, "image")
     if shutil.which("buildah") is None:
         raise SystemExit("buildah is not installed (scripts/test-deps.sh installs it)")
     load_before = os.getloadavg()
@@ -164,8 +167,8 @@ def main() -> int:
     result["loadavg_before"] = [round(x, 2) for x in load_before]
     result["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
     result["host"] = platform.platform()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    result["met"] = {"image <= 250 MB": result["image_mb"] <= 250}
+    record.write(out, result)
 
     def med(key: str, block: str) -> float:
         return statistics.median(result[block][key])
@@ -175,7 +178,7 @@ def main() -> int:
           f"{med('sidecar_healthz_s', 'start_no_bytecode')} s (with bytecode: "
           f"{med('version_s', 'start_with_bytecode')} s, {med('sidecar_healthz_s', 'start_with_bytecode')} s, "
           f"+{result['bytecode_adds_mb']} MB); load {result['loadavg_before'][0]} -> {result['loadavg_after'][0]}")
-    return 0
+    return record.verdict(result["met"], out)
 
 
 if __name__ == "__main__":
