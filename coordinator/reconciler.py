@@ -35,7 +35,8 @@ from heteroscale.coordinator.core.bandwidth import ServiceBandwidth, build_bandw
 from heteroscale.coordinator.core.policy import PolicyState, decide, settle
 from heteroscale.coordinator.core.settings import Config, ServiceConfig
 from heteroscale.coordinator.core.types import ApplyResult, Decision, Fetched, Observation, PoolCounts, PoolStatus
-from heteroscale.coordinator.seams import Actuator, EventRecorder, LeaderElection, SignalCollector, TopologySource
+from heteroscale.coordinator.seams import (Actuator, BandwidthAware, EventRecorder, LeaderElection, SignalCollector,
+                                          TopologySource)
 from heteroscale.coordinator.snapshot import ServiceSnapshot, Snapshot, render_status
 from heteroscale.errors import NotLeaderError
 
@@ -183,6 +184,8 @@ class Reconciler:
             return self._failed(rt, "decide", exc)
         rt.status, rt.observation, rt.last, rt.last_tick_s = status, observation, decision, now_s
         applied: ApplyResult | None = None
+        if isinstance(self.actuator, BandwidthAware):
+            self.actuator.use_bandwidth(service.name, rt.bandwidth)
         if decision.desired != decision.current and self._may_write():
             applied = await self._apply(rt, decision)
         rt.state = settle(state, decision=decision, applied=applied is not None)

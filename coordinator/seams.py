@@ -21,6 +21,8 @@ its connectors) rather than ``getattr`` probes:
                       Group, for the KV-transfer bandwidth map.
 ``EventRecorder``     ``record_event(service, reason, message)``: a Kubernetes Event (the
                       P/D ratio advice).
+``BandwidthAware``    ``use_bandwidth(service, map)``: placement that prefers domains with
+                      measured KV-transfer headroom (Deployment Groups, the demo).
 ``ReportSource``      an actuator that knows its own instances' report URLs (local).
 """
 
@@ -31,6 +33,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Mapping, Protocol, Sequence, runtime_checkable
 
 if TYPE_CHECKING:
+    from heteroscale.coordinator.core.bandwidth import ServiceBandwidth
     from heteroscale.coordinator.core.settings import ServiceConfig
     from heteroscale.coordinator.core.types import ApplyResult, Decision, Fetched, PoolStatus
 
@@ -68,6 +71,13 @@ class TopologySource(Protocol):
     @property
     def pod_groups(self) -> Mapping[str, str]:
         """pod name → Deployment Group, as last observed."""
+        ...
+
+
+@runtime_checkable
+class BandwidthAware(Protocol):
+    def use_bandwidth(self, service: str, bandwidth: "ServiceBandwidth | None") -> None:
+        """The service's latest measured KV-transfer map, for the next placement."""
         ...
 
 

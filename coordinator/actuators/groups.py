@@ -55,13 +55,14 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Sequence
 
 from heteroscale.coordinator.kube import (DEPLOYMENTS, EVENTS, NODES, PODS, WORKLOADS, Clock, Kube, SystemClock,
                                           event_body, format_time, parse_time, set_replicas)
+from heteroscale.coordinator.core.bandwidth import PlacementHints, ServiceBandwidth, placement_hints
 from heteroscale.coordinator.core.gate import admit
-from heteroscale.coordinator.core.placement import (DeploymentGroup, PlacementPlan, RoleGroup,
-                                           demand_from_service, plan)
+from heteroscale.coordinator.core.placement import (LEVEL_OF_AFFINITY, DeploymentGroup, PlacementPlan, RoleGroup,
+                                                    demand_from_service, plan, with_bandwidth)
 from heteroscale.coordinator.core.topology import TIER_VALUE, TopologyKeys, build_view
 from heteroscale.coordinator.core.types import ROLES, ApplyResult, Decision, PoolCounts, PoolStatus
 from heteroscale.coordinator.core.settings import PlacementConfig, ServiceConfig
@@ -252,12 +253,17 @@ def groups_from_objects(service: str, deployments: Iterable[Mapping[str, Any]],
     return out
 
 
-def pick_for_drain(pods: list[Mapping[str, Any]], count: int) -> list[Mapping[str, Any]]:
-    """Which pods leave first: not-ready ones (cost nothing), then the newest."""
-    def key(pod: Mapping[str, Any]) -> tuple[int, float, str]:
+def pick_for_drain(pods: list[Mapping[str, Any]], count: int, *,
+                   worst_first: Sequence[str] = ()) -> list[Mapping[str, Any]]:
+    """Which pods leave first: not-ready ones (cost nothing), then those in the worst-
+    measured KV pairs (``worst_first``, worst first), then the newest."""
+    rank = {name: i for i, name in enumerate(worst_first)}
+
+    def key(pod: Mapping[str, Any]) -> tuple[int, int, float, str]:
         ready = _condition(pod, "Ready") == "True"
         created = parse_time((pod.get("metadata") or {}).get("creationTimestamp")) or 0.0
-        return (1 if ready else 0, -created, pod["metadata"]["name"])
+        name = pod["metadata"]["name"]
+        return (1 if ready else 0, rank.get(name, len(rank)), -created, name)
     return sorted(pods, key=key)[:count]
 
 
@@ -284,6 +290,7 @@ class DeploymentGroupActuator:
         # (for the KV bandwidth map)
         self.switches: dict[str, tuple[str, str]] = {}
         self._pod_groups: dict[str, dict[str, str]] = {}
+        self._bandwidth: dict[str, ServiceBandwidth | None] = {}
 
     # ------------------------------------------------------------ reads
     async def _objects(self, service: ServiceConfig) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -500,7 +507,8 @@ class DeploymentGroupActuator:
         # draining pods still hold their GPUs until deleted: keep them in the view
         view = build_view(nodes, pods=everything.get("items") or [], keys=self.settings.keys)
         current = groups_from_objects(service.name, deps, pods)
-        demand = demand_from_service(service, cluster_types={n.gpu_type for n in view.nodes})
+        demand = with_bandwidth(demand_from_service(service, cluster_types={n.gpu_type for n in view.nodes}),
+                                self._hints(service, current))
         result = plan(view=view, services=[demand], current={service.name: current},
                       desired={service.name: decision.desired})
         self.last_plan[service.name] = result
@@ -514,6 +522,14 @@ class DeploymentGroupActuator:
             await self._shortfall_event(service, short, result)
         notes += list(result.reasons.get(service.name, ()))
         return ApplyResult(applied=placed, note="; ".join(notes), shortfall=short)
+
+    def use_bandwidth(self, service: str, bandwidth: ServiceBandwidth | None) -> None:
+        """``seams.BandwidthAware``: the measured KV map the next placement of ``service`` uses."""
+        self._bandwidth[service] = bandwidth
+
+    def _hints(self, service: ServiceConfig, current: list[DeploymentGroup]) -> PlacementHints:
+        return placement_hints(self._bandwidth.get(service.name), group_domains={g.name: g.domain for g in current},
+                               affinity_level=LEVEL_OF_AFFINITY[service.affinity])
 
     async def _restore(self, pods: list[dict[str, Any]]) -> int:
         count = 0
@@ -553,7 +569,8 @@ class DeploymentGroupActuator:
                 continue
             candidates = [p for p in pods if not is_draining(p) and not is_released(p)
                           and _labels(p).get(LABEL_DG) == release.dg and _labels(p).get(LABEL_ROLE) == release.role]
-            chosen = pick_for_drain(candidates, release.count)
+            chosen = pick_for_drain(candidates, release.count,
+                                    worst_first=self._hints(service, current).worst_pods)
             if len(chosen) < release.count:
                 # instances asked for but without a pod yet: shrink the spec directly
                 dep_name = f"{release.dg}-{release.role}"

@@ -52,8 +52,9 @@ import aiohttp
 import yaml
 
 from heteroscale.net import free_ports
+from heteroscale.coordinator.core.bandwidth import PlacementHints, ServiceBandwidth, placement_hints
 from heteroscale.coordinator.core.gate import gate_admit
-from heteroscale.coordinator.core.placement import DeploymentGroup, RoleGroup, demand_from_service, plan
+from heteroscale.coordinator.core.placement import DeploymentGroup, LEVEL_OF_AFFINITY, RoleGroup, demand_from_service, plan, with_bandwidth
 from heteroscale.coordinator.core.topology import (TIER_VALUE, ClusterView, TopologyKeys, build_view,
                                                    nodes_from_document)
 from heteroscale.coordinator.seams import ReportTarget
@@ -272,6 +273,7 @@ class LocalActuator:
         self._session: aiohttp.ClientSession | None = None
         self._closed = False
         self._lock = asyncio.Lock()
+        self._bandwidth: dict[str, ServiceBandwidth | None] = {}
         self._tier_cache: dict[tuple[str, ...], str] | None = None
 
     # ---------------------------------------------------------- Actuator seam
@@ -386,10 +388,18 @@ class LocalActuator:
             if inst.holds_gpus:
                 used[inst.node] = used.get(inst.node, 0) + inst.gpus
         groups = self._current_groups(svc.name)
-        # Name new groups ourselves so a DG name is never reused within a run.
-        result = plan(view=self.cluster.view(used), services=[demand_from_service(svc)],
+        hints = self._hints(svc, groups)
+        result = plan(view=self.cluster.view(used), services=[with_bandwidth(demand_from_service(svc), hints)],
                       current={svc.name: groups}, desired={svc.name: desired})
         return result
+
+    def use_bandwidth(self, service: str, bandwidth: ServiceBandwidth | None) -> None:
+        """``seams.BandwidthAware``: the measured KV map the next placement of ``service`` uses."""
+        self._bandwidth[service] = bandwidth
+
+    def _hints(self, svc: "ServiceConfig", groups: list[DeploymentGroup]) -> PlacementHints:
+        return placement_hints(self._bandwidth.get(svc.name), group_domains={g.name: g.domain for g in groups},
+                               affinity_level=LEVEL_OF_AFFINITY[svc.affinity])
 
     def _group_docs(self, service: str) -> Iterable[dict[str, Any]]:
         """The service's DGs for the status page, as the Kubernetes DG actuator describes them
@@ -493,7 +503,11 @@ class LocalActuator:
         then the least busy; they leave traffic now and stop once drained."""
         members = [i for i in self.instances.values()
                    if i.service == service and i.group == group and i.role == role and i.live]
-        members.sort(key=lambda i: (i.state == "ready", i.in_traffic, self.in_flight(i.name), -i.created_s))
+        svc = self._services.get(service)
+        worst = self._hints(svc, self._current_groups(service)).worst_pods if svc is not None else ()
+        rank = {name: k for k, name in enumerate(worst)}
+        members.sort(key=lambda i: (i.state == "ready", rank.get(i.name, len(rank)), i.in_traffic,
+                                    self.in_flight(i.name), -i.created_s))
         for inst in members[:count]:
             inst.in_traffic = False
             inst.state = "draining"

@@ -304,3 +304,64 @@ def transfer_summary(reports: Iterable[SidecarReport]) -> dict[str, Any] | None:
 
     return {"send_bytes_per_second": total("send"), "receive_bytes_per_second": total("receive"),
             "instances": rows}
+
+
+@dataclass(frozen=True)
+class PlacementHints:
+    """What the measured map asks of placement (``ServiceDemand.slow_domains``/``new_level``)."""
+
+    slow_domains: Mapping[tuple[str, ...], str] = field(default_factory=dict)
+    new_level: str | None = None
+    new_level_reason: str = ""
+    worst_pods: tuple[str, ...] = ()         # pods of flagged pairs, worst first (scale-in picks these)
+
+    @property
+    def any(self) -> bool:
+        return bool(self.slow_domains or self.new_level or self.worst_pods)
+
+
+def placement_hints(bandwidth: ServiceBandwidth | None, *, group_domains: Mapping[str, tuple[str, ...]],
+                    affinity_level: str, slow_ratio: float = 0.7, min_groups: int = 2) -> PlacementHints:
+    """Turn the measured map into bounded, explained placement preferences.
+
+    * A Deployment Group whose pairs' median is below ``slow_ratio`` × the best group's
+      (given at least ``min_groups`` measured groups) marks its domain slow.
+    * For an ``affinity: none`` service (cluster-level groups, which straddle switches),
+      cross-switch pairs measuring below ``slow_ratio`` × the same-switch median make new
+      groups S2-level: no new group straddles the slow links.
+    * Pods of flagged pairs, worst first, for scale-in to release first.
+    """
+    if bandwidth is None:
+        return PlacementHints()
+    slow: dict[tuple[str, ...], str] = {}
+    measured = [g for g in bandwidth.groups if g.median_bytes_per_second is not None and g.group in group_domains]
+    if len(measured) >= min_groups:
+        best = max(measured, key=lambda g: g.median_bytes_per_second or 0.0)
+        for g in measured:
+            value = g.median_bytes_per_second or 0.0
+            if value < slow_ratio * (best.median_bytes_per_second or 0.0):
+                slow[group_domains[g.group]] = (
+                    f"group {g.group}'s KV pairs measure {value / (best.median_bytes_per_second or 1):.0%} of "
+                    f"group {best.group}'s ({_rate(value)} vs {_rate(best.median_bytes_per_second or 0.0)})")
+    new_level, reason = None, ""
+    ratio = bandwidth.cross_to_same_ratio
+    if affinity_level == "cluster" and ratio is not None and ratio < slow_ratio:
+        new_level = "s2"
+        reason = (f"cross-switch KV pairs measure {ratio:.0%} of same-switch ones "
+                  f"({_rate(bandwidth.cross_switch_median_bytes_per_second or 0.0)} vs "
+                  f"{_rate(bandwidth.same_switch_median_bytes_per_second or 0.0)})")
+    worst = sorted((p for p in bandwidth.flagged if p.bytes_per_second is not None),
+                   key=lambda p: p.bytes_per_second or 0.0)
+    pods: list[str] = []
+    for pair in worst:
+        for pod in (pair.decode, pair.prefill):
+            if pod not in pods:
+                pods.append(pod)
+    return PlacementHints(slow_domains=slow, new_level=new_level, new_level_reason=reason, worst_pods=tuple(pods))
+
+
+def _rate(bytes_per_second: float) -> str:
+    for unit, scale in (("GB/s", 1e9), ("MB/s", 1e6), ("kB/s", 1e3)):
+        if bytes_per_second >= scale:
+            return f"{bytes_per_second / scale:.3g} {unit}"
+    return f"{bytes_per_second:.3g} B/s"

@@ -131,6 +131,14 @@ class ServiceDemand:
     ratio: tuple[int, int] = (1, 1)
     prefill: RoleDemand = field(default_factory=lambda: RoleDemand(("gpu",)))
     decode: RoleDemand = field(default_factory=lambda: RoleDemand(("gpu",)))
+    slow_domains: Mapping[tuple[str, ...], str] = field(default_factory=dict)
+    """Domains whose measured KV bandwidth is well below their peers' (``core.bandwidth.
+    placement_hints``), with why: scale-out prefers other domains (after GPU-type
+    preference), scale-in releases these first."""
+    new_level: str | None = None
+    """A tighter level for NEW groups (``s2`` for an ``affinity: none`` service whose
+    cross-switch pairs measure slow): no new group straddles the slow links."""
+    new_level_reason: str = ""
 
     def __post_init__(self) -> None:
         problems = []
@@ -143,12 +151,28 @@ class ServiceDemand:
             problems.append(f"ratio must be two positive integers (P, D), got {self.ratio!r}")
         if not isinstance(self.priority, int) or isinstance(self.priority, bool):
             problems.append("priority must be an integer")
+        if self.new_level is not None and self.new_level not in LEVELS:
+            problems.append(f"new_level must be one of {', '.join(LEVELS)}, got {self.new_level!r}")
         if problems:
             raise ConfigError(problems, source=f"service {self.name!r}")
 
     @property
     def level(self) -> str:
         return LEVEL_OF_AFFINITY[self.affinity]
+
+    @property
+    def creates_at(self) -> str:
+        """The level of a new group: the affinity's, or the tighter ``new_level``."""
+        return self.new_level or self.level
+
+    def slow(self, domain: tuple[str, ...]) -> str | None:
+        """Why ``domain`` is avoided, or ``None``. Groups at the affinity's own level are
+        avoided too while new groups must be tighter (they straddle the slow links)."""
+        if domain in self.slow_domains:
+            return self.slow_domains[domain]
+        if self.new_level is not None and domain[0] == self.level != self.new_level:
+            return self.new_level_reason or "straddles slow links"
+        return None
 
     def role(self, role: str) -> RoleDemand:
         return self.prefill if role == "prefill" else self.decode
@@ -263,6 +287,16 @@ def demand_from_service(service: Any, *, cluster_types: Iterable[str] = ()) -> S
                          affinity=str(getattr(service, "affinity", "none")),
                          ratio=tuple(getattr(service, "pd_ratio", (1, 1))),
                          prefill=role(service.prefill), decode=role(service.decode))
+
+
+def with_bandwidth(demand: ServiceDemand, hints: Any) -> ServiceDemand:
+    """``demand`` with the measured-bandwidth preferences of ``core.bandwidth.placement_hints``."""
+    if not hints.slow_domains and hints.new_level is None:
+        return demand
+    new_level = hints.new_level if hints.new_level is not None and LEVELS.index(hints.new_level) < \
+        LEVELS.index(demand.level) else None
+    return replace(demand, slow_domains=dict(hints.slow_domains), new_level=new_level,
+                   new_level_reason=hints.new_level_reason if new_level else "")
 
 
 # ---------------------------------------------------------------- outputs
@@ -523,29 +557,35 @@ def _fits(work: _Working, svc: ServiceDemand, domain: tuple[str, ...], type_p: s
 
 def _best_candidate(work: _Working, svc: ServiceDemand, groups: list[_Group],
                     cum: _Cum, *, new_allowed: bool) -> _Candidate | None:
-    """The first candidate in key order (type rank, tier, grow-before-new, domain)."""
+    """The first candidate in key order (type rank, slow domain last, tier, grow-before-new,
+    domain): a domain with measured KV-bandwidth trouble is taken only when no healthy
+    one of the same GPU types fits."""
     combos = sorted(((rp + rd, rp, rd, tp, td)
                      for rp, tp in enumerate(svc.prefill.gpu_types)
                      for rd, td in enumerate(svc.decode.gpu_types)))
+    levels = {svc.level, svc.creates_at}
     for _, rp, rd, tp, td in combos:
-        growable = [g for g in groups if g.dg.level == svc.level
+        growable = [g for g in groups if g.dg.level in levels
                     and g.dg.prefill.gpu_type == tp and g.dg.decode.gpu_type == td
                     # a single-role step may only grow a DG that already holds both roles
                     and (new_allowed or (g.prefill > 0 and g.decode > 0))]
         used = {g.dg.domain for g in growable}
-        for tier in range(len(TIERS)):
-            for group in sorted(growable, key=lambda g: g.dg.name):
-                fits = _fits(work, svc, group.dg.domain, tp, td, cum, tier)
-                if fits:
-                    return _Candidate((rp + rd, tier, 0), group.dg.domain, tp, td, tier, fits, group)
-            if not new_allowed:
-                continue
-            for domain in work.candidate_domains(svc.level, tp, td):
-                if domain in used:
+        for slow in (False, True):
+            for tier in range(len(TIERS)):
+                for group in sorted(growable, key=lambda g: g.dg.name):
+                    if (svc.slow(group.dg.domain) is not None) != slow:
+                        continue
+                    fits = _fits(work, svc, group.dg.domain, tp, td, cum, tier)
+                    if fits:
+                        return _Candidate((rp + rd, slow, tier, 0), group.dg.domain, tp, td, tier, fits, group)
+                if not new_allowed:
                     continue
-                fits = _fits(work, svc, domain, tp, td, cum, tier)
-                if fits:
-                    return _Candidate((rp + rd, tier, 1), domain, tp, td, tier, fits, None)
+                for domain in work.candidate_domains(svc.creates_at, tp, td):
+                    if domain in used or (svc.slow(domain) is not None) != slow:
+                        continue
+                    fits = _fits(work, svc, domain, tp, td, cum, tier)
+                    if fits:
+                        return _Candidate((rp + rd, slow, tier, 1), domain, tp, td, tier, fits, None)
     return None
 
 
@@ -594,6 +634,11 @@ def _scale_out(work: _Working, svc: ServiceDemand, groups: list[_Group], delta: 
         why = (f"{'new DG' if cand.group is None else 'grow DG'} in {_domain_label(cand.domain)}: "
                f"GPU types {cand.type_p}/{cand.type_d} (preference rank {cand.key[0]}), "
                f"{tier_name} tier is the least valuable that fits")
+        slow_why = svc.slow(cand.domain)
+        if slow_why is not None:
+            why += f"; measured KV bandwidth is low here ({slow_why}), but no healthy domain fits"
+        elif svc.slow_domains or svc.new_level:
+            why += "; measured KV bandwidth: domains with slow links avoided"
         for role, got, size, gpu_type, nodes in (
                 ("prefill", got_p, gp, cand.type_p, group.prefill_nodes),
                 ("decode", got_d, gd, cand.type_d, group.decode_nodes)):
@@ -663,8 +708,8 @@ def _scale_in(work: _Working, svc: ServiceDemand, groups: list[_Group], delta: P
               releases: list[Release], notes: list[str]) -> PoolCounts:
     """Remove ``delta`` (counts to remove) for one service; returns what could not be removed."""
     left_p, left_d = delta.prefill, delta.decode
-    order = sorted(groups, key=lambda g: (-_group_tier(work, g), -_type_rank(svc, g),
-                                          g.prefill + g.decode, g.dg.name))
+    order = sorted(groups, key=lambda g: (svc.slow(g.dg.domain) is None, -_group_tier(work, g),
+                                          -_type_rank(svc, g), g.prefill + g.decode, g.dg.name))
     for group in order:
         if left_p == 0 and left_d == 0:
             break
@@ -680,8 +725,10 @@ def _scale_in(work: _Working, svc: ServiceDemand, groups: list[_Group], delta: P
             whole = False
         if rp == 0 and rd == 0:
             continue
+        slow_why = svc.slow(group.dg.domain)
         why = (f"{'remove DG' if whole else 'shrink DG'} in {_domain_label(group.dg.domain)}: "
-               f"{tier} tier pools are released first")
+               + (f"measured KV bandwidth is low here ({slow_why}): released first" if slow_why is not None
+                  else f"{tier} tier pools are released first"))
         for role, count in (("prefill", rp), ("decode", rd)):
             if count:
                 releases.append(Release(service=svc.name, dg=group.dg.name, role=role, count=count,
