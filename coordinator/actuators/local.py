@@ -54,7 +54,8 @@ import yaml
 from heteroscale.net import free_ports
 from heteroscale.coordinator.core.bandwidth import PlacementHints, ServiceBandwidth, placement_hints
 from heteroscale.coordinator.core.gate import gate_admit
-from heteroscale.coordinator.core.placement import DeploymentGroup, LEVEL_OF_AFFINITY, RoleGroup, demand_from_service, plan, with_bandwidth
+from heteroscale.coordinator.core.placement import (DeploymentGroup, LEVEL_OF_AFFINITY, RoleGroup, demand_from_service,
+                                                    plan, with_bandwidth)
 from heteroscale.coordinator.core.topology import (TIER_VALUE, ClusterView, TopologyKeys, build_view,
                                                    nodes_from_document)
 from heteroscale.coordinator.seams import ReportTarget
