@@ -10,13 +10,16 @@ caller), and a size cap. Every failure becomes a ``ScrapeError`` whose
 ``connect``    refused, reset, DNS, the server closed without an answer
 ``timeout``    no complete answer within ``timeout_s``
 ``http_status`` an answer other than 200
-``parse``      body too large, not UTF-8, cut short, not a Prometheus page
+``parse``      not UTF-8, cut short, not a Prometheus page
+``too_large``  a body over ``max_bytes`` (16 MiB), or a sample line the sidecar
+               reads over 16 KiB (``promtext.MAX_LINE_CHARS``)
 ``wrong_engine`` a valid page, but from another engine
 ``empty``      an empty page
 =============  ===========================================================
 
-Parsing is pure (``heteroscale.engine_adapters.vllm`` / ``sglang``) and fast enough
-(well under a millisecond on a full page) to run on the event loop.
+Parsing is pure (``heteroscale.engine_adapters.vllm`` / ``sglang``): about a
+millisecond on a full page, but a legal page may be as large as ``max_bytes``,
+so the sidecar runs it in a worker thread, never on its event loop.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from heteroscale.engine_adapters.snapshot import EngineSnapshot
 from heteroscale.errors import ScrapeError
 
 ACCEPT = "text/plain; version=0.0.4"
-DEFAULT_MAX_BYTES = 8 * 1024 * 1024
+DEFAULT_MAX_BYTES = 16 * 1024 * 1024   # same bound as snapshot.MAX_PAGE_CHARS
 
 PARSERS: dict[str, Callable[[str], EngineSnapshot]] = {"vllm": vllm.parse, "sglang": sglang.parse}
 
@@ -88,13 +91,13 @@ async def fetch_page(session: aiohttp.ClientSession, settings: ScrapeSettings) -
 
 async def _read_capped(response: aiohttp.ClientResponse, max_bytes: int) -> bytes:
     if response.content_length is not None and response.content_length > max_bytes:
-        raise ScrapeError("parse", f"page of {response.content_length} bytes exceeds the {max_bytes}-byte cap")
+        raise ScrapeError("too_large", f"page of {response.content_length} bytes exceeds the {max_bytes}-byte cap")
     chunks: list[bytes] = []
     size = 0
     async for chunk in response.content.iter_chunked(64 * 1024):
         size += len(chunk)
         if size > max_bytes:
-            raise ScrapeError("parse", f"page exceeds the {max_bytes}-byte cap")
+            raise ScrapeError("too_large", f"page exceeds the {max_bytes}-byte cap")
         chunks.append(chunk)
     return b"".join(chunks)
 

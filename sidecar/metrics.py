@@ -41,7 +41,7 @@ from heteroscale.report import GpuReading
 
 log = logging.getLogger("heteroscale.sidecar")
 
-SCRAPE_ERROR_REASONS = ("connect", "timeout", "http_status", "parse", "wrong_engine", "empty")
+SCRAPE_ERROR_REASONS = ("connect", "timeout", "http_status", "parse", "too_large", "wrong_engine", "empty")
 
 
 @dataclass(frozen=True)
