@@ -249,13 +249,18 @@ def samples_of(index: SampleIndex, name: str, where: SampleFilter | None = None)
     return [s for s in index.get(name, ()) if _finite(s.value) and (where is None or where(s.labels))]
 
 
+def _finite_or_none(value: float) -> float | None:
+    return value if math.isfinite(value) else None
+
+
 def sum_values(samples: Sequence) -> float | None:
-    """Sum of finite sample values; ``None`` when there is none (missing, not zero)."""
-    return float(sum(s.value for s in samples)) if samples else None
+    """Sum of finite sample values; ``None`` when there is none (missing, not zero) or
+    when the sum overflows (two engines' counters near the float limit)."""
+    return _finite_or_none(float(sum(s.value for s in samples))) if samples else None
 
 
 def mean_values(samples: Sequence) -> float | None:
-    return float(sum(s.value for s in samples)) / len(samples) if samples else None
+    return _finite_or_none(float(sum(s.value for s in samples)) / len(samples)) if samples else None
 
 
 def counter_total(index: SampleIndex, family: str, where: SampleFilter | None = None) -> float | None:
@@ -303,9 +308,13 @@ def histogram_series(index: SampleIndex, family: str,
 
 
 def merge_histograms(histograms: Iterable[Histogram]) -> Histogram | None:
+    """Sum of several engines' histograms; counts that overflow when added are a broken page."""
     merged: Histogram | None = None
     for h in histograms:
-        merged = h if merged is None else merged.merge(h)
+        try:
+            merged = h if merged is None else merged.merge(h)
+        except ValueError as exc:
+            raise ScrapeError("parse", f"histograms cannot be summed: {exc}") from exc
     return merged
 
 

@@ -31,6 +31,8 @@ which is what "uncached prefill tokens/s" must exclude.
 
 from __future__ import annotations
 
+import math
+
 from heteroscale.engine_adapters.snapshot import (
     GENERATION_TOKENS, KV_CACHE_USAGE, PROMPT_CACHED_TOKENS, PROMPT_TOKENS, PROMPT_UNCACHED_TOKENS,
     REQUESTS_RUNNING, REQUESTS_WAITING, TBT, TTFT, EngineSnapshot, SampleIndex, counter_total,
@@ -99,7 +101,8 @@ def _counters(index: SampleIndex) -> dict[str, float | None]:
 
 def _sum_present(*values: float | None) -> float | None:
     present = [v for v in values if v is not None]
-    return sum(present) if present else None
+    total = sum(present) if present else None
+    return total if total is None or math.isfinite(total) else None
 
 
 def _gauges(index: SampleIndex) -> dict[str, float | None]:

@@ -52,7 +52,7 @@ from heteroscale.sidecar.extensions import (
 from heteroscale.sidecar.gpu.base import GpuReader, NoGpuReader
 from heteroscale.sidecar.http import make_app
 from heteroscale.sidecar.metrics import MetricsView, SidecarCollector, view_kv
-from heteroscale.report import ROLES, GpuReading, SidecarReport
+from heteroscale.report import ROLES, GpuReading, SidecarReport, finite_json
 
 log = logging.getLogger("heteroscale.sidecar")
 
@@ -211,24 +211,20 @@ class Agent:
 
     def report(self) -> SidecarReport:
         s, st = self.settings, self.stats()
-        return SidecarReport(
+        return SidecarReport.from_signals(
+            st,
             service=s.service, role=s.role, pod=s.pod, engine=s.engine, node=s.node,
             engine_up=self.engine_up, stale=self.stale(),
             observed_at=self.last_good_wall or 0.0,
             window_s=st.span_s if st.samples > 1 else s.window_s,
             started_at=self.started_at,
-            decode_tps=st.decode_tps, prefill_tps=st.prefill_tps, prefill_uncached_tps=st.prefill_uncached_tps,
-            requests_running=st.requests_running, requests_waiting=st.requests_waiting,
-            kv_cache_usage_ratio=st.kv_cache_usage_ratio,
-            ttft_p50_s=st.ttft_s.get(0.5), ttft_p90_s=st.ttft_s.get(0.9), ttft_p99_s=st.ttft_s.get(0.99),
-            tbt_p50_s=st.tbt_s.get(0.5), tbt_p90_s=st.tbt_s.get(0.9), tbt_p99_s=st.tbt_s.get(0.99),
             gpu_mode=self.gpu_reader.mode, gpus=self.gpus,
-            kv_transfer=dict(self.extension_samples.get(KV_TRANSFER_NAME, {})),
+            kv_transfer=finite_json(dict(self.extension_samples.get(KV_TRANSFER_NAME, {}))),
         )
 
     def report_dict(self) -> dict[str, Any]:
         doc = self.report().to_dict()
-        others = {k: dict(v) for k, v in self.extension_samples.items() if k != KV_TRANSFER_NAME}
+        others = {k: finite_json(dict(v)) for k, v in self.extension_samples.items() if k != KV_TRANSFER_NAME}
         if others:
             doc["extensions"] = others
         doc["scrape_errors"] = dict(self.errors)

@@ -179,4 +179,4 @@ def test_real_pages_idle_then_traffic_give_the_generated_token_rate():
     stats = window.stats(10.0)
     # generated tokens went from 0 to N in 10 s -> N / 10 tok/s
     assert stats.decode_tps == busy.counters[S.GENERATION_TOKENS] / 10 > 0
-    assert stats.ttft_s[0.5] is not None and stats.tbt_s[0.5] is not None
+    assert stats.ttft_p50_s is not None and stats.tbt_p50_s is not None

@@ -5,6 +5,7 @@ engine, restart), staleness, readiness, extensions, GPU readers."""
 from __future__ import annotations
 
 import asyncio
+import math
 
 import aiohttp
 import pytest
@@ -140,6 +141,26 @@ async def test_dp_engine_leaving_is_not_a_spike(engine, session):
     rate = agent.report().decode_tps
     # 2 good pairs at 400/s (2 s) + 2 good pairs at 200/s (2 s): (800 + 400) / 4 = 300
     assert rate == pytest.approx(300.0)
+
+
+async def test_counters_near_the_float_limit_give_unknown_rates_never_infinity(engine, session):
+    # Two DP engines' counters near 1e308 sum to inf: the rate is unknown, the JSON is strict,
+    # /metrics carries no +Inf, and the coordinator's parser accepts the report.
+    import json
+    from heteroscale.report import parse_report_json
+    from heteroscale.sidecar.metrics import MetricsView, SidecarCollector
+
+    clock = Clock()
+    agent = Agent(settings(engine.url), session=session, clock=clock, wall=lambda: 1.7e9 + clock.t)
+    await drive(agent, clock, engine, [vllm_page(gen=3.4e308 - i * 1e300, prompt=1e308 * (i % 2) + 1e307,
+                                                 engines=("0", "1")) for i in range(4)])
+    report = agent.report()
+    assert report.engine_up and report.decode_tps is None
+    body = json.dumps(agent.report_dict(), allow_nan=False)
+    assert "Infinity" not in body and "NaN" not in body
+    assert parse_report_json(body.encode()) == report
+    values = [s.value for m in SidecarCollector(agent.metrics_view).collect() for s in m.samples]
+    assert all(math.isfinite(v) for v in values)
 
 
 class RecordingExtension:
