@@ -17,7 +17,8 @@ samples) / (sum of the time those increases cover). Only "good" pairs count:
   from zero and adds the new value, which spikes when a "reset" is really one
   engine of several vanishing; we prefer to lose one interval;
 * the set of summed engines/ranks is the same on both sides (an engine
-  appearing would otherwise look like a burst of tokens).
+  appearing would otherwise look like a burst of tokens), and so is the
+  family the token counters came from (``EngineSnapshot.token_source``).
 
 So a rate is never negative and never larger than the largest per-pair rate
 actually observed. No good pair -> ``None`` (unknown), never 0; a sum that
@@ -33,8 +34,8 @@ from typing import Sequence
 
 from heteroscale.engine_adapters import quantiles as q
 from heteroscale.engine_adapters.snapshot import (
-    GENERATION_TOKENS, KV_CACHE_USAGE, PROMPT_CACHED_TOKENS, PROMPT_TOKENS, PROMPT_UNCACHED_TOKENS,
-    REQUESTS_RUNNING, REQUESTS_WAITING, TBT, TTFT, EngineSnapshot,
+    GENERATION_TOKENS, KV_CACHE_USAGE, PREEMPTIONS, PROMPT_CACHED_TOKENS, PROMPT_TOKENS, PROMPT_UNCACHED_TOKENS,
+    REQUESTS_DEFERRED, REQUESTS_RUNNING, REQUESTS_WAITING, TBT, TTFT, EngineSnapshot,
 )
 from heteroscale.report import QUANTILE_FIELDS, EngineSignals, clean_signals
 
@@ -126,11 +127,14 @@ class SignalWindow:
         samples = list(self._samples)
         if not samples:
             return WindowStats()
-        # comparable[i]: sample i may be differenced with sample i - 1.
+        # comparable[i]: sample i may be differenced with sample i - 1 (same engines); counters
+        # also need the same token source (SGLang per-batch vs per-finished-request counters).
         comparable = [True] + [a.ranks == b.ranks for (_, a), (_, b) in zip(samples, samples[1:])]
+        counters_comparable = [ok and (i == 0 or samples[i - 1][1].token_source == samples[i][1].token_source)
+                               for i, ok in enumerate(comparable)]
 
         def rate(key: str) -> float | None:
-            return counter_rate([(t, s.counters.get(key)) for t, s in samples], comparable=comparable)
+            return counter_rate([(t, s.counters.get(key)) for t, s in samples], comparable=counters_comparable)
 
         prompt = rate(PROMPT_TOKENS)
         uncached = rate(PROMPT_UNCACHED_TOKENS)
@@ -149,7 +153,10 @@ class SignalWindow:
             prefill_uncached_tps=uncached,
             requests_running=newest.gauges.get(REQUESTS_RUNNING),
             requests_waiting=newest.gauges.get(REQUESTS_WAITING),
+            requests_deferred=newest.gauges.get(REQUESTS_DEFERRED),
+            requests_by_kv_stage=dict(newest.kv_stages),
             kv_cache_usage_ratio=newest.gauges.get(KV_CACHE_USAGE),
+            preemptions_per_s=rate(PREEMPTIONS),
             **quantiles,
             span_s=samples[-1][0] - samples[0][0],
             samples=len(samples),

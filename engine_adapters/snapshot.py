@@ -7,7 +7,9 @@ the way each engine requires (the adapters decide how):
 * counters (cumulative, monotone while the engine lives): generated tokens,
   prompt tokens, prompt tokens served from a cache, and - where the engine
   says so directly - prompt tokens computed here (missed every cache);
-* gauges: running and waiting requests, KV-cache usage as a 0..1 ratio;
+  preempted (vLLM) or retracted (SGLang) requests;
+* gauges: running, waiting and deferred requests, KV-cache usage as a 0..1
+  ratio; requests per KV-transfer stage (``kv_stages``);
 * histograms: TTFT and TBT (inter-token latency) as cumulative buckets.
 
 A missing series is absent from the mappings (never 0). ``ranks`` names the
@@ -52,9 +54,11 @@ GENERATION_TOKENS = "generation_tokens"
 PROMPT_TOKENS = "prompt_tokens"
 PROMPT_CACHED_TOKENS = "prompt_cached_tokens"
 PROMPT_UNCACHED_TOKENS = "prompt_uncached_tokens"
+PREEMPTIONS = "preemptions"              # vLLM preemptions / SGLang retracted requests
 # Keys of EngineSnapshot.gauges
 REQUESTS_RUNNING = "requests_running"
-REQUESTS_WAITING = "requests_waiting"
+REQUESTS_WAITING = "requests_waiting"    # waiting for capacity (vLLM reason="capacity" when exposed)
+REQUESTS_DEFERRED = "requests_deferred"  # waiting, deferred for a transient constraint (vLLM)
 KV_CACHE_USAGE = "kv_cache_usage_ratio"
 # Keys of EngineSnapshot.histograms
 TTFT = "ttft_seconds"
@@ -123,6 +127,10 @@ class EngineSnapshot:
     histograms: Mapping[str, Histogram] = field(default_factory=dict)
     ranks: frozenset[str] = frozenset()
     engine_role: str | None = None    # the role the page itself states (SGLang engine_type), if any
+    kv_stages: Mapping[str, float] = field(default_factory=dict)   # requests per KV-transfer stage
+    # Which family the token counters came from (SGLang: "realtime" per batch, or "finished"
+    # per finished request). Two snapshots whose sources differ are never differenced.
+    token_source: str = ""
 
 
 # -- page -> samples ---------------------------------------------------------------

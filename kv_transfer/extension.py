@@ -236,6 +236,10 @@ class _ConnectorWindows:
         self.busy = RateWindow(window_s=window_s)
         self.failures = RateWindow(window_s=window_s)
         self.latency = HistogramWindow(window_s=window_s)
+        self.speed = HistogramWindow(window_s=window_s)
+        self.bootstrap = HistogramWindow(window_s=window_s)
+        self.alloc_wait = HistogramWindow(window_s=window_s)
+        self.retries = RateWindow(window_s=window_s)
         self.last: kvc.ConnectorReading | None = None
         self.failures_seen = 0.0              # monotone sum of failure increases (our own counter)
 
@@ -251,8 +255,12 @@ class _ConnectorWindows:
                               (self.failures, reading.failures_total)):
             if value is not None:
                 window.add(now_s, value)
-        if reading.latency is not None:
-            self.latency.add(now_s, reading.latency)
+        for window, histogram in ((self.latency, reading.latency), (self.speed, reading.speed),
+                                  (self.bootstrap, reading.bootstrap), (self.alloc_wait, reading.alloc_wait)):
+            if histogram is not None:
+                window.add(now_s, histogram)
+        if reading.retries_total is not None:
+            self.retries.add(now_s, reading.retries_total)
 
     def summary(self, now_s: float, direction: str) -> dict[str, Any] | None:
         last = self.last
@@ -288,6 +296,19 @@ class _ConnectorWindows:
             out["latency_mean_s"] = last.latency_s
         if last.speed_bytes_per_s is not None:
             out["transfer_speed_bytes_per_second"] = last.speed_bytes_per_s
+        # SGLang's per-transfer histograms: mean speed of the transfers in the window (not
+        # weighted by size, unlike transfer_speed_bytes_per_second), bootstrap and allocation waits.
+        speed = self.speed.delta(now_s)
+        if speed is not None and speed.count > 0:
+            out["transfer_speed_mean_bytes_per_second"] = speed.mean
+        for key, window in (("bootstrap", self.bootstrap), ("alloc_wait", self.alloc_wait)):
+            delta = window.delta(now_s)
+            if delta is not None and delta.count > 0:
+                out[f"{key}_mean_s"] = delta.mean
+                out[f"{key}_p90_s"] = delta.quantile(0.9)
+        retries = self.retries.rate(now_s)
+        if retries is not None:
+            out["retries_in_window"] = retries.total
         out["window_s"] = self.bytes[direction].window_s
         return out
 

@@ -29,7 +29,11 @@ def test_dp1_page_values():
     assert snap.counters[S.PROMPT_TOKENS] == 53_100 + 12_000 + 1_900_000
     assert snap.counters[S.PROMPT_UNCACHED_TOKENS] == 53_100
     assert snap.counters[S.PROMPT_CACHED_TOKENS] == 12_000 + 1_900_000
-    assert snap.gauges == {S.REQUESTS_RUNNING: 12, S.REQUESTS_WAITING: 3, S.KV_CACHE_USAGE: 0.4375}
+    # num_requests_waiting is 3, of which reason="capacity" 1 and "deferred" 2: waiting is the capacity share
+    assert snap.gauges == {S.REQUESTS_RUNNING: 12, S.REQUESTS_WAITING: 1, S.REQUESTS_DEFERRED: 2,
+                           S.KV_CACHE_USAGE: 0.4375}
+    assert snap.counters[S.PREEMPTIONS] == 2
+    assert snap.kv_stages == {}             # not a KV consumer: vLLM does not register the family
     ttft = snap.histograms[S.TTFT]
     assert ttft.count == 400 and ttft.bounds[0] == 0.001 and ttft.bounds[-1] == math.inf
     assert len(ttft.bounds) == 23          # 22 default bounds + +Inf
@@ -42,7 +46,8 @@ def test_dp2_sums_engines_and_averages_kv_usage():
     # engine 0: 400 req x 250; engine 1: 450 req x 250
     assert snap.counters[S.GENERATION_TOKENS] == 400 * 250 + 450 * 250
     assert snap.gauges[S.REQUESTS_RUNNING] == 12 + 13
-    assert snap.gauges[S.REQUESTS_WAITING] == 3 + 4
+    assert snap.gauges[S.REQUESTS_WAITING] == 1 + 2          # capacity shares of 3 and 4
+    assert snap.gauges[S.REQUESTS_DEFERRED] == 2 + 2
     assert snap.gauges[S.KV_CACHE_USAGE] == pytest.approx((0.4375 + 0.5375) / 2)
     assert snap.histograms[S.TTFT].count == 800
 
@@ -84,6 +89,21 @@ def test_fast_path_agrees_with_full_parser():
         for name, samples in fast.items():
             assert [(s.labels, s.value) for s in samples] == full[name]
     assert "vllm:time_to_first_token_seconds_bucket" in fast
+
+
+def test_decode_pod_kv_fetch_stages_and_deferred_requests():
+    snap = vllm.parse(page("vllm_constructed_decode_kv_consumer.txt"))
+    # two engines: waiting_to_start 1 + 1, in_progress 1 + 2, completed_waiting 0 + 0
+    assert snap.kv_stages == {"waiting_to_start": 2.0, "in_progress": 3.0, "completed_waiting": 0.0}
+    assert snap.gauges[S.REQUESTS_DEFERRED] == 4 and snap.gauges[S.REQUESTS_WAITING] == 3
+
+
+def test_waiting_falls_back_to_the_total_without_reasons():
+    text = ('vllm:num_requests_waiting{engine="0"} 5\n'
+            'vllm:num_preemptions_total{engine="0"} 7\n')
+    snap = vllm.parse(text)
+    assert snap.gauges == {S.REQUESTS_WAITING: 5}            # older vLLM: no split, no deferred
+    assert snap.counters == {S.PREEMPTIONS: 7}
 
 
 def test_prefix_cache_fallbacks_without_by_source():
@@ -157,7 +177,7 @@ def test_real_captured_vllm_032_pages(path):
     # by_source splits every prompt token into computed here + from a cache
     assert snap.counters[S.PROMPT_CACHED_TOKENS] + snap.counters[S.PROMPT_UNCACHED_TOKENS] == \
         snap.counters[S.PROMPT_TOKENS]
-    assert set(snap.gauges) == {S.REQUESTS_RUNNING, S.REQUESTS_WAITING, S.KV_CACHE_USAGE}
+    assert set(snap.gauges) == {S.REQUESTS_RUNNING, S.REQUESTS_WAITING, S.REQUESTS_DEFERRED, S.KV_CACHE_USAGE}
     assert len(snap.histograms[S.TTFT].bounds) == 23 and len(snap.histograms[S.TBT].bounds) == 20
     # and the fast path reads what the full parser reads
     full = {}

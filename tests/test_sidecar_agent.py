@@ -352,7 +352,7 @@ async def test_sample_is_stamped_at_the_middle_of_its_request(engine, session):
 
 async def test_sglang_engine_end_to_end(engine, session):
     from tests.conftest import DATA
-    base = (DATA / "sglang_decode_dp2_tp2.txt").read_text()
+    base = (DATA / "sglang_pre_realtime_decode_dp2_tp2.txt").read_text()
     line = 'sglang:generation_tokens_total{engine_type="decode",model_name="Qwen/Qwen3-8B"} 1420000.0'
     assert line in base
     clock = Clock()
@@ -368,7 +368,7 @@ async def test_sglang_engine_end_to_end(engine, session):
 
 async def test_role_mismatch_is_logged_once(engine, session, caplog):
     from tests.conftest import DATA
-    engine.page = (DATA / "sglang_prefill_tp1.txt").read_text()
+    engine.page = (DATA / "sglang_pre_realtime_prefill_tp1.txt").read_text()
     agent = Agent(settings(engine.url, engine="sglang", role="decode"), session=session, clock=Clock())
     with caplog.at_level("WARNING", logger="heteroscale.sidecar"):
         await agent.cycle()
