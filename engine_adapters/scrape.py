@@ -72,7 +72,7 @@ async def fetch_page(session: aiohttp.ClientSession, settings: ScrapeSettings) -
                                    allow_redirects=False) as response:
                 if response.status != 200:
                     raise ScrapeError("http_status", f"HTTP {response.status} from {settings.url}")
-                body = await _read_capped(response, settings.max_bytes)
+                body = await read_capped(response, settings.max_bytes)
     except ScrapeError:
         raise
     except (asyncio.TimeoutError, aiohttp.ServerTimeoutError) as exc:
@@ -89,7 +89,8 @@ async def fetch_page(session: aiohttp.ClientSession, settings: ScrapeSettings) -
         raise ScrapeError("parse", f"page from {settings.url} is not UTF-8") from exc
 
 
-async def _read_capped(response: aiohttp.ClientResponse, max_bytes: int) -> bytes:
+async def read_capped(response: aiohttp.ClientResponse, max_bytes: int) -> bytes:
+    """The whole body, or ``ScrapeError("too_large")`` as soon as it passes ``max_bytes``."""
     if response.content_length is not None and response.content_length > max_bytes:
         raise ScrapeError("too_large", f"page of {response.content_length} bytes exceeds the {max_bytes}-byte cap")
     chunks: list[bytes] = []

@@ -346,7 +346,9 @@ async def test_inside_the_real_agent_against_a_real_engine_server():
     try:
         args = agent_parser().parse_args(["--engine", "vllm", "--engine-url", engine.url, "--role", "decode",
                                           "--service", "chat", "--pod", "decode-0", "--gpu-source", "none",
-                                          "--no-rdma"])
+                                          "--no-rdma", "--interval", "60", "--window", "120"])
+        # (a long interval: the agent's own loop runs its first cycle at start and no other,
+        # so the cycles below are the only ones that stamp pages on the test's clock)
         (ext,) = build_extensions(args)
         async with aiohttp.ClientSession() as session:
             agent = Agent(agent_settings(args), session=session, clock=lambda: t[0], extensions=[ext])

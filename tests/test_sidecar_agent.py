@@ -13,7 +13,7 @@ import pytest
 from heteroscale.sidecar.agent import Agent, AgentSettings, metrics_url, settings_from_args, add_arguments
 from heteroscale.errors import ConfigError, UsageError
 from heteroscale.report import GpuReading, SidecarReport
-from tests.conftest import free_port
+from tests.conftest import DATA, free_port
 from tests.test_sidecar_fakes import FakeEngine, vllm_page
 
 
@@ -85,6 +85,8 @@ async def test_engine_faults(engine, session, mode, reason):
         await agent.cycle()
         clock.t += 1.0
         assert not agent.engine_up
+        # stale from the first failed scrape on: the last good rate is never served as fresh
+        assert agent.report().stale and agent.metrics_view().stale
     assert agent.errors[reason] == 4 and sum(agent.errors.values()) == 4
     report = agent.report()
     assert report.stale and not report.engine_up        # newest good sample is > 3 intervals old
@@ -161,6 +163,27 @@ async def test_counters_near_the_float_limit_give_unknown_rates_never_infinity(e
     assert parse_report_json(body.encode()) == report
     values = [s.value for m in SidecarCollector(agent.metrics_view).collect() for s in m.samples]
     assert all(math.isfinite(v) for v in values)
+
+
+async def test_decode_pod_report_carries_deferred_kv_stages_and_preemptions(engine, session):
+    from heteroscale.sidecar.metrics import SidecarCollector
+    page = (DATA / "vllm_constructed_decode_kv_consumer.txt").read_text()
+    clock = Clock()
+    agent = Agent(settings(engine.url), session=session, clock=clock, wall=lambda: 1.7e9 + clock.t)
+    # preemptions 2 per engine on the page; three later scrapes add 3 per second in all
+    await drive(agent, clock, engine, [page.replace('vllm:num_preemptions_total{engine="1",model_name="Qwen/Qwen3-8B"} 2.0',
+                                                    f'vllm:num_preemptions_total{{engine="1",model_name="Qwen/Qwen3-8B"}} '
+                                                    f'{2.0 + 3 * i}') for i in range(3)])
+    clock.t -= 1.0
+    report = agent.report()
+    assert report.requests_waiting == 1 + 2 and report.requests_deferred == 2 + 2
+    assert report.requests_by_kv_stage == {"waiting_to_start": 2.0, "in_progress": 3.0, "completed_waiting": 0.0}
+    assert report.preemptions_per_s == pytest.approx(3.0)
+    samples = {(s.name, s.labels.get("stage")): s.value
+               for m in SidecarCollector(agent.metrics_view).collect() for s in m.samples}
+    assert samples[("heteroscale_requests_deferred", None)] == 4
+    assert samples[("heteroscale_requests_kv_stage", "in_progress")] == 3
+    assert samples[("heteroscale_preemptions_per_second", None)] == pytest.approx(3.0)
 
 
 class RecordingExtension:
