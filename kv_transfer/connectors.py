@@ -36,19 +36,21 @@ N times. Series that differ only in ``tp_rank``, ``pp_rank`` or ``moe_ep_rank``
 queue gauges carry the total under ``priority=""`` next to one series per
 priority; only the totals are read.
 
-Only the lines of wanted families go through ``prometheus_client``'s parser:
-garbage elsewhere on a big engine page is not this module's business; garbage
-inside a wanted family raises ``ScrapeError("parse")``.
+Only the lines of wanted families are read (``engine_adapters.promtext``, the
+project's own sample-line parser): garbage elsewhere on a big engine page is not
+this module's business; garbage inside a wanted family raises
+``ScrapeError("parse")``, a wanted line over 16 KiB ``ScrapeError("too_large")``.
 """
 
 from __future__ import annotations
 
+import functools
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping, Sequence
 
-from prometheus_client.parser import text_string_to_metric_families
-
+from heteroscale.engine_adapters import promtext
 from heteroscale.kv_transfer.stats import HistogramSample, merge_histograms
 from heteroscale.errors import ScrapeError
 
@@ -108,46 +110,35 @@ class EngineKv:
 Samples = Mapping[str, list[tuple[Mapping[str, str], float]]]
 
 
-def _line_name(line: str) -> str:
-    end = len(line)
-    for sep in ("{", " ", "\t"):
-        i = line.find(sep)
-        if 0 <= i < end:
-            end = i
-    return line[:end]
-
-
-def _select(text: str, prefixes: Sequence[str]) -> str:
-    kept = []
-    for line in text.split("\n"):
-        if not line:
-            continue
-        if line.startswith("#"):
-            parts = line.split(None, 3)
-            if len(parts) >= 3 and parts[1] in ("TYPE", "HELP") and parts[2].startswith(tuple(prefixes)):
-                kept.append(line)
-            continue
-        if _line_name(line).startswith(tuple(prefixes)):
-            kept.append(line)
-    kept.append("")
-    return "\n".join(kept)
+@functools.lru_cache(maxsize=8)
+def _lines_re(prefixes: tuple[str, ...]) -> tuple[re.Pattern, re.Pattern]:
+    """(first line, later lines) patterns for the sample lines whose name starts with a prefix."""
+    names = "|".join(re.escape(p) for p in prefixes)
+    line = rf"(?:{names})[^\n]*"
+    return re.compile(line), re.compile(rf"\n({line})")
 
 
 def _samples(text: str, prefixes: Sequence[str]) -> Samples:
-    if not isinstance(text, str) or not text.strip():
+    """Sample-name index of the lines whose name starts with one of ``prefixes`` (``promtext``)."""
+    if not isinstance(text, str) or not text or text.isspace():
         raise ScrapeError("empty", "the page is empty")
     if not text.endswith("\n"):
         raise ScrapeError("parse", "page does not end with a newline (truncated)")
-    try:
-        families = list(text_string_to_metric_families(_select(text, prefixes)))
-    except Exception as exc:   # the parser raises ValueError, IndexError, TypeError...: a bad page
-        raise ScrapeError("parse", f"not a Prometheus text page: {type(exc).__name__}: {exc}"[:300]) from exc
+    first, later = _lines_re(tuple(prefixes))
+    lines = later.findall(text)
+    m = first.match(text)
+    if m is not None:
+        lines.insert(0, m.group())
     index: dict[str, list[tuple[Mapping[str, str], float]]] = {}
-    for family in families:
-        for sample in family.samples:
-            value = float(sample.value)
-            if math.isfinite(value):
-                index.setdefault(sample.name, []).append((dict(sample.labels), value))
+    for line in lines:
+        try:
+            sample = promtext.parse_line(line)
+        except promtext.LineTooLong as exc:
+            raise ScrapeError("too_large", str(exc)) from exc
+        except ValueError as exc:
+            raise ScrapeError("parse", f"bad sample line {line[:120]!r}: {exc}"[:300]) from exc
+        if math.isfinite(sample.value):
+            index.setdefault(sample.name, []).append((sample.labels, sample.value))
     return index
 
 
