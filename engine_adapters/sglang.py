@@ -58,7 +58,7 @@ from typing import Sequence
 
 from heteroscale.engine_adapters.snapshot import (
     GENERATION_TOKENS, KV_CACHE_USAGE, PREEMPTIONS, PROMPT_CACHED_TOKENS, PROMPT_TOKENS, PROMPT_UNCACHED_TOKENS,
-    REQUESTS_RUNNING, REQUESTS_WAITING, TBT, TTFT, EngineSnapshot, SampleIndex, drop_none, histogram_series,
+    REQUESTS_RUNNING, REQUESTS_WAITING, TBT, TTFT, EngineSnapshot, SampleIndex, checked_ranks, drop_none, histogram_series,
     mean_values, merge_histograms, parse_page, samples_of, sum_values,
 )
 
@@ -210,4 +210,4 @@ def _histogram(index: SampleIndex, family: str):
 
 
 def _ranks(index: SampleIndex) -> frozenset[str]:
-    return frozenset(s.labels["dp_rank"] for samples in index.values() for s in samples if "dp_rank" in s.labels)
+    return checked_ranks(s.labels["dp_rank"] for samples in index.values() for s in samples if "dp_rank" in s.labels)

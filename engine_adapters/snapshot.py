@@ -27,8 +27,10 @@ newline (truncated - the text format ends every line with one), or a page of
 another engine is a ``ScrapeError`` with reason ``parse``, ``empty`` or
 ``wrong_engine``; a page over ``MAX_PAGE_CHARS`` or a wanted line over
 ``promtext.MAX_LINE_CHARS`` is ``too_large``. Memory stays bounded in bytes:
-the page is capped, and the cache of parsed label sets is bounded by the size
-of its keys (``promtext.SampleParser``).
+the page is capped, the cache of parsed label sets is bounded by the size of its
+keys (``promtext.SampleParser``), and what a snapshot keeps from labels (the rank
+set, KV stage names) is bounded too (``MAX_RANKS``, ``MAX_RANK_CHARS``,
+``MAX_KV_STAGES``, ``MAX_STAGE_CHARS``).
 
 Samples are indexed by sample name (``vllm:prompt_tokens_total``), not family
 name: the family name depends on the ``# TYPE`` line (a counter family drops
@@ -324,6 +326,22 @@ def merge_histograms(histograms: Iterable[Histogram]) -> Histogram | None:
         except ValueError as exc:
             raise ScrapeError("parse", f"histograms cannot be summed: {exc}") from exc
     return merged
+
+
+MAX_RANKS = 1024          # distinct engines/ranks on one page (a pod runs a handful)
+MAX_RANK_CHARS = 128      # an engine index or DP rank is a small number
+MAX_KV_STAGES = 32
+MAX_STAGE_CHARS = 64
+
+
+def checked_ranks(values: Iterable[str]) -> frozenset[str]:
+    """The set of rank label values, refused (``too_large``) past ``MAX_RANKS`` or ``MAX_RANK_CHARS``:
+    every snapshot in the rate window keeps this set, so its size must stay bounded."""
+    ranks = frozenset(values)
+    if len(ranks) > MAX_RANKS or any(len(r) > MAX_RANK_CHARS for r in ranks):
+        raise ScrapeError("too_large", f"{len(ranks)} engine ranks on one page, or a rank label over "
+                                       f"{MAX_RANK_CHARS} characters (limits {MAX_RANKS} / {MAX_RANK_CHARS})")
+    return ranks
 
 
 def drop_none(values: Mapping[str, float | None]) -> dict[str, float]:

@@ -48,7 +48,8 @@ import math
 
 from heteroscale.engine_adapters.snapshot import (
     GENERATION_TOKENS, KV_CACHE_USAGE, PREEMPTIONS, PROMPT_CACHED_TOKENS, PROMPT_TOKENS, PROMPT_UNCACHED_TOKENS,
-    REQUESTS_DEFERRED, REQUESTS_RUNNING, REQUESTS_WAITING, TBT, TTFT, EngineSnapshot, SampleIndex, counter_total,
+    MAX_KV_STAGES, MAX_STAGE_CHARS, REQUESTS_DEFERRED, REQUESTS_RUNNING, REQUESTS_WAITING, TBT, TTFT,
+    EngineSnapshot, SampleIndex, checked_ranks, counter_total,
     drop_none, histogram_series, mean_values, merge_histograms, parse_page, samples_of, sum_values,
 )
 
@@ -146,10 +147,11 @@ def _kv_stages(index: SampleIndex) -> dict[str, float]:
     by_stage: dict[str, list] = {}
     for s in samples_of(index, KV_FETCH_BY_STAGE):
         stage = s.labels.get("stage")
-        if stage and s.value >= 0:
+        if stage and len(stage) <= MAX_STAGE_CHARS and s.value >= 0 and (
+                stage in by_stage or len(by_stage) < MAX_KV_STAGES):
             by_stage.setdefault(stage, []).append(s)
     return drop_none({stage: sum_values(found) for stage, found in by_stage.items()})
 
 
 def _ranks(index: SampleIndex) -> frozenset[str]:
-    return frozenset(s.labels["engine"] for samples in index.values() for s in samples if "engine" in s.labels)
+    return checked_ranks(s.labels["engine"] for samples in index.values() for s in samples if "engine" in s.labels)

@@ -200,3 +200,26 @@ def test_real_pages_idle_then_traffic_give_the_generated_token_rate():
     # generated tokens went from 0 to N in 10 s -> N / 10 tok/s
     assert stats.decode_tps == busy.counters[S.GENERATION_TOKENS] / 10 > 0
     assert stats.ttft_p50_s is not None and stats.tbt_p50_s is not None
+
+
+@pytest.mark.parametrize("lines", [
+    [f'vllm:num_requests_running{{engine="{i}"}} 1' for i in range(S.MAX_RANKS + 1)],          # too many engines
+    ['vllm:num_requests_running{engine="' + "7" * (S.MAX_RANK_CHARS + 1) + '"} 1'],         # an absurd rank
+    ['vllm:generation_tokens_total{engine="0",x="' + "v" * 17_000 + '"} 1'],                 # a wanted line > 16 KiB
+])
+def test_what_would_grow_the_window_is_too_large(lines):
+    with pytest.raises(ScrapeError) as err:
+        vllm.parse("\n".join(lines) + "\n")
+    assert err.value.reason == "too_large"
+
+
+def test_a_huge_line_in_a_family_the_sidecar_ignores_is_ignored():
+    text = 'vllm:cache_config_info{block_size="' + "1" * 100_000 + '"} 1\nvllm:num_requests_running{engine="0"} 2\n'
+    assert vllm.parse(text).gauges[S.REQUESTS_RUNNING] == 2
+
+
+def test_kv_stages_are_bounded():
+    lines = [f'vllm:num_requests_kv_fetch_by_stage{{engine="0",stage="s{i}"}} 1' for i in range(100)]
+    lines.append('vllm:num_requests_kv_fetch_by_stage{engine="0",stage="' + "x" * 100 + '"} 1')
+    stages = vllm.parse("\n".join(lines) + "\n").kv_stages
+    assert len(stages) == S.MAX_KV_STAGES and all(len(k) <= S.MAX_STAGE_CHARS for k in stages)

@@ -99,6 +99,15 @@ async def test_engine_faults(engine, session, mode, reason):
     assert agent.report().decode_tps == pytest.approx(100.0)
 
 
+async def test_a_page_over_the_cap_is_refused_and_counted_as_too_large(engine, session):
+    from heteroscale.engine_adapters.scrape import DEFAULT_MAX_BYTES
+    clock = Clock()
+    agent = Agent(settings(engine.url, scrape_timeout_s=0.9), session=session, clock=clock)
+    engine.page = vllm_page(gen=1.0) + "# padding " + "x" * DEFAULT_MAX_BYTES + "\n"
+    await agent.cycle()
+    assert agent.errors == {"too_large": 1} and not agent.engine_up and agent.report().stale
+
+
 async def test_refused_connection_and_never_ready(session):
     clock = Clock()
     agent = Agent(settings(f"http://127.0.0.1:{free_port()}"), session=session, clock=clock)
