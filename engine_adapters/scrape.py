@@ -66,6 +66,19 @@ class ScrapeSettings:
 
 async def fetch_page(session: aiohttp.ClientSession, settings: ScrapeSettings) -> str:
     """GET the page text; ``ScrapeError`` on any failure."""
+    return decode_page(await fetch_body(session, settings), settings.url)
+
+
+def decode_page(body: bytes, url: str) -> str:
+    """A page body as text (``ScrapeError("parse")`` when it is not UTF-8)."""
+    try:
+        return body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ScrapeError("parse", f"page from {url} is not UTF-8") from exc
+
+
+async def fetch_body(session: aiohttp.ClientSession, settings: ScrapeSettings) -> bytes:
+    """GET the page body (not decoded: a large page is decoded off the event loop)."""
     try:
         async with asyncio.timeout(settings.timeout_s):
             async with session.get(settings.url, headers={"Accept": ACCEPT},
@@ -83,10 +96,7 @@ async def fetch_page(session: aiohttp.ClientSession, settings: ScrapeSettings) -
         raise ScrapeError("http_status", f"bad HTTP answer from {settings.url}: {exc.message}") from exc
     except (aiohttp.ClientError, OSError) as exc:
         raise ScrapeError("connect", f"cannot reach {settings.url}: {type(exc).__name__}: {exc}") from exc
-    try:
-        return body.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise ScrapeError("parse", f"page from {settings.url} is not UTF-8") from exc
+    return body
 
 
 async def read_capped(response: aiohttp.ClientResponse, max_bytes: int) -> bytes:

@@ -142,6 +142,7 @@ SampleIndex = Mapping[str, list]   # sample name -> list of promtext.Sample
 # One parser (and so one bounded key cache) for the process: a sidecar reads one engine.
 _PARSER = promtext.SampleParser()
 MAX_PAGE_CHARS = 16 * 1024 * 1024   # a real vLLM page is ~100 KB; the fetch applies the same cap in bytes
+SCAN_CHUNK_CHARS = 256 * 1024
 
 
 @functools.lru_cache(maxsize=32)
@@ -177,7 +178,16 @@ def select_lines(text: str, families: Iterable[str], *, prefix: str) -> tuple[li
     lines of other families are skipped at C speed and never become objects.
     """
     first, later = _wanted_lines_re(tuple(families))
-    kept = later.findall(text)
+    kept = []
+    # One regex call over a 10 MB page would hold the GIL for tens of milliseconds in C;
+    # slices of SCAN_CHUNK_CHARS (cut at newlines, which no match spans) keep each call
+    # short, so the sidecar's event loop thread gets the GIL back between them.
+    start, size = 0, len(text)
+    while start < size:
+        end = text.find("\n", start + SCAN_CHUNK_CHARS) if start + SCAN_CHUNK_CHARS < size else -1
+        end = size if end < 0 else end
+        kept.extend(later.findall(text, start, end))
+        start = end
     m = first.match(text)
     if m is not None:
         kept.insert(0, m.group())

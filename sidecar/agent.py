@@ -30,17 +30,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gc
 import inspect
 import logging
 import os
 import signal
 import socket
+import sys
+import threading
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
@@ -48,7 +51,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from heteroscale.engine_adapters.rates import SignalWindow, WindowStats
-from heteroscale.engine_adapters.scrape import PARSERS, ScrapeSettings, fetch_page, parser_for
+from heteroscale.engine_adapters.scrape import PARSERS, ScrapeSettings, decode_page, fetch_body, parser_for
 from heteroscale.engine_adapters.snapshot import GENERATION_TOKENS, EngineSnapshot
 from heteroscale.errors import ConfigError, ScrapeError, UsageError
 from heteroscale.net import parse_host_port
@@ -67,6 +70,7 @@ GPU_SOURCES = ("nvml", "emulator", "none")
 DEFAULT_LISTEN = "0.0.0.0:9400"
 STALE_AFTER_INTERVALS = 3
 CLOSE_TIMEOUT_S = 5.0
+GIL_SWITCH_INTERVAL_S = 0.001
 
 
 @dataclass(frozen=True)
@@ -270,14 +274,14 @@ class Agent:
         try:
             if self._session is None:
                 raise ScrapeError("connect", "agent not started (no HTTP session)")
-            text = await fetch_page(self._session, self._scrape)
+            body = await fetch_body(self._session, self._scrape)
             # The engine rendered the page somewhere between request and answer:
             # stamp the sample at the midpoint, so a slow answer from a busy
             # engine does not bend the rate (error <= half the request time).
             half_s = (self._clock() - t0) / 2
             t_mono, t_wall = t0 + half_s, wall0 + half_s
             snapshot = await asyncio.get_running_loop().run_in_executor(
-                self._parser_executor(), self._parse_page, text, t_mono)
+                self._parser_executor(), self._parse_page, body, t_mono)
         except ScrapeError as exc:
             self._on_failure(exc)
         else:
@@ -287,24 +291,30 @@ class Agent:
 
     def _parser_executor(self) -> ThreadPoolExecutor:
         if self._parser_pool is None:
-            self._parser_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="heteroscale-parse")
+            self._parser_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="heteroscale-parse",
+                                                   initializer=_lower_thread_priority)
         return self._parser_pool
 
-    def _parse_page(self, text: str, t_mono: float) -> EngineSnapshot:
-        """In the parse worker thread: hand the page to observing extensions, then parse it.
+    def _parse_page(self, body: bytes, t_mono: float) -> EngineSnapshot:
+        """In the parse worker thread: decode the page, hand it to observing extensions, parse it.
 
         Raises only ``ScrapeError``: anything else out of a parser is a broken page
-        (or a parser bug), reported as ``parse`` rather than ending the cycle.
+        (or a parser bug), reported as ``parse`` rather than ending the cycle. The
+        cyclic garbage collector is paused meanwhile: a parse makes one short-lived,
+        acyclic object per sample line, and a full collection over 100,000 of them
+        would hold the GIL (and so the event loop) for tens of milliseconds.
         """
-        # Extensions that read other families of the same page (KV-transfer
-        # connector metrics) get it here instead of scraping the engine again.
-        observe_engine_page(self._started_extensions, text, t_mono)
-        try:
-            return self._parse(text)
-        except ScrapeError:
-            raise
-        except (ValueError, ArithmeticError, RecursionError, MemoryError) as exc:
-            raise ScrapeError("parse", f"{type(exc).__name__}: {exc}"[:300]) from exc
+        with _collector_paused():
+            text = decode_page(body, self._scrape.url)
+            # Extensions that read other families of the same page (KV-transfer
+            # connector metrics) get it here instead of scraping the engine again.
+            observe_engine_page(self._started_extensions, text, t_mono)
+            try:
+                return self._parse(text)
+            except ScrapeError:
+                raise
+            except (ValueError, ArithmeticError, RecursionError, MemoryError) as exc:
+                raise ScrapeError("parse", f"{type(exc).__name__}: {exc}"[:300]) from exc
 
     def _on_success(self, t_mono: float, t_wall: float, snapshot: EngineSnapshot) -> None:
         if not self.engine_up:
@@ -407,6 +417,32 @@ class Agent:
         if self._own_session and self._session is not None:
             await self._session.close()
             self._session = None
+
+
+PARSE_THREAD_NICE = 10
+
+
+def _lower_thread_priority() -> None:
+    """Run the parse thread at a lower CPU priority than the event loop's (Linux: per thread).
+
+    On a busy node the OS then prefers the thread that answers HTTP; the parse only
+    takes longer. Raising one's own nice value needs no privilege; elsewhere it is a no-op.
+    """
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), PARSE_THREAD_NICE)
+    except (AttributeError, OSError):
+        pass
+
+
+@contextlib.contextmanager
+def _collector_paused() -> Iterator[None]:
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 def _restarted(previous: EngineSnapshot | None, current: EngineSnapshot) -> bool:
@@ -531,6 +567,10 @@ async def serve(settings: AgentSettings, *, extensions: Sequence[SidecarExtensio
     one line, before any GPU probing, engine scrape or extension has run (or logged).
     """
     sock = bind_listen_socket(settings.listen_host, settings.listen_port)
+    # A thread that wants the GIL waits up to the switch interval for the holder to drop it.
+    # The parse thread holds it for whole pages; 1 ms (default 5) lets /healthz and /metrics
+    # through after at most a millisecond per hand-over.
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
     runner: web.AppRunner | None = None
     try:
         gpu_reader = await open_gpu_reader(settings)
