@@ -10,7 +10,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from heteroscale.engine_adapters import snapshot as S
-from heteroscale.engine_adapters import vllm
+from heteroscale.engine_adapters import promtext, vllm
 from heteroscale.errors import ScrapeError
 
 DATA = Path(__file__).resolve().parent / "data"
@@ -223,3 +223,20 @@ def test_kv_stages_are_bounded():
     lines.append('vllm:num_requests_kv_fetch_by_stage{engine="0",stage="' + "x" * 100 + '"} 1')
     stages = vllm.parse("\n".join(lines) + "\n").kv_stages
     assert len(stages) == S.MAX_KV_STAGES and all(len(k) <= S.MAX_STAGE_CHARS for k in stages)
+
+
+def test_a_page_larger_than_one_scan_slice_reads_every_line():
+    # Wanted lines are found in slices of SCAN_CHUNK_CHARS; none is lost or cut at a slice edge.
+    lines = page("vllm_0.32_cpu.txt").splitlines()
+    per_engine = [ln for ln in lines if 'engine="0"' in ln and not ln.startswith("#")]
+    engines = 3 * S.SCAN_CHUNK_CHARS // sum(len(ln) + 1 for ln in per_engine) + 2
+    big = "\n".join(ln.replace('engine="0"', f'engine="{e}"') for e in range(engines) for ln in per_engine) + "\n"
+    assert len(big) > 3 * S.SCAN_CHUNK_CHARS
+    one, many = vllm.parse(page("vllm_0.32_cpu.txt")), vllm.parse(big)
+    assert many.ranks == frozenset(str(e) for e in range(engines))
+    assert many.counters[S.GENERATION_TOKENS] == engines * one.counters[S.GENERATION_TOKENS]
+    assert many.histograms[S.TTFT].count == engines * one.histograms[S.TTFT].count
+    wanted = sum(1 for ln in big.splitlines() if promtext.split_key(ln)[0].split("{")[0] in
+                 S.wanted_sample_names(vllm.FAMILIES))
+    index = S.parse_page(big, families=vllm.FAMILIES, prefix="vllm:", engine="vllm")
+    assert sum(len(v) for v in index.values()) == wanted
