@@ -25,8 +25,8 @@ Each becomes a ``ConnectorReading``: cumulative bytes per direction, transfer
 count, busy time, failures, a latency histogram in seconds, plus the gauges an
 engine offers instead. A value the page does not carry is ``None`` (or an absent
 key), never 0. Units are normalised here once: bytes, seconds. SGLang's MB and
-GB are read as 2**20 and 2**30 bytes (the engine divides by 1024; **[U]** in
-ENGINES.md) - stated in docs/kv-transfer.md.
+GB are read as 2**20 and 2**30 bytes (SGLang 0.5.23 divides bytes by 1024 twice for
+MB and MB by 1024 for GB, ``req_time_stats.py``) - stated in docs/kv-transfer.md.
 
 SGLang writes the same scheduler value once per TP rank (with
 ``--enable-metrics-for-all-schedulers``); summing them would count a transfer
