@@ -171,6 +171,23 @@ def _prefix_re(prefix: str) -> re.Pattern:
     return re.compile(rf"\n(?:#[ \t]+(?:TYPE|HELP)[ \t]+)?{re.escape(prefix)}")
 
 
+def find_lines(pattern: re.Pattern, text: str) -> list[str]:
+    """``pattern.findall(text)`` for a pattern whose matches never span a newline, in slices.
+
+    One regex call over a 10 MB page would hold the GIL for tens of milliseconds in C;
+    slices of ``SCAN_CHUNK_CHARS`` (cut at newlines) keep each call short, so the
+    sidecar's event loop thread gets the GIL back between them.
+    """
+    found: list[str] = []
+    start, size = 0, len(text)
+    while start < size:
+        end = text.find("\n", start + SCAN_CHUNK_CHARS) if start + SCAN_CHUNK_CHARS < size else -1
+        end = size if end < 0 else end
+        found.extend(pattern.findall(text, start, end))
+        start = end
+    return found
+
+
 def select_lines(text: str, families: Iterable[str], *, prefix: str) -> tuple[list[str], bool]:
     """The sample lines of wanted families, and whether the page mentions ``prefix`` at all.
 
@@ -178,16 +195,7 @@ def select_lines(text: str, families: Iterable[str], *, prefix: str) -> tuple[li
     lines of other families are skipped at C speed and never become objects.
     """
     first, later = _wanted_lines_re(tuple(families))
-    kept = []
-    # One regex call over a 10 MB page would hold the GIL for tens of milliseconds in C;
-    # slices of SCAN_CHUNK_CHARS (cut at newlines, which no match spans) keep each call
-    # short, so the sidecar's event loop thread gets the GIL back between them.
-    start, size = 0, len(text)
-    while start < size:
-        end = text.find("\n", start + SCAN_CHUNK_CHARS) if start + SCAN_CHUNK_CHARS < size else -1
-        end = size if end < 0 else end
-        kept.extend(later.findall(text, start, end))
-        start = end
+    kept = find_lines(later, text)
     m = first.match(text)
     if m is not None:
         kept.insert(0, m.group())

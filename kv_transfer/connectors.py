@@ -51,6 +51,7 @@ from dataclasses import dataclass, field
 from typing import Iterable, Mapping, Sequence
 
 from heteroscale.engine_adapters import promtext
+from heteroscale.engine_adapters.snapshot import find_lines
 from heteroscale.kv_transfer.stats import HistogramSample, merge_histograms
 from heteroscale.errors import ScrapeError
 
@@ -125,7 +126,7 @@ def _samples(text: str, prefixes: Sequence[str]) -> Samples:
     if not text.endswith("\n"):
         raise ScrapeError("parse", "page does not end with a newline (truncated)")
     first, later = _lines_re(tuple(prefixes))
-    lines = later.findall(text)
+    lines = find_lines(later, text)
     m = first.match(text)
     if m is not None:
         lines.insert(0, m.group())

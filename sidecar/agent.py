@@ -38,7 +38,6 @@ import os
 import signal
 import socket
 import sys
-import threading
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -291,8 +290,7 @@ class Agent:
 
     def _parser_executor(self) -> ThreadPoolExecutor:
         if self._parser_pool is None:
-            self._parser_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="heteroscale-parse",
-                                                   initializer=_lower_thread_priority)
+            self._parser_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="heteroscale-parse")
         return self._parser_pool
 
     def _parse_page(self, body: bytes, t_mono: float) -> EngineSnapshot:
@@ -417,21 +415,6 @@ class Agent:
         if self._own_session and self._session is not None:
             await self._session.close()
             self._session = None
-
-
-PARSE_THREAD_NICE = 10
-
-
-def _lower_thread_priority() -> None:
-    """Run the parse thread at a lower CPU priority than the event loop's (Linux: per thread).
-
-    On a busy node the OS then prefers the thread that answers HTTP; the parse only
-    takes longer. Raising one's own nice value needs no privilege; elsewhere it is a no-op.
-    """
-    try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), PARSE_THREAD_NICE)
-    except (AttributeError, OSError):
-        pass
 
 
 @contextlib.contextmanager
