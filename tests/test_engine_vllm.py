@@ -236,7 +236,6 @@ def test_a_page_larger_than_one_scan_slice_reads_every_line():
     assert many.ranks == frozenset(str(e) for e in range(engines))
     assert many.counters[S.GENERATION_TOKENS] == engines * one.counters[S.GENERATION_TOKENS]
     assert many.histograms[S.TTFT].count == engines * one.histograms[S.TTFT].count
-    wanted = sum(1 for ln in big.splitlines() if promtext.split_key(ln)[0].split("{")[0] in
-                 S.wanted_sample_names(vllm.FAMILIES))
+    wanted = sum(1 for ln in big.splitlines() if promtext.parse_line(ln).name in S.wanted_sample_names(vllm.FAMILIES))
     index = S.parse_page(big, families=vllm.FAMILIES, prefix="vllm:", engine="vllm")
     assert sum(len(v) for v in index.values()) == wanted
