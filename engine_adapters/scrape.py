@@ -12,7 +12,7 @@ caller), and a size cap. Every failure becomes a ``ScrapeError`` whose
 ``http_status`` an answer other than 200
 ``parse``      not UTF-8, cut short, not a Prometheus page
 ``too_large``  a body over ``max_bytes`` (16 MiB), or a sample line the sidecar
-               reads over 16 KiB (``promtext.MAX_LINE_CHARS``)
+               reads over 16 KiB (``heteroscale.promtext.MAX_LINE_CHARS``)
 ``wrong_engine`` a valid page, but from another engine
 ``empty``      an empty page
 =============  ===========================================================
@@ -33,9 +33,11 @@ import aiohttp
 from heteroscale.engine_adapters import sglang, vllm
 from heteroscale.engine_adapters.snapshot import EngineSnapshot
 from heteroscale.errors import ScrapeError
+from heteroscale.net import read_capped
+from heteroscale.promtext import MAX_PAGE_BYTES
 
 ACCEPT = "text/plain; version=0.0.4"
-DEFAULT_MAX_BYTES = 16 * 1024 * 1024   # same bound as snapshot.MAX_PAGE_CHARS
+DEFAULT_MAX_BYTES = MAX_PAGE_BYTES
 
 PARSERS: dict[str, Callable[[str], EngineSnapshot]] = {"vllm": vllm.parse, "sglang": sglang.parse}
 
@@ -97,20 +99,6 @@ async def fetch_body(session: aiohttp.ClientSession, settings: ScrapeSettings) -
     except (aiohttp.ClientError, OSError) as exc:
         raise ScrapeError("connect", f"cannot reach {settings.url}: {type(exc).__name__}: {exc}") from exc
     return body
-
-
-async def read_capped(response: aiohttp.ClientResponse, max_bytes: int) -> bytes:
-    """The whole body, or ``ScrapeError("too_large")`` as soon as it passes ``max_bytes``."""
-    if response.content_length is not None and response.content_length > max_bytes:
-        raise ScrapeError("too_large", f"page of {response.content_length} bytes exceeds the {max_bytes}-byte cap")
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in response.content.iter_chunked(64 * 1024):
-        size += len(chunk)
-        if size > max_bytes:
-            raise ScrapeError("too_large", f"page exceeds the {max_bytes}-byte cap")
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 async def scrape(session: aiohttp.ClientSession, settings: ScrapeSettings) -> EngineSnapshot:

@@ -17,7 +17,7 @@ engines/ranks whose series were summed; the rate window refuses to difference
 two snapshots whose rank sets differ (an engine appearing or vanishing would
 otherwise look like a counter jump or a reset).
 
-Sample lines are read by the project's own parser (``promtext``, text format
+Sample lines are read by the project's own parser (``heteroscale.promtext``, text format
 0.0.4). To keep a scrape cheap on a full page (hundreds of bucket lines the
 sidecar never reads), the lines of the families an adapter wants are picked out
 with one compiled regular expression, and only those are parsed. Lines of other
@@ -48,7 +48,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable, Mapping, Sequence
 
 
-from heteroscale.engine_adapters import promtext
+from heteroscale import promtext
 from heteroscale.errors import ScrapeError
 
 # Keys of EngineSnapshot.counters
@@ -141,8 +141,8 @@ SampleIndex = Mapping[str, list]   # sample name -> list of promtext.Sample
 
 # One parser (and so one bounded key cache) for the process: a sidecar reads one engine.
 _PARSER = promtext.SampleParser()
-MAX_PAGE_CHARS = 16 * 1024 * 1024   # a real vLLM page is ~100 KB; the fetch applies the same cap in bytes
-SCAN_CHUNK_CHARS = 256 * 1024
+MAX_PAGE_CHARS = promtext.MAX_PAGE_BYTES   # the fetch applies the same cap in bytes
+SCAN_CHUNK_CHARS = promtext.SCAN_CHUNK_CHARS
 
 
 @functools.lru_cache(maxsize=32)
@@ -171,23 +171,6 @@ def _prefix_re(prefix: str) -> re.Pattern:
     return re.compile(rf"\n(?:#[ \t]+(?:TYPE|HELP)[ \t]+)?{re.escape(prefix)}")
 
 
-def find_lines(pattern: re.Pattern, text: str) -> list[str]:
-    """``pattern.findall(text)`` for a pattern whose matches never span a newline, in slices.
-
-    One regex call over a 10 MB page would hold the GIL for tens of milliseconds in C;
-    slices of ``SCAN_CHUNK_CHARS`` (cut at newlines) keep each call short, so the
-    sidecar's event loop thread gets the GIL back between them.
-    """
-    found: list[str] = []
-    start, size = 0, len(text)
-    while start < size:
-        end = text.find("\n", start + SCAN_CHUNK_CHARS) if start + SCAN_CHUNK_CHARS < size else -1
-        end = size if end < 0 else end
-        found.extend(pattern.findall(text, start, end))
-        start = end
-    return found
-
-
 def select_lines(text: str, families: Iterable[str], *, prefix: str) -> tuple[list[str], bool]:
     """The sample lines of wanted families, and whether the page mentions ``prefix`` at all.
 
@@ -195,7 +178,7 @@ def select_lines(text: str, families: Iterable[str], *, prefix: str) -> tuple[li
     lines of other families are skipped at C speed and never become objects.
     """
     first, later = _wanted_lines_re(tuple(families))
-    kept = find_lines(later, text)
+    kept = promtext.find_lines(later, text)
     m = first.match(text)
     if m is not None:
         kept.insert(0, m.group())

@@ -36,7 +36,7 @@ N times. Series that differ only in ``tp_rank``, ``pp_rank`` or ``moe_ep_rank``
 queue gauges carry the total under ``priority=""`` next to one series per
 priority; only the totals are read.
 
-Only the lines of wanted families are read (``engine_adapters.promtext``, the
+Only the lines of wanted families are read (``heteroscale.promtext``, the
 project's own sample-line parser): garbage elsewhere on a big engine page is not
 this module's business; garbage inside a wanted family raises
 ``ScrapeError("parse")``, a wanted line over 16 KiB ``ScrapeError("too_large")``.
@@ -50,8 +50,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping, Sequence
 
-from heteroscale.engine_adapters import promtext
-from heteroscale.engine_adapters.snapshot import find_lines
+from heteroscale import promtext
 from heteroscale.kv_transfer.stats import HistogramSample, merge_histograms
 from heteroscale.errors import ScrapeError
 
@@ -126,7 +125,7 @@ def _samples(text: str, prefixes: Sequence[str]) -> Samples:
     if not text.endswith("\n"):
         raise ScrapeError("parse", "page does not end with a newline (truncated)")
     first, later = _lines_re(tuple(prefixes))
-    lines = find_lines(later, text)
+    lines = promtext.find_lines(later, text)
     m = first.match(text)
     if m is not None:
         lines.insert(0, m.group())

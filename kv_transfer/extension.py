@@ -53,9 +53,9 @@ from heteroscale.kv_transfer.probe import (MIB, ProbeClientSettings, ProbeRunner
                                load_secret, outcome_to_dict, parse_peer)
 from heteroscale.kv_transfer.rdma import DEFAULT_SYSFS_ROOT, RdmaSettings, SysfsRdmaReader
 from heteroscale.kv_transfer.stats import HistogramWindow, RateWindow, median
-from heteroscale.engine_adapters.scrape import DEFAULT_MAX_BYTES, read_capped
 from heteroscale.errors import ConfigError, ScrapeError, UsageError
-from heteroscale.net import parse_host_port
+from heteroscale.net import parse_host_port, read_capped
+from heteroscale.promtext import MAX_PAGE_BYTES
 
 log = logging.getLogger("heteroscale.kv_transfer")
 
@@ -473,7 +473,7 @@ class KvTransferExtension:
             async with self._session.get(url, headers={"Accept": "text/plain; version=0.0.4"}) as response:
                 if response.status != 200:
                     raise ScrapeError("http_status", f"HTTP {response.status} from {url}")
-                return (await read_capped(response, DEFAULT_MAX_BYTES)).decode("utf-8")
+                return (await read_capped(response, MAX_PAGE_BYTES)).decode("utf-8")
         except asyncio.TimeoutError:
             self._count_error("timeout")
         except (aiohttp.ClientError, UnicodeDecodeError):

@@ -10,7 +10,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from heteroscale.engine_adapters import snapshot as S
-from heteroscale.engine_adapters import promtext, vllm
+from heteroscale import promtext
+from heteroscale.engine_adapters import vllm
 from heteroscale.errors import ScrapeError
 
 DATA = Path(__file__).resolve().parent / "data"

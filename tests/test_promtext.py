@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
-from heteroscale.engine_adapters import promtext
+from heteroscale import promtext
 
 DATA = Path(__file__).resolve().parent / "data"
 PAGES = sorted(p for p in DATA.glob("*.txt"))

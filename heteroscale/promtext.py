@@ -19,7 +19,12 @@ follows the exposition format (prometheus.io "Exposition formats", text 0.0.4):
 * an optional integer timestamp (milliseconds) may follow; it is read and dropped.
 
 Anything else raises ``PromTextError`` (a ``ValueError``). Limits keep memory
-bounded: a line longer than ``MAX_LINE_CHARS`` raises ``LineTooLong``.
+bounded: a line longer than ``MAX_LINE_CHARS`` raises ``LineTooLong``; readers of
+whole pages cap them at ``MAX_PAGE_BYTES``. ``find_lines`` picks the lines a reader
+wants out of a page with one compiled pattern, in slices (see its docstring).
+
+Shared by the engine adapters and the KV-transfer connector parser, which read the
+same pages and sit side by side in the package's layers.
 
 ``SampleParser`` adds a cache: engines write the same label sets on every
 scrape and only values change, so the name and labels of a key already seen
@@ -33,7 +38,9 @@ from __future__ import annotations
 import re
 from typing import Mapping, NamedTuple
 
+MAX_PAGE_BYTES = 16 * 1024 * 1024    # a real vLLM page is ~100 KB; a 10 MB page must still be read
 MAX_LINE_CHARS = 16 * 1024           # a real vLLM/SGLang sample line is under 1 KiB
+SCAN_CHUNK_CHARS = 256 * 1024        # find_lines: characters per regex call
 DEFAULT_CACHE_CHARS = 1024 * 1024    # about 1 MiB of cached keys (plus their parsed copies)
 DEFAULT_CACHE_ENTRIES = 16384
 
@@ -143,3 +150,20 @@ class SampleParser:
                 self._cache[key] = hit
                 self._cache_chars += len(key)
         return Sample(hit[0], hit[1], value)
+
+
+def find_lines(pattern: re.Pattern, text: str) -> list[str]:
+    """``pattern.findall(text)`` for a pattern whose matches never span a newline, in slices.
+
+    One regex call over a 10 MB page would hold the GIL for tens of milliseconds in C;
+    slices of ``SCAN_CHUNK_CHARS`` (cut at newlines) keep each call short, so the
+    sidecar's event loop thread gets the GIL back between them.
+    """
+    found: list[str] = []
+    start, size = 0, len(text)
+    while start < size:
+        end = text.find("\n", start + SCAN_CHUNK_CHARS) if start + SCAN_CHUNK_CHARS < size else -1
+        end = size if end < 0 else end
+        found.extend(pattern.findall(text, start, end))
+        start = end
+    return found
