@@ -29,7 +29,7 @@ REQUEST_TOKEN_BUCKETS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 1
 
 
 def build_page(*, engines: int = 2, seed: int = 0, multiprocess: bool | None = None,
-               old_names: bool = False, scale: float = 1.0) -> str:
+               old_names: bool = False, scale: float = 1.0, kv_consumer: bool = False) -> str:
     """A vLLM page for ``engines`` data-parallel engines.
 
     ``multiprocess`` (default: ``engines > 1``, as vLLM 0.32 does) drops the
@@ -37,6 +37,8 @@ def build_page(*, engines: int = 2, seed: int = 0, multiprocess: bool | None = N
     multiprocess collector does. ``old_names`` uses the pre-0.10 names
     ``vllm:gpu_cache_usage_perc`` and ``vllm:time_per_output_token_seconds``.
     ``scale`` multiplies every counter and histogram observation count.
+    ``kv_consumer`` adds ``vllm:num_requests_kv_fetch_by_stage``, which vLLM registers
+    only on a KV consumer (a P/D decode pod; name and help text as in vLLM 0.33.0).
     """
     rng = random.Random(seed)
     reg = CollectorRegistry()
@@ -54,6 +56,11 @@ def build_page(*, engines: int = 2, seed: int = 0, multiprocess: bool | None = N
     running = gauge("vllm:num_requests_running", "Number of requests in model execution batches.")
     waiting = gauge("vllm:num_requests_waiting", "Number of requests waiting to be processed.")
     by_reason = gauge("vllm:num_requests_waiting_by_reason", "Number of requests waiting, by reason.", ["reason"])
+    kv_fetch = gauge("vllm:num_requests_kv_fetch_by_stage",
+                     "Number of waiting requests by async KV load stage. Stage labels: 'waiting_to_start' = needs "
+                     "an async KV load that has not started; 'in_progress' = load started and not yet reported "
+                     "finished; 'completed_waiting' = load finished, request not running yet.",
+                     ["stage"]) if kv_consumer else None
     sleep = gauge("vllm:engine_sleep_state", "Engine sleep state", ["sleep_state"])
     usage = gauge("vllm:gpu_cache_usage_perc" if old_names else "vllm:kv_cache_usage_perc",
                   "KV-cache usage. 1 means 100 percent usage.")
@@ -110,6 +117,9 @@ def build_page(*, engines: int = 2, seed: int = 0, multiprocess: bool | None = N
         waiting.labels(**lv).set(3 + e)
         by_reason.labels(**lv, reason="capacity").set(1 + e)
         by_reason.labels(**lv, reason="deferred").set(2)
+        if kv_fetch is not None:
+            for stage, n in (("waiting_to_start", 1), ("in_progress", 1 + e), ("completed_waiting", 0)):
+                kv_fetch.labels(**lv, stage=stage).set(n)
         sleep.labels(**lv, sleep_state="awake").set(1)
         sleep.labels(**lv, sleep_state="weights_offloaded").set(0)
         sleep.labels(**lv, sleep_state="discard_all").set(0)
@@ -170,6 +180,7 @@ FIXTURES = {
     "vllm_constructed_dp1.txt": dict(engines=1),
     "vllm_constructed_dp2.txt": dict(engines=2),
     "vllm_constructed_old_names.txt": dict(engines=1, old_names=True),
+    "vllm_constructed_decode_kv_consumer.txt": dict(engines=2, kv_consumer=True),
 }
 
 

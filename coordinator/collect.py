@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 from collections import Counter
 from typing import TYPE_CHECKING, Awaitable, Callable, Sequence
@@ -28,7 +27,7 @@ import aiohttp
 
 from heteroscale.coordinator.core.types import Fetched
 from heteroscale.coordinator.seams import Collection, ReportSource, ReportTarget
-from heteroscale.report import ReportFormatError, SidecarReport
+from heteroscale.report import ReportFormatError, ReportJsonError, parse_report_json
 
 if TYPE_CHECKING:
     from heteroscale.coordinator.core.settings import CollectConfig, ServiceConfig
@@ -315,11 +314,9 @@ class Collector:
         if status != 200:
             return Fetched(url=target.url, role=target.role, error="http_status")
         try:
-            doc = json.loads(body)
-        except ValueError:
+            report = parse_report_json(body)
+        except ReportJsonError:
             return Fetched(url=target.url, role=target.role, error="invalid_json")
-        try:
-            report = SidecarReport.from_dict(doc)
         except ReportFormatError as exc:
             log.debug("invalid report from %s: %s", target.url, exc)
             return Fetched(url=target.url, role=target.role, error="invalid_report")

@@ -47,7 +47,10 @@ def window_delta(pairs: Iterable[tuple[Histogram | None, Histogram | None]]) -> 
         delta = histogram_delta(older, newer)
         if delta is None:
             continue
-        total = delta if total is None else total.merge(delta)
+        try:
+            total = delta if total is None else total.merge(delta)
+        except ValueError:      # counts near the float limit overflow when added: no answer
+            return None
     return total
 
 

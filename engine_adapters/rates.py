@@ -17,23 +17,27 @@ samples) / (sum of the time those increases cover). Only "good" pairs count:
   from zero and adds the new value, which spikes when a "reset" is really one
   engine of several vanishing; we prefer to lose one interval;
 * the set of summed engines/ranks is the same on both sides (an engine
-  appearing would otherwise look like a burst of tokens).
+  appearing would otherwise look like a burst of tokens), and so is the
+  family the token counters came from (``EngineSnapshot.token_source``).
 
 So a rate is never negative and never larger than the largest per-pair rate
-actually observed. No good pair -> ``None`` (unknown), never 0.
+actually observed. No good pair -> ``None`` (unknown), never 0; a sum that
+overflows the float range -> ``None`` too, never ``inf``.
 """
 
 from __future__ import annotations
 
+import math
 from collections import deque
-from dataclasses import dataclass, field
-from typing import Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Sequence
 
 from heteroscale.engine_adapters import quantiles as q
 from heteroscale.engine_adapters.snapshot import (
-    GENERATION_TOKENS, KV_CACHE_USAGE, PROMPT_CACHED_TOKENS, PROMPT_TOKENS, PROMPT_UNCACHED_TOKENS,
-    REQUESTS_RUNNING, REQUESTS_WAITING, TBT, TTFT, EngineSnapshot,
+    GENERATION_TOKENS, KV_CACHE_USAGE, PREEMPTIONS, PROMPT_CACHED_TOKENS, PROMPT_TOKENS, PROMPT_UNCACHED_TOKENS,
+    REQUESTS_DEFERRED, REQUESTS_RUNNING, REQUESTS_WAITING, TBT, TTFT, EngineSnapshot,
 )
+from heteroscale.report import QUANTILE_FIELDS, EngineSignals, clean_signals
 
 DEFAULT_WINDOW_S = 5.0
 
@@ -67,23 +71,26 @@ def counter_rate(points: Sequence[tuple[float, float | None]],
         prev, broken = (t, v), False
     if covered_s <= 0:
         return None
-    return increase / covered_s
+    rate = increase / covered_s
+    return rate if math.isfinite(rate) else None     # counters near the float limit: unknown, not inf
 
 
-@dataclass(frozen=True)
-class WindowStats:
-    """Signals over one window. ``None`` = not measured (missing series or too few samples)."""
+@dataclass(frozen=True, kw_only=True)
+class WindowStats(EngineSignals):
+    """Signals over one window (the report's ``EngineSignals``) and how much data they stand on.
 
-    decode_tps: float | None = None
-    prefill_tps: float | None = None
-    prefill_uncached_tps: float | None = None
-    requests_running: float | None = None
-    requests_waiting: float | None = None
-    kv_cache_usage_ratio: float | None = None
-    ttft_s: Mapping[float, float | None] = field(default_factory=dict)
-    tbt_s: Mapping[float, float | None] = field(default_factory=dict)
+    Every number is finite and inside the report's bounds, or ``None``
+    (``heteroscale.report.clean_signals``): counters near the float limit that sum or
+    difference to infinity give "unknown", never ``inf``.
+    """
+
     span_s: float = 0.0          # newest - oldest sample time in the window
     samples: int = 0
+    dropped: tuple[str, ...] = ()   # signal fields that came out non-finite or out of bounds
+
+    def quantiles(self, histogram: str) -> dict[float, float | None]:
+        """``{0.5: p50, 0.9: p90, 0.99: p99}`` of ``ttft`` or ``tbt``."""
+        return {q: getattr(self, name) for q, name in QUANTILE_FIELDS[histogram].items()}
 
 
 class SignalWindow:
@@ -120,11 +127,14 @@ class SignalWindow:
         samples = list(self._samples)
         if not samples:
             return WindowStats()
-        # comparable[i]: sample i may be differenced with sample i - 1.
+        # comparable[i]: sample i may be differenced with sample i - 1 (same engines); counters
+        # also need the same token source (SGLang per-batch vs per-finished-request counters).
         comparable = [True] + [a.ranks == b.ranks for (_, a), (_, b) in zip(samples, samples[1:])]
+        counters_comparable = [ok and (i == 0 or samples[i - 1][1].token_source == samples[i][1].token_source)
+                               for i, ok in enumerate(comparable)]
 
         def rate(key: str) -> float | None:
-            return counter_rate([(t, s.counters.get(key)) for t, s in samples], comparable=comparable)
+            return counter_rate([(t, s.counters.get(key)) for t, s in samples], comparable=counters_comparable)
 
         prompt = rate(PROMPT_TOKENS)
         uncached = rate(PROMPT_UNCACHED_TOKENS)
@@ -133,18 +143,26 @@ class SignalWindow:
             if prompt is not None and cached is not None:
                 uncached = max(0.0, prompt - cached)
         newest = samples[-1][1]
-        return WindowStats(
+        quantiles = {}
+        for name, key in (("ttft", TTFT), ("tbt", TBT)):
+            values = q.quantiles(_window_histogram(samples, key, comparable), tuple(QUANTILE_FIELDS[name]))
+            quantiles.update({QUANTILE_FIELDS[name][qq]: v for qq, v in values.items()})
+        stats = WindowStats(
             decode_tps=rate(GENERATION_TOKENS),
             prefill_tps=prompt,
             prefill_uncached_tps=uncached,
             requests_running=newest.gauges.get(REQUESTS_RUNNING),
             requests_waiting=newest.gauges.get(REQUESTS_WAITING),
+            requests_deferred=newest.gauges.get(REQUESTS_DEFERRED),
+            requests_by_kv_stage=dict(newest.kv_stages),
             kv_cache_usage_ratio=newest.gauges.get(KV_CACHE_USAGE),
-            ttft_s=q.quantiles(_window_histogram(samples, TTFT, comparable)),
-            tbt_s=q.quantiles(_window_histogram(samples, TBT, comparable)),
+            preemptions_per_s=rate(PREEMPTIONS),
+            **quantiles,
             span_s=samples[-1][0] - samples[0][0],
             samples=len(samples),
         )
+        clean, dropped = clean_signals(stats)
+        return replace(clean, dropped=dropped) if dropped else clean
 
 
 def _window_histogram(samples: Sequence[tuple[float, EngineSnapshot]], key: str,

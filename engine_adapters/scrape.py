@@ -10,13 +10,16 @@ caller), and a size cap. Every failure becomes a ``ScrapeError`` whose
 ``connect``    refused, reset, DNS, the server closed without an answer
 ``timeout``    no complete answer within ``timeout_s``
 ``http_status`` an answer other than 200
-``parse``      body too large, not UTF-8, cut short, not a Prometheus page
+``parse``      not UTF-8, cut short, not a Prometheus page
+``too_large``  a body over ``max_bytes`` (16 MiB), or a sample line the sidecar
+               reads over 16 KiB (``heteroscale.promtext.MAX_LINE_CHARS``)
 ``wrong_engine`` a valid page, but from another engine
 ``empty``      an empty page
 =============  ===========================================================
 
-Parsing is pure (``heteroscale.engine_adapters.vllm`` / ``sglang``) and fast enough
-(well under a millisecond on a full page) to run on the event loop.
+Parsing is pure (``heteroscale.engine_adapters.vllm`` / ``sglang``): about a
+millisecond on a full page, but a legal page may be as large as ``max_bytes``,
+so the sidecar runs it in a worker thread, never on its event loop.
 """
 
 from __future__ import annotations
@@ -30,9 +33,11 @@ import aiohttp
 from heteroscale.engine_adapters import sglang, vllm
 from heteroscale.engine_adapters.snapshot import EngineSnapshot
 from heteroscale.errors import ScrapeError
+from heteroscale.net import read_capped
+from heteroscale.promtext import MAX_PAGE_BYTES
 
 ACCEPT = "text/plain; version=0.0.4"
-DEFAULT_MAX_BYTES = 8 * 1024 * 1024
+DEFAULT_MAX_BYTES = MAX_PAGE_BYTES
 
 PARSERS: dict[str, Callable[[str], EngineSnapshot]] = {"vllm": vllm.parse, "sglang": sglang.parse}
 
@@ -63,13 +68,26 @@ class ScrapeSettings:
 
 async def fetch_page(session: aiohttp.ClientSession, settings: ScrapeSettings) -> str:
     """GET the page text; ``ScrapeError`` on any failure."""
+    return decode_page(await fetch_body(session, settings), settings.url)
+
+
+def decode_page(body: bytes, url: str) -> str:
+    """A page body as text (``ScrapeError("parse")`` when it is not UTF-8)."""
+    try:
+        return body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ScrapeError("parse", f"page from {url} is not UTF-8") from exc
+
+
+async def fetch_body(session: aiohttp.ClientSession, settings: ScrapeSettings) -> bytes:
+    """GET the page body (not decoded: a large page is decoded off the event loop)."""
     try:
         async with asyncio.timeout(settings.timeout_s):
             async with session.get(settings.url, headers={"Accept": ACCEPT},
                                    allow_redirects=False) as response:
                 if response.status != 200:
                     raise ScrapeError("http_status", f"HTTP {response.status} from {settings.url}")
-                body = await _read_capped(response, settings.max_bytes)
+                body = await read_capped(response, settings.max_bytes)
     except ScrapeError:
         raise
     except (asyncio.TimeoutError, aiohttp.ServerTimeoutError) as exc:
@@ -80,23 +98,7 @@ async def fetch_page(session: aiohttp.ClientSession, settings: ScrapeSettings) -
         raise ScrapeError("http_status", f"bad HTTP answer from {settings.url}: {exc.message}") from exc
     except (aiohttp.ClientError, OSError) as exc:
         raise ScrapeError("connect", f"cannot reach {settings.url}: {type(exc).__name__}: {exc}") from exc
-    try:
-        return body.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise ScrapeError("parse", f"page from {settings.url} is not UTF-8") from exc
-
-
-async def _read_capped(response: aiohttp.ClientResponse, max_bytes: int) -> bytes:
-    if response.content_length is not None and response.content_length > max_bytes:
-        raise ScrapeError("parse", f"page of {response.content_length} bytes exceeds the {max_bytes}-byte cap")
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in response.content.iter_chunked(64 * 1024):
-        size += len(chunk)
-        if size > max_bytes:
-            raise ScrapeError("parse", f"page exceeds the {max_bytes}-byte cap")
-        chunks.append(chunk)
-    return b"".join(chunks)
+    return body
 
 
 async def scrape(session: aiohttp.ClientSession, settings: ScrapeSettings) -> EngineSnapshot:

@@ -7,7 +7,9 @@ the way each engine requires (the adapters decide how):
 * counters (cumulative, monotone while the engine lives): generated tokens,
   prompt tokens, prompt tokens served from a cache, and - where the engine
   says so directly - prompt tokens computed here (missed every cache);
-* gauges: running and waiting requests, KV-cache usage as a 0..1 ratio;
+  preempted (vLLM) or retracted (SGLang) requests;
+* gauges: running, waiting and deferred requests, KV-cache usage as a 0..1
+  ratio; requests per KV-transfer stage (``kv_stages``);
 * histograms: TTFT and TBT (inter-token latency) as cumulative buckets.
 
 A missing series is absent from the mappings (never 0). ``ranks`` names the
@@ -15,14 +17,20 @@ engines/ranks whose series were summed; the rate window refuses to difference
 two snapshots whose rank sets differ (an engine appearing or vanishing would
 otherwise look like a counter jump or a reset).
 
-Parsing is done by ``prometheus_client``'s own text parser. To keep a scrape
-cheap on a full page (hundreds of bucket lines the sidecar never reads), the
-page is first cut down to the lines of the families an adapter wants, and only
-those go through the parser. Lines of other families are not read at all, so
-garbage inside a family the sidecar ignores is ignored too; garbage in a wanted
-family, an empty page, a page without a final newline (truncated - the text
-format ends every line with one), or a page of another engine is a
-``ScrapeError`` with reason ``parse``, ``empty`` or ``wrong_engine``.
+Sample lines are read by the project's own parser (``heteroscale.promtext``, text format
+0.0.4). To keep a scrape cheap on a full page (hundreds of bucket lines the
+sidecar never reads), the lines of the families an adapter wants are picked out
+with one compiled regular expression, and only those are parsed. Lines of other
+families are not read at all, so garbage inside a family the sidecar ignores is
+ignored too; garbage in a wanted family, an empty page, a page without a final
+newline (truncated - the text format ends every line with one), or a page of
+another engine is a ``ScrapeError`` with reason ``parse``, ``empty`` or
+``wrong_engine``; a page over ``MAX_PAGE_CHARS`` or a wanted line over
+``promtext.MAX_LINE_CHARS`` is ``too_large``. Memory stays bounded in bytes:
+the page is capped, the cache of parsed label sets is bounded by the size of its
+keys (``promtext.SampleParser``), and what a snapshot keeps from labels (the rank
+set, KV stage names) is bounded too (``MAX_RANKS``, ``MAX_RANK_CHARS``,
+``MAX_KV_STAGES``, ``MAX_STAGE_CHARS``).
 
 Samples are indexed by sample name (``vllm:prompt_tokens_total``), not family
 name: the family name depends on the ``# TYPE`` line (a counter family drops
@@ -34,11 +42,13 @@ from __future__ import annotations
 
 import functools
 import math
+import os
+import re
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Mapping, Sequence
 
-from prometheus_client.parser import Sample, _parse_sample, _parse_value, text_string_to_metric_families
 
+from heteroscale import promtext
 from heteroscale.errors import ScrapeError
 
 # Keys of EngineSnapshot.counters
@@ -46,9 +56,11 @@ GENERATION_TOKENS = "generation_tokens"
 PROMPT_TOKENS = "prompt_tokens"
 PROMPT_CACHED_TOKENS = "prompt_cached_tokens"
 PROMPT_UNCACHED_TOKENS = "prompt_uncached_tokens"
+PREEMPTIONS = "preemptions"              # vLLM preemptions / SGLang retracted requests
 # Keys of EngineSnapshot.gauges
 REQUESTS_RUNNING = "requests_running"
-REQUESTS_WAITING = "requests_waiting"
+REQUESTS_WAITING = "requests_waiting"    # waiting for capacity (vLLM reason="capacity" when exposed)
+REQUESTS_DEFERRED = "requests_deferred"  # waiting, deferred for a transient constraint (vLLM)
 KV_CACHE_USAGE = "kv_cache_usage_ratio"
 # Keys of EngineSnapshot.histograms
 TTFT = "ttft_seconds"
@@ -117,11 +129,20 @@ class EngineSnapshot:
     histograms: Mapping[str, Histogram] = field(default_factory=dict)
     ranks: frozenset[str] = frozenset()
     engine_role: str | None = None    # the role the page itself states (SGLang engine_type), if any
+    kv_stages: Mapping[str, float] = field(default_factory=dict)   # requests per KV-transfer stage
+    # Which family the token counters came from (SGLang: "realtime" per batch, or "finished"
+    # per finished request). Two snapshots whose sources differ are never differenced.
+    token_source: str = ""
 
 
 # -- page -> samples ---------------------------------------------------------------
 
-SampleIndex = Mapping[str, list]   # sample name -> list of prometheus_client Sample
+SampleIndex = Mapping[str, list]   # sample name -> list of promtext.Sample
+
+# One parser (and so one bounded key cache) for the process: a sidecar reads one engine.
+_PARSER = promtext.SampleParser()
+MAX_PAGE_CHARS = promtext.MAX_PAGE_BYTES   # the fetch applies the same cap in bytes
+SCAN_CHUNK_CHARS = promtext.SCAN_CHUNK_CHARS
 
 
 @functools.lru_cache(maxsize=32)
@@ -130,72 +151,78 @@ def wanted_sample_names(families: tuple[str, ...]) -> frozenset[str]:
     return frozenset(f + s for f in families for s in SAMPLE_SUFFIXES)
 
 
-def _line_name(line: str) -> str:
-    name = line.partition("{")[0]
-    if " " in name or "\t" in name:
-        name = name.split(None, 1)[0] if name.strip() else ""
-    return name
+@functools.lru_cache(maxsize=32)
+def _wanted_lines_re(families: tuple[str, ...]) -> tuple[re.Pattern, re.Pattern]:
+    """(first line, every later line) patterns for the sample lines of ``families``.
+
+    The later-lines pattern starts with the literal "newline + the families' common
+    prefix" (``\nvllm:``), which the regex engine finds with a fast substring scan.
+    """
+    common = os.path.commonprefix(families)
+    # Longest names first, so that a family whose name extends another's is tried before it.
+    names = "|".join(re.escape(f[len(common):]) for f in sorted(families, key=len, reverse=True))
+    suffixes = "|".join(re.escape(s) for s in SAMPLE_SUFFIXES if s)
+    line = rf"{re.escape(common)}(?:{names})(?:{suffixes})?(?=[{{ \t])[^\n]*"
+    return re.compile(line), re.compile(rf"\n({line})")
 
 
-def select_lines(text: str, wanted: frozenset[str], *, prefix: str) -> tuple[list[str], bool]:
-    """The sample lines of wanted families, and whether the page mentions ``prefix`` at all."""
-    kept: list[str] = []
-    seen_prefix = False
-    for line in text.split("\n"):
-        if not line:
-            continue
-        if line[0] == "#":
-            if not seen_prefix:
-                parts = line.split(None, 3)
-                seen_prefix = len(parts) >= 3 and parts[1] in ("TYPE", "HELP") and parts[2].startswith(prefix)
-            continue
-        name = _line_name(line)
-        if name in wanted:
-            kept.append(line)
-        elif not seen_prefix and name.startswith(prefix):
-            seen_prefix = True
-    return kept, seen_prefix or bool(kept)
+@functools.lru_cache(maxsize=32)
+def _prefix_re(prefix: str) -> re.Pattern:
+    return re.compile(rf"\n(?:#[ \t]+(?:TYPE|HELP)[ \t]+)?{re.escape(prefix)}")
 
 
-# Label sets repeat on every scrape; only values change. The real parser reads
-# each distinct "name{labels}" once; later lines with the same key reuse its
-# result and only the value goes through the parser's value reader. Bounded.
-_KEY_CACHE: dict[str, tuple[str, Mapping[str, str]]] = {}
-_KEY_CACHE_MAX = 16384
+def select_lines(text: str, families: Iterable[str], *, prefix: str) -> tuple[list[str], bool]:
+    """The sample lines of wanted families, and whether the page mentions ``prefix`` at all.
+
+    Lines are found with compiled regular expressions over the whole page, so the
+    lines of other families are skipped at C speed and never become objects.
+    """
+    first, later = _wanted_lines_re(tuple(families))
+    kept = promtext.find_lines(later, text)
+    m = first.match(text)
+    if m is not None:
+        kept.insert(0, m.group())
+    if kept:
+        return kept, True
+    seen = (text.startswith(prefix) or _prefix_re(prefix).search(text) is not None
+            or _prefix_re(prefix).match("\n" + text[:len(prefix) + 16]) is not None)
+    return kept, seen
 
 
-def _parse_line(line: str) -> Sample:
-    key, _, value_text = line.rpartition(" ")
-    hit = _KEY_CACHE.get(key)
-    if hit is not None:
-        return Sample(hit[0], hit[1], _parse_value(value_text), None)
-    sample = _parse_sample(line)
-    # Cache only when the simple split agrees with the parser (no timestamp,
-    # no tab or exemplar): then "key + value" is all the line says.
-    if sample.timestamp is None and key and value_text and _parse_value(value_text) == sample.value:
-        if len(_KEY_CACHE) >= _KEY_CACHE_MAX:
-            _KEY_CACHE.clear()
-        _KEY_CACHE[key] = (sample.name, sample.labels)
-    return sample
-
-
-def index_lines(lines: Iterable[str]) -> dict[str, list]:
-    """Sample-name index of sample lines, parsed with prometheus_client's sample parser."""
+def index_lines(lines: Iterable[str], parser: promtext.SampleParser | None = None) -> dict[str, list]:
+    """Sample-name index of sample lines (``promtext``; a bounded cache of parsed label sets)."""
+    parse = (parser or _PARSER).parse
     index: dict[str, list] = {}
     for line in lines:
         try:
-            sample = _parse_line(line)
-        except Exception as exc:   # ValueError, IndexError...: all mean "bad line"
-            raise ScrapeError("parse", f"bad sample line {line[:120]!r}: {type(exc).__name__}") from exc
+            sample = parse(line)
+        except promtext.LineTooLong as exc:
+            raise ScrapeError("too_large", f"{exc}: {line[:80]!r}...") from exc
+        except ValueError as exc:
+            raise ScrapeError("parse", f"bad sample line {line[:120]!r}: {exc}"[:300]) from exc
         index.setdefault(sample.name, []).append(sample)
     return index
 
 
-def _parse(text: str) -> list:
-    try:
-        return list(text_string_to_metric_families(text))
-    except Exception as exc:   # the parser raises ValueError, IndexError, TypeError...: all mean "bad page"
-        raise ScrapeError("parse", f"not a Prometheus text page: {type(exc).__name__}: {exc}"[:300]) from exc
+def _classify(text: str, *, engine: str, prefix: str, other_prefixes: Sequence[str]) -> ScrapeError:
+    """What a page without any ``prefix`` metric is: empty, garbage, or another engine's."""
+    names: set[str] = set()
+    for line in text.split("\n"):
+        if not line or line[0] == "#" or line.isspace():
+            continue
+        try:
+            sample = promtext.parse_line(line)
+        except promtext.LineTooLong as exc:
+            return ScrapeError("too_large", str(exc))
+        except ValueError as exc:
+            return ScrapeError("parse", f"not a Prometheus text page: {exc}"[:300])
+        names.add(sample.name)
+    if not names:
+        return ScrapeError("empty", "the page has no samples")
+    for other in other_prefixes:
+        if any(n.startswith(other) for n in names):
+            return ScrapeError("wrong_engine", f"expected {engine} metrics ('{prefix}*'), found '{other}*' metrics")
+    return ScrapeError("wrong_engine", f"expected {engine} metrics ('{prefix}*'), found none")
 
 
 def parse_page(text: str, *, families: Iterable[str], prefix: str, engine: str,
@@ -203,26 +230,21 @@ def parse_page(text: str, *, families: Iterable[str], prefix: str, engine: str,
     """Parse the wanted families of a page into a sample-name index.
 
     Raises ``ScrapeError`` with reason ``empty`` (nothing on the page),
-    ``parse`` (garbage in a wanted family, truncated page) or ``wrong_engine``
-    (a valid page without any ``prefix`` metric).
+    ``parse`` (garbage in a wanted family, truncated page), ``too_large`` (a page
+    over ``MAX_PAGE_CHARS`` or a wanted line over ``promtext.MAX_LINE_CHARS``)
+    or ``wrong_engine`` (a valid page without any ``prefix`` metric).
     """
-    if not isinstance(text, str) or not text.strip():
+    if not isinstance(text, str) or not text or text.isspace():
         raise ScrapeError("empty", "the engine returned an empty page")
+    if len(text) > MAX_PAGE_CHARS:
+        raise ScrapeError("too_large", f"page of {len(text)} characters exceeds the {MAX_PAGE_CHARS} limit")
     if not text.endswith("\n"):
         raise ScrapeError("parse", "page does not end with a newline (truncated)")
-    lines, seen_prefix = select_lines(text, wanted_sample_names(tuple(families)), prefix=prefix)
+    lines, seen_prefix = select_lines(text, families, prefix=prefix)
     index = index_lines(lines)
     if seen_prefix:
         return index
-    # Nothing of this engine on the page: find out what the page is instead.
-    all_families = _parse(text)
-    if not any(f.samples for f in all_families):
-        raise ScrapeError("empty", "the page has no samples")
-    names = {s.name for f in all_families for s in f.samples}
-    for other in other_prefixes:
-        if any(n.startswith(other) for n in names):
-            raise ScrapeError("wrong_engine", f"expected {engine} metrics ('{prefix}*'), found '{other}*' metrics")
-    raise ScrapeError("wrong_engine", f"expected {engine} metrics ('{prefix}*'), found none")
+    raise _classify(text, engine=engine, prefix=prefix, other_prefixes=other_prefixes)
 
 
 # -- samples -> values ---------------------------------------------------------------
@@ -238,13 +260,18 @@ def samples_of(index: SampleIndex, name: str, where: SampleFilter | None = None)
     return [s for s in index.get(name, ()) if _finite(s.value) and (where is None or where(s.labels))]
 
 
+def _finite_or_none(value: float) -> float | None:
+    return value if math.isfinite(value) else None
+
+
 def sum_values(samples: Sequence) -> float | None:
-    """Sum of finite sample values; ``None`` when there is none (missing, not zero)."""
-    return float(sum(s.value for s in samples)) if samples else None
+    """Sum of finite sample values; ``None`` when there is none (missing, not zero) or
+    when the sum overflows (two engines' counters near the float limit)."""
+    return _finite_or_none(float(sum(s.value for s in samples))) if samples else None
 
 
 def mean_values(samples: Sequence) -> float | None:
-    return float(sum(s.value for s in samples)) / len(samples) if samples else None
+    return _finite_or_none(float(sum(s.value for s in samples)) / len(samples)) if samples else None
 
 
 def counter_total(index: SampleIndex, family: str, where: SampleFilter | None = None) -> float | None:
@@ -292,10 +319,30 @@ def histogram_series(index: SampleIndex, family: str,
 
 
 def merge_histograms(histograms: Iterable[Histogram]) -> Histogram | None:
+    """Sum of several engines' histograms; counts that overflow when added are a broken page."""
     merged: Histogram | None = None
     for h in histograms:
-        merged = h if merged is None else merged.merge(h)
+        try:
+            merged = h if merged is None else merged.merge(h)
+        except ValueError as exc:
+            raise ScrapeError("parse", f"histograms cannot be summed: {exc}") from exc
     return merged
+
+
+MAX_RANKS = 1024          # distinct engines/ranks on one page (a pod runs a handful)
+MAX_RANK_CHARS = 128      # an engine index or DP rank is a small number
+MAX_KV_STAGES = 32
+MAX_STAGE_CHARS = 64
+
+
+def checked_ranks(values: Iterable[str]) -> frozenset[str]:
+    """The set of rank label values, refused (``too_large``) past ``MAX_RANKS`` or ``MAX_RANK_CHARS``:
+    every snapshot in the rate window keeps this set, so its size must stay bounded."""
+    ranks = frozenset(values)
+    if len(ranks) > MAX_RANKS or any(len(r) > MAX_RANK_CHARS for r in ranks):
+        raise ScrapeError("too_large", f"{len(ranks)} engine ranks on one page, or a rank label over "
+                                       f"{MAX_RANK_CHARS} characters (limits {MAX_RANKS} / {MAX_RANK_CHARS})")
+    return ranks
 
 
 def drop_none(values: Mapping[str, float | None]) -> dict[str, float]:

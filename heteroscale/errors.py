@@ -48,7 +48,7 @@ class ScrapeError(TransientError):
 
     ``reason`` is a short machine-readable label used for
     ``heteroscale_scrape_errors_total{reason}``: one of ``connect``, ``timeout``,
-    ``http_status``, ``parse``, ``wrong_engine``, ``empty``.
+    ``http_status``, ``parse``, ``too_large``, ``wrong_engine``, ``empty``.
     """
 
     def __init__(self, reason: str, detail: str = "") -> None:

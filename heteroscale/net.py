@@ -1,4 +1,5 @@
-"""Addresses and ports: the one HOST:PORT parser, and free ports for our own children.
+"""Addresses and ports: the one HOST:PORT parser, free ports for our own children, and a
+size-capped HTTP body read.
 
 ``parse_host_port`` reads ``HOST:PORT`` (IPv6 as ``[::1]:PORT``) for every flag and
 config key that takes an address (sidecar and coordinator ``--listen``, the demo, the
@@ -17,6 +18,12 @@ from __future__ import annotations
 
 import random
 import socket
+from typing import TYPE_CHECKING
+
+from heteroscale.errors import ScrapeError
+
+if TYPE_CHECKING:
+    import aiohttp
 
 _SPAN = 12_000              # how far below the ephemeral range to pick from
 _FALLBACK_EPHEMERAL_LOW = 32_768
@@ -79,3 +86,18 @@ def parse_host_port(text: str, *, default_host: str = "0.0.0.0", allow_port_zero
             raise ValueError(f"must be HOST:PORT with a host, got {text!r}")
         host = default_host
     return host, port
+
+
+async def read_capped(response: "aiohttp.ClientResponse", max_bytes: int) -> bytes:
+    """The whole body of a metrics page, or ``ScrapeError("too_large")`` as soon as it passes
+    ``max_bytes`` (checked against ``Content-Length`` first, then while reading)."""
+    if response.content_length is not None and response.content_length > max_bytes:
+        raise ScrapeError("too_large", f"page of {response.content_length} bytes exceeds the {max_bytes}-byte cap")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in response.content.iter_chunked(64 * 1024):
+        size += len(chunk)
+        if size > max_bytes:
+            raise ScrapeError("too_large", f"page exceeds the {max_bytes}-byte cap")
+        chunks.append(chunk)
+    return b"".join(chunks)

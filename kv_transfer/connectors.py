@@ -8,9 +8,12 @@ Four pages carry KV-transfer numbers (ENGINES.md §2.3, §3.3, §5.3, §5.4):
   ``vllm:nixl_num_failed_transfers_total``;
 * the **SGLang engine page** in P/D mode: ``sglang:kv_transfer_total_mb``,
   ``sglang:kv_transfer_latency_ms`` and ``sglang:kv_transfer_speed_gb_s`` -
-  gauges of the last log interval in older builds, per-request histograms in
-  newer ones (both handled) - ``sglang:num_transfer_failed_reqs_total``,
-  ``sglang:num_bootstrap_failed_reqs_total`` and the transfer queue gauges;
+  gauges of the last log interval in older builds, per-transfer histograms in
+  newer ones (0.5.23: ``observability/metrics_collector.py``; both handled) -
+  ``sglang:kv_transfer_bootstrap_ms`` and ``sglang:kv_transfer_alloc_ms``
+  (histograms), ``sglang:num_transfer_failed_reqs_total``,
+  ``sglang:num_bootstrap_failed_reqs_total``, ``sglang:num_prefill_retries_total``
+  and the transfer queue gauges;
 * **NIXL's own telemetry exporter** (``agent_tx_bytes_total``,
   ``agent_rx_bytes_total``, ``agent_xfer_time_total`` in µs, the
   ``agent_xfer_time_us`` histogram, ``agent_errors_total{status}``);
@@ -22,27 +25,32 @@ Each becomes a ``ConnectorReading``: cumulative bytes per direction, transfer
 count, busy time, failures, a latency histogram in seconds, plus the gauges an
 engine offers instead. A value the page does not carry is ``None`` (or an absent
 key), never 0. Units are normalised here once: bytes, seconds. SGLang's MB and
-GB are read as 2**20 and 2**30 bytes (the engine divides by 1024; **[U]** in
-ENGINES.md) - stated in docs/kv-transfer.md.
+GB are read as 2**20 and 2**30 bytes (SGLang 0.5.23 divides bytes by 1024 twice for
+MB and MB by 1024 for GB, ``req_time_stats.py``) - stated in docs/kv-transfer.md.
 
 SGLang writes the same scheduler value once per TP rank (with
 ``--enable-metrics-for-all-schedulers``); summing them would count a transfer
-N times. Series that differ only in ``tp_rank`` are therefore de-duplicated
-(largest value) before the DP ranks are summed.
+N times. Series that differ only in ``tp_rank``, ``pp_rank`` or ``moe_ep_rank``
+(the rank labels of one batch state) are therefore de-duplicated
+(largest value) before the DP ranks are summed. With priority scheduling its
+queue gauges carry the total under ``priority=""`` next to one series per
+priority; only the totals are read.
 
-Only the lines of wanted families go through ``prometheus_client``'s parser:
-garbage elsewhere on a big engine page is not this module's business; garbage
-inside a wanted family raises ``ScrapeError("parse")``.
+Only the lines of wanted families are read (``heteroscale.promtext``, the
+project's own sample-line parser): garbage elsewhere on a big engine page is not
+this module's business; garbage inside a wanted family raises
+``ScrapeError("parse")``, a wanted line over 16 KiB ``ScrapeError("too_large")``.
 """
 
 from __future__ import annotations
 
+import functools
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping, Sequence
 
-from prometheus_client.parser import text_string_to_metric_families
-
+from heteroscale import promtext
 from heteroscale.kv_transfer.stats import HistogramSample, merge_histograms
 from heteroscale.errors import ScrapeError
 
@@ -62,11 +70,12 @@ GIB = float(2 ** 30)
 # Line-name prefixes worth parsing; everything else on a page is skipped unread.
 _ENGINE_PREFIXES = ("vllm:nixl_", "vllm:num_requests_waiting", "sglang:kv_transfer_",
                     "sglang:num_transfer_failed_reqs", "sglang:num_bootstrap_failed_reqs",
+                    "sglang:num_prefill_retries",
                     "sglang:num_prefill_inflight_queue_reqs", "sglang:num_decode_transfer_queue_reqs",
                     "sglang:num_queue_reqs")
 _TELEMETRY_PREFIXES = ("agent_tx_bytes", "agent_rx_bytes", "agent_xfer_time", "agent_errors",
                        "tent_read_", "tent_write_")
-_DEDUP_LABELS = frozenset({"tp_rank"})
+_DEDUP_LABELS = frozenset({"tp_rank", "pp_rank", "moe_ep_rank"})   # copies of one batch state (engine_adapters.sglang)
 
 
 @dataclass(frozen=True)
@@ -81,6 +90,10 @@ class ConnectorReading:
     latency: HistogramSample | None = None     # per-transfer latency, seconds
     speed_bytes_per_s: float | None = None     # engine's own speed gauge (SGLang, older builds)
     latency_s: float | None = None             # engine's own latency gauge (SGLang, older builds)
+    speed: HistogramSample | None = None       # per-transfer speed, bytes/s (SGLang histogram)
+    bootstrap: HistogramSample | None = None   # per-request bootstrap time, seconds (SGLang)
+    alloc_wait: HistogramSample | None = None  # per-request wait for KV allocation, seconds (SGLang)
+    retries_total: float | None = None         # prefill retries (SGLang)
 
 
 @dataclass(frozen=True)
@@ -97,53 +110,45 @@ class EngineKv:
 Samples = Mapping[str, list[tuple[Mapping[str, str], float]]]
 
 
-def _line_name(line: str) -> str:
-    end = len(line)
-    for sep in ("{", " ", "\t"):
-        i = line.find(sep)
-        if 0 <= i < end:
-            end = i
-    return line[:end]
-
-
-def _select(text: str, prefixes: Sequence[str]) -> str:
-    kept = []
-    for line in text.split("\n"):
-        if not line:
-            continue
-        if line.startswith("#"):
-            parts = line.split(None, 3)
-            if len(parts) >= 3 and parts[1] in ("TYPE", "HELP") and parts[2].startswith(tuple(prefixes)):
-                kept.append(line)
-            continue
-        if _line_name(line).startswith(tuple(prefixes)):
-            kept.append(line)
-    kept.append("")
-    return "\n".join(kept)
+@functools.lru_cache(maxsize=8)
+def _lines_re(prefixes: tuple[str, ...]) -> tuple[re.Pattern, re.Pattern]:
+    """(first line, later lines) patterns for the sample lines whose name starts with a prefix."""
+    names = "|".join(re.escape(p) for p in prefixes)
+    line = rf"(?:{names})[^\n]*"
+    return re.compile(line), re.compile(rf"\n({line})")
 
 
 def _samples(text: str, prefixes: Sequence[str]) -> Samples:
-    if not isinstance(text, str) or not text.strip():
+    """Sample-name index of the lines whose name starts with one of ``prefixes`` (``promtext``)."""
+    if not isinstance(text, str) or not text or text.isspace():
         raise ScrapeError("empty", "the page is empty")
     if not text.endswith("\n"):
         raise ScrapeError("parse", "page does not end with a newline (truncated)")
-    try:
-        families = list(text_string_to_metric_families(_select(text, prefixes)))
-    except Exception as exc:   # the parser raises ValueError, IndexError, TypeError...: a bad page
-        raise ScrapeError("parse", f"not a Prometheus text page: {type(exc).__name__}: {exc}"[:300]) from exc
+    first, later = _lines_re(tuple(prefixes))
+    lines = promtext.find_lines(later, text)
+    m = first.match(text)
+    if m is not None:
+        lines.insert(0, m.group())
     index: dict[str, list[tuple[Mapping[str, str], float]]] = {}
-    for family in families:
-        for sample in family.samples:
-            value = float(sample.value)
-            if math.isfinite(value):
-                index.setdefault(sample.name, []).append((dict(sample.labels), value))
+    for line in lines:
+        try:
+            sample = promtext.parse_line(line)
+        except promtext.LineTooLong as exc:
+            raise ScrapeError("too_large", str(exc)) from exc
+        except ValueError as exc:
+            raise ScrapeError("parse", f"bad sample line {line[:120]!r}: {exc}"[:300]) from exc
+        if math.isfinite(sample.value):
+            index.setdefault(sample.name, []).append((sample.labels, sample.value))
     return index
 
 
 def _dedup(series: Iterable[tuple[Mapping[str, str], float]]) -> list[tuple[Mapping[str, str], float]]:
-    """Series identical except for a TP rank collapse to one (largest value)."""
+    """Series identical except for a TP rank collapse to one (largest value); where a
+    ``priority=""`` total is present, the per-priority breakdown next to it is dropped."""
+    series = list(series)
+    totals = [item for item in series if item[0].get("priority") == ""]
     best: dict[tuple, tuple[Mapping[str, str], float]] = {}
-    for labels, value in series:
+    for labels, value in totals or series:
         key = tuple(sorted((k, v) for k, v in labels.items() if k not in _DEDUP_LABELS))
         if key not in best or value > best[key][1]:
             best[key] = (labels, value)
@@ -254,7 +259,12 @@ def _sglang(index: Samples, direction: str) -> ConnectorReading | None:
     latency_gauge = _mean(index, "sglang:kv_transfer_latency_ms", dedup=True)
     failures = [f for f in (_total(index, "sglang:num_transfer_failed_reqs_total", dedup=True),
                             _total(index, "sglang:num_bootstrap_failed_reqs_total", dedup=True)) if f is not None]
-    if size is None and latency is None and speed_gauge is None and latency_gauge is None and not failures:
+    speed = _histogram(index, "sglang:kv_transfer_speed_gb_s", scale=GIB, dedup=True)
+    bootstrap = _histogram(index, "sglang:kv_transfer_bootstrap_ms", scale=1e-3, dedup=True)
+    alloc_wait = _histogram(index, "sglang:kv_transfer_alloc_ms", scale=1e-3, dedup=True)
+    retries = _total(index, "sglang:num_prefill_retries_total", dedup=True)
+    if (size is None and latency is None and speed_gauge is None and latency_gauge is None and not failures
+            and speed is None and bootstrap is None):
         return None
     return ConnectorReading(
         connector=SGLANG,
@@ -264,7 +274,8 @@ def _sglang(index: Samples, direction: str) -> ConnectorReading | None:
         failures_total=sum(failures) if failures else None,
         latency=latency,
         speed_bytes_per_s=speed_gauge * GIB if speed_gauge is not None else None,
-        latency_s=latency_gauge / 1e3 if latency_gauge is not None else None)
+        latency_s=latency_gauge / 1e3 if latency_gauge is not None else None,
+        speed=speed, bootstrap=bootstrap, alloc_wait=alloc_wait, retries_total=retries)
 
 
 # -- transfer-library exporters -------------------------------------------------------

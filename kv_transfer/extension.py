@@ -39,6 +39,7 @@ import asyncio
 import logging
 import os
 import socket
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
@@ -53,7 +54,8 @@ from heteroscale.kv_transfer.probe import (MIB, ProbeClientSettings, ProbeRunner
 from heteroscale.kv_transfer.rdma import DEFAULT_SYSFS_ROOT, RdmaSettings, SysfsRdmaReader
 from heteroscale.kv_transfer.stats import HistogramWindow, RateWindow, median
 from heteroscale.errors import ConfigError, ScrapeError, UsageError
-from heteroscale.net import parse_host_port
+from heteroscale.net import parse_host_port, read_capped
+from heteroscale.promtext import MAX_PAGE_BYTES
 
 log = logging.getLogger("heteroscale.kv_transfer")
 
@@ -236,6 +238,10 @@ class _ConnectorWindows:
         self.busy = RateWindow(window_s=window_s)
         self.failures = RateWindow(window_s=window_s)
         self.latency = HistogramWindow(window_s=window_s)
+        self.speed = HistogramWindow(window_s=window_s)
+        self.bootstrap = HistogramWindow(window_s=window_s)
+        self.alloc_wait = HistogramWindow(window_s=window_s)
+        self.retries = RateWindow(window_s=window_s)
         self.last: kvc.ConnectorReading | None = None
         self.failures_seen = 0.0              # monotone sum of failure increases (our own counter)
 
@@ -251,8 +257,12 @@ class _ConnectorWindows:
                               (self.failures, reading.failures_total)):
             if value is not None:
                 window.add(now_s, value)
-        if reading.latency is not None:
-            self.latency.add(now_s, reading.latency)
+        for window, histogram in ((self.latency, reading.latency), (self.speed, reading.speed),
+                                  (self.bootstrap, reading.bootstrap), (self.alloc_wait, reading.alloc_wait)):
+            if histogram is not None:
+                window.add(now_s, histogram)
+        if reading.retries_total is not None:
+            self.retries.add(now_s, reading.retries_total)
 
     def summary(self, now_s: float, direction: str) -> dict[str, Any] | None:
         last = self.last
@@ -288,6 +298,19 @@ class _ConnectorWindows:
             out["latency_mean_s"] = last.latency_s
         if last.speed_bytes_per_s is not None:
             out["transfer_speed_bytes_per_second"] = last.speed_bytes_per_s
+        # SGLang's per-transfer histograms: mean speed of the transfers in the window (not
+        # weighted by size, unlike transfer_speed_bytes_per_second), bootstrap and allocation waits.
+        speed = self.speed.delta(now_s)
+        if speed is not None and speed.count > 0:
+            out["transfer_speed_mean_bytes_per_second"] = speed.mean
+        for key, window in (("bootstrap", self.bootstrap), ("alloc_wait", self.alloc_wait)):
+            delta = window.delta(now_s)
+            if delta is not None and delta.count > 0:
+                out[f"{key}_mean_s"] = delta.mean
+                out[f"{key}_p90_s"] = delta.quantile(0.9)
+        retries = self.retries.rate(now_s)
+        if retries is not None:
+            out["retries_in_window"] = retries.total
         out["window_s"] = self.bytes[direction].window_s
         return out
 
@@ -359,6 +382,9 @@ class KvTransferExtension:
         self._runner: ProbeRunner | None = None
         self._last_sample: Mapping[str, Any] = {}
         self._last_now_s: float | None = None
+        # Engine-page state is written from the agent's page-parsing thread (observe_engine_page)
+        # and read on the event loop (sample, engine_gate): guarded by this lock.
+        self._lock = threading.Lock()
 
     # lifecycle
 
@@ -406,15 +432,20 @@ class KvTransferExtension:
         self._observe(text, now_s)
 
     def _observe(self, text: str, now_s: float) -> None:
+        # The agent calls this from its page-parsing thread: parse without the lock (the long
+        # part), then update the windows under it, so sample() on the event loop never sees
+        # them half-written and never waits for a parse.
         try:
             page = kvc.parse_engine_page(text, direction=self.settings.direction)
         except ScrapeError as exc:
             self._count_error(exc.reason)
             return
-        self._engine_seen_s = now_s
-        self._engine_waiting = page.requests_waiting
-        for reading in page.connectors:
-            self._engine.setdefault(reading.connector, _ConnectorWindows(self.settings.window_s)).add(now_s, reading)
+        with self._lock:
+            self._engine_seen_s = now_s
+            self._engine_waiting = page.requests_waiting
+            for reading in page.connectors:
+                self._engine.setdefault(reading.connector,
+                                        _ConnectorWindows(self.settings.window_s)).add(now_s, reading)
 
     def probe_gate(self) -> tuple[bool, str | None]:
         """Whether this pod may start a probe now (see the module docstring for the rule)."""
@@ -442,7 +473,7 @@ class KvTransferExtension:
             async with self._session.get(url, headers={"Accept": "text/plain; version=0.0.4"}) as response:
                 if response.status != 200:
                     raise ScrapeError("http_status", f"HTTP {response.status} from {url}")
-                return await response.text()
+                return (await read_capped(response, MAX_PAGE_BYTES)).decode("utf-8")
         except asyncio.TimeoutError:
             self._count_error("timeout")
         except (aiohttp.ClientError, UnicodeDecodeError):
@@ -452,7 +483,8 @@ class KvTransferExtension:
         return None
 
     def _count_error(self, reason: str) -> None:
-        self._engine_errors[reason] = self._engine_errors.get(reason, 0) + 1
+        with self._lock:
+            self._engine_errors[reason] = self._engine_errors.get(reason, 0) + 1
 
     async def _read_engine(self, now_s: float) -> None:
         if not self.settings.engine_metrics_url or self._agent_observes:
@@ -466,7 +498,7 @@ class KvTransferExtension:
         self.self_scrapes += 1
         text = await self._fetch(self.settings.engine_metrics_url)
         if text is not None and not self._agent_observes:
-            self._observe(text, now_s)
+            await asyncio.to_thread(self._observe, text, now_s)     # a large page must not stall the loop
 
     async def _read_rdma(self, now_s: float) -> None:
         if self._rdma_reader is not None:
@@ -479,9 +511,11 @@ class KvTransferExtension:
         if text is None:
             return
         try:
-            self._exporter.add(now_s, kvc.parse_connector_page(text))
+            reading = await asyncio.to_thread(kvc.parse_connector_page, text)
         except ScrapeError as exc:
             self._count_error(exc.reason)
+            return
+        self._exporter.add(now_s, reading)
 
     # outputs
 
@@ -495,7 +529,9 @@ class KvTransferExtension:
     def build_sample(self, now_s: float) -> dict[str, Any]:
         direction = self.settings.direction
         sources: dict[str, Any] = {}
-        engine = self._engine_summary(now_s, direction)
+        with self._lock:
+            engine = self._engine_summary(now_s, direction)
+            errors = dict(self._engine_errors)
         if engine is not None:
             sources[SOURCE_ENGINE] = engine
         rdma = self._rdma.summary(now_s, direction)
@@ -514,8 +550,8 @@ class KvTransferExtension:
                                "window_s": self.settings.window_s, "sources": sources}
         if probe_doc:
             out["probe"] = probe_doc
-        if self._engine_errors:
-            out["errors"] = dict(self._engine_errors)
+        if errors:
+            out["errors"] = errors
         return out
 
     def _engine_summary(self, now_s: float, direction: str) -> dict[str, Any] | None:

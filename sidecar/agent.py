@@ -8,12 +8,18 @@ Owns the scrape loop and the cached state behind ``/metrics`` and ``/v1/report``
   (kept below the interval, so cycles never pile up). The sleep between cycles
   is interruptible, so shutdown is immediate;
 * a failed scrape never raises out of the loop: ``engine_up`` drops to 0, the
-  reason is counted, the window keeps only good samples, and the report turns
-  ``stale`` once the newest good sample is older than ``stale_after_s``
-  (3 intervals). Old samples leave the rate window, so rates become ``None``
-  (unknown) rather than a frozen last value;
+  reason is counted, the window keeps only good samples, and the report is
+  ``stale`` from that first failed scrape on (and whenever the newest good
+  sample is older than ``stale_after_s``, 3 intervals), so the coordinator never
+  acts on the last rate of an engine that stopped answering. Old samples leave
+  the rate window, so rates become ``None`` (unknown) rather than a frozen value;
+* pages are parsed in one worker thread (``heteroscale-parse``), never on the
+  event loop: a legal page may be as large as the fetch cap (16 MiB), and
+  ``/healthz`` must answer while it is parsed. One parse at a time: the cycle
+  waits for it, and the loop skips (does not stack) cycles that overran;
 * every fetched engine page is also handed to extensions that observe pages
-  (``observe_engine_page``), so they need no second scrape of the engine;
+  (``observe_engine_page``, in the same worker thread), so they need no second
+  scrape of the engine;
 * ``/readyz`` turns ready after the first successful scrape.
 
 Decisions live elsewhere: rates and quantiles are pure (``heteroscale.engine_adapters.rates``),
@@ -24,16 +30,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gc
 import inspect
 import logging
 import os
 import signal
 import socket
+import sys
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
@@ -41,7 +50,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from heteroscale.engine_adapters.rates import SignalWindow, WindowStats
-from heteroscale.engine_adapters.scrape import PARSERS, ScrapeSettings, fetch_page, parser_for
+from heteroscale.engine_adapters.scrape import PARSERS, ScrapeSettings, decode_page, fetch_body, parser_for
 from heteroscale.engine_adapters.snapshot import GENERATION_TOKENS, EngineSnapshot
 from heteroscale.errors import ConfigError, ScrapeError, UsageError
 from heteroscale.net import parse_host_port
@@ -52,7 +61,7 @@ from heteroscale.sidecar.extensions import (
 from heteroscale.sidecar.gpu.base import GpuReader, NoGpuReader
 from heteroscale.sidecar.http import make_app
 from heteroscale.sidecar.metrics import MetricsView, SidecarCollector, view_kv
-from heteroscale.report import ROLES, GpuReading, SidecarReport
+from heteroscale.report import ROLES, GpuReading, SidecarReport, finite_json
 
 log = logging.getLogger("heteroscale.sidecar")
 
@@ -60,6 +69,7 @@ GPU_SOURCES = ("nvml", "emulator", "none")
 DEFAULT_LISTEN = "0.0.0.0:9400"
 STALE_AFTER_INTERVALS = 3
 CLOSE_TIMEOUT_S = 5.0
+GIL_SWITCH_INTERVAL_S = 0.001
 
 
 @dataclass(frozen=True)
@@ -158,7 +168,8 @@ class Agent:
 
     def __init__(self, settings: AgentSettings, *, gpu_reader: GpuReader | None = None,
                  extensions: Sequence[SidecarExtension] = (), session: aiohttp.ClientSession | None = None,
-                 clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time,
+                 page_parser: Callable[[str], EngineSnapshot] | None = None) -> None:
         self.settings = settings
         self.gpu_reader: GpuReader = gpu_reader or NoGpuReader("no GPU reader configured")
         self.extensions = list(extensions)
@@ -167,6 +178,8 @@ class Agent:
         self._clock, self._wall = clock, wall
         self._scrape = ScrapeSettings(url=metrics_url(settings.engine_url), engine=settings.engine,
                                       timeout_s=settings.scrape_timeout_s)
+        self._parse = page_parser or parser_for(settings.engine)
+        self._parser_pool: ThreadPoolExecutor | None = None
         self.window = SignalWindow(settings.window_s)
         self.errors: Counter[str] = Counter()
         self.engine_up = False
@@ -193,7 +206,8 @@ class Agent:
         return self._task is not None and not self._task.done()
 
     def stale(self, now_mono: float | None = None) -> bool:
-        if self.last_good_mono is None:
+        """True from the first failed scrape on, and when the newest good sample is too old."""
+        if self.last_good_mono is None or not self.engine_up:
             return True
         now = self._clock() if now_mono is None else now_mono
         return now - self.last_good_mono > self.settings.stale_after_s
@@ -211,24 +225,20 @@ class Agent:
 
     def report(self) -> SidecarReport:
         s, st = self.settings, self.stats()
-        return SidecarReport(
+        return SidecarReport.from_signals(
+            st,
             service=s.service, role=s.role, pod=s.pod, engine=s.engine, node=s.node,
             engine_up=self.engine_up, stale=self.stale(),
             observed_at=self.last_good_wall or 0.0,
             window_s=st.span_s if st.samples > 1 else s.window_s,
             started_at=self.started_at,
-            decode_tps=st.decode_tps, prefill_tps=st.prefill_tps, prefill_uncached_tps=st.prefill_uncached_tps,
-            requests_running=st.requests_running, requests_waiting=st.requests_waiting,
-            kv_cache_usage_ratio=st.kv_cache_usage_ratio,
-            ttft_p50_s=st.ttft_s.get(0.5), ttft_p90_s=st.ttft_s.get(0.9), ttft_p99_s=st.ttft_s.get(0.99),
-            tbt_p50_s=st.tbt_s.get(0.5), tbt_p90_s=st.tbt_s.get(0.9), tbt_p99_s=st.tbt_s.get(0.99),
             gpu_mode=self.gpu_reader.mode, gpus=self.gpus,
-            kv_transfer=dict(self.extension_samples.get(KV_TRANSFER_NAME, {})),
+            kv_transfer=finite_json(dict(self.extension_samples.get(KV_TRANSFER_NAME, {}))),
         )
 
     def report_dict(self) -> dict[str, Any]:
         doc = self.report().to_dict()
-        others = {k: dict(v) for k, v in self.extension_samples.items() if k != KV_TRANSFER_NAME}
+        others = {k: finite_json(dict(v)) for k, v in self.extension_samples.items() if k != KV_TRANSFER_NAME}
         if others:
             doc["extensions"] = others
         doc["scrape_errors"] = dict(self.errors)
@@ -263,22 +273,46 @@ class Agent:
         try:
             if self._session is None:
                 raise ScrapeError("connect", "agent not started (no HTTP session)")
-            text = await fetch_page(self._session, self._scrape)
+            body = await fetch_body(self._session, self._scrape)
             # The engine rendered the page somewhere between request and answer:
             # stamp the sample at the midpoint, so a slow answer from a busy
             # engine does not bend the rate (error <= half the request time).
             half_s = (self._clock() - t0) / 2
             t_mono, t_wall = t0 + half_s, wall0 + half_s
-            # Extensions that read other families of the same page (KV-transfer
-            # connector metrics) get it here instead of scraping the engine again.
-            observe_engine_page(self._started_extensions, text, t_mono)
-            snapshot = parser_for(self.settings.engine)(text)
+            snapshot = await asyncio.get_running_loop().run_in_executor(
+                self._parser_executor(), self._parse_page, body, t_mono)
         except ScrapeError as exc:
             self._on_failure(exc)
         else:
             self._on_success(t_mono, t_wall, snapshot)
         finally:
             self.scrape_duration_s = max(0.0, self._clock() - t0)
+
+    def _parser_executor(self) -> ThreadPoolExecutor:
+        if self._parser_pool is None:
+            self._parser_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="heteroscale-parse")
+        return self._parser_pool
+
+    def _parse_page(self, body: bytes, t_mono: float) -> EngineSnapshot:
+        """In the parse worker thread: decode the page, hand it to observing extensions, parse it.
+
+        Raises only ``ScrapeError``: anything else out of a parser is a broken page
+        (or a parser bug), reported as ``parse`` rather than ending the cycle. The
+        cyclic garbage collector is paused meanwhile: a parse makes one short-lived,
+        acyclic object per sample line, and a full collection over 100,000 of them
+        would hold the GIL (and so the event loop) for tens of milliseconds.
+        """
+        with _collector_paused():
+            text = decode_page(body, self._scrape.url)
+            # Extensions that read other families of the same page (KV-transfer
+            # connector metrics) get it here instead of scraping the engine again.
+            observe_engine_page(self._started_extensions, text, t_mono)
+            try:
+                return self._parse(text)
+            except ScrapeError:
+                raise
+            except (ValueError, ArithmeticError, RecursionError, MemoryError) as exc:
+                raise ScrapeError("parse", f"{type(exc).__name__}: {exc}"[:300]) from exc
 
     def _on_success(self, t_mono: float, t_wall: float, snapshot: EngineSnapshot) -> None:
         if not self.engine_up:
@@ -374,9 +408,24 @@ class Agent:
                                for ext in self._started_extensions),
                              _bounded_close(self.gpu_reader.close(), "GPU reader"))
         self._started_extensions.clear()
+        if self._parser_pool is not None:
+            # A parse still running finishes in its thread (bounded by the page cap); nothing waits for it.
+            self._parser_pool.shutdown(wait=False, cancel_futures=True)
+            self._parser_pool = None
         if self._own_session and self._session is not None:
             await self._session.close()
             self._session = None
+
+
+@contextlib.contextmanager
+def _collector_paused() -> Iterator[None]:
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 def _restarted(previous: EngineSnapshot | None, current: EngineSnapshot) -> bool:
@@ -475,23 +524,48 @@ def run(args: argparse.Namespace) -> int:
     return asyncio.run(serve(settings, extensions=extensions))
 
 
-async def serve(settings: AgentSettings, *, extensions: Sequence[SidecarExtension] = ()) -> int:
-    """Run the sidecar until SIGTERM/SIGINT."""
-    gpu_reader = await open_gpu_reader(settings)
-    # Everything imported so far lives for the whole process: keep it out of the
-    # collector's sweeps so a long-lived sidecar has short, rare GC pauses.
-    gc.freeze()
-    agent = Agent(settings, gpu_reader=gpu_reader, extensions=extensions)
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(SidecarCollector(agent.metrics_view))
-    runner = web.AppRunner(make_app(agent, registry), access_log=None, handle_signals=False)
-    await runner.setup()
+def bind_listen_socket(host: str, port: int) -> socket.socket:
+    """The sidecar's listening socket, bound before anything else starts (a busy port is one line)."""
     try:
-        site = web.TCPSite(runner, settings.listen_host, settings.listen_port, reuse_address=True)
-        try:
-            await site.start()
-        except OSError as exc:
-            raise UsageError(f"cannot listen on {settings.listen_host}:{settings.listen_port}: {exc.strerror or exc}")
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+        sock = socket.socket(family, kind, proto)
+    except OSError as exc:
+        raise UsageError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(128)
+        sock.setblocking(False)
+    except OSError as exc:
+        sock.close()
+        raise UsageError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    return sock
+
+
+async def serve(settings: AgentSettings, *, extensions: Sequence[SidecarExtension] = ()) -> int:
+    """Run the sidecar until SIGTERM/SIGINT.
+
+    The listening socket is bound first: a busy ``--listen`` port ends the process with
+    one line, before any GPU probing, engine scrape or extension has run (or logged).
+    """
+    sock = bind_listen_socket(settings.listen_host, settings.listen_port)
+    # A thread that wants the GIL waits up to the switch interval for the holder to drop it.
+    # The parse thread holds it for whole pages; 1 ms (default 5) lets /healthz and /metrics
+    # through after at most a millisecond per hand-over.
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
+    runner: web.AppRunner | None = None
+    try:
+        gpu_reader = await open_gpu_reader(settings)
+        # Everything imported so far lives for the whole process: keep it out of the
+        # collector's sweeps so a long-lived sidecar has short, rare GC pauses.
+        gc.freeze()
+        agent = Agent(settings, gpu_reader=gpu_reader, extensions=extensions)
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(SidecarCollector(agent.metrics_view))
+        runner = web.AppRunner(make_app(agent, registry), access_log=None, handle_signals=False)
+        await runner.setup()
+        await web.SockSite(runner, sock).start()
         for address in runner.addresses:     # the real port when --listen ...:0
             host, port = address[:2]
             log.info("sidecar for %s %s (%s) listening on http://%s:%d", settings.service, settings.role,
@@ -503,5 +577,7 @@ async def serve(settings: AgentSettings, *, extensions: Sequence[SidecarExtensio
         await stop.wait()
         log.info("stopping")
     finally:
-        await runner.cleanup()
+        if runner is not None:
+            await runner.cleanup()
+        sock.close()
     return 0

@@ -82,8 +82,11 @@ class EnginePageObserver(Protocol):
     The agent calls ``observe_engine_page(text, now_s)`` after every successful
     fetch (same monotonic clock as ``sample``), so an extension can read metric
     families the engine adapter ignores (the KV-transfer connector metrics)
-    without a second scrape. It must be quick and must not raise; the helper
-    below guards it anyway. Added for kv_transfer (issue 5).
+    without a second scrape. It is called from the agent's page-parsing worker
+    thread, not the event loop (a page can be megabytes): it must not touch
+    asyncio objects, must guard state that ``sample``/``collect`` read on the
+    loop (a lock held only to apply, not to parse), and must not raise; the
+    helper below guards it anyway.
     """
 
     def observe_engine_page(self, text: str, now_s: float) -> None:

@@ -14,6 +14,7 @@ stops it on cleanup (aiohttp ``cleanup_ctx``), so the two live and die together.
 
 from __future__ import annotations
 
+import json
 from typing import AsyncIterator, Protocol
 
 from aiohttp import web
@@ -67,7 +68,13 @@ async def _metrics(request: web.Request) -> web.Response:
 
 
 async def _report(request: web.Request) -> web.Response:
-    return web.json_response(request.app[AGENT].report_dict())
+    # Strict JSON: the agent's report holds no non-finite number, and this makes sure
+    # that a bug can only ever give an error answer, never a body with 'Infinity'.
+    return web.json_response(request.app[AGENT].report_dict(), dumps=_strict_dumps)
+
+
+def _strict_dumps(doc: object) -> str:
+    return json.dumps(doc, allow_nan=False)
 
 
 async def _healthz(request: web.Request) -> web.Response:

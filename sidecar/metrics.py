@@ -23,8 +23,9 @@ Exported:
   extra heteroscale_gpu_mode{mode} (1 for the active GPU source; mode="none" = no-GPU mode),
         heteroscale_report_stale, heteroscale_rate_window_seconds,
         heteroscale_engine_started_at_seconds (unix time the engine was first seen up, or
-        restarted: the coordinator's warm-up rule reads it over PromQL), and whatever
-        extensions collect.
+        restarted: the coordinator's warm-up rule reads it over PromQL),
+        heteroscale_requests_deferred, heteroscale_requests_kv_stage{stage},
+        heteroscale_preemptions_per_second, and whatever extensions collect.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from heteroscale.report import GpuReading
 
 log = logging.getLogger("heteroscale.sidecar")
 
-SCRAPE_ERROR_REASONS = ("connect", "timeout", "http_status", "parse", "wrong_engine", "empty")
+SCRAPE_ERROR_REASONS = ("connect", "timeout", "http_status", "parse", "too_large", "wrong_engine", "empty")
 
 
 @dataclass(frozen=True)
@@ -105,10 +106,18 @@ class SidecarCollector:
         yield gauge("heteroscale_requests_running", "Requests in the engine's running batch.", s.requests_running)
         yield gauge("heteroscale_requests_waiting", "Requests queued in the engine.", s.requests_waiting)
         yield gauge("heteroscale_kv_cache_usage_ratio", "KV-cache usage, 0..1.", s.kv_cache_usage_ratio)
+        yield gauge("heteroscale_requests_deferred",
+                    "Waiting requests the engine deferred for a transient constraint (vLLM; on a P/D decode pod "
+                    "mostly requests whose KV has not arrived).", s.requests_deferred)
+        yield labelled("heteroscale_requests_kv_stage", "Requests per KV-transfer stage (vLLM KV fetch stages, "
+                       "SGLang P/D queues).", "stage", sorted(s.requests_by_kv_stage.items()))
+        yield gauge("heteroscale_preemptions_per_second",
+                    "Requests preempted (vLLM) or retracted (SGLang) per second over the rate window.",
+                    s.preemptions_per_s)
         yield labelled("heteroscale_ttft_seconds", "Time to first token, windowed quantiles from histogram deltas.",
-                       "quantile", ((_q(q), val) for q, val in s.ttft_s.items()))
+                       "quantile", ((_q(q), val) for q, val in s.quantiles("ttft").items()))
         yield labelled("heteroscale_tbt_seconds", "Time between tokens, windowed quantiles from histogram deltas.",
-                       "quantile", ((_q(q), val) for q, val in s.tbt_s.items()))
+                       "quantile", ((_q(q), val) for q, val in s.quantiles("tbt").items()))
         yield from self._gpu_families(v, names, values)
         kv = GaugeMetricFamily("heteroscale_kv_transfer_bytes_per_second",
                                "KV-cache transfer throughput (send on prefill, receive on decode) by source: "

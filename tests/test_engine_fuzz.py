@@ -14,8 +14,10 @@ from heteroscale.errors import ScrapeError
 
 DATA = Path(__file__).resolve().parent / "data"
 PAGES = [(DATA / n).read_text() for n in ("vllm_constructed_dp1.txt", "vllm_constructed_dp2.txt",
-                                          "sglang_decode_dp2_tp2.txt", "sglang_prefill_tp1.txt")]
-REASONS = {"parse", "empty", "wrong_engine"}
+                                          "vllm_constructed_decode_kv_consumer.txt",
+                                          "sglang_0.5.23_decode_dp2_tp2_priority.txt", "sglang_0.5.23_prefill_tp1.txt",
+                                          "sglang_pre_realtime_decode_dp2_tp2.txt", "sglang_pre_realtime_prefill_tp1.txt")]
+REASONS = {"parse", "empty", "wrong_engine", "too_large"}
 ALPHABET = st.sampled_from(list('{}="\\,# \n\tle+Inf-0123456789.eE_:abcvllmsglang') + ["\x00", "é", "\r"])
 
 

@@ -115,7 +115,7 @@ def test_window_quantiles_use_deltas_not_lifetime():
     w.add(1.0, snap(ttft=Histogram(b, (1000.0, 1000.0, 1100.0, 1100.0))))
     st_ = w.stats(1.0)
     # delta = (0, 0, 100, 100): p50 rank 50 in (0.5, 1]: 0.5 + 0.5 * 50/100 = 0.75
-    assert st_.ttft_s[0.5] == pytest.approx(0.75)
+    assert st_.ttft_p50_s == pytest.approx(0.75)
     # a lifetime quantile would have said 0.1 * 550/1000 = 0.055
     assert Q.quantile(0.5, Histogram(b, (1000.0, 1000.0, 1100.0, 1100.0))) == pytest.approx(0.055)
 
@@ -130,7 +130,7 @@ def test_histogram_reset_is_skipped():
     delta_count = 10 + 2
     st_ = w.stats(3.0)
     # 12 observations: 2 in [0, 0.1], 10 in (0.1, 1]; p50 rank 6: 0.1 + 0.9 * (6 - 2) / 10 = 0.46
-    assert st_.ttft_s[0.5] == pytest.approx(0.46) and delta_count == 12
+    assert st_.ttft_p50_s == pytest.approx(0.46) and delta_count == 12
 
 
 def test_no_observations_in_window_is_none():
@@ -138,7 +138,7 @@ def test_no_observations_in_window_is_none():
     w = SignalWindow(window_s=10)
     w.add(0.0, snap(ttft=Histogram(b, (5.0, 5.0))))
     w.add(1.0, snap(ttft=Histogram(b, (5.0, 5.0))))
-    assert w.stats(1.0).ttft_s == {0.5: None, 0.9: None, 0.99: None}
+    assert w.stats(1.0).quantiles("ttft") == {0.5: None, 0.9: None, 0.99: None}
 
 
 @settings(max_examples=200, deadline=None)

@@ -10,6 +10,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from heteroscale.engine_adapters import snapshot as S
+from heteroscale import promtext
 from heteroscale.engine_adapters import vllm
 from heteroscale.errors import ScrapeError
 
@@ -29,7 +30,11 @@ def test_dp1_page_values():
     assert snap.counters[S.PROMPT_TOKENS] == 53_100 + 12_000 + 1_900_000
     assert snap.counters[S.PROMPT_UNCACHED_TOKENS] == 53_100
     assert snap.counters[S.PROMPT_CACHED_TOKENS] == 12_000 + 1_900_000
-    assert snap.gauges == {S.REQUESTS_RUNNING: 12, S.REQUESTS_WAITING: 3, S.KV_CACHE_USAGE: 0.4375}
+    # num_requests_waiting is 3, of which reason="capacity" 1 and "deferred" 2: waiting is the capacity share
+    assert snap.gauges == {S.REQUESTS_RUNNING: 12, S.REQUESTS_WAITING: 1, S.REQUESTS_DEFERRED: 2,
+                           S.KV_CACHE_USAGE: 0.4375}
+    assert snap.counters[S.PREEMPTIONS] == 2
+    assert snap.kv_stages == {}             # not a KV consumer: vLLM does not register the family
     ttft = snap.histograms[S.TTFT]
     assert ttft.count == 400 and ttft.bounds[0] == 0.001 and ttft.bounds[-1] == math.inf
     assert len(ttft.bounds) == 23          # 22 default bounds + +Inf
@@ -42,7 +47,8 @@ def test_dp2_sums_engines_and_averages_kv_usage():
     # engine 0: 400 req x 250; engine 1: 450 req x 250
     assert snap.counters[S.GENERATION_TOKENS] == 400 * 250 + 450 * 250
     assert snap.gauges[S.REQUESTS_RUNNING] == 12 + 13
-    assert snap.gauges[S.REQUESTS_WAITING] == 3 + 4
+    assert snap.gauges[S.REQUESTS_WAITING] == 1 + 2          # capacity shares of 3 and 4
+    assert snap.gauges[S.REQUESTS_DEFERRED] == 2 + 2
     assert snap.gauges[S.KV_CACHE_USAGE] == pytest.approx((0.4375 + 0.5375) / 2)
     assert snap.histograms[S.TTFT].count == 800
 
@@ -84,6 +90,21 @@ def test_fast_path_agrees_with_full_parser():
         for name, samples in fast.items():
             assert [(s.labels, s.value) for s in samples] == full[name]
     assert "vllm:time_to_first_token_seconds_bucket" in fast
+
+
+def test_decode_pod_kv_fetch_stages_and_deferred_requests():
+    snap = vllm.parse(page("vllm_constructed_decode_kv_consumer.txt"))
+    # two engines: waiting_to_start 1 + 1, in_progress 1 + 2, completed_waiting 0 + 0
+    assert snap.kv_stages == {"waiting_to_start": 2.0, "in_progress": 3.0, "completed_waiting": 0.0}
+    assert snap.gauges[S.REQUESTS_DEFERRED] == 4 and snap.gauges[S.REQUESTS_WAITING] == 3
+
+
+def test_waiting_falls_back_to_the_total_without_reasons():
+    text = ('vllm:num_requests_waiting{engine="0"} 5\n'
+            'vllm:num_preemptions_total{engine="0"} 7\n')
+    snap = vllm.parse(text)
+    assert snap.gauges == {S.REQUESTS_WAITING: 5}            # older vLLM: no split, no deferred
+    assert snap.counters == {S.PREEMPTIONS: 7}
 
 
 def test_prefix_cache_fallbacks_without_by_source():
@@ -157,7 +178,7 @@ def test_real_captured_vllm_032_pages(path):
     # by_source splits every prompt token into computed here + from a cache
     assert snap.counters[S.PROMPT_CACHED_TOKENS] + snap.counters[S.PROMPT_UNCACHED_TOKENS] == \
         snap.counters[S.PROMPT_TOKENS]
-    assert set(snap.gauges) == {S.REQUESTS_RUNNING, S.REQUESTS_WAITING, S.KV_CACHE_USAGE}
+    assert set(snap.gauges) == {S.REQUESTS_RUNNING, S.REQUESTS_WAITING, S.REQUESTS_DEFERRED, S.KV_CACHE_USAGE}
     assert len(snap.histograms[S.TTFT].bounds) == 23 and len(snap.histograms[S.TBT].bounds) == 20
     # and the fast path reads what the full parser reads
     full = {}
@@ -179,4 +200,43 @@ def test_real_pages_idle_then_traffic_give_the_generated_token_rate():
     stats = window.stats(10.0)
     # generated tokens went from 0 to N in 10 s -> N / 10 tok/s
     assert stats.decode_tps == busy.counters[S.GENERATION_TOKENS] / 10 > 0
-    assert stats.ttft_s[0.5] is not None and stats.tbt_s[0.5] is not None
+    assert stats.ttft_p50_s is not None and stats.tbt_p50_s is not None
+
+
+@pytest.mark.parametrize("lines", [
+    [f'vllm:num_requests_running{{engine="{i}"}} 1' for i in range(S.MAX_RANKS + 1)],          # too many engines
+    ['vllm:num_requests_running{engine="' + "7" * (S.MAX_RANK_CHARS + 1) + '"} 1'],         # an absurd rank
+    ['vllm:generation_tokens_total{engine="0",x="' + "v" * 17_000 + '"} 1'],                 # a wanted line > 16 KiB
+])
+def test_what_would_grow_the_window_is_too_large(lines):
+    with pytest.raises(ScrapeError) as err:
+        vllm.parse("\n".join(lines) + "\n")
+    assert err.value.reason == "too_large"
+
+
+def test_a_huge_line_in_a_family_the_sidecar_ignores_is_ignored():
+    text = 'vllm:cache_config_info{block_size="' + "1" * 100_000 + '"} 1\nvllm:num_requests_running{engine="0"} 2\n'
+    assert vllm.parse(text).gauges[S.REQUESTS_RUNNING] == 2
+
+
+def test_kv_stages_are_bounded():
+    lines = [f'vllm:num_requests_kv_fetch_by_stage{{engine="0",stage="s{i}"}} 1' for i in range(100)]
+    lines.append('vllm:num_requests_kv_fetch_by_stage{engine="0",stage="' + "x" * 100 + '"} 1')
+    stages = vllm.parse("\n".join(lines) + "\n").kv_stages
+    assert len(stages) == S.MAX_KV_STAGES and all(len(k) <= S.MAX_STAGE_CHARS for k in stages)
+
+
+def test_a_page_larger_than_one_scan_slice_reads_every_line():
+    # Wanted lines are found in slices of SCAN_CHUNK_CHARS; none is lost or cut at a slice edge.
+    lines = page("vllm_0.32_cpu.txt").splitlines()
+    per_engine = [ln for ln in lines if 'engine="0"' in ln and not ln.startswith("#")]
+    engines = 3 * S.SCAN_CHUNK_CHARS // sum(len(ln) + 1 for ln in per_engine) + 2
+    big = "\n".join(ln.replace('engine="0"', f'engine="{e}"') for e in range(engines) for ln in per_engine) + "\n"
+    assert len(big) > 3 * S.SCAN_CHUNK_CHARS
+    one, many = vllm.parse(page("vllm_0.32_cpu.txt")), vllm.parse(big)
+    assert many.ranks == frozenset(str(e) for e in range(engines))
+    assert many.counters[S.GENERATION_TOKENS] == engines * one.counters[S.GENERATION_TOKENS]
+    assert many.histograms[S.TTFT].count == engines * one.histograms[S.TTFT].count
+    wanted = sum(1 for ln in big.splitlines() if promtext.parse_line(ln).name in S.wanted_sample_names(vllm.FAMILIES))
+    index = S.parse_page(big, families=vllm.FAMILIES, prefix="vllm:", engine="vllm")
+    assert sum(len(v) for v in index.values()) == wanted

@@ -100,8 +100,6 @@ def test_tests_and_benchmarks_import_only_the_package():
     assert not offenders, offenders
 
 
-@pytest.mark.xfail(strict=True, reason="engine_adapters/snapshot.py still imports prometheus_client's private "
-                   "_parse_sample/_parse_value; the project's own line parser replaces them")
 def test_parsers_use_only_the_prometheus_text_parser():
     """Engine and connector parsers may take prometheus_client's public text parser (and its
     sample type), nothing else of it: never the private helpers, whose bodies change

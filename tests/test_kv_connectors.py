@@ -139,3 +139,27 @@ def test_dp_engines_are_summed():
             'vllm:nixl_bytes_transferred_count{engine="1"} 3\n')
     (r,) = kvc.parse_engine_page(page, direction="send").connectors
     assert r.bytes_total == {"send": 150} and r.transfers_total == 5
+
+
+def test_sglang_0523_prefill_page(data_dir):
+    # Built from SGLang 0.5.23's metric definitions (tests/data/sglang_pages.py): 83 transfers of
+    # 2-4 MB each (248 MB in all) taking 8-12 ms (827 ms in all).
+    kv = kvc.parse_engine_page(_page(data_dir, "sglang_0.5.23_prefill_tp1.txt"), direction="send")
+    (sg,) = kv.connectors
+    assert sg.bytes_total == {"send": pytest.approx(248.0 * 2 ** 20)}
+    assert sg.transfers_total == 83 and sg.busy_seconds_total == pytest.approx(0.827)
+    # kv_transfer_speed_gb_s is a histogram now (no gauge): per-transfer speeds in bytes/s
+    assert sg.speed_bytes_per_s is None and sg.speed.count == 83
+    assert sg.speed.sum / sg.speed.count == pytest.approx(
+        sum((2.0 + i % 3) / 1024 / ((8.0 + i % 5) / 1000) for i in range(83)) / 83 * 2 ** 30)
+    assert sg.bootstrap.count == 83 and sg.alloc_wait.sum == pytest.approx(83 * 0.5e-3)
+    assert sg.failures_total == 1 and sg.retries_total == 2
+    assert kv.requests_waiting == 3 and kv.transfer_queue_reqs == 4 + 0     # prefill inflight + decode transfer
+
+
+def test_sglang_0523_decode_page_with_priorities_counts_queues_once(data_dir):
+    kv = kvc.parse_engine_page(_page(data_dir, "sglang_0.5.23_decode_dp2_tp2_priority.txt"), direction="receive")
+    # num_queue_reqs: priority="" totals 5 (dp0) + 6 (dp1), each written by two TP ranks
+    # and broken down by priority next to it; read once: 11.
+    assert kv.requests_waiting == 11
+    assert kv.transfer_queue_reqs == 0 + 9          # prefill inflight (0) + decode transfer (5 + 4)

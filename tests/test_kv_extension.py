@@ -91,6 +91,41 @@ async def test_engine_page_rates_latency_and_failures():
     assert m["heteroscale_kv_transfer_failures_total"] == [({"connector": "vllm_nixl"}, 2.0)]
 
 
+def sglang_kv_page(*, transfers: int, mb: float, ms: float, speed_gb_s: float, bootstrap_ms: float,
+                   retries: int) -> str:
+    """An SGLang 0.5.23 prefill page's KV-transfer histograms (names, buckets as in metrics_collector.py)."""
+    labels = 'engine_type="prefill",model_name="m",moe_ep_rank="0",pp_rank="0",tp_rank="0"'
+    lines = []
+    for name, le, total in (("kv_transfer_total_mb", "5.0", mb), ("kv_transfer_latency_ms", "25.0", ms),
+                            ("kv_transfer_speed_gb_s", "1.0", speed_gb_s),
+                            ("kv_transfer_bootstrap_ms", "5.0", bootstrap_ms), ("kv_transfer_alloc_ms", "1.0", 0.0)):
+        lines += [f"# TYPE sglang:{name} histogram",
+                  f"sglang:{name}_sum{{{labels}}} {total}",
+                  f'sglang:{name}_bucket{{{labels},le="{le}"}} {transfers}',
+                  f'sglang:{name}_bucket{{{labels},le="+Inf"}} {transfers}',
+                  f"sglang:{name}_count{{{labels}}} {transfers}"]
+    lines += ["# TYPE sglang:num_prefill_retries_total counter", f"sglang:num_prefill_retries_total{{{labels}}} {retries}"]
+    return "\n".join(lines) + "\n"
+
+
+async def test_sglang_per_transfer_histograms_reach_the_report():
+    ext = ext_for("send")
+    ext.observe_engine_page(sglang_kv_page(transfers=10, mb=30, ms=100, speed_gb_s=3.0, bootstrap_ms=20,
+                                           retries=1), 0.0)
+    ext.observe_engine_page(sglang_kv_page(transfers=30, mb=90, ms=300, speed_gb_s=9.0, bootstrap_ms=80,
+                                           retries=4), 10.0)
+    engine = (await ext.sample(10.0))["sources"]["engine"]
+    assert engine["connector"] == "sglang"
+    # 60 MB in 10 s; the 20 transfers took 200 ms: 60 MB / 0.2 s while busy
+    assert engine["bytes_per_second"] == pytest.approx(60 * 2 ** 20 / 10)
+    assert engine["transfer_speed_bytes_per_second"] == pytest.approx(60 * 2 ** 20 / 0.2)
+    # the per-transfer speed histogram: (9 - 3) GB/s summed over 20 transfers -> 0.3 GB/s mean
+    assert engine["transfer_speed_mean_bytes_per_second"] == pytest.approx(0.3 * 2 ** 30)
+    assert engine["bootstrap_mean_s"] == pytest.approx(0.060 / 20)
+    assert engine["alloc_wait_mean_s"] == 0.0
+    assert engine["retries_in_window"] == 3
+
+
 async def test_a_byte_counter_that_never_moved_is_absent_not_zero():
     ext = ext_for("send")
     ext.observe_engine_page(nixl_page(bytes_sum=0, count=0, time_sum=0, failed=0), 0.0)
@@ -311,7 +346,9 @@ async def test_inside_the_real_agent_against_a_real_engine_server():
     try:
         args = agent_parser().parse_args(["--engine", "vllm", "--engine-url", engine.url, "--role", "decode",
                                           "--service", "chat", "--pod", "decode-0", "--gpu-source", "none",
-                                          "--no-rdma"])
+                                          "--no-rdma", "--interval", "60", "--window", "120"])
+        # (a long interval: the agent's own loop runs its first cycle at start and no other,
+        # so the cycles below are the only ones that stamp pages on the test's clock)
         (ext,) = build_extensions(args)
         async with aiohttp.ClientSession() as session:
             agent = Agent(agent_settings(args), session=session, clock=lambda: t[0], extensions=[ext])

@@ -5,6 +5,7 @@ engine, restart), staleness, readiness, extensions, GPU readers."""
 from __future__ import annotations
 
 import asyncio
+import math
 
 import aiohttp
 import pytest
@@ -12,7 +13,7 @@ import pytest
 from heteroscale.sidecar.agent import Agent, AgentSettings, metrics_url, settings_from_args, add_arguments
 from heteroscale.errors import ConfigError, UsageError
 from heteroscale.report import GpuReading, SidecarReport
-from tests.conftest import free_port
+from tests.conftest import DATA, free_port
 from tests.test_sidecar_fakes import FakeEngine, vllm_page
 
 
@@ -84,6 +85,8 @@ async def test_engine_faults(engine, session, mode, reason):
         await agent.cycle()
         clock.t += 1.0
         assert not agent.engine_up
+        # stale from the first failed scrape on: the last good rate is never served as fresh
+        assert agent.report().stale and agent.metrics_view().stale
     assert agent.errors[reason] == 4 and sum(agent.errors.values()) == 4
     report = agent.report()
     assert report.stale and not report.engine_up        # newest good sample is > 3 intervals old
@@ -94,6 +97,15 @@ async def test_engine_faults(engine, session, mode, reason):
     clock.t -= 1.0
     assert agent.engine_up and not agent.stale()
     assert agent.report().decode_tps == pytest.approx(100.0)
+
+
+async def test_a_page_over_the_cap_is_refused_and_counted_as_too_large(engine, session):
+    from heteroscale.engine_adapters.scrape import DEFAULT_MAX_BYTES
+    clock = Clock()
+    agent = Agent(settings(engine.url, scrape_timeout_s=0.9), session=session, clock=clock)
+    engine.page = vllm_page(gen=1.0) + "# padding " + "x" * DEFAULT_MAX_BYTES + "\n"
+    await agent.cycle()
+    assert agent.errors == {"too_large": 1} and not agent.engine_up and agent.report().stale
 
 
 async def test_refused_connection_and_never_ready(session):
@@ -140,6 +152,47 @@ async def test_dp_engine_leaving_is_not_a_spike(engine, session):
     rate = agent.report().decode_tps
     # 2 good pairs at 400/s (2 s) + 2 good pairs at 200/s (2 s): (800 + 400) / 4 = 300
     assert rate == pytest.approx(300.0)
+
+
+async def test_counters_near_the_float_limit_give_unknown_rates_never_infinity(engine, session):
+    # Two DP engines' counters near 1e308 sum to inf: the rate is unknown, the JSON is strict,
+    # /metrics carries no +Inf, and the coordinator's parser accepts the report.
+    import json
+    from heteroscale.report import parse_report_json
+    from heteroscale.sidecar.metrics import MetricsView, SidecarCollector
+
+    clock = Clock()
+    agent = Agent(settings(engine.url), session=session, clock=clock, wall=lambda: 1.7e9 + clock.t)
+    await drive(agent, clock, engine, [vllm_page(gen=3.4e308 - i * 1e300, prompt=1e308 * (i % 2) + 1e307,
+                                                 engines=("0", "1")) for i in range(4)])
+    report = agent.report()
+    assert report.engine_up and report.decode_tps is None
+    body = json.dumps(agent.report_dict(), allow_nan=False)
+    assert "Infinity" not in body and "NaN" not in body
+    assert parse_report_json(body.encode()) == report
+    values = [s.value for m in SidecarCollector(agent.metrics_view).collect() for s in m.samples]
+    assert all(math.isfinite(v) for v in values)
+
+
+async def test_decode_pod_report_carries_deferred_kv_stages_and_preemptions(engine, session):
+    from heteroscale.sidecar.metrics import SidecarCollector
+    page = (DATA / "vllm_constructed_decode_kv_consumer.txt").read_text()
+    clock = Clock()
+    agent = Agent(settings(engine.url), session=session, clock=clock, wall=lambda: 1.7e9 + clock.t)
+    # preemptions 2 per engine on the page; three later scrapes add 3 per second in all
+    await drive(agent, clock, engine, [page.replace('vllm:num_preemptions_total{engine="1",model_name="Qwen/Qwen3-8B"} 2.0',
+                                                    f'vllm:num_preemptions_total{{engine="1",model_name="Qwen/Qwen3-8B"}} '
+                                                    f'{2.0 + 3 * i}') for i in range(3)])
+    clock.t -= 1.0
+    report = agent.report()
+    assert report.requests_waiting == 1 + 2 and report.requests_deferred == 2 + 2
+    assert report.requests_by_kv_stage == {"waiting_to_start": 2.0, "in_progress": 3.0, "completed_waiting": 0.0}
+    assert report.preemptions_per_s == pytest.approx(3.0)
+    samples = {(s.name, s.labels.get("stage")): s.value
+               for m in SidecarCollector(agent.metrics_view).collect() for s in m.samples}
+    assert samples[("heteroscale_requests_deferred", None)] == 4
+    assert samples[("heteroscale_requests_kv_stage", "in_progress")] == 3
+    assert samples[("heteroscale_preemptions_per_second", None)] == pytest.approx(3.0)
 
 
 class RecordingExtension:
@@ -331,7 +384,7 @@ async def test_sample_is_stamped_at_the_middle_of_its_request(engine, session):
 
 async def test_sglang_engine_end_to_end(engine, session):
     from tests.conftest import DATA
-    base = (DATA / "sglang_decode_dp2_tp2.txt").read_text()
+    base = (DATA / "sglang_pre_realtime_decode_dp2_tp2.txt").read_text()
     line = 'sglang:generation_tokens_total{engine_type="decode",model_name="Qwen/Qwen3-8B"} 1420000.0'
     assert line in base
     clock = Clock()
@@ -347,7 +400,7 @@ async def test_sglang_engine_end_to_end(engine, session):
 
 async def test_role_mismatch_is_logged_once(engine, session, caplog):
     from tests.conftest import DATA
-    engine.page = (DATA / "sglang_prefill_tp1.txt").read_text()
+    engine.page = (DATA / "sglang_pre_realtime_prefill_tp1.txt").read_text()
     agent = Agent(settings(engine.url, engine="sglang", role="decode"), session=session, clock=Clock())
     with caplog.at_level("WARNING", logger="heteroscale.sidecar"):
         await agent.cycle()

@@ -38,17 +38,20 @@ def test_bad_flags_one_line_per_problem_exit_2(extra, needle):
     assert needle in lines[0], proc.stderr
 
 
-def test_listen_port_in_use_is_a_usage_error():
+@pytest.mark.parametrize("gpu_source", ["none", "nvml"])
+def test_listen_port_in_use_is_one_line_before_anything_runs(gpu_source):
+    # The socket is bound first: no GPU probing, engine scrape or extension runs (or logs) before the error.
     import socket
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        proc = subprocess.run([sys.executable, "-m", "heteroscale", "sidecar", *BASE, "--gpu-source", "none",
+        proc = subprocess.run([sys.executable, "-m", "heteroscale", "sidecar", *BASE, "--gpu-source", gpu_source,
                                "--listen", f"127.0.0.1:{port}"], capture_output=True, text=True, cwd=REPO,
                               timeout=60)
-    assert proc.returncode == 2 and "cannot listen on" in proc.stderr.strip().splitlines()[-1]
-    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert "cannot listen on 127.0.0.1:" in lines[0] and "in use" in lines[0]
 
 
 async def test_real_process_against_real_engine_server():

@@ -170,3 +170,49 @@ async def test_healthz_follows_the_loop(stack):
         assert (await get(session, base + "/healthz"))[0] == 200
     finally:
         await agent.stop()
+
+
+async def test_healthz_and_metrics_answer_while_a_page_is_being_parsed():
+    # Pages are parsed in a worker thread: with the parser held inside a parse, the event loop
+    # still serves every endpoint (the timing of this is a benchmark, benchmarks/sidecar_robustness_bench.py).
+    import asyncio
+    import threading
+
+    from heteroscale.engine_adapters import vllm
+
+    inside, release = threading.Event(), threading.Event()
+
+    def held_parser(text: str):
+        inside.set()
+        release.wait(30)
+        return vllm.parse(text)
+
+    engine = await FakeEngine(page=vllm_page(gen=0.0)).start()
+    agent = Agent(AgentSettings(engine="vllm", engine_url=engine.url, role="decode", service="chat", pod="p0",
+                                gpu_source="none", interval_s=0.5, window_s=2.0, scrape_timeout_s=0.3),
+                  page_parser=held_parser)
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(SidecarCollector(agent.metrics_view))
+    runner = web.AppRunner(make_app(agent, registry), access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    base = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    try:
+        assert await asyncio.to_thread(inside.wait, 30)
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as client:
+            for path, status in (("/healthz", 200), ("/metrics", 200), ("/v1/report", 200), ("/readyz", 503)):
+                async with client.get(base + path) as resp:
+                    assert resp.status == status, path
+            assert not agent.ready and inside.is_set() and not release.is_set()   # still inside the parse
+            release.set()
+            for _ in range(200):
+                if agent.ready:
+                    break
+                await asyncio.sleep(0.05)
+            async with client.get(base + "/readyz") as resp:
+                assert resp.status == 200
+    finally:
+        release.set()
+        await runner.cleanup()
+        await engine.close()
