@@ -15,6 +15,7 @@ Families: ``heteroscale_coordinator_is_leader``, ``heteroscale_desired_replicas`
 ``heteroscale_coordinator_tick_duration_seconds``; ``heteroscale_coordinator_ticks_total``;
 ``heteroscale_target_decode_tokens_per_second`` {service, kind=configured|effective};
 ``heteroscale_pd_ratio`` {service, kind=configured|in_use|needed|recommended};
+``heteroscale_kv_transfer_bottleneck`` {service};
 ``heteroscale_placement_shortfall`` {service, role} (instances the latest write could not
 place; Deployment Group services); the KV bandwidth map's families
 (``bandwidth_families``: ``heteroscale_kv_bandwidth_*``, see below).
@@ -64,6 +65,10 @@ class CoordinatorCollector:
                                   "prefill instances per decode instance: configured, in_use, needed (the drift "
                                   "detector's estimate), recommended (while it advises a change)",
                                   labels=["service", "kind"])
+        bottleneck = GaugeMetricFamily("heteroscale_kv_transfer_bottleneck",
+                                       "1 while decode requests wait on KV arrival rather than decode capacity "
+                                       "(the policy holds instead of buying decode: hold_kv_transfer)",
+                                       labels=["service"])
         shortfall = GaugeMetricFamily("heteroscale_placement_shortfall",
                                       "instances the latest write asked for but placement could not place",
                                       labels=["service", "role"])
@@ -84,6 +89,8 @@ class CoordinatorCollector:
             if s.shortfall is not None:
                 for role in ("prefill", "decode"):
                     shortfall.add_metric([name, role], float(getattr(s.shortfall, role)))
+            if s.last is not None:
+                bottleneck.add_metric([name], 1.0 if s.last.inputs.get("kv_transfer_bottleneck") else 0.0)
             tau = s.config.target_decode_tps_per_instance
             target.add_metric([name, "configured"], tau)
             target.add_metric([name, "effective"], tau * s.target.scale)
@@ -93,7 +100,7 @@ class CoordinatorCollector:
             for kind, value in (("needed", s.drift.needed), ("recommended", s.drift.advice)):
                 if value is not None:
                     ratio.add_metric([name, kind], float(value))
-        yield from (desired, current, ready, tps, excluded, target, ratio, shortfall)
+        yield from (desired, current, ready, tps, excluded, target, ratio, bottleneck, shortfall)
         yield from bandwidth_families(BandwidthMap(
             services=tuple(s.bandwidth for s in snap.services if s.bandwidth is not None), generated_at=snap.at))
         decisions = CounterMetricFamily("heteroscale_scaling_decisions",

@@ -83,6 +83,7 @@ class ServiceRuntime:
     last_error: str | None = None
     last_tick_s: float | None = None
     advised: str | None = None                  # the P/D ratio advice last told to operators
+    bottleneck_told: bool = False               # a KV-transfer bottleneck was told to operators
     decisions: deque[Decision] = field(default_factory=deque)
     history: deque[dict[str, Any]] = field(default_factory=deque)
 
@@ -198,7 +199,24 @@ class Reconciler:
         self.decisions_total[(service.name, decision.direction, decision.reason)] += 1
         self._remember(rt, decision, observation, now_s)
         await self._tell_ratio_advice(rt, decision)
+        await self._tell_kv_bottleneck(rt, decision)
         return decision
+
+    async def _tell_kv_bottleneck(self, rt: ServiceRuntime, decision: Decision) -> None:
+        """A KV-transfer bottleneck (``hold_kv_transfer``'s evidence) becomes a Kubernetes
+        Event naming the slowest measured pairs, once per episode, from the leader."""
+        evidence = decision.inputs.get("kv_transfer_bottleneck")
+        if not evidence:
+            rt.bottleneck_told = False
+            return
+        if rt.bottleneck_told or not self._may_write() or not isinstance(self.actuator, EventRecorder):
+            return
+        rt.bottleneck_told = True
+        slow = sorted((p for p in (rt.bandwidth.flagged if rt.bandwidth else ()) if p.bytes_per_second),
+                      key=lambda p: p.bytes_per_second or 0.0)[:5]
+        pairs = ", ".join(f"{p.prefill}->{p.decode} ({p.reason})" for p in slow) or "no pair measured slow"
+        await self.actuator.record_event(rt.config, reason="KvTransferBottleneck", warning=True,
+                                         message=f"{evidence}; slowest pairs: {pairs}")
 
     async def _tell_ratio_advice(self, rt: ServiceRuntime, decision: Decision) -> None:
         """A new P/D ratio recommendation (``pd_ratio_mode`` advise or adapt) becomes a

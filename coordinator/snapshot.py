@@ -125,6 +125,7 @@ def _service_status(s: ServiceSnapshot, *, history: bool) -> dict[str, Any]:
         "placement_shortfall": s.shortfall.as_dict() if s.shortfall is not None else None,
         "kv_bandwidth": s.bandwidth.to_dict() if s.bandwidth is not None else None,
         "kv_transfer": dict(s.kv_transfer) if s.kv_transfer is not None else None,
+        "kv_transfer_bottleneck": s.last.inputs.get("kv_transfer_bottleneck") if s.last else None,
     }
     if history:
         doc["history"] = [dict(h) for h in s.history]

@@ -638,3 +638,33 @@ def test_no_scale_in_before_a_full_smoothing_window_of_data():
         assert d.reason == "hold_cold_start" and d.desired == PoolCounts(17, 10)
     d, _ = applied(svc, obs((17, 10), 4000), state=state, now_s=66.0)
     assert d.reason == "scale_in_tps"
+
+
+# ---------------------------------------------------------------- a KV-transfer bottleneck is not a decode shortage
+
+def test_requests_waiting_for_kv_are_not_bought_decode_instances():
+    # TTFT breaks (1.5 s > 1.0 s) because 30 decode requests wait for their KV to arrive,
+    # none for decode capacity; TBT is fine and the KV cache half full: the links are the
+    # bottleneck. The net would add 10% of both pools; it is held, with the evidence.
+    svc = service()
+    o = replace(obs((13, 10), 19200, ttft=1.5, tbt=0.02), decode_kv_waiting=30, decode_waiting=0,
+                decode_kv_usage_max=0.5)
+    d, state = once(svc, o)
+    assert (d.reason, d.desired) == ("hold_kv_transfer", PoolCounts(13, 10))
+    assert "30 decode request(s) waiting for their KV to arrive, 0 for decode capacity" in d.detail
+    assert "kv_transfer_bottleneck" in d.inputs
+    assert state.target.scale == 1.0                      # and it teaches the target nothing
+
+
+def test_a_decode_that_is_really_loaded_still_scales_out_with_kv_waiting():
+    svc = service()
+    o = replace(obs((13, 10), 31200, tbt=0.02), decode_kv_waiting=30, decode_waiting=0)   # 130% of target
+    d, _ = once(svc, o)
+    assert d.reason == "scale_out_tps" and d.desired.decode == 13
+
+
+def test_kv_waiting_with_tbt_broken_is_a_decode_shortage():
+    svc = service()
+    o = replace(obs((13, 10), 19200, tbt=0.06), decode_kv_waiting=30, decode_waiting=0)
+    d, _ = once(svc, o)
+    assert d.reason == "latency_severe" and d.desired.decode == 12

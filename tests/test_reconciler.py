@@ -468,3 +468,32 @@ async def test_ratio_advice_becomes_one_event_per_change_from_the_leader(world: 
     rec.election.leader = False
     await world.ticks(2)
     assert len(told) == 1
+
+
+async def test_a_kv_transfer_bottleneck_is_told_once_per_episode_and_shown(world: World):
+    told: list[tuple[str, str]] = []
+
+    class Telling(InMemoryActuator):
+        async def record_event(self, service, *, reason, message, warning=False):
+            told.append((reason, message))
+
+    rec = world.reconciler
+    rec.actuator = Telling(rec.config, clock=world.clock)
+    for role in ("prefill", "decode"):
+        for i in range(40):
+            world.server.routes[f"/chat/{role}/{i}"] = (
+                lambda r=role, i=i: report_doc(service="chat", role=r, pod=f"chat-{r}-{i}",
+                                               observed_at=world.clock.now - 1, decode_tps=1000.0,
+                                               ttft_p90_s=3.0, tbt_p90_s=0.01, requests_deferred=25,
+                                               requests_waiting=0))
+    rec.config = replace(rec.config, services=tuple(
+        replace(s, slo=replace(s.slo, ttft_s=1.0)) for s in rec.config.services))
+    for rt in rec.services.values():
+        rt.config = next(s for s in rec.config.services if s.name == rt.config.name)
+    decisions = await world.ticks(3)
+    chat = [d for d in decisions if d.service == "chat"]
+    assert {d.reason for d in chat} == {"hold_kv_transfer"}
+    assert [r for r, _ in told] == ["KvTransferBottleneck"]
+    assert "waiting for their KV to arrive" in told[0][1]
+    assert rec.status(history=False)["services"][0]["kv_transfer_bottleneck"]
+    assert world.actuator.applied == [] and rec.actuator.applied == []

@@ -117,6 +117,8 @@ def aggregate(service: "ServiceConfig", fetched: Iterable[Fetched], *, pools: Po
         prefill_uncached_tps=sum(uncached) if uncached else None,
         decode_running=_sum(r.requests_running for r in (u.report for u in decode)),
         decode_waiting=_sum(r.requests_waiting for r in (u.report for u in decode)),
+        decode_kv_waiting=_sum(_kv_waiting(u.report) for u in decode),
+        decode_preemptions_per_s=_sum(r.preemptions_per_s for r in (u.report for u in decode)),
         decode_kv_usage_max=max((u.report.kv_cache_usage_ratio for u in decode
                                  if u.report.kv_cache_usage_ratio is not None), default=None),
         prefill_waiting=_sum(r.requests_waiting for r in (u.report for u in prefill)),
@@ -144,3 +146,18 @@ def _sum(values: Iterable[float | None]) -> float | None:
 def _mean(values: Iterable[float | None]) -> float | None:
     known = [v for v in values if v is not None]
     return sum(known) / len(known) if known else None
+
+
+# Engine queue stages (``requests_by_kv_stage``) of decode requests waiting for KV to ARRIVE
+# (SGLang's decode transfer queue); its pre-allocation queue waits for decode's own KV
+# memory, which is decode capacity, not transfer.
+KV_ARRIVAL_STAGES = ("decode_transfer", "decode_host_receive")
+
+
+def _kv_waiting(report: SidecarReport) -> float | None:
+    """Decode requests waiting on KV arrival: vLLM's deferred count (on a P/D decode pod,
+    the requests whose KV fetch has not finished), else SGLang's transfer stages."""
+    if report.requests_deferred is not None:
+        return report.requests_deferred
+    stages = [v for k, v in report.requests_by_kv_stage.items() if k in KV_ARRIVAL_STAGES]
+    return sum(stages) if stages else None

@@ -69,7 +69,7 @@ if TYPE_CHECKING:
 
 REASONS = (
     "scale_out_tps", "scale_in_tps", "latency_moderate", "latency_severe",
-    "kv_pressure", "hold_missing_data", "hold_partial_data", "hold_pending", "hold_cooldown",
+    "kv_pressure", "hold_kv_transfer", "hold_missing_data", "hold_partial_data", "hold_pending", "hold_cooldown",
     "hold_stabilization", "hold_cold_start", "hold_tolerance", "hold_consolidation", "bounded_max", "bounded_min",
     "bounded_budget", "ratio_repair", "schedule", "manual_override",
 )
@@ -251,7 +251,8 @@ def sanitized(observation: Observation) -> Observation:
 
     fields = {name: rate(getattr(observation, name)) for name in (
         "decode_tps", "tbt_p90_s", "ttft_p90_s", "tbt_p90_max_s", "ttft_p90_max_s", "prefill_tps",
-        "prefill_uncached_tps")}
+        "prefill_uncached_tps", "decode_running", "decode_waiting", "decode_kv_waiting", "decode_kv_usage_max",
+        "decode_preemptions_per_s", "prefill_waiting", "prefill_gpu_utilization")}
     counts = {name: max(0, getattr(observation, name)) for name in (
         "fresh_decode", "expected_decode", "reporting_decode", "missing_decode", "fresh_prefill",
         "expected_prefill", "warming_decode")}
@@ -338,6 +339,10 @@ def decide(*, service: "ServiceConfig", observation: Observation, state: PolicyS
         proposal = _kv_pressure(service, proposal, observation=observation, current=current.decode, inputs=inputs)
         proposal, recommendation, decode_breach = _latency_net(service, proposal, observation=observation,
                                                                current=current.decode, inputs=inputs)
+        proposal, recommendation = _kv_transfer_bottleneck(service, proposal, observation=observation,
+                                                           current=current.decode, tps=tps, tau=tau,
+                                                           recommendation=recommendation, inputs=inputs)
+        decode_breach = decode_breach and "kv_transfer_bottleneck" not in inputs
         state = replace(state, target=learn_target(
             state.target, settings=pol.adaptive_target, now_s=now_s, decode_breach=decode_breach,
             latency_ratio=inputs.get("latency_slo_ratio"), per_instance_tps=tps / current.decode if current.decode
@@ -447,6 +452,43 @@ def _propose(service: "ServiceConfig", *, tps: float, scale_out_tps: float, tau:
     if utilization < 1 - pol.tolerance.scale_in and want < current:
         return Proposal(decode=want, reason="scale_in_tps", detail=detail)
     return Proposal(decode=current, reason="hold_tolerance", detail=detail)
+
+
+def _kv_transfer_bottleneck(service: "ServiceConfig", proposal: Proposal, *, observation: Observation,
+                            current: int, tps: float, tau: float, recommendation: int,
+                            inputs: dict[str, Any]) -> tuple[Proposal, int]:
+    """Decode requests waiting for their KV to arrive (vLLM deferred, SGLang's transfer
+    queue) at least as much as for decode capacity, with decode's own signals healthy (TBT
+    inside the SLO, KV cache not full, tokens/s within the band): the bottleneck is the
+    KV transfer, and more decode instances would wait on the same links. A scale-out the
+    latency net, the demand estimate or KV pressure asked for is held (``hold_kv_transfer``)
+    with the evidence; a scale-out that served decode tokens/s asks for still goes."""
+    kv_wait = observation.decode_kv_waiting
+    if kv_wait is None or kv_wait <= 0 or kv_wait < max(1.0, observation.decode_waiting or 0.0):
+        return proposal, recommendation
+    net = service.policy.latency_net
+    tbt_ratio = (observation.tbt_p90_s / service.slo.tbt_s
+                 if observation.tbt_p90_s is not None and service.slo.tbt_s else None)
+    kv_usage = observation.decode_kv_usage_max
+    if (tbt_ratio is not None and tbt_ratio > net.moderate) or (
+            kv_usage is not None and kv_usage >= service.policy.kv_pressure.usage):
+        return proposal, recommendation
+    evidence = (f"{kv_wait:.0f} decode request(s) waiting for their KV to arrive, "
+                f"{observation.decode_waiting or 0:.0f} for decode capacity; TBT "
+                + (f"at {tbt_ratio:.2f}x SLO" if tbt_ratio is not None else "not measured")
+                + (f", decode KV cache {kv_usage:.0%}" if kv_usage is not None else ""))
+    inputs["kv_transfer_bottleneck"] = evidence
+    served_want = proportional_decode(tps, tau)
+    served_out = tps / (current * tau) > 1 + service.policy.tolerance.scale_out if current else False
+    if proposal.decode > current and not (proposal.reason == "scale_out_tps" and served_out
+                                          and served_want >= proposal.decode):
+        wanted = proposal.decode
+        keep = served_want if served_out and served_want > current else current
+        return (Proposal(decode=keep, reason="hold_kv_transfer" if keep == current else "scale_out_tps",
+                         keep_prefill=keep == current,
+                         detail=f"{evidence}: the KV transfer is the bottleneck; not buying decode for it "
+                                f"(wanted {wanted})"), max(keep, served_want))
+    return proposal, recommendation
 
 
 def _kv_pressure(service: "ServiceConfig", proposal: Proposal, *, observation: Observation, current: int,

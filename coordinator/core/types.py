@@ -123,6 +123,7 @@ class Observation:
     prefill_uncached_tps: float | None = None
     decode_running: float | None = None          # requests in the decode batches, summed
     decode_waiting: float | None = None          # requests queued for decode capacity, summed
+    decode_kv_waiting: float | None = None       # decode requests waiting for their KV to arrive, summed
     decode_kv_usage_max: float | None = None     # the fullest decode instance's KV cache, 0..1
     decode_preemptions_per_s: float | None = None
     prefill_waiting: float | None = None         # requests queued on prefill, summed
