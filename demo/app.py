@@ -248,6 +248,9 @@ def build_world(settings: DemoSettings, *, sizes: list[RequestSize], lease_path:
         "report_max_age_s": 5.0,
         "pending_timeout_s": 60.0,
         "latency_net": {"moderate": 1.0, "severe": 1.5},
+        # the slow learners follow the compressed day too
+        "adaptive_target": {"recover_after_s": round(max(10.0, d / 12), 1)},
+        "ratio_drift": {"window_s": round(max(10.0, d / 8), 1), "dwell_s": round(max(10.0, d / 12), 1)},
     }
     doc = {
         "coordinator": {"interval_s": 1.0, "backend": "local",

@@ -342,7 +342,9 @@ def decide(*, service: "ServiceConfig", observation: Observation, state: PolicyS
         proposal, recommendation = _kv_transfer_bottleneck(service, proposal, observation=observation,
                                                            current=current.decode, tps=tps, tau=tau,
                                                            recommendation=recommendation, inputs=inputs)
-        decode_breach = decode_breach and "kv_transfer_bottleneck" not in inputs
+        # Nothing to learn where nothing could be added: a breach at the upper bound says the
+        # bound is too low, not that τ is too high.
+        decode_breach = decode_breach and "kv_transfer_bottleneck" not in inputs and current.decode < high
         state = replace(state, target=learn_target(
             state.target, settings=pol.adaptive_target, now_s=now_s, decode_breach=decode_breach,
             latency_ratio=inputs.get("latency_slo_ratio"), per_instance_tps=tps / current.decode if current.decode
