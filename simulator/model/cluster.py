@@ -2,32 +2,43 @@
 
 Owns what happens to requests between arrival and last token, and what the
 sidecars of the service would measure. It is built for speed (a 24-hour day of
-~2 million requests in well under a minute on one core), so it mixes two
-exact-enough techniques instead of simulating every token:
+~2 million requests in under a minute on one core), so it mixes two
+exact-enough techniques instead of simulating every token, in ``tick_s`` steps:
 
-* **Prefill** is event-exact: each instance is a FIFO server; a request is routed
-  to the ready instance that frees up first and occupies it for
-  ``perfmodel.prefill_time_s`` of its *uncached* tokens. Queueing behind busy
-  instances is what makes TTFT fall off a cliff near saturation. (Batched/chunked
-  passes are approximated by per-request service times: for prompts of hundreds of
-  tokens and more a pass is compute-bound, so batching changes little.)
-* **KV transfer** adds ``prompt × kv_bytes_per_token / bandwidth`` before decode can
-  start; the bandwidth is the same-switch link, or ``cross_switch_ratio`` of it when
-  the prefill and decode instance sit under different switches.
-* **Decode** is fluid in ``tick_s`` steps per instance (continuous batching): each
-  tick every running sequence advances by ``tick_s / step_time`` tokens, where the
-  step time comes from the batch size and the KV it holds. A per-instance
-  *virtual step counter* lets each request's finishing step be computed at
-  admission (a heap), so the cost is O(log n) per request, not per token. KV
-  capacity limits admission (``kv_watermark``); when the growing KV overflows, the
-  most recently admitted sequence is preempted back to the queue (swap semantics:
-  progress kept).
-* **Instances** start after ``startup_s``; removed ones stop taking traffic and
-  leave once drained (their GPUs count until then).
+* **Routing** (``router``): an arriving request goes to a ready prefill instance —
+  ``least-loaded`` (the one whose queue frees first), ``round-robin``, or
+  ``cache-aware`` (the longest prefix hit, ties to the least loaded). Each prefill
+  instance keeps its own prefix cache (``simulator/model/prefix.py``).
+* **Prefill** is event-exact per instance: a FIFO queue whose passes take
+  ``perfmodel.prefill_time_s`` of the *uncached* tokens. The request's KV stays on
+  the prefill instance until decode takes it: each instance has a bounded KV
+  buffer (its memory after weights × ``prefill_kv_buffer_ratio``) and a pass that
+  does not fit waits for transfers to free room (vLLM's NIXL producer keeps the
+  blocks until the consumer has read them; SGLang's prefill inflight queue).
+* **Decode admission** (SGLang's pre-allocation queue, vLLM's scheduler on the
+  consumer): a finished prefill joins a decode instance's queue; it is admitted when
+  the instance has a batch slot (``decode_max_batch``) and KV room
+  (``kv_watermark`` of capacity). Only then does its KV move
+  (``simulator/model/links.py``: each prefill NIC and the cross-switch uplink
+  are shared, FIFO) and only when it lands does the client see the first token —
+  so a decode shortage shows in TTFT, and a full prefill buffer stalls prefill.
+* **Decode** is fluid (continuous batching): each tick every running sequence
+  advances by ``tick_s / step_time`` tokens, with the step time from the batch size
+  and the KV it holds. A per-instance *virtual step counter* gives each sequence its
+  finishing step at admission (a heap): O(log n) per request, not per token. When the
+  growing KV overflows capacity the newest sequence is preempted back to the front
+  of the queue (``preemption``: ``recompute`` — vLLM V1 frees its blocks and the
+  decode instance recomputes prompt + output on re-admission, stalling its batch for
+  that prefill; ``swap`` — the KV goes to host memory and comes back over PCIe).
+* **Instances** (``simulator/model/fleet`` logic below): a new one needs ``tp`` free
+  GPUs of its type (``gpu_capacity``); if none are free it stays pending (a Pending
+  pod) until some are released. Once placed it is ready after its role's start-up
+  time ± ``startup_jitter_s``. Removed ones stop taking traffic and leave once
+  drained (their GPUs count until then).
 
-Measurements are accumulated per whole second (tokens, busy time, KV-active
-time, compute share, instance counts) plus per-request TTFT and mean TBT, so any
-window can be read back as the sidecars would report it.
+Measurements are accumulated per whole second for the summary (tokens, busy time,
+KV-active time, compute share) and per instance as cumulative counters plus recent
+latency samples, which ``simulator/model/sidecars.py`` turns into sidecar reports.
 """
 
 from __future__ import annotations
@@ -37,12 +48,18 @@ import math
 import random
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Mapping
 
 import numpy as np
 
 from heteroscale.errors import ConfigError
 from heteroscale.simulator import perfmodel as pm
+from heteroscale.simulator.model.links import KvLinks
+from heteroscale.simulator.model.prefix import PrefixCache
 from heteroscale.simulator.traces import Workload
+
+ROUTERS = ("least-loaded", "round-robin", "cache-aware")
+PREEMPTION_MODES = ("recompute", "swap")
 
 
 @dataclass(frozen=True)
@@ -50,13 +67,30 @@ class ClusterSpec:
     """The simulated hardware and engine behaviour of one service.
 
     prefill / decode: the instance type of each role (model, GPU, TP).
-    startup_s: seconds from scale-out to an instance taking traffic (pod start, weights load).
-    kv_link_gbps: KV-transfer bandwidth between a P and a D instance under one switch.
+    startup_s: seconds from placement to an instance taking traffic (pod start, weights load);
+        ``prefill_startup_s`` / ``decode_startup_s`` override it per role.
+    startup_jitter_s: each start-up is drawn uniformly within ± this many seconds (seeded).
+    gpu_capacity: GPUs of each type the service may hold ({"H20": 64, ...}); a type not
+        named is unlimited. An instance that cannot get ``tp`` GPUs stays pending.
+    kv_link_gbps: KV-transfer bandwidth of one prefill instance's NIC (Gbit/s); the
+        transfers leaving one instance share it (FIFO).
     cross_switch_ratio: share of that bandwidth left across switches (paper: ~0.8).
     cross_switch_share: share of P→D transfers that cross switches (0 with topology-aware
         Deployment Groups; e.g. 0.5 for topology-blind placement).
+    kv_uplink_gbps: capacity of the inter-switch uplink every cross-switch transfer shares
+        (Gbit/s); ``None`` = as many NICs as a 8-node switch has (8 × ``kv_link_gbps``).
+    kv_switches: switches the prefill instances are spread over (round robin), for
+        ``degraded_links``.
+    degraded_links: {switch index: bandwidth share left} for the NICs under that switch.
     decode_max_batch: most sequences a decode instance runs at once (vLLM max_num_seqs).
     kv_watermark: share of KV capacity admission may fill (the rest absorbs growth).
+    prefill_kv_buffer_ratio: share of a prefill instance's KV memory that may hold
+        prefilled requests waiting for decode to take their KV.
+    preemption: ``recompute`` or ``swap`` (see module docstring).
+    swap_gbps: host↔GPU bandwidth for swapped KV (Gbit/s).
+    router: ``least-loaded``, ``round-robin`` or ``cache-aware``.
+    prefix_cache_ratio: share of a prefill instance's KV memory kept as its prefix cache
+        (0 turns per-instance caches off and uses the trace's cached tokens as given).
     tick_s: fluid decode step; smaller is more exact and slower.
     """
 
@@ -69,13 +103,29 @@ class ClusterSpec:
     decode_max_batch: int = 256
     kv_watermark: float = 0.95
     tick_s: float = 0.5
+    prefill_startup_s: float | None = None
+    decode_startup_s: float | None = None
+    startup_jitter_s: float = 0.0
+    gpu_capacity: Mapping[str, int] = field(default_factory=dict)
+    kv_uplink_gbps: float | None = None
+    kv_switches: int = 1
+    degraded_links: Mapping[int, float] = field(default_factory=dict)
+    prefill_kv_buffer_ratio: float = 1.0
+    preemption: str = "recompute"
+    swap_gbps: float = 200.0
+    router: str = "least-loaded"
+    prefix_cache_ratio: float = 0.3
 
     def __post_init__(self) -> None:
         problems = []
-        if self.startup_s < 0:
-            problems.append("startup_s must be >= 0")
+        for name in ("startup_s", "prefill_startup_s", "decode_startup_s", "startup_jitter_s"):
+            v = getattr(self, name)
+            if v is not None and v < 0:
+                problems.append(f"{name} must be >= 0")
         if self.kv_link_gbps <= 0:
             problems.append("kv_link_gbps must be > 0")
+        if self.kv_uplink_gbps is not None and self.kv_uplink_gbps <= 0:
+            problems.append("kv_uplink_gbps must be > 0")
         if not 0 < self.cross_switch_ratio <= 1:
             problems.append("cross_switch_ratio must be in (0, 1]")
         if not 0 <= self.cross_switch_share <= 1:
@@ -86,34 +136,95 @@ class ClusterSpec:
             problems.append("kv_watermark must be in (0, 1]")
         if not 0 < self.tick_s <= 5:
             problems.append("tick_s must be in (0, 5]")
+        if not 0 < self.prefill_kv_buffer_ratio <= 1:
+            problems.append("prefill_kv_buffer_ratio must be in (0, 1]")
+        if not 0 <= self.prefix_cache_ratio < 1:
+            problems.append("prefix_cache_ratio must be in [0, 1)")
+        if self.preemption not in PREEMPTION_MODES:
+            problems.append(f"preemption must be one of {', '.join(PREEMPTION_MODES)}")
+        if self.swap_gbps <= 0:
+            problems.append("swap_gbps must be > 0")
+        if self.router not in ROUTERS:
+            problems.append(f"router must be one of {', '.join(ROUTERS)}")
+        if self.kv_switches < 1:
+            problems.append("kv_switches must be >= 1")
+        for k, v in dict(self.degraded_links).items():
+            if not (isinstance(k, int) and 0 <= k < self.kv_switches):
+                problems.append(f"degraded_links: switch {k!r} is not in [0, kv_switches)")
+            if not 0 < v <= 1:
+                problems.append(f"degraded_links[{k}]: bandwidth share must be in (0, 1]")
+        for k, v in dict(self.gpu_capacity).items():
+            if not isinstance(v, int) or v < 0:
+                problems.append(f"gpu_capacity[{k}]: must be an integer >= 0")
         if problems:
             raise ConfigError(problems, source="ClusterSpec")
 
-
-@dataclass
-class _Prefill:
-    created_s: float
-    ready_s: float
-    free_s: float = 0.0
-    accepting: bool = True
-    stopped_s: float | None = None       # when it stopped taking traffic
-    removed_s: float | None = None       # when its GPUs were released
+    def role_startup_s(self, role: str) -> float:
+        own = self.prefill_startup_s if role == "prefill" else self.decode_startup_s
+        return self.startup_s if own is None else own
 
 
-@dataclass
-class _Decode:
-    created_s: float
-    ready_s: float
-    accepting: bool = True
-    stopped_s: float | None = None
-    removed_s: float | None = None
-    steps: float = 0.0               # virtual step counter G
-    sum_ctx0: float = 0.0            # Σ context at admission of running sequences
-    sum_g0: float = 0.0              # Σ G at admission
-    late_steps: float = 0.0          # steps this tick that mid-tick arrivals did not run
-    running: dict[int, tuple[float, float, float]] = field(default_factory=dict)  # rid -> (g0, ctx0, finish_step)
-    heap: list[tuple[float, int]] = field(default_factory=list)
-    waiting: deque[tuple[int, float, float]] = field(default_factory=deque)  # (rid, ctx0, remaining steps)
+class _Instance:
+    """Life cycle common to both roles. ``placed_s`` is None while pending (no GPUs)."""
+
+    role = ""
+
+    def __init__(self, created_s: float, placed_s: float | None, ready_s: float, index: int) -> None:
+        self.created_s = created_s
+        self.placed_s = placed_s
+        self.ready_s = ready_s
+        self.index = index                  # serial number (pod name, link switch)
+        self.accepting = True
+        self.stopped_s: float | None = None  # when it stopped taking traffic
+        self.removed_s: float | None = None  # when its GPUs were released (or it was cancelled)
+
+
+class _Prefill(_Instance):
+    role = "prefill"
+
+    def __init__(self, created_s: float, placed_s: float | None, ready_s: float, index: int,
+                 *, buffer_tokens: float, cache: PrefixCache | None) -> None:
+        super().__init__(created_s, placed_s, ready_s, index)
+        self.free_s = 0.0                   # end of the pass in progress
+        self.proj_s = 0.0                   # when its queue would be done (routing estimate)
+        self.queue: deque[int] = deque()
+        self.queued_s = 0.0                 # service time queued
+        self.held_tokens = 0.0              # KV held for requests decode has not taken yet
+        self.buffer_tokens = buffer_tokens
+        self.stalls = 0
+        self.cache = cache
+        self.link_free_s = 0.0              # its NIC's FIFO
+        # Cumulative counters (what the engine's Prometheus counters would say).
+        self.c_tokens = 0.0
+        self.c_uncached = 0.0
+        self.c_busy_s = 0.0
+        self.ttft: deque[tuple[float, float]] = deque()   # (first-token time, TTFT) of its requests
+
+    def drained(self, now_s: float) -> bool:
+        return not self.queue and self.free_s <= now_s and self.held_tokens <= 0
+
+
+class _Decode(_Instance):
+    role = "decode"
+
+    def __init__(self, created_s: float, placed_s: float | None, ready_s: float, index: int) -> None:
+        super().__init__(created_s, placed_s, ready_s, index)
+        self.steps = 0.0                    # virtual step counter G
+        self.sum_ctx0 = 0.0                 # Σ context at admission of running sequences
+        self.sum_g0 = 0.0                   # Σ G at admission
+        self.late_steps = 0.0               # steps this tick that mid-tick arrivals did not run
+        self.stall_s = 0.0                  # batch time owed to recompute / swap-in
+        self.running: dict[int, tuple[float, float, float]] = {}   # rid -> (g0, ctx0, finish_step)
+        self.heap: list[tuple[float, int]] = []
+        # (rid, ctx0, remaining steps, how it resumes: 0 new, 1 recompute, 2 swap)
+        self.waiting: deque[tuple[int, float, float, int]] = deque()
+        self.landing: list[tuple[float, int, float, float]] = []   # (KV landed at, rid, ctx0, remaining)
+        self.reserved = 0.0                 # KV tokens allocated to landing transfers
+        self.c_tokens = 0.0
+        self.c_active_s = 0.0
+        self.c_compute_s = 0.0
+        self.c_preemptions = 0.0
+        self.tbt: deque[tuple[float, float]] = deque()    # (completion time, mean TBT)
 
     @property
     def n(self) -> int:
@@ -123,7 +234,7 @@ class _Decode:
         return self.sum_ctx0 + len(self.running) * self.steps - self.sum_g0
 
     def load(self) -> int:
-        return len(self.running) + len(self.waiting)
+        return len(self.running) + len(self.waiting) + len(self.landing)
 
 
 class SeriesRecorder:
@@ -153,13 +264,15 @@ class Cluster:
     """One service's prefill and decode pools, advanced in time by ``advance_to``.
 
     Requests are fed through ``submit`` in arrival order (the runner does it as time
-    passes). ``set_counts`` is how a policy's decision lands. Pure: time is passed in.
+    passes; they are routed when the tick that holds their arrival runs).
+    ``set_counts`` is how a policy's decision lands. Pure: time is passed in.
     """
 
     def __init__(self, spec: ClusterSpec, workload: Workload, *, horizon_s: float,
                  initial_prefill: int, initial_decode: int, seed: int = 0) -> None:
         self.spec = spec
         self.rng = random.Random(seed)
+        self._start_rng = random.Random(seed * 7919 + 1)
         self.now_s = 0.0
         self.rec = SeriesRecorder(int(math.ceil(horizon_s)) + 1)
         n = len(workload)
@@ -168,34 +281,124 @@ class Cluster:
         self.done_s = np.full(n, np.nan)
         self.first_token_s = np.full(n, np.nan)
         # Python lists: scalar access in the hot loops is several times faster than numpy's.
+        self.arrival_s = workload.arrival_s
         self._arrival = workload.arrival_s.tolist()
         self._prompt = workload.prompt_tokens.tolist()
-        self._cached = workload.cached_tokens.tolist()
         self._steps = np.maximum(1, workload.output_tokens - 1).tolist()   # decode emits all but the first
         p = spec.prefill
-        self._prefill_s = pm.prefill_times_s(p.model, p.gpu, p.tp, workload.prompt_tokens,
-                                             workload.cached_tokens, eff=p.eff).tolist()
+        self._pco = (p.model, p.gpu, p.tp, p.eff)
+        self._uncached_s = pm.prefill_times_s(p.model, p.gpu, p.tp, workload.prompt_tokens,
+                                              np.zeros_like(workload.prompt_tokens), eff=p.eff).tolist()
+        self._blocks = getattr(workload, "block_hashes", None)
+        self._trace_cached = workload.cached_tokens.tolist()
+        # Per-instance prefix caches need the prompt's block hashes (Mooncake); without them
+        # the trace's cached tokens are taken as given (today's shared-cache share).
+        self._per_instance_cache = spec.prefix_cache_ratio > 0 and self._blocks is not None
+        self._p_cap = spec.prefill.kv_capacity_tokens
         self._kvb = pm.kv_bytes_per_token(spec.decode.model)
-        self._kv_s_per_token = self._kvb * 8.0 / (spec.kv_link_gbps * 1e9)
         self._dco = pm.decode_coefficients(spec.decode.model, spec.decode.gpu, spec.decode.tp,
                                            eff=spec.decode.eff)
+        d = spec.decode
+        self._recompute_s_per_token = (2.0 * d.model.params
+                                       / (d.tp * pm.tp_efficiency(d.gpu, d.tp, eff=d.eff)
+                                          * d.gpu.bf16_tflops * 1e12 * d.eff.prefill_mfu))
+        self._swap_s_per_token = self._kvb * 8.0 / (spec.swap_gbps * 1e9)
         self._cap = spec.decode.kv_capacity_tokens
-        self.prefill: list[_Prefill] = [_Prefill(0.0, 0.0) for _ in range(initial_prefill)]
-        self.decode: list[_Decode] = [_Decode(0.0, 0.0) for _ in range(initial_decode)]
-        self.retired: list[_Prefill | _Decode] = []
-        self._taking: list[_Prefill] = list(self.prefill)
-        self.kv_inbox: list[tuple[float, int]] = []     # (kv arrival at decode, rid)
-        self.unplaced: deque[int] = deque()              # reached decode with no instance to take it
+        self.links = KvLinks(spec, kv_bytes_per_token=self._kvb, rng=self.rng)
+        self._serial = 0
+        self._next_ready_s = 0.0
+        self._gpus_free = {k: int(v) for k, v in dict(spec.gpu_capacity).items()}
+        self.prefill: list[_Prefill] = []
+        self.decode: list[_Decode] = []
+        self.pending: deque[_Instance] = deque()        # asked for, waiting for GPUs
+        self.retired: list[_Instance] = []
+        for _ in range(initial_prefill):
+            self.prefill.append(self._new("prefill", 0.0, initial=True))
+        for _ in range(initial_decode):
+            self.decode.append(self._new("decode", 0.0, initial=True))
+        self._ready_p: list[_Prefill] = []
+        self._ready_d: list[_Decode] = []
+        self._rr = 0
+        self._arrivals: deque[int] = deque()            # submitted, not yet routed
+        self._backlog: deque[int] = deque()             # arrived with no ready prefill instance
+        self._p_busy: set[_Prefill] = set()             # instances with a queue
+        self._prefilled: list[tuple[float, int, _Prefill]] = []   # (prefill end, rid, instance)
+        self._owner: list[_Prefill | None] = [None] * n
+        self._pfin = [0.0] * n                           # prefill end per request
+        self._cached = [0] * n
+        self.unplaced: deque[tuple[int, float, float, int]] = deque()   # reached decode with no instance
         self.preemptions = 0
-        self.cross_share = spec.cross_switch_share      # placement may update it as DGs change
-        self.cross_transfers = 0
+        self.prefill_stalls = 0
         self.completed: list[int] = []                   # rids in completion order
         self._tick_start = 0.0
+        self._refresh_ready(0.0)
 
-    # ------------------------------------------------------------------ counts
+    # ------------------------------------------------------------------ instances
+
+    @property
+    def cross_share(self) -> float:
+        return self.links.cross_share
+
+    @cross_share.setter
+    def cross_share(self, value: float) -> None:      # placement updates it as DGs change
+        self.links.cross_share = value
+
+    @property
+    def cross_transfers(self) -> int:
+        return self.links.cross_transfers
+
+    def _role_spec(self, role: str) -> pm.InstanceSpec:
+        return self.spec.prefill if role == "prefill" else self.spec.decode
+
+    def _new(self, role: str, now_s: float, *, initial: bool = False) -> _Instance:
+        self._serial += 1
+        if role == "prefill":
+            cache = None
+            if self._per_instance_cache:
+                cache = PrefixCache(int(self._p_cap * self.spec.prefix_cache_ratio))
+            inst: _Instance = _Prefill(now_s, None, math.inf, self._serial, cache=cache,
+                                       buffer_tokens=self._p_cap * (1.0 - self.spec.prefix_cache_ratio)
+                                       * self.spec.prefill_kv_buffer_ratio)
+        else:
+            inst = _Decode(now_s, None, math.inf, self._serial)
+        if not self._take_gpus(inst, now_s, initial=initial):
+            self.pending.append(inst)
+        return inst
+
+    def _take_gpus(self, inst: _Instance, now_s: float, *, initial: bool = False) -> bool:
+        rs = self._role_spec(inst.role)
+        free = self._gpus_free.get(rs.gpu.name)
+        if free is not None:
+            if free < rs.tp:
+                return False
+            self._gpus_free[rs.gpu.name] = free - rs.tp
+        inst.placed_s = now_s
+        if initial:
+            inst.ready_s = now_s
+        else:
+            jitter = self.spec.startup_jitter_s
+            start = self.spec.role_startup_s(inst.role)
+            if jitter > 0:
+                start = max(0.0, start + jitter * (2.0 * self._start_rng.random() - 1.0))
+            inst.ready_s = now_s + start
+        if isinstance(inst, _Prefill):
+            inst.free_s = inst.proj_s = inst.link_free_s = inst.ready_s
+        self._next_ready_s = min(self._next_ready_s, inst.ready_s)
+        return True
+
+    def _release_gpus(self, inst: _Instance, now_s: float) -> None:
+        if inst.placed_s is None:
+            return
+        rs = self._role_spec(inst.role)
+        if rs.gpu.name in self._gpus_free:
+            self._gpus_free[rs.gpu.name] += rs.tp
+            while self.pending:                        # a Pending pod schedules when GPUs free up
+                if not self._take_gpus(self.pending[0], now_s):
+                    break
+                self.pending.popleft()
 
     def counts(self) -> tuple[int, int]:
-        """Instances asked for (accepting, ready or starting) per role."""
+        """Instances asked for (accepting: ready, starting or pending) per role."""
         return (sum(1 for p in self.prefill if p.accepting),
                 sum(1 for d in self.decode if d.accepting))
 
@@ -203,45 +406,55 @@ class Cluster:
         return (sum(1 for p in self.prefill if p.accepting and p.ready_s <= now_s),
                 sum(1 for d in self.decode if d.accepting and d.ready_s <= now_s))
 
+    def unplaced_counts(self) -> tuple[int, int]:
+        """Instances still waiting for GPUs (Pending pods) per role."""
+        return (sum(1 for x in self.pending if x.accepting and x.role == "prefill"),
+                sum(1 for x in self.pending if x.accepting and x.role == "decode"))
+
     def set_counts(self, prefill: int, decode: int, *, now_s: float) -> None:
         """Start or retire instances so that ``counts() == (prefill, decode)``."""
-        self._resize(self.prefill, prefill, now_s, _Prefill)
-        self._resize(self.decode, decode, now_s, _Decode)
-        self._taking = [p for p in self.prefill if p.accepting]
+        self._resize(self.prefill, prefill, now_s, "prefill")
+        self._resize(self.decode, decode, now_s, "decode")
+        self._refresh_ready(now_s)
 
-    def _resize(self, pool: list, want: int, now_s: float, kind: type) -> None:
+    def _resize(self, pool: list, want: int, now_s: float, role: str) -> None:
         live = [x for x in pool if x.accepting]
         for _ in range(want - len(live)):
-            pool.append(kind(now_s, now_s + self.spec.startup_s))
+            pool.append(self._new(role, now_s))
         extra = len(live) - want
         if extra <= 0:
             return
-        # Cancel starting instances first (newest first), then the least loaded ready ones.
-        starting = sorted((x for x in live if x.ready_s > now_s), key=lambda x: -x.created_s)
+        # Cancel pending, then starting instances first (newest first), then the least loaded ready ones.
+        starting = sorted((x for x in live if x.ready_s > now_s), key=lambda x: (x.placed_s is not None, -x.created_s))
         ready = [x for x in live if x.ready_s <= now_s]
-        ready.sort(key=(lambda x: x.free_s) if kind is _Prefill else (lambda x: x.load()))
+        ready.sort(key=(lambda x: x.proj_s) if role == "prefill" else (lambda x: x.load()))
         for inst in (starting + ready)[:extra]:
             inst.accepting = False
             inst.stopped_s = now_s
             if isinstance(inst, _Decode):
-                self.unplaced.extend(rid for rid, _, _ in inst.waiting)
+                self.unplaced.extend(inst.waiting)
                 inst.waiting.clear()
 
+    def _refresh_ready(self, now_s: float) -> None:
+        self._ready_p = [p for p in self.prefill if p.accepting and p.ready_s <= now_s]
+        self._ready_d = [d for d in self.decode if d.accepting and d.ready_s <= now_s]
+        later = [x.ready_s for x in (*self.prefill, *self.decode) if x.accepting and x.ready_s > now_s]
+        self._next_ready_s = min(later) if later else math.inf
+
     def instance_seconds(self, role: str, *, lo_s: float, hi_s: float, ready_only: bool = False) -> float:
-        """Instance-seconds of ``role`` held in [lo_s, hi_s) (or ready for traffic)."""
+        """Instance-seconds of ``role`` holding GPUs in [lo_s, hi_s) (or ready for traffic)."""
         total = 0.0
-        kind = _Prefill if role == "prefill" else _Decode
-        live = self.prefill if kind is _Prefill else self.decode
+        live = self.prefill if role == "prefill" else self.decode
         for inst in [*live, *reversed(self.retired)]:
             if inst.removed_s is not None and inst.removed_s <= lo_s:
                 break                          # retired is in removal order: the rest are older
-            if not isinstance(inst, kind):
+            if inst.role != role or inst.placed_s is None:
                 continue
             if ready_only:
                 a = inst.ready_s
                 b = inst.stopped_s if inst.stopped_s is not None else math.inf
             else:
-                a = inst.created_s
+                a = inst.placed_s
                 b = inst.removed_s if inst.removed_s is not None else math.inf
             b = min(b, inst.removed_s if inst.removed_s is not None else math.inf)
             overlap = min(b, hi_s) - max(a, lo_s)
@@ -252,11 +465,10 @@ class Cluster:
     def instance_series(self, role: str, seconds: int, *, ready_only: bool = False) -> np.ndarray:
         """Instances held (or ready) per whole second, 0..seconds-1 (time-averaged)."""
         diff = np.zeros(seconds + 2)
-        kind = _Prefill if role == "prefill" else _Decode
         for inst in [*self.retired, *self.prefill, *self.decode]:
-            if not isinstance(inst, kind):
+            if inst.role != role or inst.placed_s is None:
                 continue
-            a = inst.ready_s if ready_only else inst.created_s
+            a = inst.ready_s if ready_only else inst.placed_s
             end = inst.removed_s if inst.removed_s is not None else float(seconds)
             if ready_only and inst.stopped_s is not None:
                 end = min(end, inst.stopped_s)
@@ -278,45 +490,94 @@ class Cluster:
     # ------------------------------------------------------------------ prefill
 
     def submit(self, rid: int) -> None:
-        """Route request ``rid`` (arriving at its arrival time) to a prefill instance."""
-        arrive = self._arrival[rid]
-        pool = self._taking or self.prefill
-        best = pool[0]
-        best_t = best.free_s if best.free_s > best.ready_s else best.ready_s
-        for p in pool:
-            t = p.free_s if p.free_s > p.ready_s else p.ready_s
-            if t < best_t:
-                best, best_t = p, t
+        """Hand request ``rid`` over; it is routed when the tick holding its arrival runs."""
+        self._arrivals.append(rid)
+        self.rec.arrivals[min(int(self._arrival[rid]), self.rec.seconds - 1)] += 1.0
+
+    def _route(self, rid: int, arrive: float) -> None:
+        pool = self._ready_p
+        k = len(pool)
+        router = self.spec.router
+        if router == "round-robin":
+            self._rr = (self._rr + 1) % k
+            best = pool[self._rr]
+        elif router == "cache-aware" and self._blocks is not None:
+            blocks = self._blocks[rid]
+            best, best_key = pool[0], None
+            for p in pool:
+                key = (-p.cache.peek(blocks), p.proj_s if p.proj_s > arrive else arrive)
+                if best_key is None or key < best_key:
+                    best, best_key = p, key
+        else:
+            best = pool[0]
+            best_t = best.proj_s
+            for p in pool:
+                if p.proj_s < best_t:
+                    best, best_t = p, p.proj_s
         prompt = self._prompt[rid]
-        cached = self._cached[rid]
-        start = best_t if best_t > arrive else arrive
-        end = start + self._prefill_s[rid]
-        best.free_s = end
+        if best.cache is not None:
+            cached = min(best.cache.lookup(self._blocks[rid]), prompt - 1)
+        else:
+            cached = self._trace_cached[rid]
+        self._cached[rid] = cached
+        dur = self._uncached_s[rid] if cached <= 0 else pm.prefill_time_s(
+            self._pco[0], self._pco[1], self._pco[2], prompt, cached_tokens=cached, eff=self._pco[3])
+        best.queue.append(rid)
+        best.queued_s += dur
+        start = best.proj_s if best.proj_s > arrive else arrive
+        best.proj_s = start + dur
+        self._owner[rid] = best
+        self._p_busy.add(best)
+
+    def _run_prefill(self, p: _Prefill, end: float) -> None:
+        q = p.queue
+        arrival = self._arrival
+        prompt_l = self._prompt
         rec = self.rec
         last = rec.seconds - 1
-        if end - start < 1.0 and int(end) == int(start):
-            rec.prefill_busy_s[min(int(start), last)] += end - start
-        else:
-            rec.add_interval(rec.prefill_busy_s, start, end)
-        sec = min(int(end), last)
-        rec.prefill_tokens[sec] += prompt
-        rec.prefill_uncached_tokens[sec] += prompt - cached
-        rec.kv_bytes[sec] += prompt * self._kvb
-        rec.arrivals[min(int(arrive), last)] += 1.0
-        kv_s = prompt * self._kv_s_per_token
-        share = self.cross_share
-        if share > 0 and self.rng.random() < share:
-            kv_s /= self.spec.cross_switch_ratio
-            self.cross_transfers += 1
-        first = end + kv_s
-        self.first_token_s[rid] = first
-        self.ttft_s[rid] = first - arrive
-        heapq.heappush(self.kv_inbox, (first, rid))
+        while q:
+            rid = q[0]
+            a = arrival[rid]
+            start = p.free_s if p.free_s > a else a
+            if start >= end:
+                return
+            prompt = prompt_l[rid]
+            if p.held_tokens + prompt > p.buffer_tokens and p.held_tokens > 0:
+                # Its KV has nowhere to go until decode takes earlier requests': stall.
+                p.free_s = end
+                p.stalls += 1
+                self.prefill_stalls += 1
+                backlog = end + p.queued_s
+                if backlog > p.proj_s:
+                    p.proj_s = backlog
+                return
+            q.popleft()
+            cached = self._cached[rid]
+            dur = self._uncached_s[rid] if cached <= 0 else pm.prefill_time_s(
+                self._pco[0], self._pco[1], self._pco[2], prompt, cached_tokens=cached, eff=self._pco[3])
+            p.queued_s -= dur
+            fin = start + dur
+            p.free_s = fin
+            self._pfin[rid] = fin
+            p.held_tokens += prompt
+            p.c_tokens += prompt
+            p.c_uncached += prompt - cached
+            p.c_busy_s += dur
+            if dur < 1.0 and int(fin) == int(start):
+                rec.prefill_busy_s[min(int(start), last)] += dur
+            else:
+                rec.add_interval(rec.prefill_busy_s, start, fin)
+            sec = min(int(fin), last)
+            rec.prefill_tokens[sec] += prompt
+            rec.prefill_uncached_tokens[sec] += prompt - cached
+            rec.kv_bytes[sec] += prompt * self._kvb
+            heapq.heappush(self._prefilled, (fin, rid, p))
+        p.queued_s = 0.0
 
-    # ------------------------------------------------------------------ decode
+    # ------------------------------------------------------------------ ticks
 
     def advance_to(self, t_s: float) -> None:
-        """Run decode ticks up to ``t_s`` (prefill is already event-exact)."""
+        """Run ticks up to ``t_s``."""
         tick = self.spec.tick_s
         while self.now_s + tick <= t_s + 1e-9:
             self._tick(self.now_s, tick)
@@ -324,22 +585,48 @@ class Cluster:
 
     def _tick(self, t: float, dt: float) -> None:
         end = t + dt
-        ready = [d for d in self.decode if d.accepting and d.ready_s <= t]
-        inbox = self.kv_inbox
-        while self.unplaced and ready:
-            self._place(self.unplaced.popleft(), ready)
-        while inbox and inbox[0][0] < end:
-            _, rid = heapq.heappop(inbox)
+        if self._next_ready_s < end:
+            self._refresh_ready(end)
+        # 1. Route arrivals (to ready prefill instances; none ready: wait in a backlog).
+        arrivals = self._arrivals
+        arrival = self._arrival
+        if self._ready_p:
+            while self._backlog:
+                self._route(self._backlog.popleft(), t)
+            while arrivals and arrival[arrivals[0]] < end:
+                rid = arrivals.popleft()
+                self._route(rid, arrival[rid])
+        else:
+            while arrivals and arrival[arrivals[0]] < end:
+                self._backlog.append(arrivals.popleft())
+        # 2. Prefill passes that start in this tick.
+        if self._p_busy:
+            for p in list(self._p_busy):
+                self._run_prefill(p, end)
+                if not p.queue:
+                    self._p_busy.discard(p)
+        # 3. Finished prefills join a decode instance's admission queue.
+        ready = self._ready_d
+        if ready:
+            while self.unplaced:
+                self._place(self.unplaced.popleft(), ready)
+        pref = self._prefilled
+        steps = self._steps
+        prompt = self._prompt
+        while pref and pref[0][0] < end:
+            _, rid, _ = heapq.heappop(pref)
+            entry = (rid, float(prompt[rid]), float(steps[rid]), 0)
             if ready:
-                self._place(rid, ready)
+                self._place(entry, ready)
             else:
-                self.unplaced.append(rid)
+                self.unplaced.append(entry)
+        # 4. Decode: land transfers, admit, run.
         self._tick_start = t
         for d in self.decode:
             self._run(d, t, dt)
         self._retire(end)
 
-    def _place(self, rid: int, ready: list[_Decode]) -> None:
+    def _place(self, entry: tuple[int, float, float, int], ready: list[_Decode]) -> None:
         k = len(ready)
         if k == 1:
             d = ready[0]
@@ -347,53 +634,97 @@ class Cluster:
             rnd = self.rng.random
             a, b = ready[int(rnd() * k)], ready[int(rnd() * k)]
             d = a if a.load() <= b.load() else b
-        d.waiting.append((rid, float(self._prompt[rid]), float(self._steps[rid])))
+        d.waiting.append(entry)
 
-    def _admit(self, d: _Decode) -> None:
+    def _start_running(self, d: _Decode, rid: int, ctx0: float, remaining: float, land_s: float) -> None:
+        """The sequence's KV is on ``d`` at ``land_s`` (within this tick): it joins the batch."""
+        late_s = land_s - self._tick_start
+        g0 = d.steps
+        if late_s > 0:
+            co = self._dco
+            n = len(d.running) + 1
+            mem = co.weights_s + co.kv_token_s * (d.context() + ctx0)
+            comp = co.seq_compute_s * n
+            offset = late_s / ((mem if mem > comp else comp) + co.overhead_s)
+            g0 += offset
+            d.late_steps += offset
+        finish = g0 + remaining
+        d.running[rid] = (g0, ctx0, finish)
+        d.sum_ctx0 += ctx0
+        d.sum_g0 += g0
+        heapq.heappush(d.heap, (finish, rid))
+
+    def _first_token(self, rid: int, land_s: float) -> None:
+        self.first_token_s[rid] = land_s
+        ttft = land_s - self._arrival[rid]
+        self.ttft_s[rid] = ttft
+        owner = self._owner[rid]
+        if owner is not None:
+            owner.held_tokens -= self._prompt[rid]
+            owner.ttft.append((land_s, ttft))
+            if owner.held_tokens < 0.5:
+                owner.held_tokens = 0.0
+
+    def _admit(self, d: _Decode, t: float, end: float) -> None:
+        landing = d.landing
+        while landing and landing[0][0] < end:
+            land_s, rid, ctx0, remaining = heapq.heappop(landing)
+            d.reserved -= ctx0
+            self._start_running(d, rid, ctx0, remaining, land_s)
+            self._first_token(rid, land_s)
         if not d.waiting:
             return
         limit = self._cap * self.spec.kv_watermark
-        ctx = d.context()
+        used = d.context() + d.reserved
         max_batch = self.spec.decode_max_batch
-        co = self._dco
-        first = self.first_token_s
-        while d.waiting and len(d.running) < max_batch:
-            rid, ctx0, remaining = d.waiting[0]
-            if ctx + ctx0 > limit and d.running:
+        owners = self._owner
+        pfin = self._pfin
+        while d.waiting and len(d.running) + len(landing) < max_batch:
+            rid, ctx0, remaining, how = d.waiting[0]
+            if used + ctx0 > limit and (d.running or landing):
                 break
             d.waiting.popleft()
-            # A sequence whose KV lands mid-tick starts that far into the tick: offset
-            # its start by the steps the batch runs before it arrives.
-            late_s = first[rid] - self._tick_start
-            g0 = d.steps
-            if late_s > 0:
-                n = len(d.running) + 1
-                mem = co.weights_s + co.kv_token_s * (ctx + ctx0)
-                comp = co.seq_compute_s * n
-                offset = late_s / ((mem if mem > comp else comp) + co.overhead_s)
-                g0 += offset
-                d.late_steps += offset
-            finish = g0 + remaining
-            d.running[rid] = (g0, ctx0, finish)
-            d.sum_ctx0 += ctx0
-            d.sum_g0 += g0
-            heapq.heappush(d.heap, (finish, rid))
-            ctx += ctx0
+            used += ctx0
+            if how == 0:
+                ready_s = pfin[rid] if pfin[rid] > t else t
+                land_s = self.links.transfer(owners[rid], self._prompt[rid], ready_s)
+            elif how == 1:   # recompute prompt + output so far on the decode instance
+                cost = ctx0 * self._recompute_s_per_token
+                d.stall_s += cost
+                land_s = t + cost
+            else:            # swap the KV back in over PCIe
+                cost = ctx0 * self._swap_s_per_token
+                d.stall_s += cost
+                land_s = t + cost
+            if land_s < end:
+                self._start_running(d, rid, ctx0, remaining, land_s)
+                if how == 0:
+                    self._first_token(rid, land_s)
+            else:
+                heapq.heappush(landing, (land_s, rid, ctx0, remaining))
+                d.reserved += ctx0
 
     def _run(self, d: _Decode, t: float, dt: float) -> None:
-        self._admit(d)
+        self._admit(d, t, t + dt)
         n = len(d.running)
         if n == 0:
             return
+        run_dt = dt
+        if d.stall_s > 0:               # the batch waits while a preempted sequence is rebuilt
+            lost = d.stall_s if d.stall_s < dt else dt
+            d.stall_s -= lost
+            run_dt = dt - lost
         ctx = d.sum_ctx0 + n * d.steps - d.sum_g0
         co = self._dco
         mem = co.weights_s + co.kv_token_s * ctx
         comp = co.seq_compute_s * n
         step_s = (mem if mem > comp else comp) + co.overhead_s
         g0 = d.steps
-        g1 = g0 + dt / step_s
+        g1 = g0 + run_dt / step_s
         # Sequences admitted mid-tick (start step > g0) emit only from their start.
         tokens = n * (g1 - g0) - d.late_steps
+        if tokens < 0:
+            tokens = 0.0
         d.late_steps = 0.0
         heap = d.heap
         running = d.running
@@ -406,9 +737,11 @@ class Cluster:
             d.sum_ctx0 -= entry[1]
             d.sum_g0 -= entry[0]
             tokens -= g1 - finish
-            done = t + (finish - g0) * step_s
+            done = t + (dt - run_dt) + (finish - g0) * step_s
             self.done_s[rid] = done
-            self.tbt_s[rid] = (done - self.first_token_s[rid]) / self._steps[rid]
+            tbt = (done - self.first_token_s[rid]) / self._steps[rid]
+            self.tbt_s[rid] = tbt
+            d.tbt.append((done, tbt))
             self.completed.append(rid)
         d.steps = g1
         rec = self.rec
@@ -417,50 +750,73 @@ class Cluster:
             sec = rec.seconds - 1
         rec.decode_tokens[sec] += tokens
         rec.decode_active_s[sec] += dt
-        rec.decode_compute_s[sec] += dt * comp / step_s
-        if d.sum_ctx0 + len(running) * g1 - d.sum_g0 > self._cap:
+        compute_s = run_dt * comp / step_s
+        rec.decode_compute_s[sec] += compute_s
+        d.c_tokens += tokens
+        d.c_active_s += dt
+        d.c_compute_s += compute_s
+        if d.sum_ctx0 + len(running) * g1 - d.sum_g0 + d.reserved > self._cap:
             self._preempt_overflow(d)
 
     def _preempt_overflow(self, d: _Decode) -> None:
-        while d.n > 1 and d.context() > self._cap:
+        how = 1 if self.spec.preemption == "recompute" else 2
+        while d.n > 1 and d.context() + d.reserved > self._cap:
             rid, (g0, ctx0, finish) = d.running.popitem()      # the latest admitted
             d.sum_ctx0 -= ctx0
             d.sum_g0 -= g0
-            progressed = d.steps - g0
-            d.waiting.appendleft((rid, ctx0 + progressed, finish - d.steps))
+            progressed = max(0.0, d.steps - g0)
+            d.waiting.appendleft((rid, ctx0 + progressed, finish - max(d.steps, g0), how))
             self.preemptions += 1
+            d.c_preemptions += 1
             self.rec.preemptions[min(int(self.now_s), self.rec.seconds - 1)] += 1
 
     def _retire(self, now_s: float) -> None:
         """Release stopped instances once drained (at once if they never became ready)."""
         if all(p.accepting for p in self.prefill) and all(d.accepting for d in self.decode):
             return
+        changed = False
         keep_p = []
         for p in self.prefill:
-            if not p.accepting and (p.free_s <= now_s or p.ready_s > now_s):
-                p.removed_s = now_s
-                self.retired.append(p)
+            if not p.accepting and (p.ready_s > now_s or p.drained(now_s)):
+                self._remove(p, now_s)
+                changed = True
             else:
                 keep_p.append(p)
         self.prefill = keep_p
         keep_d = []
         for d in self.decode:
-            if not d.accepting and (not d.running or d.ready_s > now_s):
-                d.removed_s = now_s
-                self.retired.append(d)
+            if not d.accepting and (d.ready_s > now_s or (not d.running and not d.landing)):
+                self._remove(d, now_s)
+                changed = True
             else:
                 keep_d.append(d)
         self.decode = keep_d
+        if changed:
+            self._refresh_ready(now_s)
+
+    def _remove(self, inst: _Instance, now_s: float) -> None:
+        inst.removed_s = now_s
+        if isinstance(inst, _Decode) and inst.waiting:
+            self.unplaced.extend(inst.waiting)
+            inst.waiting.clear()
+        self.retired.append(inst)
+        if inst.placed_s is None:
+            self.pending.remove(inst)
+        else:
+            self._release_gpus(inst, now_s)
 
     # ------------------------------------------------------------------ totals
 
     def gpu_seconds(self, end_s: float) -> tuple[float, float]:
-        """GPU-seconds held per role (starting and draining instances included)."""
+        """GPU-seconds held per role (starting and draining instances included; pending
+        instances hold no GPU)."""
         p_s = d_s = 0.0
         for inst in [*self.retired, *self.prefill, *self.decode]:
+            if inst.placed_s is None:
+                continue
             until = inst.removed_s if inst.removed_s is not None else end_s
-            held = max(0.0, min(until, end_s) - inst.created_s)
-            if isinstance(inst, _Prefill):
+            held = max(0.0, min(until, end_s) - inst.placed_s)
+            if inst.role == "prefill":
                 p_s += held * self.spec.prefill.tp
             else:
                 d_s += held * self.spec.decode.tp

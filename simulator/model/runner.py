@@ -246,7 +246,10 @@ def _summary(cluster: Cluster, settings: RunSettings, duration: float,
     d_active = float(rec.decode_active_s[sl].sum() / d_inst)
     d_compute = float(rec.decode_compute_s[sl].sum() / max(1e-9, rec.decode_active_s[sl].sum()))
     eff = cluster.spec.decode.eff
-    ttft = cluster.ttft_s[:submitted]
+    ttft = cluster.ttft_s[:submitted].copy()
+    # A request still waiting for its first token at the end has waited at least this long.
+    waiting = np.isnan(ttft)
+    ttft[waiting] = duration - cluster.arrival_s[:submitted][waiting]
     tbt = cluster.tbt_s[:submitted]
     ok = ~np.isnan(tbt)
     if settings.slo_ttft_s is not None:
@@ -275,6 +278,8 @@ def _summary(cluster: Cluster, settings: RunSettings, duration: float,
         "scaling_actions": len(decisions),
         "direction_reversals": _reversals(decisions),
         "preemptions": int(cluster.preemptions),
+        "prefill_stalls": int(cluster.prefill_stalls),
+        "kv_transfer_wait_s": round(cluster.links.queued_s / max(1, cluster.links.transfers), 4),
         "cross_switch_transfer_share": round(cluster.cross_transfers / max(1, submitted), 4),
         "decode_tokens": round(float(rec.decode_tokens[sl].sum()), 0),
         "prefill_tokens": round(float(rec.prefill_tokens[sl].sum()), 0),
