@@ -1,9 +1,10 @@
 """Drive a ``Cluster`` through a workload under a scaling controller (pure).
 
 Owns the replay loop and the per-policy result: every ``interval_s`` of simulated
-time it builds what the coordinator would see — a
-``heteroscale.coordinator.core.types.Observation`` made from sidecar-like windowed
-measurements — hands it to the controller, and applies the counts it returns.
+time it builds what the coordinator would see — every ready instance's sidecar
+report (``simulator/model/sidecars.py``), pooled by the coordinator's own
+``heteroscale.coordinator.core.aggregate.aggregate`` into an ``Observation`` —
+hands it to the controller, and applies the counts it returns.
 It also turns the run into the summary figures (GPU-hours, utilisation, SM
 activity, latency quantiles, SLO attainment, scaling actions, reversals) and
 per-minute series for plots. Time is simulated; a ``progress`` callback is how a
@@ -18,9 +19,12 @@ from typing import Any, Callable, Protocol
 
 import numpy as np
 
+from heteroscale.coordinator.core import aggregate as coord_aggregate
+from heteroscale.coordinator.core.settings import RoleConfig, ServiceConfig
 from heteroscale.coordinator.core.types import Observation, PoolCounts, PoolStatus
 from heteroscale.simulator import perfmodel as pm
 from heteroscale.simulator.model.cluster import Cluster, ClusterSpec
+from heteroscale.simulator.model.sidecars import Sidecars
 from heteroscale.simulator.placement import Placement
 from heteroscale.simulator.traces import Workload
 
@@ -55,7 +59,10 @@ class Controller(Protocol):
 @dataclass(frozen=True)
 class RunSettings:
     """interval_s: policy tick (the coordinator's ``interval_s``);
-    window_s: the sidecars' rate/quantile window; warmup_s: excluded from the summary."""
+    window_s: the sidecars' rate/quantile window; duration_s: simulated seconds (default:
+    the workload's span + 60 s); seed: the cluster's and the sidecars' random draws;
+    slo_ttft_s / slo_tbt_s: for SLO attainment; report_loss: share of sidecar pulls lost
+    (0..1, seeded), each a ``timeout`` the coordinator's ``aggregate`` excludes."""
 
     interval_s: float = 15.0
     window_s: float = 30.0
@@ -63,6 +70,7 @@ class RunSettings:
     seed: int = 0
     slo_ttft_s: float | None = None
     slo_tbt_s: float | None = None
+    report_loss: float = 0.0
 
 
 @dataclass
@@ -73,51 +81,16 @@ class RunResult:
     decisions: list[dict[str, Any]] = field(default_factory=list)
 
 
-class _Latencies:
-    """TTFT and TBT samples visible to the sidecars: only once they have happened.
-
-    Pointers into the cluster's arrays: a request's first token is visible once its
-    time has passed (requests are nearly in first-token order; one slow prompt may
-    hold back the few behind it by its own prefill time), completions in order.
-    """
-
-    def __init__(self, cluster: Cluster) -> None:
-        self.cluster = cluster
-        self.ttft_lo = self.ttft_hi = 0
-        self.tbt_lo = 0
-
-    def update(self, now_s: float, window_s: float, submitted: int) -> None:
-        c = self.cluster
-        first = c.first_token_s
-        while self.ttft_hi < submitted and first[self.ttft_hi] <= now_s:
-            self.ttft_hi += 1
-        while self.ttft_lo < self.ttft_hi and first[self.ttft_lo] < now_s - window_s:
-            self.ttft_lo += 1
-        done = c.completed
-        while self.tbt_lo < len(done) and c.done_s[done[self.tbt_lo]] < now_s - window_s:
-            self.tbt_lo += 1
-
-    def ttft_p90(self) -> float | None:
-        if self.ttft_hi <= self.ttft_lo:
-            return None
-        return float(np.percentile(self.cluster.ttft_s[self.ttft_lo:self.ttft_hi], 90))
-
-    def tbt_p90(self) -> float | None:
-        rids = self.cluster.completed[self.tbt_lo:]
-        if not rids:
-            return None
-        return float(np.percentile(self.cluster.tbt_s[rids], 90))
-
-
 def simulate(workload: Workload, spec: ClusterSpec, controller: Controller, *,
              settings: RunSettings, initial: PoolCounts,
-             placement: Placement | None = None,
+             placement: Placement | None = None, service: ServiceConfig | None = None,
              progress: Callable[[float], None] | None = None) -> RunResult:
     """Replay ``workload`` through the cluster under ``controller``; see module docstring.
 
     With ``placement`` every change of counts goes through the coordinator's placement
     planner first: the cluster gets what was placed, and the KV cross-switch share
-    follows the Deployment Groups."""
+    follows the Deployment Groups. ``service`` (default: the controller's, else a neutral
+    one) is what the coordinator's ``aggregate`` judges the sidecar reports against."""
     if placement is not None:
         initial = placement.apply(initial)
     duration = settings.duration_s if settings.duration_s is not None else workload.duration_s + 60.0
@@ -127,7 +100,9 @@ def simulate(workload: Workload, spec: ClusterSpec, controller: Controller, *,
                       initial_decode=initial.decode, seed=settings.seed)
     if placement is not None:
         cluster.cross_share = placement.cross_switch_share()
-    lat = _Latencies(cluster)
+    service = service or getattr(controller, "service", None) or _neutral_service()
+    sidecars = Sidecars(cluster, service_name=service.name, window_s=settings.window_s,
+                        report_loss=settings.report_loss, seed=settings.seed)
     arrivals = workload.arrival_s
     n = int(np.searchsorted(arrivals, duration))
     nxt = 0
@@ -141,9 +116,8 @@ def simulate(workload: Workload, spec: ClusterSpec, controller: Controller, *,
             nxt += 1
         cluster.advance_to(t_end)
         t = cluster.now_s
-        lat.update(t, settings.window_s, nxt)
-        window = _window(cluster, lat, t, settings.window_s)
-        obs = _observation(cluster, window, t)
+        window = _window(cluster, sidecars, t, settings.window_s)
+        obs = coord_aggregate.aggregate(service, sidecars.reports(t), pools=pool_status(cluster, t), now_s=t)
         desired = controller.step(now_s=t, window=window, observation=obs)
         if desired != obs.pools.current:
             placed = desired if placement is None else placement.apply(desired)
@@ -158,6 +132,9 @@ def simulate(workload: Workload, spec: ClusterSpec, controller: Controller, *,
         if progress is not None:
             progress(min(1.0, t / duration))
     summary = _summary(cluster, settings, duration, decisions, nxt)
+    if settings.report_loss > 0:
+        summary["reports_lost"] = sidecars.lost
+        summary["reports_sent"] = sidecars.sent
     if placement is not None:
         summary["placement"] = {"plans": placement.plans, "plans_with_shortfall": placement.shortfalls,
                                 "deployment_groups": len(placement.groups)}
@@ -167,7 +144,13 @@ def simulate(workload: Workload, spec: ClusterSpec, controller: Controller, *,
     return RunResult(controller.name, summary, _series(cluster, duration), decisions)
 
 
-def _window(cluster: Cluster, lat: _Latencies, now_s: float, window_s: float) -> Window:
+def _neutral_service() -> ServiceConfig:
+    """The service a run without one is judged as: default policy settings."""
+    return ServiceConfig(name="simulated", pd_ratio=(1, 1), target_decode_tps_per_instance=1.0,
+                         prefill=RoleConfig(), decode=RoleConfig())
+
+
+def _window(cluster: Cluster, sidecars: Sidecars, now_s: float, window_s: float) -> Window:
     rec = cluster.rec
     hi = min(int(now_s), rec.seconds)
     lo = max(0, hi - int(window_s))
@@ -180,12 +163,13 @@ def _window(cluster: Cluster, lat: _Latencies, now_s: float, window_s: float) ->
     d_active = rec.decode_active_s[sl].sum() / d_inst
     d_compute = rec.decode_compute_s[sl].sum() / max(1e-9, rec.decode_active_s[sl].sum())
     eff = cluster.spec.decode.eff
+    ttft_p90, tbt_p90 = sidecars.pooled_latency_p90(now_s)
     return Window(
         now_s=now_s, window_s=window_s,
         prefill_tps=rec.prefill_tokens[sl].sum() / span,
         prefill_uncached_tps=rec.prefill_uncached_tokens[sl].sum() / span,
         decode_tps=rec.decode_tokens[sl].sum() / span,
-        ttft_p90_s=lat.ttft_p90(), tbt_p90_s=lat.tbt_p90(),
+        ttft_p90_s=ttft_p90, tbt_p90_s=tbt_p90,
         prefill_gpu_util=pm.gpu_utilization("prefill", busy_fraction=p_busy, eff=eff),
         decode_gpu_util=pm.gpu_utilization("decode", busy_fraction=d_active, eff=eff),
         prefill_sm=pm.sm_activity("prefill", busy_fraction=p_busy, eff=eff),
@@ -201,20 +185,6 @@ def pool_status(cluster: Cluster, now_s: float) -> PoolStatus:
                 if x.accepting and x.ready_s > now_s]
     return PoolStatus(current=current, ready=ready, pending=pending,
                       pending_since_s=min(starting) if starting else None)
-
-
-def _observation(cluster: Cluster, window: Window, now_s: float) -> Observation:
-    """What ``aggregate`` would build from the ready instances' sidecar reports."""
-    pools = pool_status(cluster, now_s)
-    return Observation(
-        pools=pools,
-        decode_tps=window.decode_tps if pools.ready.decode > 0 else None,
-        fresh_decode=pools.ready.decode, expected_decode=pools.ready.decode,
-        fresh_prefill=pools.ready.prefill, expected_prefill=pools.ready.prefill,
-        warming_decode=pools.pending.decode,
-        tbt_p90_s=window.tbt_p90_s, ttft_p90_s=window.ttft_p90_s,
-        prefill_tps=window.prefill_tps, prefill_uncached_tps=window.prefill_uncached_tps,
-    )
 
 
 def _quantiles(values: np.ndarray) -> dict[str, float | None]:
