@@ -126,7 +126,8 @@ def _policy_names(text: str) -> list[str]:
 
 def _settings(cfg: SimConfig, service: ServiceConfig, duration_s: float) -> RunSettings:
     return RunSettings(interval_s=cfg.interval_s, window_s=cfg.window_s, duration_s=duration_s,
-                       seed=cfg.seed, slo_ttft_s=service.slo.ttft_s, slo_tbt_s=service.slo.tbt_s)
+                       seed=cfg.seed, slo_ttft_s=service.slo.ttft_s, slo_tbt_s=service.slo.tbt_s,
+                       report_loss=cfg.report_loss)
 
 
 def _initial(cfg: SimConfig, service: ServiceConfig, workload: Workload) -> PoolCounts:
@@ -143,7 +144,7 @@ def _run_policies(names: list[str], *, cfg: SimConfig, service: ServiceConfig, w
     initial = _initial(cfg, service, workload)
     for name in names:
         ctl = policies.build(name, service=service, workload=workload, baselines=cfg.baselines)
-        results[name] = simulate(workload, cfg.cluster, ctl, settings=settings, initial=initial,
+        results[name] = simulate(workload, cfg.cluster, ctl, settings=settings, initial=initial, service=service,
                                  placement=_placement(cfg, service),
                                  progress=lambda f, n=name: progress(n, f))
         progress(name, 1.0)

@@ -17,6 +17,19 @@ problem in either part is reported at once in one ``ConfigError``.
       decode_max_batch: 256
       kv_watermark: 0.95
       tick_s: 0.5                    # fluid decode step
+      # fidelity (issue #13; docs/simulator.md "Mechanisms"): per-role start-up in the role
+      # blocks (prefill: {gpu: A100, tp: 2, startup_s: 90}), and
+      startup_jitter_s: 15           # ± uniform on every start-up
+      gpu_capacity: {H20: 64}        # GPUs per type; an instance that cannot be placed stays pending
+      kv_uplink_gbps: 3200           # inter-switch uplink all cross-switch transfers share
+      kv_switches: 1                 # switches the prefill NICs are spread over
+      degraded_links: {0: 0.5}       # switch -> bandwidth share left
+      prefill_kv_buffer_ratio: 1.0   # prefill KV memory that may hold KV waiting for decode
+      preemption: recompute          # recompute | swap
+      swap_gbps: 200                 # host<->GPU for swap
+      router: least-loaded           # least-loaded | round-robin | cache-aware
+      prefix_cache_ratio: 0.3        # prefill KV memory kept as its own prefix cache
+      report_loss: 0.0               # share of sidecar pulls lost (seeded)
       window_s: 30                   # sidecar rate/quantile window
       seed: 0
       slo_goal: 0.99                 # curation: required SLO attainment
@@ -83,6 +96,7 @@ class SimConfig:
     pressure_high_prefill: int | None = None
     baselines: BaselineSettings = field(default_factory=BaselineSettings)
     topology: TopologySpec | None = None
+    report_loss: float = 0.0
 
     @property
     def interval_s(self) -> float:
@@ -119,6 +133,10 @@ def load_sim_config(text: str, *, origin: str = "config") -> SimConfig:
 _KNOWN = {"model", "prefill", "decode", "startup_s", "kv_link_gbps", "cross_switch_ratio",
           "cross_switch_share", "decode_max_batch", "kv_watermark", "tick_s", "window_s", "seed",
           "slo_goal", "diurnal", "sizes", "initial", "pressure", "baselines", "topology"}
+_FIDELITY = {"startup_jitter_s", "gpu_capacity", "kv_uplink_gbps", "kv_switches", "degraded_links",
+             "prefill_kv_buffer_ratio", "preemption", "swap_gbps", "router", "prefix_cache_ratio",
+             "report_loss"}
+_KNOWN |= _FIDELITY
 
 
 def _num(sim: Mapping[str, Any], key: str, default: float, problems: list[str], *, lo: float | None = None,
@@ -139,7 +157,7 @@ def _instance(sim: Mapping[str, Any], role: str, model: pm.ModelSpec | None,
     if not isinstance(node, Mapping):
         problems.append(f"simulation.{role}: is required ({{gpu: H20, tp: 1}})")
         return None
-    unknown = set(node) - {"gpu", "tp"}
+    unknown = set(node) - {"gpu", "tp", "startup_s"}
     problems.extend(f"simulation.{role}.{k}: unknown key" for k in sorted(unknown))
     try:
         gpu = pm.gpu(str(node.get("gpu", "")))
@@ -176,11 +194,13 @@ def _simulation(sim: Mapping[str, Any], problems: list[str]) -> dict[str, Any]:
         decode_max_batch=int(_num(sim, "decode_max_batch", 256, problems, lo=1)),
         kv_watermark=_num(sim, "kv_watermark", 0.95, problems, lo=0.01, hi=1),
         tick_s=_num(sim, "tick_s", 0.5, problems, lo=0.01, hi=5),
+        **_fidelity(sim, problems),
     )
     out: dict[str, Any] = {
         "window_s": _num(sim, "window_s", 30.0, problems, lo=1),
         "seed": int(_num(sim, "seed", 0, problems, lo=0)),
         "slo_goal": _num(sim, "slo_goal", 0.99, problems, lo=0, hi=1),
+        "report_loss": _num(sim, "report_loss", 0.0, problems, lo=0, hi=0.99),
     }
     out["cluster"] = ClusterSpec(prefill=prefill, decode=decode, **cluster_kw) if prefill and decode else None
     out.update(_diurnal(sim.get("diurnal"), problems))
@@ -189,6 +209,61 @@ def _simulation(sim: Mapping[str, Any], problems: list[str]) -> dict[str, Any]:
     out.update(_pressure(sim.get("pressure"), problems))
     out.update(_baselines(sim.get("baselines"), problems))
     out.update(_topology(sim.get("topology"), problems))
+    return out
+
+
+def _fidelity(sim: Mapping[str, Any], problems: list[str]) -> dict[str, Any]:
+    """The ``ClusterSpec`` fields of the fidelity mechanisms (defaults: ``ClusterSpec``'s)."""
+    from heteroscale.simulator.model.cluster import PREEMPTION_MODES, ROUTERS
+    d = ClusterSpec.__dataclass_fields__
+    out: dict[str, Any] = {}
+    for role in ("prefill", "decode"):
+        node = sim.get(role)
+        if isinstance(node, Mapping) and "startup_s" in node:
+            out[f"{role}_startup_s"] = _num(node, "startup_s", 120.0, problems, lo=0, where=f"simulation.{role}")
+    for key, lo, hi in (("startup_jitter_s", 0, None), ("prefill_kv_buffer_ratio", 0.01, 1),
+                        ("swap_gbps", 1e-3, None), ("prefix_cache_ratio", 0, 0.9)):
+        if key in sim:
+            out[key] = _num(sim, key, d[key].default, problems, lo=lo, hi=hi)
+    if "kv_uplink_gbps" in sim:
+        out["kv_uplink_gbps"] = _num(sim, "kv_uplink_gbps", 1.0, problems, lo=1e-3)
+    switches = int(_num(sim, "kv_switches", 1, problems, lo=1, hi=10_000))
+    out["kv_switches"] = switches
+    for key, choices in (("preemption", PREEMPTION_MODES), ("router", ROUTERS)):
+        if key in sim:
+            if sim[key] not in choices:
+                problems.append(f"simulation.{key}: must be one of {', '.join(choices)}, got {sim[key]!r}")
+            else:
+                out[key] = sim[key]
+    caps = sim.get("gpu_capacity")
+    if caps is not None:
+        if not isinstance(caps, Mapping):
+            problems.append("simulation.gpu_capacity: must be a mapping {GPU type: GPUs}")
+        else:
+            out["gpu_capacity"] = {}
+            for name, count in caps.items():
+                try:
+                    key = pm.gpu(str(name)).name
+                except KeyError as exc:
+                    problems.append(f"simulation.gpu_capacity.{name}: {exc.args[0]}")
+                    continue
+                if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+                    problems.append(f"simulation.gpu_capacity.{name}: must be an integer >= 0, got {count!r}")
+                    continue
+                out["gpu_capacity"][key] = count
+    links = sim.get("degraded_links")
+    if links is not None:
+        if not isinstance(links, Mapping):
+            problems.append("simulation.degraded_links: must be a mapping {switch index: bandwidth share}")
+        else:
+            out["degraded_links"] = {}
+            for k, v in links.items():
+                if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k < switches:
+                    problems.append(f"simulation.degraded_links.{k}: switch must be an integer in [0, {switches})")
+                elif isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 1:
+                    problems.append(f"simulation.degraded_links.{k}: bandwidth share must be in (0, 1], got {v!r}")
+                else:
+                    out["degraded_links"][k] = float(v)
     return out
 
 

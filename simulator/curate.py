@@ -173,7 +173,7 @@ def curate(spec: ClusterSpec, workload: Workload, *, service: ServiceConfig,
     for name in candidates:
         ctl = policies.build(name, service=tuned, workload=workload, baselines=baselines)
         start = policies.counts_for_tps(tuned, float(policies.peak_decode_tps(workload)[:1].max()), 1.2)
-        results[name] = simulate(workload, spec, ctl, settings=settings, initial=start,
+        results[name] = simulate(workload, spec, ctl, settings=settings, initial=start, service=tuned,
                                  placement=None if placement_for is None else placement_for(tuned),
                                  progress=None if progress is None else (lambda f, n=name: progress(n, f)))
     best = max(results, key=lambda n: score(results[n].summary, slo_goal))

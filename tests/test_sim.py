@@ -117,7 +117,9 @@ def test_cross_switch_transfers_cost_bandwidth():
 
 def test_new_instances_take_traffic_only_after_startup():
     wl = _load(1.0, 100.0)
-    cluster = Cluster(_spec(startup_s=60.0), wl, horizon_s=200, initial_prefill=1, initial_decode=1)
+    # (No start-up jitter here: exact times. Jitter is the default since issue #13.)
+    cluster = Cluster(_spec(startup_s=60.0, startup_jitter_s=0.0), wl, horizon_s=200, initial_prefill=1,
+                      initial_decode=1)
     cluster.advance_to(10.0)
     cluster.set_counts(3, 2, now_s=10.0)
     assert cluster.counts() == (3, 2)

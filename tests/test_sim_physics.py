@@ -110,3 +110,125 @@ def test_recompute_costs_the_decode_batch_more_than_swap():
     swp = _run(wl, (4, 1), spec=_spec(kv_watermark=1.0, preemption="swap"), duration_s=1500).summary
     assert rec["preemptions"] > 0 and swp["preemptions"] > 0
     assert rec["ttft_s"]["p50"] > 1.05 * swp["ttft_s"]["p50"]
+
+
+# ---------------------------------------------------------------- configuration
+
+from heteroscale.errors import ConfigError  # noqa: E402
+from heteroscale.simulator.config import load_sim_config  # noqa: E402
+
+_BASE = """
+services:
+  - {name: svc, pd_ratio: "2:1", target_decode_tps_per_instance: 1000, slo: {tbt_s: 0.05}, prefill: {}, decode: {}}
+simulation:
+  model: 8b
+"""
+
+
+def test_fidelity_keys_load_into_the_cluster_spec():
+    cfg = load_sim_config(_BASE + """
+  prefill: {gpu: L40S, tp: 1, startup_s: 90}
+  decode: {gpu: H20, tp: 1, startup_s: 150}
+  startup_jitter_s: 5
+  gpu_capacity: {h20: 8, L40S: 4}
+  kv_uplink_gbps: 800
+  kv_switches: 2
+  degraded_links: {1: 0.25}
+  prefill_kv_buffer_ratio: 0.5
+  preemption: swap
+  router: round-robin
+  prefix_cache_ratio: 0.2
+  report_loss: 0.1
+""")
+    c = cfg.cluster
+    assert (c.role_startup_s("prefill"), c.role_startup_s("decode"), c.startup_jitter_s) == (90.0, 150.0, 5.0)
+    assert dict(c.gpu_capacity) == {"H20": 8, "L40S": 4}
+    assert (c.kv_uplink_gbps, c.kv_switches, dict(c.degraded_links)) == (800.0, 2, {1: 0.25})
+    assert (c.prefill_kv_buffer_ratio, c.preemption, c.router, c.prefix_cache_ratio) == (0.5, "swap", "round-robin", 0.2)
+    assert cfg.report_loss == 0.1
+
+
+def test_todays_configs_get_the_realistic_defaults():
+    cfg = load_sim_config(_BASE + "  prefill: {gpu: L40S, tp: 1}\n  decode: {gpu: H20, tp: 1}\n  startup_s: 100\n")
+    c = cfg.cluster
+    assert c.role_startup_s("prefill") == c.role_startup_s("decode") == 100.0
+    assert c.startup_jitter_s > 0 and c.preemption == "recompute" and c.router == "least-loaded"
+
+
+def test_fidelity_key_problems_are_reported_at_once():
+    with pytest.raises(ConfigError) as err:
+        load_sim_config(_BASE + """
+  prefill: {gpu: L40S, tp: 1, startup_s: -1}
+  decode: {gpu: H20, tp: 1}
+  gpu_capacity: {B300: 8, H20: -1}
+  degraded_links: {3: 0.5}
+  preemption: discard
+  router: random
+  report_loss: 2
+""")
+    text = "\n".join(err.value.problems)
+    for key in ("prefill.startup_s", "gpu_capacity.B300", "gpu_capacity.H20", "degraded_links.3",
+                "preemption", "router", "report_loss"):
+        assert f"simulation.{key}" in text, key
+
+
+# ---------------------------------------------------------------- start-up and scarcity
+
+def test_startup_times_are_per_role_with_seeded_jitter():
+    spec = _spec(prefill_startup_s=30.0, decode_startup_s=200.0, startup_jitter_s=10.0)
+    wl = _load(1.0, 10.0)
+
+    def ready_times(seed):
+        cluster = Cluster(spec, wl, horizon_s=400, initial_prefill=1, initial_decode=1, seed=seed)
+        cluster.set_counts(9, 9, now_s=5.0)
+        return ([p.ready_s for p in cluster.prefill[1:]], [d.ready_s for d in cluster.decode[1:]])
+
+    p, d = ready_times(1)
+    assert all(25.0 <= t <= 45.0 for t in p) and all(195.0 <= t <= 215.0 for t in d)
+    assert len(set(p)) == len(p)                       # jittered, not all the same
+    assert ready_times(1) == (p, d) and ready_times(2) != (p, d)
+
+
+def test_an_instance_without_gpus_stays_pending_and_holds_no_gpus():
+    spec = _spec(gpu_capacity={"L20": 2}, startup_jitter_s=0.0)
+    wl = _load(1.0, 10.0)
+    cluster = Cluster(spec, wl, horizon_s=400, initial_prefill=1, initial_decode=1)
+    cluster.set_counts(1, 3, now_s=0.0)
+    assert cluster.unplaced_counts() == (0, 1)
+    cluster.advance_to(100.0)
+    assert cluster.ready_counts(100.0) == (1, 2)       # the third never started
+    assert cluster.gpu_seconds(100.0)[1] == pytest.approx(200.0)
+    cluster.set_counts(1, 2, now_s=100.0)             # cancelling it leaves nothing behind
+    cluster.advance_to(101.0)
+    assert cluster.unplaced_counts() == (0, 0) and cluster.counts() == (1, 2)
+
+
+def test_a_pending_role_holds_the_policys_pending_guard(monkeypatch):
+    import heteroscale.coordinator.core.policy as coordinator_policy
+    from heteroscale.coordinator.config import load_config
+
+    calls = []
+    real = coordinator_policy.decide
+
+    def spy(**kwargs):
+        out = real(**kwargs)
+        calls.append((kwargs["observation"], out[0]))
+        return out
+
+    monkeypatch.setattr(coordinator_policy, "decide", spy)
+    service = load_config({"coordinator": {"backend": "local", "interval_s": 10}, "services": [
+        {"name": "svc", "pd_ratio": "1:1", "target_decode_tps_per_instance": 300.0,
+         "slo": {"ttft_s": 5.0, "tbt_s": 0.2}, "max_decode": 16,
+         "policy": {"scale_out_cooldown_s": 20, "pending_timeout_s": 600},
+         "prefill": {}, "decode": {}}]}).services[0]
+    # Only three decode GPUs: a load that wants more leaves the rest pending for good.
+    spec = _spec(gpu_capacity={"L20": 3}, startup_s=30.0, startup_jitter_s=0.0)
+    wl = _load(6.0, 500.0, prompt=1000, output=300)
+    res = simulate(wl, spec, policies.build("heteroscale", service=service, workload=wl),
+                   initial=PoolCounts(1, 1), settings=RunSettings(interval_s=10, duration_s=500))
+    pending = [(obs, dec) for obs, dec in calls if obs.pools.pending.decode > 0
+               and obs.pools.ready.decode == 3]
+    assert pending, "no tick saw the unplaceable decode instance pending"
+    assert all(dec.desired.decode <= obs.pools.current.decode for obs, dec in pending)
+    assert any(dec.reason == "hold_pending" for _, dec in pending)
+    assert res.summary["mean_instances"]["decode"] <= 3.0

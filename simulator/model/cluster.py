@@ -105,7 +105,7 @@ class ClusterSpec:
     tick_s: float = 0.5
     prefill_startup_s: float | None = None
     decode_startup_s: float | None = None
-    startup_jitter_s: float = 0.0
+    startup_jitter_s: float = 15.0
     gpu_capacity: Mapping[str, int] = field(default_factory=dict)
     kv_uplink_gbps: float | None = None
     kv_switches: int = 1
