@@ -28,7 +28,7 @@ problem in either part is reported at once in one ``ConfigError``.
       preemption: recompute          # recompute | swap
       swap_gbps: 200                 # host<->GPU for swap
       router: least-loaded           # least-loaded | round-robin | cache-aware
-      prefix_cache_ratio: 0.3        # prefill KV memory kept as its own prefix cache
+      prefix_cache_ratio: 0.5        # prefill KV memory kept as its own prefix cache
       report_loss: 0.0               # share of sidecar pulls lost (seeded)
       window_s: 30                   # sidecar rate/quantile window
       seed: 0

@@ -57,6 +57,8 @@ class Workload:
     """Requests sorted by arrival. Arrays share one length; times start near 0.
 
     ``cached_tokens`` ≤ ``prompt_tokens - 1`` (at least one token is always computed).
+    ``block_hashes``: per request, its prompt's block hashes (Mooncake ``hash_ids``) when the
+    trace has them — the simulator's per-instance prefix caches use them — else ``None``.
     """
 
     name: str
@@ -64,6 +66,7 @@ class Workload:
     prompt_tokens: np.ndarray
     output_tokens: np.ndarray
     cached_tokens: np.ndarray
+    block_hashes: tuple[tuple[int, ...], ...] | None = None
 
     def __post_init__(self) -> None:
         n = len(self.arrival_s)
@@ -81,7 +84,8 @@ class Workload:
         """Requests arriving in [start_s, end_s), re-based to start at 0."""
         lo, hi = np.searchsorted(self.arrival_s, [start_s, end_s])
         return Workload(self.name, self.arrival_s[lo:hi] - start_s, self.prompt_tokens[lo:hi],
-                        self.output_tokens[lo:hi], self.cached_tokens[lo:hi])
+                        self.output_tokens[lo:hi], self.cached_tokens[lo:hi],
+                        None if self.block_hashes is None else self.block_hashes[lo:hi])
 
     def summary(self) -> dict[str, float]:
         if not len(self):
@@ -95,7 +99,8 @@ class Workload:
 
 def make_workload(name: str, arrival_s: Sequence[float], prompt_tokens: Sequence[int],
                   output_tokens: Sequence[int],
-                  cached_tokens: Sequence[int] | None = None) -> Workload:
+                  cached_tokens: Sequence[int] | None = None,
+                  block_hashes: Sequence[Sequence[int]] | None = None) -> Workload:
     """Build a ``Workload`` from plain sequences: sorts by arrival, re-bases to 0, clamps sizes."""
     arr = np.asarray(arrival_s, dtype=np.float64)
     prompt = np.maximum(1, np.asarray(prompt_tokens, dtype=np.int64))
@@ -107,7 +112,8 @@ def make_workload(name: str, arrival_s: Sequence[float], prompt_tokens: Sequence
     arr = arr[order]
     if len(arr):
         arr = arr - arr[0]
-    return Workload(name, arr, prompt[order], out[order], cached[order])
+    blocks = None if block_hashes is None else tuple(tuple(block_hashes[i]) for i in order)
+    return Workload(name, arr, prompt[order], out[order], cached[order], blocks)
 
 
 def detect_format(path: Path) -> str:
@@ -208,6 +214,7 @@ def _read_mooncake(path: Path, cache_blocks: int) -> Workload:
     prompt: list[int] = []
     out: list[int] = []
     cached: list[int] = []
+    blocks: list[list[int]] = []
     cache: OrderedDict[int, None] = OrderedDict()
     with path.open("r", encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, start=1):
@@ -223,9 +230,10 @@ def _read_mooncake(path: Path, cache_blocks: int) -> Workload:
             times.append(t)
             prompt.append(n_in)
             out.append(n_out)
+            blocks.append(hashes)
             cached.append(min(_prefix_hit_blocks(cache, hashes, cache_blocks)
                               * MOONCAKE_BLOCK_TOKENS, max(0, n_in - 1)))
-    return make_workload(path.stem, times, prompt, out, cached)
+    return make_workload(path.stem, times, prompt, out, cached, blocks)
 
 
 def _prefix_hit_blocks(cache: OrderedDict[int, None], hashes: list[int], capacity: int) -> int:
@@ -268,8 +276,9 @@ def diurnal_day(source: Workload, *, peak_rps: float, duration_h: float = 24.0,
     arrivals = np.repeat(edges, counts) + rng.random(n) * bin_s
     arrivals.sort()
     pick = rng.integers(0, len(source), n)
+    blocks = None if source.block_hashes is None else tuple(source.block_hashes[i] for i in pick)
     return Workload(f"{source.name}-diurnal", arrivals, source.prompt_tokens[pick],
-                    source.output_tokens[pick], source.cached_tokens[pick])
+                    source.output_tokens[pick], source.cached_tokens[pick], blocks)
 
 
 def rate_profile(workload: Workload, *, bin_s: float = 60.0) -> tuple[np.ndarray, np.ndarray]:

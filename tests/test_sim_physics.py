@@ -232,3 +232,44 @@ def test_a_pending_role_holds_the_policys_pending_guard(monkeypatch):
     assert all(dec.desired.decode <= obs.pools.current.decode for obs, dec in pending)
     assert any(dec.reason == "hold_pending" for _, dec in pending)
     assert res.summary["mean_instances"]["decode"] <= 3.0
+
+
+# ---------------------------------------------------------------- prefix caches and routing
+
+def _shared_prefix_load(*, prefixes: int = 20, requests: int = 1200, rps: float = 6.0, seed: int = 0):
+    # Chat-like prompts: one of ``prefixes`` system prompts (8 blocks of 512 tokens) plus
+    # two blocks of the user's own text.
+    import numpy as np
+    rng = np.random.default_rng(seed)
+    arrival = np.cumsum(rng.exponential(1.0 / rps, requests))
+    which = rng.integers(0, prefixes, requests)
+    blocks = [[int(w) * 100 + b for b in range(8)] + [10_000_000 + 2 * i, 10_000_001 + 2 * i]
+              for i, w in enumerate(which)]
+    return traces.make_workload("prefix", arrival, [10 * 512] * requests, [50] * requests,
+                                block_hashes=blocks)
+
+
+def test_more_prefill_instances_under_round_robin_lower_the_hit_rate():
+    wl = _shared_prefix_load()
+    spec = _spec(router="round-robin")
+    few = _run(wl, (2, 4), spec=spec, duration_s=240).summary
+    many = _run(wl, (8, 4), spec=spec, duration_s=240).summary
+    assert 0 < many["prefix_hit_ratio"] < few["prefix_hit_ratio"] < 0.8
+    # What a prefill sidecar reports diverges: all prompt tokens vs the ones computed.
+    assert few["prefill_uncached_tokens"] < 0.6 * few["prefill_tokens"]
+    # A cache-aware router keeps each prefix on the instance that holds it.
+    aware = _run(wl, (8, 4), spec=_spec(router="cache-aware"), duration_s=240).summary
+    assert aware["prefix_hit_ratio"] > many["prefix_hit_ratio"]
+
+
+def test_a_small_prefix_cache_evicts():
+    wl = _shared_prefix_load()
+    big = _run(wl, (2, 4), spec=_spec(router="round-robin"), duration_s=240).summary
+    small = _run(wl, (2, 4), spec=_spec(router="round-robin", prefix_cache_ratio=0.002), duration_s=240).summary
+    assert small["prefix_hit_ratio"] < big["prefix_hit_ratio"]
+
+
+def test_traces_without_block_hashes_keep_their_cached_tokens():
+    wl = traces.make_workload("shared", [1.0, 2.0, 3.0], [2000] * 3, [20] * 3, cached_tokens=[0, 1000, 1000])
+    s = _run(wl, (3, 1), spec=_spec(router="round-robin"), duration_s=30).summary
+    assert s["prefill_uncached_tokens"] == 4000

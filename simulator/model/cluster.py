@@ -114,7 +114,7 @@ class ClusterSpec:
     preemption: str = "recompute"
     swap_gbps: float = 200.0
     router: str = "least-loaded"
-    prefix_cache_ratio: float = 0.3
+    prefix_cache_ratio: float = 0.5
 
     def __post_init__(self) -> None:
         problems = []
@@ -289,7 +289,7 @@ class Cluster:
         self._pco = (p.model, p.gpu, p.tp, p.eff)
         self._uncached_s = pm.prefill_times_s(p.model, p.gpu, p.tp, workload.prompt_tokens,
                                               np.zeros_like(workload.prompt_tokens), eff=p.eff).tolist()
-        self._blocks = getattr(workload, "block_hashes", None)
+        self._blocks = workload.block_hashes
         self._trace_cached = workload.cached_tokens.tolist()
         # Per-instance prefix caches need the prompt's block hashes (Mooncake); without them
         # the trace's cached tokens are taken as given (today's shared-cache share).

@@ -253,6 +253,9 @@ def _summary(cluster: Cluster, settings: RunSettings, duration: float,
         "cross_switch_transfer_share": round(cluster.cross_transfers / max(1, submitted), 4),
         "decode_tokens": round(float(rec.decode_tokens[sl].sum()), 0),
         "prefill_tokens": round(float(rec.prefill_tokens[sl].sum()), 0),
+        "prefill_uncached_tokens": round(float(rec.prefill_uncached_tokens[sl].sum()), 0),
+        "prefix_hit_ratio": round(float(1.0 - rec.prefill_uncached_tokens[sl].sum()
+                                        / max(1.0, rec.prefill_tokens[sl].sum())), 4),
     }
 
 
