@@ -273,3 +273,34 @@ def test_traces_without_block_hashes_keep_their_cached_tokens():
     wl = traces.make_workload("shared", [1.0, 2.0, 3.0], [2000] * 3, [20] * 3, cached_tokens=[0, 1000, 1000])
     s = _run(wl, (3, 1), spec=_spec(router="round-robin"), duration_s=30).summary
     assert s["prefill_uncached_tokens"] == 4000
+
+
+# ---------------------------------------------------------------- KV links with capacity
+
+def test_loaded_cross_switch_links_lower_throughput():
+    # 8000-token prompts carry ~1 GB of KV each. Across switches every transfer also needs
+    # the one shared uplink (25 Gbit/s here: ~3 transfers/s); under one switch each
+    # prefill instance's own 400 Gbit/s NIC carries its transfers.
+    spec_same = _spec(kv_uplink_gbps=25.0)
+    spec_cross = _spec(kv_uplink_gbps=25.0, cross_switch_share=1.0)
+    light = _load(0.5, 300.0, prompt=8000, output=50)
+    heavy = _load(4.5, 300.0, prompt=8000, output=50)
+    run = lambda wl, spec: _run(wl, (6, 2), spec=spec, duration_s=300).summary  # noqa: E731
+    light_same, light_cross = run(light, spec_same), run(light, spec_cross)
+    heavy_same, heavy_cross = run(heavy, spec_same), run(heavy, spec_cross)
+    # Light load: crossing costs its time on the narrower uplink, no queueing on the wire.
+    assert light_cross["kv_transfer_wait_s"] < 0.05
+    assert light_cross["ttft_p90_s"] < 2 * light_same["ttft_p90_s"]
+    # Heavy load: the uplink queues, TTFT climbs and fewer requests are served in the run.
+    assert heavy_cross["kv_transfer_wait_s"] > 10 * max(heavy_same["kv_transfer_wait_s"], 0.01)
+    assert heavy_cross["ttft_p90_s"] > 5 * heavy_same["ttft_p90_s"]
+    assert heavy_cross["completed"] < 0.9 * heavy_same["completed"]
+
+
+def test_a_degraded_switch_slows_the_transfers_under_it():
+    wl = _load(2.0, 200.0, prompt=8000, output=50)
+    base = _run(wl, (6, 2), spec=_spec(kv_switches=2, kv_link_gbps=50.0), duration_s=200).summary
+    bad = _run(wl, (6, 2), spec=_spec(kv_switches=2, kv_link_gbps=50.0, degraded_links={0: 0.2}),
+               duration_s=200).summary
+    assert bad["ttft_p90_s"] > 1.5 * base["ttft_p90_s"]
+    assert bad["ttft_s"]["p50"] < bad["ttft_p90_s"]        # only the half under switch 0
