@@ -218,7 +218,7 @@ class _Decode(_Instance):
         self.heap: list[tuple[float, int]] = []
         # (rid, ctx0, remaining steps, how it resumes: 0 new, 1 recompute, 2 swap)
         self.waiting: deque[tuple[int, float, float, int]] = deque()
-        self.landing: list[tuple[float, int, float, float]] = []   # (KV landed at, rid, ctx0, remaining)
+        self.landing: list[tuple[float, int, float, float, int]] = []   # (KV lands at, rid, ctx0, remaining, how)
         self.reserved = 0.0                 # KV tokens allocated to landing transfers
         self.c_tokens = 0.0
         self.c_active_s = 0.0
@@ -276,6 +276,9 @@ class Cluster:
         self.now_s = 0.0
         self.rec = SeriesRecorder(int(math.ceil(horizon_s)) + 1)
         n = len(workload)
+        secs = workload.arrival_s[workload.arrival_s < horizon_s - 1.0].astype(np.int64)
+        self.rec.arrivals[:] = np.bincount(np.minimum(secs, self.rec.seconds - 1),
+                                           minlength=self.rec.seconds)[:self.rec.seconds]
         self.ttft_s = np.full(n, np.nan)
         self.tbt_s = np.full(n, np.nan)
         self.done_s = np.full(n, np.nan)
@@ -330,6 +333,12 @@ class Cluster:
         self.preemptions = 0
         self.prefill_stalls = 0
         self.completed: list[int] = []                   # rids in completion order
+        # Every first token and completion as it happens (time, value), for fleet-wide
+        # windows; the reader trims what it no longer needs.
+        self.ttft_log_t: list[float] = []
+        self.ttft_log_v: list[float] = []
+        self.tbt_log_t: list[float] = []
+        self.tbt_log_v: list[float] = []
         self._tick_start = 0.0
         self._refresh_ready(0.0)
 
@@ -492,7 +501,6 @@ class Cluster:
     def submit(self, rid: int) -> None:
         """Hand request ``rid`` over; it is routed when the tick holding its arrival runs."""
         self._arrivals.append(rid)
-        self.rec.arrivals[min(int(self._arrival[rid]), self.rec.seconds - 1)] += 1.0
 
     def _route(self, rid: int, arrive: float) -> None:
         pool = self._ready_p
@@ -633,7 +641,8 @@ class Cluster:
         else:   # power of two choices: near-JSQ balance at O(1) cost
             rnd = self.rng.random
             a, b = ready[int(rnd() * k)], ready[int(rnd() * k)]
-            d = a if a.load() <= b.load() else b
+            d = a if (len(a.running) + len(a.waiting) + len(a.landing)
+                      <= len(b.running) + len(b.waiting) + len(b.landing)) else b
         d.waiting.append(entry)
 
     def _start_running(self, d: _Decode, rid: int, ctx0: float, remaining: float, land_s: float) -> None:
@@ -643,7 +652,7 @@ class Cluster:
         if late_s > 0:
             co = self._dco
             n = len(d.running) + 1
-            mem = co.weights_s + co.kv_token_s * (d.context() + ctx0)
+            mem = co.weights_s + co.kv_token_s * (d.sum_ctx0 + (n - 1) * d.steps - d.sum_g0 + ctx0)
             comp = co.seq_compute_s * n
             offset = late_s / ((mem if mem > comp else comp) + co.overhead_s)
             g0 += offset
@@ -658,6 +667,8 @@ class Cluster:
         self.first_token_s[rid] = land_s
         ttft = land_s - self._arrival[rid]
         self.ttft_s[rid] = ttft
+        self.ttft_log_t.append(land_s)
+        self.ttft_log_v.append(ttft)
         owner = self._owner[rid]
         if owner is not None:
             owner.held_tokens -= self._prompt[rid]
@@ -668,10 +679,11 @@ class Cluster:
     def _admit(self, d: _Decode, t: float, end: float) -> None:
         landing = d.landing
         while landing and landing[0][0] < end:
-            land_s, rid, ctx0, remaining = heapq.heappop(landing)
+            land_s, rid, ctx0, remaining, how = heapq.heappop(landing)
             d.reserved -= ctx0
             self._start_running(d, rid, ctx0, remaining, land_s)
-            self._first_token(rid, land_s)
+            if how == 0:
+                self._first_token(rid, land_s)
         if not d.waiting:
             return
         limit = self._cap * self.spec.kv_watermark
@@ -701,7 +713,7 @@ class Cluster:
                 if how == 0:
                     self._first_token(rid, land_s)
             else:
-                heapq.heappush(landing, (land_s, rid, ctx0, remaining))
+                heapq.heappush(landing, (land_s, rid, ctx0, remaining, how))
                 d.reserved += ctx0
 
     def _run(self, d: _Decode, t: float, dt: float) -> None:
@@ -742,6 +754,8 @@ class Cluster:
             tbt = (done - self.first_token_s[rid]) / self._steps[rid]
             self.tbt_s[rid] = tbt
             d.tbt.append((done, tbt))
+            self.tbt_log_t.append(done)
+            self.tbt_log_v.append(tbt)
             self.completed.append(rid)
         d.steps = g1
         rec = self.rec

@@ -21,9 +21,12 @@ Which instance reports what (the P/D engines' own split):
 
 from __future__ import annotations
 
+import bisect
 import random
 from collections import deque
 from typing import TYPE_CHECKING, Iterable
+
+import numpy as np
 
 from heteroscale.coordinator.core.types import Fetched
 from heteroscale.report import GpuReading, SidecarReport
@@ -133,15 +136,16 @@ class Sidecars:
         return out
 
     def pooled_latency_p90(self, now_s: float) -> tuple[float | None, float | None]:
-        """Fleet p90 TTFT and TBT over every ready instance's samples in the window
-        (what a router-side or client-side measurement would show; the baselines use it)."""
+        """Fleet p90 TTFT and TBT of the first tokens / completions in the window (what a
+        router-side or client-side measurement would show; the baselines use it)."""
         c = self.cluster
         lo = now_s - self.window_s
-        ttft: list[float] = []
-        tbt: list[float] = []
-        for inst in (*c.prefill, *c.decode):
-            samples = inst.ttft if inst.role == "prefill" else inst.tbt
-            while samples and samples[0][0] < lo:
-                samples.popleft()
-            (ttft if inst.role == "prefill" else tbt).extend(v for _, v in samples)
-        return p90(ttft), p90(tbt)
+        out = []
+        for ts, vs in ((c.ttft_log_t, c.ttft_log_v), (c.tbt_log_t, c.tbt_log_v)):
+            i = bisect.bisect_left(ts, lo)      # nearly in time order: landing order within a tick
+            if i > 50_000:                      # trim what no later window needs
+                del ts[:i]
+                del vs[:i]
+                i = 0
+            out.append(float(np.percentile(vs[i:], 90)) if len(vs) > i else None)
+        return out[0], out[1]
