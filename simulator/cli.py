@@ -35,6 +35,10 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--service", help="service name in the config (default: the first)")
     parser.add_argument("--diurnal", action="store_true",
                         help="build a diurnal day from the trace's sizes and simulation.diurnal")
+    parser.add_argument("--diurnal-order", choices=traces.ORDERS,
+                        help="with --diurnal: keep = the trace's order of sizes stretched over the day "
+                             "(its mix changes as the trace's did); shuffle = sizes drawn from the whole "
+                             "trace all day (default: simulation.diurnal.order, itself default keep)")
     parser.add_argument("--duration-h", type=float, help="hours to simulate (default: the trace, or 24 with --diurnal)")
     parser.add_argument("--peak-rps", type=float, help="override simulation.diurnal.peak_rps")
     parser.add_argument("--format", default="auto", choices=("auto", "azure", "mooncake", "burstgpt"))
@@ -107,12 +111,19 @@ def _load(args: argparse.Namespace) -> tuple[SimConfig, ServiceConfig, Workload,
             raise UsageError("--peak-rps must be positive")
         workload = traces.diurnal_day(source, peak_rps=peak, duration_h=args.duration_h or 24.0,
                                       profile=cfg.diurnal.profile, start_hour=cfg.diurnal.start_hour,
-                                      seed=cfg.seed)
+                                      seed=cfg.seed, order=_order(args, cfg))
     else:
         workload = source if args.duration_h is None else source.window(0.0, args.duration_h * 3600.0)
+    if cfg.drift is not None:
+        workload = traces.apply_drift(workload, cfg.drift,
+                                      start_hour=cfg.diurnal.start_hour if args.diurnal else 0.0)
     if not len(workload):
         raise UsageError(f"trace {args.trace}: no requests in the simulated span")
     return cfg, service, source, workload
+
+
+def _order(args: argparse.Namespace, cfg: SimConfig) -> str:
+    return getattr(args, "diurnal_order", None) or cfg.diurnal.order
 
 
 def _policy_names(text: str) -> list[str]:
@@ -147,6 +158,8 @@ def _run_policies(names: list[str], *, cfg: SimConfig, service: ServiceConfig, w
         results[name] = simulate(workload, cfg.cluster, ctl, settings=settings, initial=initial, service=service,
                                  placement=_placement(cfg, service),
                                  progress=lambda f, n=name: progress(n, f))
+        if getattr(ctl, "oracle", False):
+            results[name].summary["oracle_sized"] = True
         progress(name, 1.0)
     return results
 
@@ -178,6 +191,8 @@ def _meta(cfg: SimConfig, service: ServiceConfig, args: argparse.Namespace, work
                      "startup_s": c.startup_s, "cross_switch_share": c.cross_switch_share,
                      "topology": None if cfg.topology is None else vars(cfg.topology)},
         "trace": str(args.trace), "diurnal": bool(args.diurnal),
+        "diurnal_order": _order(args, cfg) if args.diurnal else None,
+        "drift": None if cfg.drift is None else [vars(p) for p in cfg.drift.points],
         "workload": workload.summary(),
     }
 
@@ -253,7 +268,10 @@ def run_curate(args: argparse.Namespace) -> int:
     files += report.plot_policies(out, results)
     recommended = {"policy": best, "pd_ratio": pressure["pd_ratio"],
                    "target_decode_tps_per_instance": pressure["target_decode_tps_per_instance"],
-                   "slo_goal": cfg.slo_goal}
+                   "slo_goal": cfg.slo_goal,
+                   "baselines": {"independent-tps": {
+                       "prefill_target_tps_per_instance": pressure["prefill_target_tps_per_instance"],
+                       "decode_target_tps_per_instance": pressure["target_decode_tps_per_instance"]}}}
     doc = {"meta": _meta(cfg, tuned, args, workload), "pressure_test": pressure,
            "recommended": recommended, "policies": _policy_summaries(results)}
     if "static-peak" in results:
@@ -268,11 +286,16 @@ def run_curate(args: argparse.Namespace) -> int:
             f"Best policy: **{best}** (fewest GPU-hours among policies with SLO attainment ≥ "
             f"{cfg.slo_goal:.0%}; otherwise the highest attainment).",
             "", "```yaml", f"- name: {service.name}", f"  pd_ratio: \"{pressure['pd_ratio']}\"",
-            f"  target_decode_tps_per_instance: {pressure['target_decode_tps_per_instance']:g}", "```"]),
+            f"  target_decode_tps_per_instance: {pressure['target_decode_tps_per_instance']:g}",
+            "# simulation.baselines (configured from the same pressure test):",
+            "baselines:", "  independent-tps:",
+            f"    prefill_target_tps_per_instance: {pressure['prefill_target_tps_per_instance']:g}",
+            f"    decode_target_tps_per_instance: {pressure['target_decode_tps_per_instance']:g}", "```"]),
         *_policy_sections(results)]
     report.write_markdown(out, title=f"Curation: {service.name}", meta=doc["meta"], sections=sections)
     print(f"recommended: policy {best}, pd_ratio {pressure['pd_ratio']}, "
-          f"target_decode_tps_per_instance {pressure['target_decode_tps_per_instance']:g}")
+          f"target_decode_tps_per_instance {pressure['target_decode_tps_per_instance']:g}, "
+          f"independent-tps prefill_target_tps_per_instance {pressure['prefill_target_tps_per_instance']:g}")
     print(f"wrote {out / 'summary.json'}, {out / 'report.md'} and {', '.join(files)}")
     return 0
 

@@ -33,13 +33,16 @@ problem in either part is reported at once in one ``ConfigError``.
       window_s: 30                   # sidecar rate/quantile window
       seed: 0
       slo_goal: 0.99                 # curation: required SLO attainment
-      diurnal: {peak_rps: 20, start_hour: 0, profile: [24 relative rates]}
+      diurnal: {peak_rps: 20, start_hour: 0, profile: [24 relative rates], order: keep}  # keep|shuffle
+      drift: [{hour: 0, prompt_scale: 1, output_scale: 1, cache_share: 0.2}, ...]   # optional
       sizes: {prompt_mean: 3000, output_mean: 350, spread_ratio: 0.25}   # optional
       initial: {prefill: 9, decode: 7}                                    # optional
       pressure: {instances: 16, low_prefill: 7, high_prefill: 12, duration_s: 240,
                  iterations: 9, margin: 0.9}
       baselines: {target_utilization: 0.7, hpa_tolerance: 0.1, scale_in_stabilization_s: 300,
-                  latency_target: 0.8, peak_headroom: 1.1}
+                  latency_target: 0.8, peak_headroom: 1.1,
+                  independent-tps: {prefill_target_tps_per_instance: 9000},   # from curate
+                  static-peak: {prefill: 10, decode: 6}, periodic: {hourly_decode_tps: [24]}}
       topology: {s2: 2, s1_per_s2: 2, nodes_per_s1: 8, gpus_per_node: 8, mix: s1}   # optional:
                                      # place through the coordinator's planner (simulator/placement.py)
 
@@ -62,8 +65,8 @@ from heteroscale.simulator import perfmodel as pm
 from heteroscale.simulator.curate import PressureSettings
 from heteroscale.simulator.model.cluster import ClusterSpec
 from heteroscale.simulator.placement import MIXES, TopologySpec
-from heteroscale.simulator.policies import BaselineSettings
-from heteroscale.simulator.traces import DEFAULT_PROFILE
+from heteroscale.simulator.policies import BaselineSettings, parse_baselines
+from heteroscale.simulator.traces import DEFAULT_PROFILE, ORDERS, Drift, parse_drift
 
 
 @dataclass(frozen=True)
@@ -71,6 +74,7 @@ class DiurnalSettings:
     peak_rps: float = 20.0
     start_hour: float = 0.0
     profile: tuple[float, ...] = DEFAULT_PROFILE
+    order: str = "keep"          # keep | shuffle: which trace request each arrival gets (traces.py)
 
 
 @dataclass(frozen=True)
@@ -97,6 +101,7 @@ class SimConfig:
     baselines: BaselineSettings = field(default_factory=BaselineSettings)
     topology: TopologySpec | None = None
     report_loss: float = 0.0
+    drift: Drift | None = None   # hourly shift of the request mix (traces.apply_drift)
 
     @property
     def interval_s(self) -> float:
@@ -132,7 +137,7 @@ def load_sim_config(text: str, *, origin: str = "config") -> SimConfig:
 
 _KNOWN = {"model", "prefill", "decode", "startup_s", "kv_link_gbps", "cross_switch_ratio",
           "cross_switch_share", "decode_max_batch", "kv_watermark", "tick_s", "window_s", "seed",
-          "slo_goal", "diurnal", "sizes", "initial", "pressure", "baselines", "topology"}
+          "slo_goal", "diurnal", "sizes", "initial", "pressure", "baselines", "topology", "drift"}
 _FIDELITY = {"startup_jitter_s", "gpu_capacity", "kv_uplink_gbps", "kv_switches", "degraded_links",
              "prefill_kv_buffer_ratio", "preemption", "swap_gbps", "router", "prefix_cache_ratio",
              "report_loss"}
@@ -209,6 +214,9 @@ def _simulation(sim: Mapping[str, Any], problems: list[str]) -> dict[str, Any]:
     out.update(_pressure(sim.get("pressure"), problems))
     out.update(_baselines(sim.get("baselines"), problems))
     out.update(_topology(sim.get("topology"), problems))
+    drift = parse_drift(sim.get("drift"), problems)
+    if drift is not None:
+        out["drift"] = drift
     return out
 
 
@@ -292,7 +300,7 @@ def _section(raw: Any, name: str, keys: set[str], problems: list[str]) -> Mappin
 
 
 def _diurnal(raw: Any, problems: list[str]) -> dict[str, Any]:
-    node = _section(raw, "diurnal", {"peak_rps", "start_hour", "profile"}, problems)
+    node = _section(raw, "diurnal", {"peak_rps", "start_hour", "profile", "order"}, problems)
     if node is None:
         return {}
     w = "simulation.diurnal"
@@ -302,7 +310,11 @@ def _diurnal(raw: Any, problems: list[str]) -> dict[str, Any]:
             or max(profile) <= 0):
         problems.append(f"{w}.profile: must be a list of >= 2 non-negative numbers, one positive")
         profile = list(DEFAULT_PROFILE)
-    return {"diurnal": DiurnalSettings(
+    order = node.get("order", "keep")
+    if order not in ORDERS:
+        problems.append(f"{w}.order: must be one of {', '.join(ORDERS)}, got {order!r}")
+        order = "keep"
+    return {"diurnal": DiurnalSettings(order=order,
         peak_rps=_num(node, "peak_rps", 20.0, problems, lo=1e-6, where=w),
         start_hour=_num(node, "start_hour", 0.0, problems, lo=0, hi=24, where=w),
         profile=tuple(float(x) for x in profile))}
@@ -350,20 +362,5 @@ def _pressure(raw: Any, problems: list[str]) -> dict[str, Any]:
 
 
 def _baselines(raw: Any, problems: list[str]) -> dict[str, Any]:
-    keys = {"target_utilization", "hpa_tolerance", "scale_in_stabilization_s", "latency_target",
-            "peak_headroom", "prefill_tps_target"}
-    node = _section(raw, "baselines", keys, problems)
-    if node is None:
-        return {}
-    w = "simulation.baselines"
-    d = BaselineSettings()
-    tp = node.get("prefill_tps_target")
-    return {"baselines": BaselineSettings(
-        target_utilization=_num(node, "target_utilization", d.target_utilization, problems, lo=0.01, hi=1, where=w),
-        hpa_tolerance=_num(node, "hpa_tolerance", d.hpa_tolerance, problems, lo=0, hi=0.9, where=w),
-        scale_in_stabilization_s=_num(node, "scale_in_stabilization_s", d.scale_in_stabilization_s,
-                                      problems, lo=0, where=w),
-        latency_target=_num(node, "latency_target", d.latency_target, problems, lo=0.05, hi=2, where=w),
-        peak_headroom=_num(node, "peak_headroom", d.peak_headroom, problems, lo=1, hi=5, where=w),
-        prefill_tps_target=None if tp is None else _num(node, "prefill_tps_target", 1.0, problems,
-                                                        lo=1e-3, where=w))}
+    parsed = parse_baselines(raw, problems)
+    return {} if parsed is None else {"baselines": parsed}

@@ -5,7 +5,10 @@ finds, by bisection on a constant Poisson arrival rate, the highest load at whic
 p90 TTFT and p90 TBT (measured after a warm-up) stay within the SLO, and records
 the prefill and decode tokens/s served there ("throughput within SLO"). The best
 split gives the ratio ``r``; its decode tokens/s per decode instance times a
-safety ``margin`` gives the proportional target ``τ`` (the paper's m̂).
+safety ``margin`` gives the proportional target ``τ`` (the paper's m̂). The same
+split's uncached prompt tokens/s per prefill instance times the margin is the prefill
+target an operator would give the ``independent-tps`` baseline
+(``prefill_target_tps_per_instance``; ``policies.from_pressure_test``).
 
 ``curate`` then simulates every candidate policy on the workload with that ``r``
 and ``τ`` and picks the best (Algorithm 1): the fewest GPU-hours among policies
@@ -48,6 +51,7 @@ class RatioPoint:
     max_rps: float
     prefill_tps: float
     decode_tps: float
+    prefill_uncached_tps: float
     ttft_p90_s: float | None
     tbt_p90_s: float | None
     prefill_gpu_util: float
@@ -64,6 +68,7 @@ class RatioPoint:
         return {"ratio": self.label, "prefill": self.prefill, "decode": self.decode,
                 "max_rps_within_slo": round(self.max_rps, 3),
                 "prefill_tps": round(self.prefill_tps, 1), "decode_tps": round(self.decode_tps, 1),
+                "prefill_uncached_tps": round(self.prefill_uncached_tps, 1),
                 "ttft_p90_s": _r(self.ttft_p90_s), "tbt_p90_s": _r(self.tbt_p90_s),
                 "prefill_gpu_util": round(self.prefill_gpu_util, 4),
                 "decode_gpu_util": round(self.decode_gpu_util, 4),
@@ -98,6 +103,7 @@ def _probe(spec: ClusterSpec, source: Workload, split: tuple[int, int], rate: fl
     limited = "" if ttft_ok and tbt_ok else ("prefill (TTFT)" if not ttft_ok else "decode (TBT)")
     obs = {
         "prefill_tps": float(s["prefill_tps"][keep].mean()), "decode_tps": float(s["decode_tps"][keep].mean()),
+        "prefill_uncached_tps": float(s["prefill_uncached_tps"][keep].mean()),
         "ttft": ttft, "tbt": tbt,
         "pu": float(s["prefill_gpu_util"][keep].mean()), "du": float(s["decode_gpu_util"][keep].mean()),
         "ps": float(s["prefill_sm"][keep].mean()), "ds": float(s["decode_sm"][keep].mean()),
@@ -121,9 +127,10 @@ def max_rate_within_slo(spec: ClusterSpec, source: Workload, split: tuple[int, i
         else:
             hi, last_limit = mid, limited or "incomplete"
     if best is None:
-        best = {"prefill_tps": 0.0, "decode_tps": 0.0, "ttft": None, "tbt": None,
+        best = {"prefill_tps": 0.0, "decode_tps": 0.0, "prefill_uncached_tps": 0.0, "ttft": None, "tbt": None,
                 "pu": 0.0, "du": 0.0, "ps": 0.0, "ds": 0.0}
-    return RatioPoint(split[0], split[1], lo, best["prefill_tps"], best["decode_tps"], best["ttft"],
+    return RatioPoint(split[0], split[1], lo, best["prefill_tps"], best["decode_tps"],
+                      best["prefill_uncached_tps"], best["ttft"],
                       best["tbt"], best["pu"], best["du"], best["ps"], best["ds"], last_limit)
 
 
@@ -138,9 +145,11 @@ def pressure_test(spec: ClusterSpec, source: Workload, *, service: ServiceConfig
             progress((i + 1) / len(splits))
     best = max(points, key=lambda pt: (pt.decode_tps, pt.prefill_tps))
     tau = ps.margin * best.decode_tps / best.decode if best.decode else 0.0
+    tau_p = ps.margin * best.prefill_uncached_tps / best.prefill if best.prefill else 0.0
     return {"points": [pt.as_dict() for pt in points], "best": best.label,
             "pd_ratio": f"{best.prefill}:{best.decode}",
-            "target_decode_tps_per_instance": round(tau, 1), "margin": ps.margin,
+            "target_decode_tps_per_instance": round(tau, 1),
+            "prefill_target_tps_per_instance": round(tau_p, 1), "margin": ps.margin,
             "feasible": best.max_rps > 0 and tau > 0,
             "unloaded_ttft_p90_s": round(unloaded_ttft_p90_s(spec, source), 4)}
 
@@ -165,7 +174,11 @@ def curate(spec: ClusterSpec, workload: Workload, *, service: ServiceConfig,
            slo_goal: float, baselines: policies.BaselineSettings = policies.BaselineSettings(),
            placement_for: Callable[[ServiceConfig], Placement | None] | None = None,
            progress: Callable[[str, float], None] | None = None) -> tuple[ServiceConfig, dict[str, RunResult], str]:
-    """Algorithm 1: simulate each candidate with the pressure test's r and τ; pick the best."""
+    """Algorithm 1: simulate each candidate with the pressure test's r and τ; pick the best.
+
+    The baselines are configured from the same pressure test (``independent-tps``'s
+    prefill and decode targets: ``policies.from_pressure_test``), the rest from ``baselines``."""
+    baselines = policies.from_pressure_test(pressure, baselines)
     p, d = (int(x) for x in pressure["pd_ratio"].split(":"))
     tuned = replace(service, pd_ratio=(p, d),
                     target_decode_tps_per_instance=max(1.0, pressure["target_decode_tps_per_instance"]))
@@ -176,6 +189,8 @@ def curate(spec: ClusterSpec, workload: Workload, *, service: ServiceConfig,
         results[name] = simulate(workload, spec, ctl, settings=settings, initial=start, service=tuned,
                                  placement=None if placement_for is None else placement_for(tuned),
                                  progress=None if progress is None else (lambda f, n=name: progress(n, f)))
+        if getattr(ctl, "oracle", False):
+            results[name].summary["oracle_sized"] = True
     best = max(results, key=lambda n: score(results[n].summary, slo_goal))
     return tuned, results, best
 

@@ -18,11 +18,26 @@ Formats read natively (``load_trace(path, fmt="auto")``):
 
 Bad input raises ``TraceError`` (a ``UsageError``) naming the file and line.
 
-``diurnal_day(source, peak_rps=..., profile=..., seed=...)`` keeps the source's
-joint (prompt, output, cached) distribution and draws arrivals from a
-non-homogeneous Poisson process whose rate follows a 24-hour profile, linearly
-interpolated between hourly points. ``DEFAULT_PROFILE`` is shaped like the
-paper's Fig. 2 dialogue service (peaks near hours 3 and 8, trough 0.08 near 21).
+``diurnal_day(source, peak_rps=..., profile=..., seed=..., order=...)`` draws
+arrivals from a non-homogeneous Poisson process whose rate follows a 24-hour
+profile, linearly interpolated between hourly points, and gives them the source's
+(prompt, output, cached) triples. ``DEFAULT_PROFILE`` is shaped like the paper's
+Fig. 2 dialogue service (peaks near hours 3 and 8, trough 0.08 near 21). Which
+source request an arrival gets is ``order``:
+
+* ``keep`` (the default): the source's timeline is stretched over the day — an
+  arrival at fraction f of the day takes a request recorded near fraction f of the
+  trace (drawn from a window of 1/96 of the trace around it) — so a trace whose mix
+  changes over its span (long prompts late, a cache that warms up) changes the
+  same way over the day;
+* ``shuffle``: every arrival draws from the whole trace, so the mix is the same
+  all day (prefill load a fixed multiple of decode load). Pressure tests use this.
+
+``apply_drift(workload, drift, start_hour=...)`` then shifts the mix by hour of day:
+``Drift`` points ``(hour, prompt_scale, output_scale, cache_share)`` are
+interpolated linearly (wrapping at 24 h) and scale each request's prompt and
+output tokens; ``cache_share`` (if given) sets the share of prompt tokens served
+from the prefix cache.
 """
 
 from __future__ import annotations
@@ -33,7 +48,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -251,14 +266,21 @@ def _prefix_hit_blocks(cache: OrderedDict[int, None], hashes: list[int], capacit
     return hits
 
 
+ORDERS = ("keep", "shuffle")
+KEEP_ORDER_WINDOWS = 96          # ``keep`` draws from 1/96 of the trace around the mapped time
+
+
 def diurnal_day(source: Workload, *, peak_rps: float, duration_h: float = 24.0,
                 profile: Sequence[float] = DEFAULT_PROFILE, start_hour: float = 0.0,
-                seed: int = 0, bin_s: float = 10.0) -> Workload:
+                seed: int = 0, bin_s: float = 10.0, order: str = "keep") -> Workload:
     """A synthetic day: ``source``'s request sizes, arrival rate ``peak_rps × profile(t)``.
 
     The profile holds relative rates at whole hours (wrapping after the last); the
     rate is interpolated linearly and arrivals are Poisson within ``bin_s`` bins.
+    ``order`` (``keep`` | ``shuffle``) is how arrivals get sizes (module docstring).
     """
+    if order not in ORDERS:
+        raise UsageError(f"diurnal day: order must be one of {', '.join(ORDERS)}, got {order!r}")
     if not len(source):
         raise TraceError("diurnal day: the source trace has no requests")
     if peak_rps <= 0 or duration_h <= 0:
@@ -275,7 +297,12 @@ def diurnal_day(source: Workload, *, peak_rps: float, duration_h: float = 24.0,
     n = int(counts.sum())
     arrivals = np.repeat(edges, counts) + rng.random(n) * bin_s
     arrivals.sort()
-    pick = rng.integers(0, len(source), n)
+    if order == "shuffle" or len(source) < 2 or source.duration_s <= 0:
+        pick = rng.integers(0, len(source), n)
+    else:
+        span = source.duration_s
+        at = arrivals / (duration_h * 3600.0) * span + (rng.random(n) - 0.5) * span / KEEP_ORDER_WINDOWS
+        pick = np.clip(np.searchsorted(source.arrival_s, np.clip(at, 0.0, span)), 0, len(source) - 1)
     blocks = None if source.block_hashes is None else tuple(source.block_hashes[i] for i in pick)
     return Workload(f"{source.name}-diurnal", arrivals, source.prompt_tokens[pick],
                     source.output_tokens[pick], source.cached_tokens[pick], blocks)
@@ -307,4 +334,120 @@ def synthetic_sizes(*, prompt_mean: int, output_mean: int, spread_ratio: float =
 def poisson(source: Workload, *, rate_rps: float, duration_s: float, seed: int = 0) -> Workload:
     """Constant-rate Poisson arrivals with ``source``'s request sizes (for pressure tests)."""
     return diurnal_day(source, peak_rps=rate_rps, duration_h=duration_s / 3600.0,
-                       profile=(1.0, 1.0), seed=seed, bin_s=min(10.0, duration_s))
+                       profile=(1.0, 1.0), seed=seed, bin_s=min(10.0, duration_s), order="shuffle")
+
+
+@dataclass(frozen=True)
+class DriftPoint:
+    """The request mix at one hour of the day.
+
+    hour: hour of day, 0 ≤ hour < 24.
+    prompt_scale / output_scale: factor on each request's prompt / output tokens (> 0).
+    cache_share: share of prompt tokens served from the prefix cache (0..1), or
+        ``None`` to keep each request's own cached share.
+    """
+
+    hour: float
+    prompt_scale: float = 1.0
+    output_scale: float = 1.0
+    cache_share: float | None = None
+
+
+@dataclass(frozen=True)
+class Drift:
+    """Hourly mix points, interpolated linearly by hour of day and wrapping at 24 h."""
+
+    points: tuple[DriftPoint, ...]
+
+    def at(self, hours: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """(prompt_scale, output_scale, cache_share or None) at each hour of day."""
+        pts = sorted(self.points, key=lambda p: p.hour)
+        h = np.asarray(hours, dtype=np.float64) % 24.0
+        xs = np.array([p.hour for p in pts] + [pts[0].hour + 24.0])
+
+        def interp(vals: list[float]) -> np.ndarray:
+            v = np.array(vals + [vals[0]])
+            # Hours before the first point wrap around to the previous day's last point.
+            return np.interp(np.where(h < xs[0], h + 24.0, h), xs, v)
+
+        share = (None if pts[0].cache_share is None
+                 else interp([float(p.cache_share or 0.0) for p in pts]))
+        return (interp([p.prompt_scale for p in pts]), interp([p.output_scale for p in pts]), share)
+
+
+def parse_drift(raw: object, problems: list[str], *, where: str = "simulation.drift") -> Drift | None:
+    """``simulation.drift``: a list of {hour, prompt_scale, output_scale, cache_share} mappings.
+    Problems are appended (one line each); returns None when absent or invalid."""
+    if raw is None:
+        return None
+    if not isinstance(raw, list) or not raw:
+        problems.append(f"{where}: must be a non-empty list of {{hour, prompt_scale, output_scale, cache_share}}")
+        return None
+    before = len(problems)
+    points: list[DriftPoint] = []
+    for i, node in enumerate(raw):
+        w = f"{where}[{i}]"
+        if not isinstance(node, dict):
+            problems.append(f"{w}: must be a mapping")
+            continue
+        problems.extend(f"{w}.{k}: unknown key" for k in sorted(set(node) - set(_DRIFT_KEYS)))
+        vals: dict[str, float | None] = {}
+        for key, (default, ok, text) in _DRIFT_KEYS.items():
+            v = node.get(key, default)
+            if v is None and key == "cache_share":
+                vals[key] = None
+            elif isinstance(v, bool) or not isinstance(v, (int, float)) or not ok(float(v)):
+                problems.append(f"{w}.{key}: " + ("is required" if v is None else f"must be {text}, got {v!r}"))
+            else:
+                vals[key] = float(v)
+        if len(vals) == len(_DRIFT_KEYS):
+            points.append(DriftPoint(**vals))  # type: ignore[arg-type]
+    if len(problems) > before:
+        return None
+    if len({p.hour for p in points}) != len(points):
+        problems.append(f"{where}: two points at the same hour")
+    elif len({p.cache_share is None for p in points}) > 1:
+        problems.append(f"{where}: give cache_share in every point or in none")
+    else:
+        return Drift(tuple(points))
+    return None
+
+
+_DRIFT_KEYS: dict[str, tuple[float | None, Callable[[float], bool], str]] = {
+    "hour": (None, lambda v: 0.0 <= v < 24.0, "a number in [0, 24)"),
+    "prompt_scale": (1.0, lambda v: v > 0.0, "a number > 0"),
+    "output_scale": (1.0, lambda v: v > 0.0, "a number > 0"),
+    "cache_share": (None, lambda v: 0.0 <= v <= 1.0, "a number in [0, 1]"),
+}
+
+
+def apply_drift(workload: Workload, drift: Drift, *, start_hour: float = 0.0) -> Workload:
+    """``workload`` with each request's sizes shifted by the drift at its arrival hour
+    (``start_hour`` is the hour of day at time 0)."""
+    if not len(workload):
+        return workload
+    p_scale, o_scale, share = drift.at(start_hour + workload.arrival_s / 3600.0)
+    prompt = np.maximum(1, np.rint(workload.prompt_tokens * p_scale)).astype(np.int64)
+    out = np.maximum(1, np.rint(workload.output_tokens * o_scale)).astype(np.int64)
+    if share is None:
+        cached = np.rint(workload.cached_tokens * p_scale).astype(np.int64)
+    else:
+        cached = np.rint(prompt * share).astype(np.int64)
+    cached = np.clip(cached, 0, prompt - 1)
+    return Workload(f"{workload.name}-drift", workload.arrival_s, prompt, out, cached)
+
+
+def mix_share_by_hour(workload: Workload) -> dict[str, np.ndarray]:
+    """Per hour of the workload: mean prompt and output tokens, the prompt/output token
+    ratio and the cached share (for tests and reports; NaN where an hour is empty)."""
+    if not len(workload):
+        return {k: np.zeros(0) for k in ("prompt_mean", "output_mean", "prompt_per_output", "cached_share")}
+    idx = (workload.arrival_s // 3600.0).astype(np.int64)
+    nb = int(idx.max()) + 1
+    cnt = np.bincount(idx, minlength=nb).astype(np.float64)
+    p = np.bincount(idx, weights=workload.prompt_tokens.astype(np.float64), minlength=nb)
+    o = np.bincount(idx, weights=workload.output_tokens.astype(np.float64), minlength=nb)
+    c = np.bincount(idx, weights=workload.cached_tokens.astype(np.float64), minlength=nb)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return {"prompt_mean": p / cnt, "output_mean": o / cnt, "prompt_per_output": p / o,
+                "cached_share": c / p}

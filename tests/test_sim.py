@@ -200,11 +200,86 @@ def test_hpa_on_gpu_utilisation_never_scales_decode_in():
 def test_every_policy_builds_and_runs():
     service = _service()
     wl = _load(2.0, 120.0)
+    base = policies.BaselineSettings(prefill_target_tps_per_instance=5000.0)
     for name in policies.POLICY_NAMES:
-        res = _run(wl, controller=policies.build(name, service=service, workload=wl), duration_s=120)
+        res = _run(wl, controller=policies.build(name, service=service, workload=wl, baselines=base),
+                   duration_s=120)
         assert res.summary["requests"] == len(wl), name
     with pytest.raises(KeyError):
         policies.build("magic", service=service, workload=wl)
+
+
+def test_independent_tps_takes_its_targets_from_the_config_never_the_workload():
+    from heteroscale.errors import UsageError
+    service = _service()
+    wl = _load(2.0, 120.0)
+    with pytest.raises(UsageError, match="prefill_target_tps_per_instance"):
+        policies.build("independent-tps", service=service, workload=wl)
+    # The same settings on a workload with 10x longer prompts give the same controller
+    # decisions for the same windows: the target is not derived from the replay.
+    base = policies.BaselineSettings(prefill_target_tps_per_instance=2000.0, decode_target_tps_per_instance=300.0)
+    other = _load(2.0, 120.0, prompt=10_000)
+    a = policies.build("independent-tps", service=service, workload=wl, baselines=base)
+    b = policies.build("independent-tps", service=service, workload=other, baselines=base)
+    counts = PoolCounts(2, 2)
+    win = _window(prefill_uncached_tps=6000.0, decode_tps=300.0)
+    assert a.signal(win, counts) == b.signal(win, counts) == pytest.approx((1.5, 0.5))
+
+
+def _window(**kw):
+    from heteroscale.simulator.model.runner import Window
+    base = dict(now_s=0.0, window_s=30.0, prefill_tps=0.0, prefill_uncached_tps=0.0, decode_tps=0.0,
+                ttft_p90_s=None, tbt_p90_s=None, prefill_gpu_util=0.0, decode_gpu_util=0.0,
+                prefill_sm=0.0, decode_sm=0.0)
+    base.update(kw)
+    return Window(**base)
+
+
+def test_static_and_periodic_use_the_operators_forecast_or_say_they_are_oracles():
+    service = _service(target_decode_tps_per_instance=1000.0)
+    wl = _load(2.0, 120.0)                       # ~200 decode tok/s
+    fixed = policies.build("static-peak", service=service, workload=wl,
+                           baselines=policies.BaselineSettings(static_counts=(6, 3)))
+    assert fixed.counts == PoolCounts(6, 3) and not fixed.oracle
+    forecast = policies.build("static-peak", service=service, workload=wl,
+                              baselines=policies.BaselineSettings(peak_decode_tps=4500.0, peak_headroom=1.0))
+    assert forecast.counts == PoolCounts(10, 5) and not forecast.oracle      # 4500/1000 -> 5 D, 2:1
+    oracle = policies.build("static-peak", service=service, workload=wl)
+    assert oracle.oracle and oracle.counts.decode == 1
+    hourly = tuple(1000.0 * (h + 1) for h in range(24))
+    per = policies.build("periodic", service=service, workload=wl,
+                         baselines=policies.BaselineSettings(hourly_decode_tps=hourly, peak_headroom=1.0))
+    assert not per.oracle and len(per.service.schedules) == 24
+    assert [e.decode for e in per.service.schedules[:3]] == [1, 2, 3]
+    assert policies.build("periodic", service=service, workload=wl).oracle
+
+
+def test_parse_baselines_per_policy_blocks_and_problems():
+    problems: list[str] = []
+    got = policies.parse_baselines({"target_utilization": 0.6, "independent-tps": {"prefill_target_tps_per_instance": 9000},
+                                    "static-peak": {"prefill": 10, "decode": 6},
+                                    "periodic": {"hourly_decode_tps": [100] * 24}}, problems)
+    assert problems == [] and got is not None
+    assert (got.target_utilization, got.prefill_target_tps_per_instance, got.static_counts) == (0.6, 9000.0, (10, 6))
+    assert got.hourly_decode_tps == (100.0,) * 24
+    problems = []
+    assert policies.parse_baselines({"target_utilization": 2, "independent-tps": {"prefill_target_tps_per_instance": -1,
+                                                                                  "tau": 1},
+                                     "static-peak": {"prefill": 3}, "periodic": {"hourly_decode_tps": [1]},
+                                     "prefill_tps_target": 5}, problems) is None
+    text = "\n".join(problems)
+    for frag in ("target_utilization", "prefill_target_tps_per_instance", "independent-tps.tau: unknown key",
+                 "static-peak: give both", "periodic.hourly_decode_tps", "prefill_tps_target: unknown key"):
+        assert frag in text, frag
+    assert len(problems) == 6
+
+
+def test_from_pressure_test_sets_the_independent_tps_targets():
+    got = policies.from_pressure_test({"prefill_target_tps_per_instance": 7000.0,
+                                       "target_decode_tps_per_instance": 900.0},
+                                      policies.BaselineSettings(target_utilization=0.5))
+    assert (got.prefill_target_tps_per_instance, got.decode_target_tps_per_instance,
+            got.target_utilization) == (7000.0, 900.0, 0.5)
 
 
 def test_periodic_uses_the_coordinators_schedules():

@@ -90,6 +90,40 @@ def test_curate_recommends_ratio_target_and_policy(config: Path, data_dir: Path,
         0.9 * best["decode_tps"] / best["decode"], rel=1e-3)
     assert (out / "ratio_sweep.png").stat().st_size > 0
     assert "recommended: policy" in capsys.readouterr().out
+    # The independent-tps baseline is configured from the same pressure test.
+    tau_p = 0.9 * best["prefill_uncached_tps"] / best["prefill"]
+    assert doc["pressure_test"]["prefill_target_tps_per_instance"] == pytest.approx(tau_p, rel=1e-3)
+    assert rec["baselines"]["independent-tps"]["prefill_target_tps_per_instance"] == pytest.approx(tau_p, rel=1e-3)
+    assert "prefill_target_tps_per_instance" in (out / "report.md").read_text()
+
+
+def test_independent_tps_needs_its_configured_target(config: Path, data_dir: Path, tmp_path: Path, capsys):
+    argv = ["simulate", "--trace", str(data_dir / "mooncake_sample.jsonl"), "--policies",
+            "independent-tps,static-peak", "--out", str(tmp_path / "o"), "--no-progress"]
+    assert main(argv + ["--config", str(config)]) == 2
+    assert "prefill_target_tps_per_instance" in capsys.readouterr().err
+    cfg = tmp_path / "with.yaml"
+    cfg.write_text(CONFIG + "  baselines: {independent-tps: {prefill_target_tps_per_instance: 6000},\n"
+                            "              static-peak: {prefill: 2, decode: 1}}\n")
+    assert main(argv + ["--config", str(cfg)]) == 0
+    doc = json.loads((tmp_path / "o" / "summary.json").read_text())
+    assert doc["policies"]["independent-tps"]["requests"] == 240
+    assert "oracle_sized" not in doc["policies"]["static-peak"]
+    assert doc["policies"]["static-peak"]["mean_instances"]["decode"] == pytest.approx(1.0)
+
+
+def test_simulate_diurnal_order_and_drift(config: Path, data_dir: Path, tmp_path: Path):
+    cfg = tmp_path / "drift.yaml"
+    cfg.write_text(CONFIG + "  drift: [{hour: 0, prompt_scale: 1, output_scale: 1, cache_share: 0.0},\n"
+                            "          {hour: 12, prompt_scale: 3, output_scale: 0.5, cache_share: 0.5}]\n")
+    out = tmp_path / "out"
+    rc = main(["simulate", "--config", str(cfg), "--trace", str(data_dir / "burstgpt_sample.csv"),
+               "--diurnal", "--diurnal-order", "shuffle", "--duration-h", "0.1", "--policies", "heteroscale",
+               "--out", str(out), "--no-progress"])
+    assert rc == 0
+    meta = json.loads((out / "summary.json").read_text())["meta"]
+    assert meta["diurnal_order"] == "shuffle" and meta["drift"][1]["prompt_scale"] == 3.0
+    assert 0.0 < meta["workload"]["cached_share"] < 0.02          # hour 0..0.1: share ramps from 0
 
 
 @pytest.mark.parametrize("args, message", [

@@ -128,3 +128,92 @@ def test_window_rebases():
     wl = traces.make_workload("w", [0, 10, 20, 30], [5, 5, 5, 5], [2, 2, 2, 2])
     part = wl.window(10, 30)
     assert part.arrival_s.tolist() == [0.0, 10.0]
+
+
+# ---------------------------------------------------------------- workload drift
+
+
+def _ramp_source(n: int = 2000) -> traces.Workload:
+    """A recorded hour whose prompts grow from 100 to ~2100 tokens over its span
+    (outputs shrink), i.e. a mix that drifts over the trace."""
+    t = np.linspace(0.0, 3600.0, n)
+    prompt = (100 + t / 3600.0 * 2000).astype(np.int64)
+    output = (400 - t / 3600.0 * 300).astype(np.int64)
+    return traces.make_workload("ramp", t, prompt, output, prompt // 4)
+
+
+def test_replay_as_recorded_keeps_the_traces_mix_over_time():
+    src = _ramp_source()
+    first, last = src.window(0, 600), src.window(3000, 3600)
+    assert last.prompt_tokens.mean() > 5 * first.prompt_tokens.mean()
+    assert first.output_tokens.mean() > 2 * last.output_tokens.mean()
+
+
+def test_diurnal_keep_order_stretches_the_traces_mix_over_the_day():
+    day = traces.diurnal_day(_ramp_source(), peak_rps=2.0, duration_h=24, profile=(1.0, 1.0), seed=1)
+    mix = traces.mix_share_by_hour(day)
+    # Hour h of the day carries minutes 2.5h..2.5(h+1) of the trace: prompts grow all day.
+    assert mix["prompt_mean"][0] < 250 and mix["prompt_mean"][23] > 1900
+    assert np.all(np.diff(mix["prompt_mean"]) > 0)
+    assert mix["prompt_per_output"][23] > 10 * mix["prompt_per_output"][0]
+    assert np.all(np.diff(day.arrival_s) >= 0)
+    # Cached tokens travel with their request.
+    assert np.array_equal(day.cached_tokens, day.prompt_tokens // 4)
+
+
+def test_diurnal_shuffle_keeps_the_mix_flat_all_day():
+    day = traces.diurnal_day(_ramp_source(), peak_rps=2.0, duration_h=24, profile=(1.0, 1.0), seed=1,
+                             order="shuffle")
+    mix = traces.mix_share_by_hour(day)["prompt_mean"]
+    assert mix.max() / mix.min() < 1.15                  # ~7,200 draws per hour from one distribution
+    with pytest.raises(traces.UsageError, match="order"):
+        traces.diurnal_day(_ramp_source(), peak_rps=2.0, order="sorted")
+
+
+def test_diurnal_keep_order_is_seeded():
+    a = traces.diurnal_day(_ramp_source(), peak_rps=1.0, duration_h=2, seed=4)
+    b = traces.diurnal_day(_ramp_source(), peak_rps=1.0, duration_h=2, seed=4)
+    assert np.array_equal(a.prompt_tokens, b.prompt_tokens) and np.array_equal(a.arrival_s, b.arrival_s)
+
+
+def test_drift_interpolates_by_hour_and_wraps():
+    drift = traces.Drift((traces.DriftPoint(hour=6, prompt_scale=1.0, output_scale=2.0),
+                          traces.DriftPoint(hour=18, prompt_scale=3.0, output_scale=1.0)))
+    p, o, share = drift.at(np.array([6.0, 12.0, 18.0, 0.0, 24.0 + 12.0, 3.0]))
+    assert p.tolist() == pytest.approx([1.0, 2.0, 3.0, 2.0, 2.0, 1.5])     # 0 h: midway back to 6 h
+    assert o.tolist() == pytest.approx([2.0, 1.5, 1.0, 1.5, 1.5, 1.75])
+    assert share is None
+
+
+def test_apply_drift_shifts_prompts_outputs_and_cache_share():
+    src = traces.synthetic_sizes(prompt_mean=1000, output_mean=200, spread_ratio=0.0, count=10)
+    day = traces.diurnal_day(src, peak_rps=1.0, duration_h=24, profile=(1.0, 1.0), seed=2, order="shuffle")
+    drift = traces.Drift((traces.DriftPoint(hour=0, prompt_scale=1.0, output_scale=1.0, cache_share=0.0),
+                          traces.DriftPoint(hour=12, prompt_scale=4.0, output_scale=0.25, cache_share=0.6)))
+    out = traces.apply_drift(day, drift)
+    mix = traces.mix_share_by_hour(out)
+    assert mix["prompt_mean"][0] == pytest.approx(1000 * (1 + 3 * 0.5 / 12), rel=0.02)   # hour 0-1 mean
+    assert mix["prompt_mean"][12] == pytest.approx(1000 * (4 - 3 * 0.5 / 12), rel=0.02)
+    assert mix["output_mean"][12] < 60 and mix["output_mean"][0] > 190
+    assert mix["cached_share"][12] == pytest.approx(0.6 - 0.6 * 0.5 / 12, abs=0.01)
+    assert mix["cached_share"][0] < 0.03
+    assert (out.cached_tokens < out.prompt_tokens).all()
+    # start_hour shifts the clock: starting at 12 h puts the RAG-like mix first.
+    shifted = traces.mix_share_by_hour(traces.apply_drift(day, drift, start_hour=12.0))
+    assert shifted["prompt_mean"][0] == pytest.approx(mix["prompt_mean"][12], rel=0.02)
+
+
+def test_parse_drift_reports_every_problem():
+    problems: list[str] = []
+    assert traces.parse_drift([{"hour": 25}, {"hour": 3, "prompt_scale": 0, "cache_share": 2, "x": 1},
+                               {"prompt_scale": 1}, "no"], problems) is None
+    text = "\n".join(problems)
+    for frag in ("[0].hour: must be a number in [0, 24)", "[1].prompt_scale", "[1].cache_share",
+                 "[1].x: unknown key", "[2].hour: is required", "[3]: must be a mapping"):
+        assert frag in text, frag
+    problems = []
+    assert traces.parse_drift([{"hour": 1, "cache_share": 0.2}, {"hour": 2}], problems) is None
+    assert problems == ["simulation.drift: give cache_share in every point or in none"]
+    problems = []
+    drift = traces.parse_drift([{"hour": 0}, {"hour": 9.5, "prompt_scale": 2, "output_scale": 0.5}], problems)
+    assert problems == [] and drift is not None and drift.points[1].prompt_scale == 2.0
