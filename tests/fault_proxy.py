@@ -16,6 +16,9 @@ What it injects, chosen per request by a seeded ``random.Random`` (``FaultPlan``
   client never learns that its write landed;
 * ``slow``: forwarded at once, the answer held back 0.2-3 s (longer than the client's
   write timeout, sometimes);
+* ``late``: held 0.2-3 s BEFORE it is forwarded (a request slow on the wire): a write
+  can reach the server after its client gave up on it, the residual window of
+  docs/kubernetes.md;
 * ``invalid_json`` / ``wrong_shape``: forwarded, then a 200 whose body is cut-off JSON,
   or JSON of the wrong shape (``{}``, ``[]``, a string, ``null``, a number,
   ``{"spec": "x"}``, ``{"metadata": []}``, ``{"spec": {"replicas": "3"}}``).
@@ -24,9 +27,10 @@ What it records:
 
 * ``faults``: every injected fault (time, who, method, path, kind);
 * ``writes``: every POST/PUT/PATCH/DELETE that reached the real server, with the Lease
-  as the proxy read it from the real server itself (not through the proxy) right
-  before forwarding and right after the answer (holder, renewTime), and for a PUT of a
-  ``scale`` subresource the replicas before (read from the server) and asked for.
+  as the proxy read it from the real server itself (not through the proxy) when the
+  request arrived, right before forwarding and right after the answer (holder,
+  renewTime), and for a PUT of a ``scale`` subresource the replicas before (read from
+  the server) and asked for.
 
 ``python -m tests.fault_proxy --kubeconfig K --port P`` runs one by hand (no faults
 unless ``--rate`` is given).
@@ -52,7 +56,8 @@ import aiohttp
 import yaml
 
 WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
-FAULT_KINDS = ("409", "429", "500", "503", "reset_before", "reset_after", "slow", "invalid_json", "wrong_shape")
+FAULT_KINDS = ("409", "429", "500", "503", "reset_before", "reset_after", "slow", "late", "invalid_json",
+               "wrong_shape")
 WRONG_SHAPES = (b"{}", b"[]", b'"Scale"', b"null", b"42", b'{"spec": "x"}', b'{"metadata": []}',
                 b'{"spec": {"replicas": "3"}}', b'{"kind": "Lease", "spec": {"holderIdentity": 7}}')
 _HOP_HEADERS = frozenset({"host", "connection", "content-length", "transfer-encoding", "keep-alive",
@@ -268,7 +273,8 @@ class FaultProxy:
         if kind == "reset_before":
             writer.transport.abort()
             return False
-        status, body, content_type, extra = await self._forward(who, request, t_arrive)
+        status, body, content_type, extra = await self._forward(
+            who, request, t_arrive, hold_s=self.rng.uniform(*self.plan.slow_s) if kind == "late" else 0.0)
         if kind == "reset_after":
             writer.transport.abort()
             return False
@@ -283,7 +289,8 @@ class FaultProxy:
         await self._respond(writer, status, body, content_type, extra)
         return True
 
-    async def _forward(self, who: str, request: _Request, t_arrive: float) -> tuple[int, bytes, str, dict[str, str]]:
+    async def _forward(self, who: str, request: _Request, t_arrive: float, *,
+                       hold_s: float = 0.0) -> tuple[int, bytes, str, dict[str, str]]:
         assert self._session is not None
         path = request.target.split("?")[0]
         write = request.method in WRITE_METHODS
@@ -292,7 +299,12 @@ class FaultProxy:
             lease = await self.read_lease()
             record = {"t_arrive": t_arrive, "who": who, "method": request.method, "path": path,
                       "lease_write": "/leases/" in path or path.endswith("/leases"),
-                      "holder_before": lease["holder"], "renew_before": lease["renew_time"]}
+                      "holder_at_arrival": lease["holder"], "held_s": round(hold_s, 3)}
+        if hold_s > 0:
+            await asyncio.sleep(hold_s)
+        if record is not None:
+            lease = await self.read_lease() if hold_s > 0 else lease
+            record.update(holder_before=lease["holder"], renew_before=lease["renew_time"])
             if request.method == "PUT" and path.endswith("/scale"):
                 current = await self._direct_get(path)
                 record["replicas_before"] = ((current or {}).get("spec") or {}).get("replicas")

@@ -489,10 +489,12 @@ class Rig:
                 continue
             if w["holder_before"] != w["who"]:
                 proc = self.procs[w["who"]]
-                # the residual window: the writer was frozen (SIGSTOP) while its request was
-                # already permitted, and the request went out right after SIGCONT
+                # the residual window: the request left while its writer held the Lease and
+                # was held on the wire (the proxy's ``late``) until after that ended; or the
+                # writer was frozen (SIGSTOP) between its last check and the socket write
                 resumed = [t for t in proc.resumes if 0 <= w["t_arrive"] - t <= WRITE_TIMEOUT_S]
-                (residual if resumed else non_holder).append(w)
+                on_wire = w.get("holder_at_arrival") == w["who"] and w.get("held_s", 0) > 0
+                (residual if (resumed or on_wire) else non_holder).append(w)
             if "replicas_asked" in w and 200 <= w["status"] < 300:
                 role = "decode" if "/chat-decode/" in w["path"] else "prefill"
                 low, high = bounds[role]

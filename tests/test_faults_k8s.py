@@ -165,3 +165,18 @@ async def test_slow_answer_and_clean_pass_through(proxied):
     await asyncio.sleep(0.1)
     assert [m for m, p in api.hits if p == SCALE].count("PUT") == 2   # the slow write landed anyway
     assert len(proxy.writes) == 2 and proxy.summary()["fault_kinds"] == {"slow": 1}
+
+
+async def test_late_write_lands_after_its_client_gave_up(proxied):
+    """The residual window, on the wire: a request held before it reaches the server
+    times out at the client (write timeout 1 s) and still lands afterwards."""
+    api, proxy, kube = proxied
+    proxy.set_plan(FaultPlan(rate=1.0, kinds=("late",), seed=3, slow_s=(1.5, 1.5)))
+    with pytest.raises(ApiError) as info:
+        await _put_scale(kube)
+    assert info.value.status == 0
+    assert ("PUT", SCALE) not in api.hits                            # not yet: the client gave up first
+    await asyncio.sleep(1.0)
+    assert ("PUT", SCALE) in api.hits
+    (write,) = proxy.writes
+    assert write["held_s"] == 1.5 and write["t_forward"] - write["t_arrive"] >= 1.5
