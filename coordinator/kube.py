@@ -180,7 +180,9 @@ class ApiClientTransport:
     """The real transport: the official client's ``ApiClient`` in a worker thread.
 
     Every call carries a total timeout (connect + read, urllib3): ``timeout_s`` for reads,
-    ``write_timeout_s`` for writes. Writes get the shorter one because a write that is
+    ``write_timeout_s`` for writes, counted from the call: time spent waiting for a free
+    worker thread counts, and a call whose time ran out before a worker took it is not
+    sent at all (``ApiError`` status 0). Writes get the shorter one because a write that is
     still in flight when the lease is lost must land before a rival can take over: keep
     ``write_timeout_s`` below the lease's ``duration_s - renew_deadline_s`` (5 s with the
     defaults). urllib3's own retries are off so that ``Kube``'s policy is the only loop.
@@ -229,14 +231,22 @@ class ApiClientTransport:
         timeout = self.timeout_s if method == "GET" else self.write_timeout_s
         if timeout_s is not None:
             timeout = min(timeout, timeout_s)
-        return await asyncio.to_thread(self._request_sync, method, path, query, body, content_type, timeout)
+        # The call's time runs from here, not from when a worker thread is free: a write
+        # the fence granted 0.5 s must not go out 3 s later because the pool was busy.
+        deadline = time.monotonic() + timeout
+        return await asyncio.to_thread(self._request_sync, method, path, query, body, content_type, deadline)
 
     def _request_sync(self, method: str, path: str, query: Mapping[str, str] | None,
-                      body: Any, content_type: str, timeout: float) -> JSON:
+                      body: Any, content_type: str, deadline: float) -> JSON:
         import urllib3
         from kubernetes.client.exceptions import ApiException
 
         what = f"{method} {path}"
+        timeout = deadline - time.monotonic()
+        if timeout <= 0:
+            # status 0 (no answer): retried, and a retried write asks the fence again
+            raise ApiError(f"{what}: not sent: its {'write ' if method != 'GET' else ''}time ran out "
+                           f"before a worker thread was free", status=0)
         headers = {"Accept": "application/json", "Content-Type": content_type}
         try:
             method_, url, headers_, body_, _ = self._client.param_serialize(

@@ -384,3 +384,40 @@ def test_in_cluster_outside_a_pod_is_a_usage_error(monkeypatch):
     with pytest.raises(UsageError) as info:
         kube_from_config(in_cluster=True)
     assert "in-cluster" in str(info.value)
+
+
+async def test_a_write_that_waited_past_its_deadline_is_not_sent(unused_port):
+    """The write's time (the fence's grant) runs from the call, not from when a worker
+    thread gets to it: a write queued behind busy workers past its deadline is refused
+    unsent (status 0, retried through the fence), never sent late."""
+    import concurrent.futures
+    import time as time_
+
+    hits: list[str] = []
+
+    async def ok(request: web.Request) -> web.Response:
+        hits.append(request.method)
+        return web.json_response({"kind": "Namespace"})
+
+    app = web.Application()
+    app.router.add_route("*", "/api/v1/namespaces/ok", ok)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", unused_port).start()
+    loop = asyncio.get_running_loop()
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+    loop.set_default_executor(pool)
+    transport = _transport(f"http://127.0.0.1:{unused_port}", write_timeout_s=5)
+    try:
+        busy = loop.run_in_executor(None, time_.sleep, 0.6)      # the only worker is busy
+        with pytest.raises(ApiError) as info:
+            await transport.request("PUT", "/api/v1/namespaces/ok", body={"x": 1}, timeout_s=0.2)
+        assert info.value.status == 0 and "not sent" in str(info.value)
+        await busy
+        assert hits == []
+        # with time to spare the same write goes out
+        await transport.request("PUT", "/api/v1/namespaces/ok", body={"x": 1}, timeout_s=2)
+        assert hits == ["PUT"]
+    finally:
+        await transport.close()
+        await runner.cleanup()
