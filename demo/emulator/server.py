@@ -30,8 +30,14 @@ real TCP connection to the decode instance's KV port (scaled down and capped so
 loopback is not flooded, but real bytes that KV-transfer measurement can see) and
 answers with ``kv_transfer_params={"do_remote_prefill": true, "transfer_id"}``; the
 router then sends the request to the decode instance, which waits for those bytes
-and joins its continuous batch. Both sides count the bytes in the NIXL connector
-histograms (``vllm:nixl_bytes_transferred``, ``vllm:nixl_xfer_time_seconds``).
+and joins its continuous batch. The decode side paces each push to the modelled
+link: the modelled KV bytes at ``kv_bandwidth_gbps``, slowed by any degraded link
+between the two instances' switches (``--kv-location``, ``--degrade-link``; see
+``links``). Both sides count the transfer in the NIXL connector histograms
+(``vllm:nixl_bytes_transferred``: the modelled KV bytes × ``kv_bytes_scale``, the
+bytes on loopback before the 1 MiB cap; ``vllm:nixl_xfer_time_seconds``: the modelled
+link time, not this host's loopback and event-loop delays), so the per-transfer speed
+a sidecar reads is the modelled link's, × ``kv_bytes_scale``.
 
 Scheduling: one prefill task per instance runs batched passes; one decode task
 steps the continuous batch. Neither busy-loops: each sleeps the modelled time of
@@ -114,10 +120,11 @@ class KvInbox:
                 remaining -= len(chunk)
             # The modelled link paces the transfer: the KV is here only once the modelled
             # bytes would have crossed it (slower across a degraded link).
-            wait_s = started + self.link_time_s(modelled, sender_at) - self.clock()
+            link_s = self.link_time_s(modelled, sender_at)
+            wait_s = started + link_s - self.clock()
             if wait_s > 0:
                 await asyncio.sleep(wait_s)
-            writer.write(b"OK\n")
+            writer.write(f"OK {link_s!r}\n".encode())
             await writer.drain()
         except (ValueError, KeyError, TypeError, ConnectionError, asyncio.TimeoutError, OSError) as exc:
             log.warning("KV receive failed: %s", exc)
@@ -126,8 +133,10 @@ class KvInbox:
         finally:
             writer.close()
         m = self.metrics
-        m.nixl_bytes.observe(size)
-        m.nixl_xfer_time.observe(self.clock() - started)
+        # What NIXL would time is the modelled link, not this host's loopback and event loops
+        # (as the lanes' model clocks, see ``model``); without a modelled size, the wall time.
+        m.nixl_bytes.observe(int(header.get("counted_bytes", size)))
+        m.nixl_xfer_time.observe(link_s if modelled > 0 else self.clock() - started)
         m.nixl_post_time.observe(0.0)
         m.nixl_descriptors.observe(max(1, tokens // 16))
         self._deliver(transfer_id, tokens)
@@ -160,13 +169,17 @@ class KvInbox:
 
 
 async def push_kv(*, host: str, port: int, transfer_id: str, tokens: int, size_bytes: int,
-                  modelled_bytes: int = 0, sender: Location | None = None, timeout_s: float = 10.0) -> None:
+                  modelled_bytes: int = 0, counted_bytes: int | None = None, sender: Location | None = None,
+                  timeout_s: float = 10.0) -> float | None:
     """Prefill side: send ``size_bytes`` real bytes to a decode instance's KV inbox; the
     inbox answers once the ``modelled_bytes`` would have crossed the modelled link from
-    the ``sender``'s switch."""
+    the ``sender``'s switch. Returns the inbox's modelled link time (wall seconds), or
+    ``None`` from an inbox that does not say. ``counted_bytes``: what both ends count in
+    their NIXL histograms (default ``size_bytes``)."""
     reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout_s)
     try:
         header = json.dumps({"transfer_id": transfer_id, "tokens": tokens, "bytes": size_bytes,
+                             "counted_bytes": size_bytes if counted_bytes is None else counted_bytes,
                              "modelled_bytes": modelled_bytes, "from": list(sender) if sender else None})
         writer.write(header.encode() + b"\n")
         block = b"\0" * min(size_bytes, 1 << 16)
@@ -176,9 +189,13 @@ async def push_kv(*, host: str, port: int, transfer_id: str, tokens: int, size_b
             writer.write(part)
             sent += len(part)
             await asyncio.wait_for(writer.drain(), timeout_s)
-        reply = await asyncio.wait_for(reader.readline(), timeout_s)
-        if reply.strip() != b"OK":
-            raise ConnectionError(f"KV inbox answered {reply!r}")
+        reply = (await asyncio.wait_for(reader.readline(), timeout_s)).split()
+        if not reply or reply[0] != b"OK":
+            raise ConnectionError(f"KV inbox answered {b' '.join(reply)!r}")
+        try:
+            return float(reply[1]) if len(reply) > 1 else None
+        except ValueError:
+            return None
     finally:
         writer.close()
 
@@ -336,19 +353,20 @@ class EmulatorServer:
         await req.prefill_done.wait()
         transfer_id = f"{req.id}-{next(self._ids)}"
         modelled, size = self.engine.kv_bytes_for(req.prompt_tokens)
+        counted = max(1, int(modelled * self.settings.kv_bytes_scale))
         started = self.clock()
         try:
             # the decode side paces the push to the modelled link (KvInbox)
-            await push_kv(host=host, port=port, transfer_id=transfer_id, tokens=req.prompt_tokens,
-                          size_bytes=size, modelled_bytes=modelled, sender=self.settings.kv_location,
-                          timeout_s=self.settings.kv_wait_timeout_s)
+            link_s = await push_kv(host=host, port=port, transfer_id=transfer_id, tokens=req.prompt_tokens,
+                                   size_bytes=size, modelled_bytes=modelled, counted_bytes=counted,
+                                   sender=self.settings.kv_location, timeout_s=self.settings.kv_wait_timeout_s)
         except (OSError, ConnectionError, asyncio.TimeoutError) as exc:
             self.metrics.nixl_failed.inc()
             self.engine.fail(req)
             return _error(503, f"KV transfer to {host}:{port} failed: {exc}", "ServiceUnavailableError")
         m = self.metrics
-        m.nixl_bytes.observe(size)
-        m.nixl_xfer_time.observe(self.clock() - started)
+        m.nixl_bytes.observe(counted)
+        m.nixl_xfer_time.observe(link_s if link_s is not None else self.clock() - started)
         m.nixl_post_time.observe(0.0)
         m.nixl_descriptors.observe(max(1, req.prompt_tokens // 16))
         # The prefill instance emits the first token itself, as vLLM's does with max_tokens=1.
