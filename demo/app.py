@@ -65,6 +65,7 @@ from heteroscale.coordinator.snapshot import ServiceSnapshot
 from heteroscale.coordinator.status import make_status_app
 from heteroscale.coordinator.core.placement import RoleDemand, ServiceDemand, plan
 from heteroscale.coordinator.core.types import Decision, PoolCounts
+from heteroscale.demo.emulator.links import DegradedLink, parse_degraded_link, unknown_switches
 from heteroscale.demo.plot import plot_timeline
 from heteroscale.demo.loadgen import (MAX_GROWTH_PER_S, MAX_OUTPUT_TOKENS, DayClock, LoadGenerator, RequestSize,
                                      default_trace_path, read_sizes)
@@ -118,9 +119,15 @@ class DemoSettings:
     tbt_slo_s: float = 0.05
     log_dir: Path | None = None
     quiet: bool = False
+    degrade_links: tuple[str, ...] = ()   # --degrade-link values (demo.emulator.links syntax)
 
     def problems(self) -> list[str]:
         out = []
+        for text in self.degrade_links:
+            try:
+                parse_degraded_link(text)
+            except ValueError as exc:
+                out.append(f"--degrade-link: {exc}")
         if not (self.duration_s >= 10 and math.isfinite(self.duration_s)):
             out.append(f"--duration must be at least 10 seconds, got {self.duration_s:g}")
         if not (0.05 <= self.speedup <= 20):
@@ -365,6 +372,8 @@ class Demo:
         self.reconciler: Reconciler | None = None
         self.world: World | None = None
         self.url = ""
+        self._flagged: tuple[tuple[str, str], ...] = ()
+        self._placements_seen = 0
 
     def say(self, text: str) -> None:
         if not self.settings.quiet:
@@ -385,7 +394,8 @@ class Demo:
         router: Router | None = None
         actuator = LocalActuator(cluster=cluster, settings=LocalSettings(
             model=s.model, speedup=s.speedup, startup_delay_s=s.startup_delay_s, log_dir=s.log_dir,
-            emulator_args=("--latency-buckets", "fine")),
+            emulator_args=("--latency-buckets", "fine",
+                           *(arg for link in degraded_links(s) for arg in ("--degrade-link", link.text)))),
             in_flight=lambda name: router.in_flight.get(name, 0) if router else 0)
         self.actuator = actuator
         router = Router(RouterSource(actuator), model=s.model, time_scale=s.speedup)
@@ -466,6 +476,9 @@ class Demo:
                  f"{100 * MAX_GROWTH_PER_S:.1f}%/s" + (f" (speed-up {s.speedup:g}: {world.peak_rps_wall:.1f} req/s and "
                                            f"{svc.target_decode_tps_per_instance:.0f} tok/s per wall second; "
                                            f"latencies in modelled seconds)" if s.speedup != 1 else ""))
+        if s.degrade_links:
+            self.say("degraded KV links: " + ", ".join(
+                f"{'<->'.join(link.ends)} {link.factor:g}x slower" for link in degraded_links(s)))
         self.say(f"status page: {self.url}demo  (coordinator page alone: {self.url})")
 
     async def _bring_up(self, actuator: LocalActuator, svc, stop: asyncio.Event) -> None:  # noqa: ANN001
@@ -507,11 +520,32 @@ class Demo:
                     seen.add(key)
                     self._decision(decision)
             self._sample(reconciler, actuator, loadgen, dt=now - last)
+            self._kv_news(reconciler, actuator)
             last = now
             if loadgen.sending_done and loadgen.in_flight and (drain_said_at is None
                                                                or now - drain_said_at >= DRAIN_NOTE_S):
                 self._drain_note(loadgen, first=drain_said_at is None)
                 drain_said_at = now
+
+    def _kv_news(self, reconciler: Reconciler, actuator: LocalActuator) -> None:
+        """Say when the KV bandwidth map flags a different set of pairs, and when placement
+        acted on measured bandwidth (a slow domain avoided or released first)."""
+        bw = _service_snapshot(reconciler).bandwidth
+        flagged = tuple(sorted((p.prefill, p.decode) for p in bw.flagged)) if bw is not None else ()
+        if flagged != self._flagged:
+            self._flagged = flagged
+            if flagged:
+                worst = min(bw.flagged, key=lambda p: p.bytes_per_second or 0.0)
+                self.say(f"[{self.elapsed():6.1f}s] KV bandwidth: {len(flagged)} pair(s) flagged, e.g. "
+                         f"{worst.prefill}->{worst.decode}: {worst.reason}")
+            else:
+                self.say(f"[{self.elapsed():6.1f}s] KV bandwidth: no pair flagged")
+        for entry in actuator.placements[self._placements_seen:]:
+            whys = dict.fromkeys(x["why"] for x in entry["allocations"] + entry["releases"])
+            for why in whys:
+                if "measured KV bandwidth" in why:
+                    self.say(f"[{self.elapsed():6.1f}s] placement: {why}")
+        self._placements_seen = len(actuator.placements)
 
     def _drain_note(self, loadgen: LoadGenerator, *, first: bool) -> None:
         left = loadgen.in_flight
@@ -597,8 +631,17 @@ class Demo:
                                           "decode": self.settings.decode_gpus_per_instance}},
                 "kv_transfer": _service_snapshot(self.reconciler).kv_transfer if self.reconciler else None,
                 "kv_bytes_scale": KV_BYTES_SCALE,
+                "degraded_links": list(self.settings.degrade_links),
+                "placements": self._placements(),
                 "samples": [asdict(x) for x in self.tally.samples[-600:]],
                 "instances": [i.to_dict() for i in instances]}
+
+    def _placements(self) -> list[dict[str, Any]]:
+        """The local actuator's placement cycles, ``at`` in seconds since the demo started."""
+        if self.actuator is None:
+            return []
+        offset = time.time() - self.elapsed()
+        return [{**p, "at": round(p["at"] - offset, 2)} for p in self.actuator.placements]
 
     def _report(self, world: World, loadgen: LoadGenerator, actuator: LocalActuator, *,
                 interrupted: bool) -> dict[str, Any]:
@@ -637,6 +680,8 @@ class Demo:
             "interrupted": interrupted,
             "processes_started": len(actuator.all_pids()),
             "child_pids": actuator.all_pids(),
+            "degraded_links": list(self.settings.degrade_links),
+            "placements": self._placements(),
             "timeline": [asdict(x) for x in samples],
         }
 
@@ -694,6 +739,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--log-dir", type=Path, default=None,
                         help="keep each child process's log in this directory (created if missing)")
+    parser.add_argument("--degrade-link", action="append", default=[], dest="degrade_links",
+                        metavar="SWITCH[,SWITCH][:FACTOR]",
+                        help="slow one link of the simulated cluster: KV transfers with an end under SWITCH "
+                             "(an S2 or S1 name), or between the two switches, take FACTOR (default 4) times "
+                             "their modelled time; repeatable")
     parser.add_argument("--quiet", action="store_true", help="print nothing but errors")
 
 
@@ -702,11 +752,29 @@ def settings_from_args(args: argparse.Namespace) -> DemoSettings:
                             listen=args.listen or DemoSettings.listen, listen_fallback=args.listen is None,
                             trace=args.trace, topology=args.topology, report=args.report,
                             max_instances=args.max_instances, seed=args.seed,
-                            startup_delay_s=args.startup_delay_s, log_dir=args.log_dir, quiet=args.quiet)
+                            startup_delay_s=args.startup_delay_s, log_dir=args.log_dir, quiet=args.quiet,
+                            degrade_links=tuple(getattr(args, "degrade_links", None) or ()))
     problems = settings.problems()
+    if not problems and settings.degrade_links:
+        problems = degrade_problems(settings)
     if problems:
         raise ConfigError(problems, source="demo flags")
     return settings
+
+
+def degraded_links(settings: DemoSettings) -> tuple[DegradedLink, ...]:
+    return tuple(parse_degraded_link(text) for text in settings.degrade_links)
+
+
+def degrade_problems(settings: DemoSettings) -> list[str]:
+    """``--degrade-link`` names switches the simulated cluster does not have."""
+    cluster = SimulatedCluster.from_file(settings.topology or DEFAULT_TOPOLOGY)
+    known = sorted(set(cluster.switches_of_nodes().values()))
+    missing = unknown_switches(degraded_links(settings), known)
+    if not missing:
+        return []
+    names = sorted({name for loc in known for name in loc})
+    return [f"--degrade-link: no switch named {', '.join(missing)} in the topology (it has {', '.join(names)})"]
 
 
 def run(args: argparse.Namespace) -> int:

@@ -405,3 +405,69 @@ def test_lane_model_clock_makes_up_late_wake_ups_within_bounds():
     # never in the future, nothing to make up on a fresh lane
     assert lane_start(now_s=5.0, free_at_s=6.0, ready_at_s=6.0, catch_up_s=0.5) == 5.0
     assert lane_start(now_s=5.0, free_at_s=None, ready_at_s=5.0, catch_up_s=0.5) == 5.0
+
+
+# ---------------------------------------------------------------- the KV link model
+
+def test_degraded_links_parse_match_and_multiply():
+    from heteroscale.demo.emulator.links import parse_degraded_link, parse_location, slowdown, unknown_switches
+    one = parse_degraded_link("pod-b")
+    assert one.ends == ("pod-b",) and one.factor == 4.0
+    pair = parse_degraded_link(" a-l20 , b-h20 :2.5")
+    assert pair.ends == ("a-l20", "b-h20") and pair.factor == 2.5
+    a, b, b2 = ("pod-a", "a-l20"), ("pod-b", "b-h20"), ("pod-b", "b-l20")
+    assert slowdown([one], a, b) == 4.0 and slowdown([one], a, ("pod-a", "a-h20")) == 1.0
+    assert slowdown([pair], a, b) == slowdown([pair], b, a) == 2.5 and slowdown([pair], b2, b) == 1.0
+    assert slowdown([one, pair], a, b) == 10.0                      # two slow links on the path
+    assert slowdown([one], None, b) == 1.0                          # an instance without a location
+    assert parse_location("pod-a/a-l20") == a
+    assert unknown_switches([one, pair], [a, b]) == []
+    assert unknown_switches([parse_degraded_link("pod-z,a-l20")], [a]) == ["pod-z"]
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("", "empty"), ("pod-b:1", "above 1"), ("pod-b:x", "must be a number"), ("a,b,c", "SWITCH,SWITCH"),
+    ("a,a", "two different switches"), (":3", "SWITCH"), ("pod-b:inf", "above 1"),
+])
+def test_bad_degraded_links_say_why(text, needle):
+    from heteroscale.demo.emulator.links import parse_degraded_link
+    with pytest.raises(ValueError, match=needle):
+        parse_degraded_link(text)
+
+
+async def test_a_degraded_link_slows_the_transfers_crossing_it_at_both_ends():
+    """The decode side paces each push to the modelled link; across the degraded link the
+    NIXL histograms of both ends record FACTOR times the modelled time for the same bytes."""
+    from heteroscale.demo.emulator.links import parse_degraded_link
+    slow = (parse_degraded_link("a-l20,b-h20:4"),)
+    async with Running(settings("decode", kv_location=("pod-b", "b-h20"), degraded_links=slow)) as dec, \
+            Running(settings("prefill", gpu="L20", kv_location=("pod-a", "a-l20"), degraded_links=slow)) as far, \
+            Running(settings("prefill", gpu="L20", kv_location=("pod-b", "b-l20"), degraded_links=slow)) as near:
+        for pre in (far, near):
+            async with pre.session.post(pre.url("/v1/completions"), json={
+                    "prompt": [7] * 300, "max_tokens": 1,
+                    "kv_transfer_params": {"do_remote_decode": True, "remote_host": "127.0.0.1",
+                                           "remote_port": dec.emulator.kv_port}}) as resp:
+                assert resp.status == 200, await resp.text()
+        fams = {name: (await emu.metrics())[0] for name, emu in (("dec", dec), ("far", far), ("near", near))}
+    modelled_s = 300 * perfmodel.kv_bytes_per_token(perfmodel.model("8b")) * 8 / 200e9   # 1.57 ms at 200 Gbit/s
+
+    def xfer(name: str) -> float:
+        return sample(fams[name], "vllm:nixl_xfer_time_seconds", "vllm:nixl_xfer_time_seconds_sum")
+
+    assert xfer("near") == pytest.approx(modelled_s)
+    assert xfer("far") == pytest.approx(4 * modelled_s)
+    assert xfer("dec") == pytest.approx(5 * modelled_s)             # the decode end saw both
+    for name in fams:
+        assert sample(fams[name], "vllm:nixl_bytes_transferred", "vllm:nixl_bytes_transferred_count") == \
+            (2 if name == "dec" else 1)
+
+
+def test_bad_kv_link_flags_are_one_line_each_exit_2():
+    proc = subprocess.run([sys.executable, "-m", "heteroscale", "emulate-engine", "--role", "decode", "--gpu", "H20",
+                           "--model", "8b", "--port", "1", "--kv-location", "pod-a", "--degrade-link", "x:0"],
+                          cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()                 # one line per problem, both at once
+    assert len(lines) == 2 and "--kv-location" in lines[0] and "--degrade-link" in lines[1]
+    assert "Traceback" not in proc.stderr

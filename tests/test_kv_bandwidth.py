@@ -166,3 +166,60 @@ def test_best_recent_rate_is_preferred_over_the_latest_probe():
     svc = build_bandwidth_map(reports, switches=SWITCHES, now_s=NOW).service("chat")
     assert {p.decode: p.bytes_per_second for p in svc.pairs} == {"d0": 25 * MB, "d1": 24 * MB}
     assert svc.flagged == ()
+
+
+# ---------------------------------------------------------------- engine connector pairs
+
+def engine_report(pod: str, role: str, node: str, speed: float | None, *, observed_at: float = NOW,
+                  peers=None) -> SidecarReport:
+    engine = {"connector": "vllm_nixl", "bytes_per_second": 1e5}
+    if speed is not None:
+        engine["transfer_speed_bytes_per_second"] = speed
+    kv = {"bytes_per_second": 1e5, "direction": "send" if role == "prefill" else "receive", "source": "engine",
+          "sources": {"engine": engine}}
+    if peers is not None:
+        kv["probe"] = {"peers": peers}
+    return SidecarReport(service="chat", role=role, pod=pod, engine="vllm", engine_up=True, stale=False,
+                         observed_at=observed_at, window_s=5.0, kv_transfer=kv, node=node)
+
+
+def test_engine_connector_speeds_make_the_pairs_of_each_deployment_group():
+    """vLLM's NIXL metrics carry no peer: each DG's (prefill, decode) pairs are estimated from
+    the two ends' per-transfer speeds (the lower one); a slow DG's pairs are flagged."""
+    from heteroscale.coordinator.core.bandwidth import ENGINE_CONNECTOR, placement_hints
+    reports = [engine_report("p0", "prefill", "n1", 24 * MB), engine_report("p1", "prefill", "n1", 25 * MB),
+               engine_report("d0", "decode", "n3", 24.5 * MB),
+               engine_report("p2", "prefill", "n4", 6.1 * MB), engine_report("d1", "decode", "n4", 6 * MB),
+               engine_report("p9", "prefill", "n4", 30 * MB)]                 # in no DG: not paired
+    groups = {"p0": "g0", "p1": "g0", "d0": "g0", "p2": "g1", "d1": "g1"}
+    svc = build_bandwidth_map(reports, switches=SWITCHES, groups=groups, now_s=NOW).service("chat")
+    pairs = {(p.prefill, p.decode): p for p in svc.pairs}
+    assert set(pairs) == {("p0", "d0"), ("p1", "d0"), ("p2", "d1")}          # never across DGs
+    assert all(p.source == ENGINE_CONNECTOR and p.to_dict()["source"] == ENGINE_CONNECTOR for p in svc.pairs)
+    assert pairs[("p0", "d0")].bytes_per_second == 24 * MB                    # the lower end
+    assert pairs[("p1", "d0")].bytes_per_second == 24.5 * MB
+    assert pairs[("p0", "d0")].locality == CROSS_SWITCH and pairs[("p2", "d1")].locality == SAME_SWITCH
+    assert [(p.prefill, p.decode) for p in svc.flagged] == [("p2", "d1")]
+    assert "25% of the median of 2 other pair(s)" in pairs[("p2", "d1")].reason
+    assert {g.group: g.median_bytes_per_second for g in svc.groups} == {"g0": 24.25 * MB, "g1": 6 * MB}
+    hints = placement_hints(svc, group_domains={"g0": ("s2", "s2-a"), "g1": ("s2", "s2-b")}, affinity_level="s2")
+    assert list(hints.slow_domains) == [("s2", "s2-b")]
+    assert hints.worst_pods == ("d1", "p2")
+
+
+def test_engine_pairs_need_groups_a_measured_end_and_fresh_reports_and_yield_to_probes():
+    reports = [engine_report("p0", "prefill", "n1", None, peers=[peer("d0", 40 * MB)]),
+               engine_report("d0", "decode", "n2", 20 * MB),
+               engine_report("p1", "prefill", "n1", None), engine_report("d1", "decode", "n2", None),
+               engine_report("p2", "prefill", "n1", 9 * MB, observed_at=NOW - 3600),
+               engine_report("d2", "decode", "n2", 9 * MB)]
+    groups = {"p0": "g0", "d0": "g0", "p1": "g1", "d1": "g1", "p2": "g2", "d2": "g2"}
+    svc = build_bandwidth_map(reports, switches=SWITCHES, groups=groups, now_s=NOW).service("chat")
+    # p0->d0 is probed (40 MB/s): the probe wins over the engine estimate (20 MB/s); g1 has no
+    # measured end; g2's prefill report is an hour old: left out and counted.
+    assert [(p.prefill, p.decode, p.source, p.bytes_per_second) for p in svc.pairs] == \
+        [("p0", "d0", "probe", 40 * MB)]
+    assert svc.stale == 1
+    # Without Deployment Groups nobody knows who sends to whom: no engine pairs at all.
+    blind = build_bandwidth_map(reports[1:], switches=SWITCHES, now_s=NOW)
+    assert blind.services == ()

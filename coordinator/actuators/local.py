@@ -70,6 +70,7 @@ log = logging.getLogger("heteroscale.local")
 ROLES = ("prefill", "decode")
 DEFAULT_TOPOLOGY = Path(__file__).resolve().parents[2] / "demo" / "topology.yaml"
 STATES = ("starting", "ready", "draining", "stopped", "failed")
+PLACEMENTS_KEPT = 100
 
 
 # ---------------------------------------------------------------- simulated topology
@@ -111,6 +112,10 @@ class SimulatedCluster:
 
     def view(self, used_gpus: Mapping[str, int]) -> ClusterView:
         return build_view(self.nodes, keys=self.keys, reserved=dict(used_gpus))
+
+    def switches_of_nodes(self) -> dict[str, tuple[str, str]]:
+        """node name -> (S2, S1) switch."""
+        return {n.name: (n.s2, n.s1) for n in self.view({}).nodes}
 
 
 def compact_nodes(switches: Any) -> list[dict[str, Any]]:
@@ -276,6 +281,7 @@ class LocalActuator:
         self._lock = asyncio.Lock()
         self._bandwidth: dict[str, ServiceBandwidth | None] = {}
         self._tier_cache: dict[tuple[str, ...], str] | None = None
+        self.placements: list[dict[str, Any]] = []     # the latest placement cycles, oldest first
 
     # ---------------------------------------------------------- Actuator seam
 
@@ -307,8 +313,20 @@ class LocalActuator:
                 self._release(service.name, release.dg, release.role, release.count)
         placed = result.placed(service.name)
         shortfall = result.shortfall.get(service.name, PoolCounts(0, 0))
-        note = "; ".join(result.reasons.get(service.name, ()))
+        whys = list(dict.fromkeys([a.why for a in result.allocations] + [r.why for r in result.releases]))
+        self._remember_placement(service.name, decision, result)
+        note = "; ".join([*whys, *result.reasons.get(service.name, ())])
         return ApplyResult(applied=placed, note=note, shortfall=shortfall)
+
+    def _remember_placement(self, service: str, decision: Decision, result: Any) -> None:
+        """Keep what placement did and why (``placements``: the demo shows and reports them)."""
+        self.placements.append({
+            "at": self.clock(), "service": service, "reason": decision.reason,
+            "from": decision.current.as_dict(), "to": decision.desired.as_dict(),
+            "allocations": [a.to_dict() for a in result.allocations],
+            "releases": [r.to_dict() for r in result.releases],
+            "notes": list(result.reasons.get(service, ()))})
+        del self.placements[:-PLACEMENTS_KEPT]
 
     async def close(self) -> None:
         """Stop every child process (all exit paths lead here)."""
@@ -345,6 +363,18 @@ class LocalActuator:
     def routable(self, service: str | None = None) -> list[Instance]:
         return [i for i in self.instances.values()
                 if i.in_traffic and i.state == "ready" and (service is None or i.service == service)]
+
+    # ---------------------------------------------------------- TopologySource seam
+
+    @property
+    def switches(self) -> dict[str, tuple[str, str]]:
+        """node name -> (S2, S1) of the simulated cluster (for the KV bandwidth map)."""
+        return self.cluster.switches_of_nodes()
+
+    @property
+    def pod_groups(self) -> dict[str, str]:
+        """instance name -> Deployment Group, for every instance holding GPUs."""
+        return {i.name: i.group for i in self.instances.values() if i.holds_gpus}
 
     def all_pids(self) -> list[int]:
         return [pid for inst in self.history for pid in inst.pids()]
@@ -469,7 +499,7 @@ class LocalActuator:
         emulator = [s.python, "-m", "heteroscale", "emulate-engine", "--role", role, "--gpu", emulator_gpu(gpu_type),
                     "--model", s.model, "--tp", str(tp), "--port", str(engine_port), "--kv-port", str(kv_port),
                     "--host", s.host, "--speedup", repr(s.speedup), "--startup-delay", repr(s.startup_delay_s),
-                    *s.emulator_args]
+                    "--kv-location", f"{s2}/{s1}", *s.emulator_args]
         sidecar = [s.python, "-m", "heteroscale", "sidecar", "--engine", "vllm", "--engine-url", inst.engine_url,
                    "--role", role, "--service", svc.name, "--listen", f"{s.host}:{sidecar_port}",
                    "--interval", repr(s.sidecar_interval_s), "--window", repr(s.sidecar_window_s),

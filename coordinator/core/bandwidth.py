@@ -17,6 +17,20 @@ service:
   the *other* pairs of the same service (leave-one-out, so one slow pair cannot
   drag its own reference down), given at least ``min_peers`` other pairs.
 
+Pairs come from two sources (``PairBandwidth.source``):
+
+* ``probe``: a prefill sidecar's active probe of one decode peer - a direct
+  measurement of that pair;
+* ``engine_connector``: the engines' own KV-connector metrics (vLLM's NIXL
+  histograms, SGLang's transfer metrics...), which carry no peer label: each sidecar
+  reports its instance's per-transfer speed (bytes moved / time spent moving them,
+  ``kv_transfer.sources.engine.transfer_speed_bytes_per_second``). The router pairs
+  prefill and decode inside a Deployment Group, so every (prefill, decode) of one DG
+  is a pair, estimated as the lower of the two ends' speeds (a slow link slows
+  every transfer through it, seen at both ends). Without Deployment Groups the map
+  cannot tell who sends to whom and makes no engine pairs. A probed pair wins over
+  the engine estimate of the same pair.
+
 Nothing here reads a clock or the network: ``now_s`` (unix seconds, the same
 base as ``measured_at`` in the reports) is an argument, and outcomes older than
 ``max_age_s`` are left out and counted, never shown as current. A malformed
@@ -33,6 +47,8 @@ from heteroscale.errors import ConfigError
 from heteroscale.report import SidecarReport
 
 SAME_SWITCH = "same_switch"
+PROBE = "probe"
+ENGINE_CONNECTOR = "engine_connector"
 CROSS_SWITCH = "cross_switch"
 UNKNOWN = "unknown"
 
@@ -80,9 +96,11 @@ class PairBandwidth:
     reference_bytes_per_second: float | None = None
     flagged: bool = False
     reason: str | None = None
+    source: str = PROBE                  # probe | engine_connector (see the module docstring)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"prefill": self.prefill, "decode": self.decode, "bytes_per_second": self.bytes_per_second,
+        return {"prefill": self.prefill, "decode": self.decode, "source": self.source,
+                "bytes_per_second": self.bytes_per_second,
                 "rtt_s": self.rtt_s, "age_s": self.age_s, "locality": self.locality,
                 "shared_domain": self.shared_domain, "group": self.group, "error": self.error,
                 "reference_bytes_per_second": self.reference_bytes_per_second,
@@ -187,6 +205,12 @@ def build_bandwidth_map(reports: Iterable[SidecarReport], *, switches: Mapping[s
                 stale[report.service] = stale.get(report.service, 0) + 1
             else:
                 pairs.append(pair)
+    for pair in _engine_pairs(reports, switches=switches, groups=groups, now_s=now_s):
+        pairs = by_service.setdefault(pair.service, [])
+        if pair.age_s > settings.max_age_s:
+            stale[pair.service] = stale.get(pair.service, 0) + 1
+        elif not any(p.prefill == pair.prefill and p.decode == pair.decode for p in pairs):
+            pairs.append(pair)
     services = tuple(_service(name, pairs, settings, stale=stale.get(name, 0), malformed=malformed.get(name, 0))
                      for name, pairs in sorted(by_service.items()))
     return BandwidthMap(services=services, generated_at=now_s, settings=settings)
@@ -198,6 +222,45 @@ def _peers(report: SidecarReport) -> list[Any] | None:
         return None
     peers = probe.get("peers")
     return list(peers) if isinstance(peers, list) else None
+
+
+def engine_speed(report: SidecarReport) -> float | None:
+    """The instance's per-transfer KV speed from its engine connector metrics (bytes/s), or None."""
+    kv = report.kv_transfer if isinstance(report.kv_transfer, Mapping) else {}
+    sources = kv.get("sources")
+    engine = sources.get("engine") if isinstance(sources, Mapping) else None
+    value = _number(engine.get("transfer_speed_bytes_per_second")) if isinstance(engine, Mapping) else None
+    return value if value is not None and value > 0 else None
+
+
+def _engine_pairs(reports: list[SidecarReport], *, switches: Mapping[str, Switch],
+                  groups: Mapping[str, str], now_s: float) -> list[PairBandwidth]:
+    """(prefill, decode) pairs of each Deployment Group, from the ends' engine connector speeds."""
+    speeds: dict[tuple[str, str, str], list[tuple[SidecarReport, float | None]]] = {}
+    for r in reports:
+        group = groups.get(r.pod)
+        if group is None or r.role not in ("prefill", "decode"):
+            continue
+        speeds.setdefault((r.service, group, r.role), []).append((r, engine_speed(r)))
+    out = []
+    for (service, group, role), prefills in sorted(speeds.items()):
+        if role != "prefill":
+            continue
+        for p, p_speed in prefills:
+            for d, d_speed in speeds.get((service, group, "decode"), ()):
+                measured = [v for v in (p_speed, d_speed) if v is not None]
+                if not measured:
+                    continue
+                p_switch = switches.get(p.node) if p.node else None
+                d_switch = switches.get(d.node) if d.node else None
+                where, shared = locality(p_switch, d_switch)
+                oldest = min(p.observed_at if p_speed is not None else now_s,
+                             d.observed_at if d_speed is not None else now_s)
+                out.append(PairBandwidth(service=service, prefill=p.pod, decode=d.pod,
+                                         bytes_per_second=min(measured), rtt_s=None,
+                                         age_s=max(0.0, now_s - oldest), locality=where, shared_domain=shared,
+                                         group=group, source=ENGINE_CONNECTOR))
+    return out
 
 
 def _number(value: Any) -> float | None:

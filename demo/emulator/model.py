@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from heteroscale.demo.emulator.defaults import vllm_max_num_batched_tokens
+from heteroscale.demo.emulator.links import DegradedLink
 from heteroscale.demo.emulator.page import LATENCY_BUCKETS, VllmMetrics
 from heteroscale.errors import ConfigError
 from heteroscale.simulator import perfmodel
@@ -50,7 +51,12 @@ class EmulatorSettings:
     stream_interval_s: least wall time between two SSE chunks of one request.
     kv_bytes_scale, kv_bytes_cap: real bytes sent per request = min(cap, scale ×
         modelled KV bytes) (at least 1 byte) — loopback stays light.
-    kv_bandwidth_gbps: modelled P->D link speed used to time the transfer.
+    kv_bandwidth_gbps: modelled P->D link speed used to time the transfer (the receiving
+        instance paces each transfer to it, ``links``).
+    kv_location: this instance's switch ``(s2, s1)`` in the pretend cluster, or ``None``;
+        sent with every KV push so the receiver can tell which link it crossed.
+    degraded_links: slow links of the pretend cluster (``links.DegradedLink``): a transfer
+        crossing one takes ``factor`` times its modelled time.
     kv_wait_timeout_s: how long (wall) a decode request waits for its KV.
     catch_up_s: wall seconds of lateness a lane's model clock makes up after this process
         woke late (a busy host); see ``lane_start``.
@@ -82,6 +88,8 @@ class EmulatorSettings:
     kv_wait_timeout_s: float = 10.0
     latency_buckets: str = "vllm"
     catch_up_s: float = 0.5
+    kv_location: tuple[str, str] | None = None
+    degraded_links: tuple[DegradedLink, ...] = ()
 
     def __post_init__(self) -> None:
         problems = self.problems()

@@ -30,8 +30,14 @@ real TCP connection to the decode instance's KV port (scaled down and capped so
 loopback is not flooded, but real bytes that KV-transfer measurement can see) and
 answers with ``kv_transfer_params={"do_remote_prefill": true, "transfer_id"}``; the
 router then sends the request to the decode instance, which waits for those bytes
-and joins its continuous batch. Both sides count the bytes in the NIXL connector
-histograms (``vllm:nixl_bytes_transferred``, ``vllm:nixl_xfer_time_seconds``).
+and joins its continuous batch. The decode side paces each push to the modelled
+link: the modelled KV bytes at ``kv_bandwidth_gbps``, slowed by any degraded link
+between the two instances' switches (``--kv-location``, ``--degrade-link``; see
+``links``). Both sides count the transfer in the NIXL connector histograms
+(``vllm:nixl_bytes_transferred``: the modelled KV bytes × ``kv_bytes_scale``, the
+bytes on loopback before the 1 MiB cap; ``vllm:nixl_xfer_time_seconds``: the modelled
+link time, not this host's loopback and event-loop delays), so the per-transfer speed
+a sidecar reads is the modelled link's, × ``kv_bytes_scale``.
 
 Scheduling: one prefill task per instance runs batched passes; one decode task
 steps the continuous batch. Neither busy-loops: each sleeps the modelled time of
@@ -62,9 +68,10 @@ from typing import Any, Callable
 from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
 
+from heteroscale.demo.emulator.links import Location, parse_degraded_link, parse_location, slowdown
 from heteroscale.demo.emulator.model import ROLES, EmulatedEngine, EmulatorSettings, Request
 from heteroscale.demo.emulator.page import CONTENT_TYPE_LATEST, LATENCY_BUCKETS, VllmMetrics
-from heteroscale.errors import UsageError
+from heteroscale.errors import ConfigError, UsageError
 from heteroscale.simulator import perfmodel
 
 log = logging.getLogger("heteroscale.emulator")
@@ -76,9 +83,11 @@ class KvInbox:
     HEADER_LIMIT = 4096
     KEEP_S = 60.0
 
-    def __init__(self, metrics: VllmMetrics, *, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, metrics: VllmMetrics, *, clock: Callable[[], float] = time.monotonic,
+                 link_time_s: Callable[[int, Location | None], float] = lambda modelled, sender: 0.0) -> None:
         self.metrics = metrics
         self.clock = clock
+        self.link_time_s = link_time_s      # (modelled bytes, sender's switch) -> wall seconds on the link
         self._arrived: dict[str, tuple[int, float]] = {}
         self._waiters: dict[str, asyncio.Future[int]] = {}
         self.server: asyncio.base_events.Server | None = None
@@ -100,13 +109,22 @@ class KvInbox:
             size = int(header["bytes"])
             transfer_id = str(header["transfer_id"])
             tokens = int(header["tokens"])
+            modelled = int(header.get("modelled_bytes", 0))
+            sender = header.get("from")
+            sender_at = (str(sender[0]), str(sender[1])) if isinstance(sender, list) and len(sender) == 2 else None
             remaining = size
             while remaining > 0:
                 chunk = await asyncio.wait_for(reader.read(min(remaining, 1 << 16)), 10.0)
                 if not chunk:
                     raise ConnectionError("peer closed mid-transfer")
                 remaining -= len(chunk)
-            writer.write(b"OK\n")
+            # The modelled link paces the transfer: the KV is here only once the modelled
+            # bytes would have crossed it (slower across a degraded link).
+            link_s = self.link_time_s(modelled, sender_at)
+            wait_s = started + link_s - self.clock()
+            if wait_s > 0:
+                await asyncio.sleep(wait_s)
+            writer.write(f"OK {link_s!r}\n".encode())
             await writer.drain()
         except (ValueError, KeyError, TypeError, ConnectionError, asyncio.TimeoutError, OSError) as exc:
             log.warning("KV receive failed: %s", exc)
@@ -115,8 +133,10 @@ class KvInbox:
         finally:
             writer.close()
         m = self.metrics
-        m.nixl_bytes.observe(size)
-        m.nixl_xfer_time.observe(self.clock() - started)
+        # What NIXL would time is the modelled link, not this host's loopback and event loops
+        # (as the lanes' model clocks, see ``model``); without a modelled size, the wall time.
+        m.nixl_bytes.observe(int(header.get("counted_bytes", size)))
+        m.nixl_xfer_time.observe(link_s if modelled > 0 else self.clock() - started)
         m.nixl_post_time.observe(0.0)
         m.nixl_descriptors.observe(max(1, tokens // 16))
         self._deliver(transfer_id, tokens)
@@ -149,11 +169,18 @@ class KvInbox:
 
 
 async def push_kv(*, host: str, port: int, transfer_id: str, tokens: int, size_bytes: int,
-                  timeout_s: float = 10.0) -> None:
-    """Prefill side: send ``size_bytes`` real bytes to a decode instance's KV inbox."""
+                  modelled_bytes: int = 0, counted_bytes: int | None = None, sender: Location | None = None,
+                  timeout_s: float = 10.0) -> float | None:
+    """Prefill side: send ``size_bytes`` real bytes to a decode instance's KV inbox; the
+    inbox answers once the ``modelled_bytes`` would have crossed the modelled link from
+    the ``sender``'s switch. Returns the inbox's modelled link time (wall seconds), or
+    ``None`` from an inbox that does not say. ``counted_bytes``: what both ends count in
+    their NIXL histograms (default ``size_bytes``)."""
     reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout_s)
     try:
-        header = json.dumps({"transfer_id": transfer_id, "tokens": tokens, "bytes": size_bytes})
+        header = json.dumps({"transfer_id": transfer_id, "tokens": tokens, "bytes": size_bytes,
+                             "counted_bytes": size_bytes if counted_bytes is None else counted_bytes,
+                             "modelled_bytes": modelled_bytes, "from": list(sender) if sender else None})
         writer.write(header.encode() + b"\n")
         block = b"\0" * min(size_bytes, 1 << 16)
         sent = 0
@@ -162,9 +189,13 @@ async def push_kv(*, host: str, port: int, transfer_id: str, tokens: int, size_b
             writer.write(part)
             sent += len(part)
             await asyncio.wait_for(writer.drain(), timeout_s)
-        reply = await asyncio.wait_for(reader.readline(), timeout_s)
-        if reply.strip() != b"OK":
-            raise ConnectionError(f"KV inbox answered {reply!r}")
+        reply = (await asyncio.wait_for(reader.readline(), timeout_s)).split()
+        if not reply or reply[0] != b"OK":
+            raise ConnectionError(f"KV inbox answered {b' '.join(reply)!r}")
+        try:
+            return float(reply[1]) if len(reply) > 1 else None
+        except ValueError:
+            return None
     finally:
         writer.close()
 
@@ -222,10 +253,17 @@ class EmulatorServer:
                                    max_model_len=settings.max_model_len, cache_info=cache_info,
                                    time_scale=settings.speedup, latency_buckets=settings.latency_buckets)
         self.engine = EmulatedEngine(settings, metrics=self.metrics, clock=clock)
-        self.inbox = KvInbox(self.metrics, clock=clock)
+        self.inbox = KvInbox(self.metrics, clock=clock, link_time_s=self.link_time_s)
         self.kv_port = 0
         self._ids = itertools.count()
         self.started_at = time.time()
+
+    def link_time_s(self, modelled_bytes: int, sender: Location | None) -> float:
+        """Wall seconds ``modelled_bytes`` take on the modelled link from ``sender``'s switch to
+        this instance's: ``kv_bandwidth_gbps``, slowed by the degraded links it crosses."""
+        s = self.settings
+        factor = slowdown(s.degraded_links, sender, s.kv_location)
+        return max(0, modelled_bytes) * 8.0 / (s.kv_bandwidth_gbps * 1e9) * factor / s.speedup
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -315,19 +353,20 @@ class EmulatorServer:
         await req.prefill_done.wait()
         transfer_id = f"{req.id}-{next(self._ids)}"
         modelled, size = self.engine.kv_bytes_for(req.prompt_tokens)
-        link_s = modelled * 8.0 / (self.settings.kv_bandwidth_gbps * 1e9) / self.settings.speedup
+        counted = max(1, int(modelled * self.settings.kv_bytes_scale))
         started = self.clock()
         try:
-            await asyncio.sleep(link_s)
-            await push_kv(host=host, port=port, transfer_id=transfer_id, tokens=req.prompt_tokens,
-                          size_bytes=size, timeout_s=self.settings.kv_wait_timeout_s)
+            # the decode side paces the push to the modelled link (KvInbox)
+            link_s = await push_kv(host=host, port=port, transfer_id=transfer_id, tokens=req.prompt_tokens,
+                                   size_bytes=size, modelled_bytes=modelled, counted_bytes=counted,
+                                   sender=self.settings.kv_location, timeout_s=self.settings.kv_wait_timeout_s)
         except (OSError, ConnectionError, asyncio.TimeoutError) as exc:
             self.metrics.nixl_failed.inc()
             self.engine.fail(req)
             return _error(503, f"KV transfer to {host}:{port} failed: {exc}", "ServiceUnavailableError")
         m = self.metrics
-        m.nixl_bytes.observe(size)
-        m.nixl_xfer_time.observe(self.clock() - started)
+        m.nixl_bytes.observe(counted)
+        m.nixl_xfer_time.observe(link_s if link_s is not None else self.clock() - started)
         m.nixl_post_time.observe(0.0)
         m.nixl_descriptors.observe(max(1, req.prompt_tokens // 16))
         # The prefill instance emits the first token itself, as vLLM's does with max_tokens=1.
@@ -445,11 +484,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--latency-buckets", choices=sorted(LATENCY_BUCKETS), default="vllm",
                         help="TTFT/ITL histogram buckets: vllm (vLLM's defaults) or fine (vLLM's plus "
                              "2.5 ms steps from 20 to 100 ms and 0.25 s steps up to 10 s)")
+    parser.add_argument("--kv-location", default=None, metavar="S2/S1",
+                        help="this instance's switch in the pretend cluster (sent with every KV push)")
+    parser.add_argument("--degrade-link", action="append", default=[], metavar="SWITCH[,SWITCH][:FACTOR]",
+                        help="a slow link of the pretend cluster: KV transfers crossing it take FACTOR "
+                             "(default 4) times their modelled time; repeatable")
     parser.add_argument("--log-level", default="WARNING")
 
 
 def settings_from_args(args: argparse.Namespace) -> EmulatorSettings:
+    problems = []
+    location = None
+    if args.kv_location:
+        try:
+            location = parse_location(args.kv_location)
+        except ValueError as exc:
+            problems.append(f"--kv-location: {exc}")
+    links = []
+    for text in args.degrade_link:
+        try:
+            links.append(parse_degraded_link(text))
+        except ValueError as exc:
+            problems.append(f"--degrade-link: {exc}")
+    if problems:
+        raise ConfigError(problems, source="emulator flags")
     return EmulatorSettings(
+        kv_location=location, degraded_links=tuple(links),
         role=args.role, gpu=args.gpu, model=args.model, port=args.port, host=args.host,
         served_model_name=args.served_model_name, tp=args.tp, speedup=args.speedup,
         startup_delay_s=args.startup_delay_s, kv_port=args.kv_port, max_num_seqs=args.max_num_seqs,
