@@ -351,7 +351,10 @@ def _policy(node: _Node) -> PolicyConfig:
                          f"({latency.severe_step:g} < {latency.moderate_step:g})")
     dd = node.child("demand")
     demand = DemandEstimate(enabled=dd.boolean("enabled", d.demand.enabled),
-                            max_factor=dd.number("max_factor", d.demand.max_factor, minimum=1))
+                            max_factor=dd.number("max_factor", d.demand.max_factor, minimum=1),
+                            include_prefill_queue=dd.boolean("include_prefill_queue",
+                                                             d.demand.include_prefill_queue),
+                            drain_horizon_s=dd.number("drain_horizon_s", d.demand.drain_horizon_s, minimum=0))
     dd.finish()
     at = node.child("adaptive_target")
     da = d.adaptive_target

@@ -356,10 +356,11 @@ def test_up_hold_down_with_a_fake_clock():
     c = Cluster(svc, (3, 2))
     # Steady at 2000 tok/s = 100% of 2x1000: hold.
     assert {c.tick(2000).reason for _ in range(6)} == {"hold_tolerance"}
-    # Load jumps to 6000. The 30 s window holds 6 samples: smoothed = (5*2000 + 6000)/6 = 2667
-    # = 133% of 2000 -> want 3, P = round(4.5) = 5.
+    # Load jumps to 6000. The 30 s window's mean is still (5*2000 + 6000)/6 = 2667, but a
+    # scale-out reads this tick's rate when it is higher: want 6, damped to 2x2 = 4; P = 6.
     d = c.tick(6000)
-    assert (d.reason, d.desired) == ("scale_out_tps", PoolCounts(5, 3))
+    assert (d.reason, d.desired) == ("scale_out_tps", PoolCounts(6, 4))
+    assert d.inputs["smoothed_decode_tps"] < d.inputs["latest_decode_tps"] == 6000
     # Cooldown 30 s: the next ticks hold even though load is still high.
     assert c.tick(6000).reason == "hold_cooldown"
     reasons = [c.tick(6000).reason for _ in range(12)]
@@ -618,6 +619,67 @@ def test_demand_while_decode_queues_scales_out_beyond_what_is_served():
     assert (d.reason, d.desired.decode) == ("scale_out_tps", 15)
     assert d.inputs["demand_decode_tps"] == 36000
     assert once(svc, obs((13, 10), 24000))[0].reason == "hold_tolerance"
+
+
+def test_a_prefill_queue_is_decode_demand_on_its_way():
+    # A sudden rise shows first as prefill's queue: decode runs 200 with none waiting, while
+    # 100 requests wait for prefill. Demand = 24000 x 300/200 = 36000 -> 15 decode.
+    svc = service()
+    o = replace(obs((13, 10), 24000), decode_running=200, decode_waiting=0, prefill_waiting=100)
+    d, _ = once(svc, o)
+    assert (d.reason, d.desired.decode, d.inputs["demand_decode_tps"]) == ("scale_out_tps", 15, 36000)
+    # Switched off, only decode's own queue counts.
+    off = service(policy={"demand": {"include_prefill_queue": False}})
+    assert once(off, o)[0].reason == "hold_tolerance"
+
+
+def test_a_backlog_that_drains_fast_buys_nothing_and_a_slow_one_still_counts():
+    # Capacity arrived: the served rate (30000 = 125% of 10 x 2400) includes the backlog's
+    # flush, and the queue fell 1000 -> 400 in 15 s (40/s: gone in 10 s < 60 s): hold.
+    svc = service()
+    state = replace(PolicyState(), queued=(1000.0, 985.0))
+    o = replace(obs((13, 10), 30000), decode_running=300, decode_waiting=0, prefill_waiting=400)
+    d, _ = once(svc, o, state=state)
+    assert d.reason == "hold_draining" and "gone in ~10s" in d.detail
+    # 1000 -> 900 in 15 s (6.7/s: 135 s to go, beyond the 60 s horizon): the backlog still
+    # asks for capacity, on the estimate 30000 x 1200/300 capped at 3x = 90000 -> 38, damped.
+    state = replace(PolicyState(), queued=(1000.0, 985.0))
+    o = replace(o, prefill_waiting=900)
+    d, _ = once(svc, o, state=state)
+    assert d.reason == "scale_out_tps" and d.inputs["demand_decode_tps"] == 90000
+
+
+def test_the_effective_target_learns_nothing_while_capacity_is_short_or_on_its_way():
+    # TBT breaks at 1500 tok/s per counted instance, but 2 of the 10 are still starting
+    # (8 ready serve 12000 = 1500 each... below τ only if the pending ones are counted).
+    svc = service()
+    o = obs((13, 10), 12000, tbt=0.06, pending=(0, 2), pending_since=990.0)
+    o = replace(o, pools=replace(o.pools, ready=PoolCounts(13, 8)))
+    _, state = once(svc, o)
+    assert state.target.scale == 1.0
+    # Requests queue faster than they are served (the demand estimate is on): an overload,
+    # not a τ that is too high.
+    o = replace(obs((13, 10), 20000, tbt=0.06), decode_running=200, decode_waiting=100)
+    _, state = once(svc, o)
+    assert state.target.scale == 1.0
+    # The same breach with every instance ready and nothing queued does teach it.
+    _, state = once(svc, obs((13, 10), 20000, tbt=0.06))
+    assert state.target.scale < 1.0
+
+
+def test_the_scale_out_cooldown_counts_from_when_the_new_instances_are_ready():
+    svc = service(policy={"scale_out_cooldown_s": 30, "pending_timeout_s": 600})
+    state = PolicyState()
+    d, state = applied(svc, obs((13, 10), 36000), state=state, now_s=0.0)        # 150%: out to 15
+    assert d.desired.decode == 15
+    d, state = applied(svc, obs((20, 15), 45000, pending=(7, 5)), state=state, now_s=15.0)
+    assert d.reason == "hold_pending"
+    # Ready at 120 s, long after the decision's own cooldown: their effect is not yet in
+    # the rates, so a further scale-out waits 30 s more.
+    d, state = applied(svc, obs((20, 15), 45000), state=state, now_s=120.0)
+    assert d.reason == "hold_cooldown" and "ready 0s ago" in d.detail
+    d, state = applied(svc, obs((20, 15), 45000), state=state, now_s=150.0)
+    assert d.reason == "scale_out_tps"
 
 
 def test_kv_pressure_is_an_early_moderate_step_and_never_a_scale_in():

@@ -2,11 +2,14 @@
 
 Served decode tokens/s is the policy's primary signal, but it saturates at capacity:
 during an overload it reads the fleet's ceiling, not the demand, and a 3× step looks
-like a 1.2× one. While decode requests queue, ``demand_tps`` reads the demand as the
-served rate times the requests in the system over the requests being served — each
-waiting request would be served at the running ones' per-request rate (Little's law at
-the current per-request speed). It is bounded (``max_factor``), used for scale-out only,
-and shown in the decision's inputs.
+like a 1.2× one. While requests queue, ``demand_tps`` reads the demand as the served
+rate times the requests in the system over the requests being served — each waiting
+request would be served at the running ones' per-request rate (Little's law at the
+current per-request speed). The queue is decode's own (waiting for a batch slot or KV
+room) and, with ``include_prefill_queue``, the prefill instances' queue: every request
+waiting for prefill will want decode next, and under a sudden rise prefill is where the
+backlog shows first (decode is fed only as fast as prefill drains it). It is bounded
+(``max_factor``), used for scale-out only, and shown in the decision's inputs.
 
 KV pressure: a decode KV cache that is nearly full, or engines preempting (vLLM
 ``num_preemptions``, SGLang ``num_retracted_reqs``), precede a TBT breach; ``kv_pressure``
@@ -19,15 +22,44 @@ from heteroscale.coordinator.core.settings import DemandEstimate, KvPressure
 from heteroscale.coordinator.core.types import Observation
 
 
+def queued_requests(observation: Observation, *, settings: DemandEstimate) -> float | None:
+    """The requests waiting for decode (and, with ``include_prefill_queue``, for
+    prefill), summed; ``None`` when no queue is measured."""
+    parts = [observation.decode_waiting]
+    if settings.include_prefill_queue:
+        parts.append(observation.prefill_waiting)
+    known = [max(0.0, w) for w in parts if w is not None]
+    return sum(known) if known else None
+
+
+def draining(queued: float | None, *, previous: tuple[float, float] | None, now_s: float,
+             settings: DemandEstimate) -> str | None:
+    """Why the queue needs no more capacity, or ``None``: it is shrinking fast enough to be
+    gone within ``drain_horizon_s`` (``previous``: the queue and when it was seen). Such a
+    backlog is being served faster than requests arrive; reading it as demand again would
+    buy instances for traffic that has passed. A queue that shrinks too slowly still counts."""
+    if not queued or previous is None:
+        return None
+    before, at = previous
+    elapsed = now_s - at
+    if elapsed <= 0 or queued >= before:
+        return None
+    rate = (before - queued) / elapsed
+    if queued / rate > settings.drain_horizon_s:
+        return None
+    return f"{before:.0f} -> {queued:.0f} requests queued, gone in ~{queued / rate:.0f}s"
+
+
 def demand_tps(observation: Observation, *, served_tps: float, settings: DemandEstimate) -> float | None:
-    """The decode demand while requests queue for decode; ``None`` when nothing queues
-    (then the served rate is the demand) or the queue state is not measured."""
+    """The decode demand while requests queue; ``None`` when nothing queues (then the
+    served rate is the demand) or the queue is not measured."""
     if not settings.enabled or served_tps <= 0:
         return None
-    running, waiting = observation.decode_running, observation.decode_waiting
-    if running is None or waiting is None or waiting <= 0 or running <= 0:
+    running = observation.decode_running
+    queued = queued_requests(observation, settings=settings)
+    if running is None or running <= 0 or not queued:
         return None
-    factor = min(settings.max_factor, (running + waiting) / running)
+    factor = min(settings.max_factor, (running + queued) / running)
     return served_tps * factor
 
 

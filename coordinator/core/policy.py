@@ -57,7 +57,7 @@ from dataclasses import dataclass, replace
 from fractions import Fraction
 from typing import TYPE_CHECKING, Any
 
-from heteroscale.coordinator.core.demand import demand_tps, kv_pressure
+from heteroscale.coordinator.core.demand import demand_tps, draining, kv_pressure, queued_requests
 from heteroscale.coordinator.core.drift import DriftState, observe_drift, ratio_in_use
 from heteroscale.coordinator.core.forecast import ForecastState, forecast_tps, remember_load
 from heteroscale.coordinator.core.ratio import prefill_for_fraction, prefill_for_ratio, ratio_text
@@ -90,6 +90,8 @@ class PolicyState:
     target: TargetState = TargetState()                    # the effective τ (core.target)
     drift: DriftState = DriftState()                       # the P/D ratio in use and its advice
     forecast: ForecastState = ForecastState()              # load history for the predictive lead
+    queued: tuple[float, float] | None = None              # (requests queued, at) last tick (core.demand)
+    ready_s: float | None = None                           # when the last pending instances were seen ready
 
 
 # ---------------------------------------------------------------- building blocks
@@ -333,7 +335,7 @@ def decide(*, service: "ServiceConfig", observation: Observation, state: PolicyS
         tau = service.target_decode_tps_per_instance * state.target.scale
         inputs["effective_target_decode_tps_per_instance"] = round(tau, 3)
         state, scale_out_tps = _scale_out_load(service, state, observation=observation, tps=tps,
-                                               now_s=now_s, inputs=inputs)
+                                               latest_tps=load, now_s=now_s, inputs=inputs)
         proposal = _propose(service, tps=tps, scale_out_tps=scale_out_tps, tau=tau, current=current.decode,
                             inputs=inputs)
         proposal = _kv_pressure(service, proposal, observation=observation, current=current.decode, inputs=inputs)
@@ -344,11 +346,16 @@ def decide(*, service: "ServiceConfig", observation: Observation, state: PolicyS
                                                            recommendation=recommendation, inputs=inputs)
         # Nothing to learn where nothing could be added: a breach at the upper bound says the
         # bound is too low, not that τ is too high.
-        decode_breach = decode_breach and "kv_transfer_bottleneck" not in inputs and current.decode < high
+        # Nor where the fleet is short of instances rather than of τ: while decode instances
+        # are still starting, or while requests queue faster than they are served (an
+        # overload: the demand estimate). The rate per instance is the ready instances'.
+        ready = observation.pools.ready.decode
+        decode_breach = (decode_breach and "kv_transfer_bottleneck" not in inputs and current.decode < high
+                         and observation.pools.pending.decode == 0 and "demand_decode_tps" not in inputs)
         state = replace(state, target=learn_target(
             state.target, settings=pol.adaptive_target, now_s=now_s, decode_breach=decode_breach,
-            latency_ratio=inputs.get("latency_slo_ratio"), per_instance_tps=tps / current.decode if current.decode
-            else None, tau=service.target_decode_tps_per_instance, cooldown_s=pol.scale_out_cooldown_s))
+            latency_ratio=inputs.get("latency_slo_ratio"), per_instance_tps=tps / ready if ready > 0 else None,
+            tau=service.target_decode_tps_per_instance, cooldown_s=pol.scale_out_cooldown_s))
         # The window keeps each tick's final recommendation, the latency net's included (as
         # HPA keeps its computed replicas): a size that latency asked for is not given back
         # by a tokens/s scale-in before the stabilisation window has passed.
@@ -413,13 +420,24 @@ def _adopt_manual_edit(state: PolicyState, *, current: PoolCounts, manual: bool,
 
 
 def _scale_out_load(service: "ServiceConfig", state: PolicyState, *, observation: Observation, tps: float,
-                    now_s: float, inputs: dict[str, Any]) -> tuple[PolicyState, float]:
-    """The load a scale-out is judged on: the smoothed served rate, or more when decode
-    queues (the demand estimate, ``core.demand``) or the forecast says more is coming
-    (``core.forecast``). Scale-in never sees these."""
+                    latest_tps: float | None, now_s: float, inputs: dict[str, Any]) -> tuple[PolicyState, float]:
+    """The load a scale-out is judged on: the smoothed served rate or this tick's, if
+    higher (a rise is acted on at once, as Knative's panic window does; a fall waits for
+    the smoothing window), or more when requests queue (the demand estimate,
+    ``core.demand``) or the forecast says more is coming (``core.forecast``). Scale-in
+    never sees these."""
     pol = service.policy
     out = tps
-    demand = demand_tps(observation, served_tps=tps, settings=pol.demand)
+    if latest_tps is not None and latest_tps > out:
+        inputs["latest_decode_tps"] = round(latest_tps, 3)
+        out = latest_tps
+    queued = queued_requests(observation, settings=pol.demand)
+    drain = draining(queued, previous=state.queued, now_s=now_s, settings=pol.demand)
+    state = replace(state, queued=None if queued is None else (queued, now_s))
+    if drain is not None:
+        inputs["queue_draining"] = drain
+        return state, out
+    demand = demand_tps(observation, served_tps=out, settings=pol.demand)
     if demand is not None and demand > out:
         inputs["demand_decode_tps"] = round(demand, 3)
         out = demand
@@ -447,6 +465,11 @@ def _propose(service: "ServiceConfig", *, tps: float, scale_out_tps: float, tau:
                   utilization=None if math.isinf(utilization) else round(utilization, 4))
     detail = (f"decode tps {tps:.0f} is {utilization:.0%} of {current}x{tau:g}" if current
               else f"decode tps {tps:.0f}, no decode instances")
+    if out_utilization > 1 + pol.tolerance.scale_out and want_out > current and "queue_draining" in inputs:
+        # The served rate includes the backlog being worked off: capacity already exceeds
+        # the arrivals, and the rate falls back when the queue is gone.
+        return Proposal(decode=current, reason="hold_draining",
+                        detail=f"{detail}; {inputs['queue_draining']}, draining: no scale-out on the backlog")
     if out_utilization > 1 + pol.tolerance.scale_out and want_out > current:
         if scale_out_tps > tps:
             detail += f"; demand {scale_out_tps:.0f} tok/s is {out_utilization:.0%}"
@@ -552,6 +575,12 @@ def _gate_scale_out(service: "ServiceConfig", proposal: Proposal, *, state: Poli
         return proposal.hold(current=current, reason="hold_cooldown",
                              detail=f"last scale-out {now_s - state.last_scale_out_s:.0f}s ago "
                                     f"(cooldown {pol.scale_out_cooldown_s:g}s); wanted {proposal.decode} decode")
+    if (state.ready_s is not None and state.last_scale_out_s is not None and state.ready_s > state.last_scale_out_s
+            and now_s - state.ready_s < pol.scale_out_cooldown_s and proposal.reason == "scale_out_tps"):
+        return proposal.hold(current=current, reason="hold_cooldown",
+                             detail=f"the last scale-out's instances ready {now_s - state.ready_s:.0f}s ago "
+                                    f"(cooldown {pol.scale_out_cooldown_s:g}s): their effect is not measured "
+                                    f"yet; wanted {proposal.decode} decode")
     return _damp(service, proposal, current=current)
 
 
@@ -670,7 +699,9 @@ def _trim_recs(recs: tuple[tuple[float, int], ...], *, now_s: float,
 
 def _track_pending(state: PolicyState, *, observation: Observation, now_s: float) -> PolicyState:
     if observation.pools.pending.total() <= 0:
-        return replace(state, pending_seen_s=None) if state.pending_seen_s is not None else state
+        # The tick the last pending instance was seen ready: the new capacity's effect on
+        # queues and rates shows only from here (the scale-out cooldown counts from it).
+        return replace(state, pending_seen_s=None, ready_s=now_s) if state.pending_seen_s is not None else state
     if state.pending_seen_s is None:
         return replace(state, pending_seen_s=now_s)
     return state

@@ -166,13 +166,21 @@ class LatencyNet:
 @dataclass(frozen=True)
 class DemandEstimate:
     """Demand, not only service: served decode tokens/s saturates at capacity, so while
-    decode requests queue the load is read as served × (running + waiting) / running —
-    each waiting request would be served at the running ones' per-request rate."""
+    requests queue the load is read as served × (running + waiting) / running — each
+    waiting request would be served at the running ones' per-request rate."""
 
     enabled: bool = True
     """Use the estimate for scale-out (never for scale-in)."""
     max_factor: float = 3.0
     """The estimate is at most this multiple of the served tokens/s."""
+    include_prefill_queue: bool = True
+    """Count the requests queued on prefill as well as decode's: each will want decode
+    next. Off, only decode's own queue counts (a prefill-only shortage then reaches the
+    pools through the latency net)."""
+    drain_horizon_s: float = 60.0
+    """A queue shrinking fast enough to be gone within this long is a backlog the fleet
+    already out-serves: no scale-out on the estimate or on the served rate (which counts
+    the backlog's flush). Longer, and the backlog still asks for capacity."""
 
 
 @dataclass(frozen=True)
