@@ -542,8 +542,11 @@ def _service(node: _Node, *, backend: str | None, needs_sidecars: bool = True) -
         pd_ratio=pd,
         target_decode_tps_per_instance=node.number("target_decode_tps_per_instance", 1.0, minimum=0,
                                                    exclusive_min=True, required=True),
-        prefill=_role(node.child("prefill"), backend=backend, needs_sidecars=needs_sidecars),
-        decode=_role(node.child("decode"), backend=backend, needs_sidecars=needs_sidecars),
+        # A missing role block is one problem ("is required", below), not also each of its rules.
+        prefill=_role(node.child("prefill"), backend=backend if "prefill" in node.doc else None,
+                      needs_sidecars=needs_sidecars and "prefill" in node.doc),
+        decode=_role(node.child("decode"), backend=backend if "decode" in node.doc else None,
+                     needs_sidecars=needs_sidecars and "decode" in node.doc),
         min_decode=node.integer("min_decode", 1, minimum=1),
         max_decode=node.integer("max_decode", 64, minimum=1),
         min_prefill=node.integer("min_prefill", None, minimum=0, allow_null=True),

@@ -266,6 +266,11 @@ def test_no_follow_on_problems():
     assert problems == ["services[0].slo.tbt_s: must be a number, got 'fast'"]
     # A missing SLO is still reported.
     assert any("the latency safety net needs" in p for p in problems_of(MINIMAL.replace("slo: {tbt_s: 0.04}", "")))
+    # A missing role block is "is required", not also that role's backend rules.
+    problems = problems_of({"coordinator": {"backend": "kubernetes"}, "services": [{
+        "name": "chat", "pd_ratio": "1:1", "target_decode_tps_per_instance": 100, "slo": {"tbt_s": 0.05},
+        "decode": {"deployment": "chat-decode"}}]})
+    assert problems == ["services[0].prefill: is required (the prefill role block)"]
 
 
 SIM_CONFIG = REPO / "docs" / "reproductions" / "dialogue.yaml"
