@@ -322,8 +322,8 @@ class Cluster:
         self._ready_p: list[_Prefill] = []
         self._ready_d: list[_Decode] = []
         self._rr = 0
-        self._arrivals: deque[int] = deque()            # submitted, not yet routed
-        self._backlog: deque[int] = deque()             # arrived with no ready prefill instance
+        self._submitted = 0                             # requests [0, _submitted) handed over
+        self._routed = 0                                # requests [0, _routed) routed to prefill
         self._p_busy: set[_Prefill] = set()             # instances with a queue
         self._prefilled: list[tuple[float, int, _Prefill]] = []   # (prefill end, rid, instance)
         self._owner: list[_Prefill | None] = [None] * n
@@ -499,8 +499,14 @@ class Cluster:
     # ------------------------------------------------------------------ prefill
 
     def submit(self, rid: int) -> None:
-        """Hand request ``rid`` over; it is routed when the tick holding its arrival runs."""
-        self._arrivals.append(rid)
+        """Hand request ``rid`` over (in arrival order); it is routed when the tick holding
+        its arrival runs (while no prefill instance is ready, it waits)."""
+        self.submit_through(rid + 1)
+
+    def submit_through(self, count: int) -> None:
+        """Hand over requests ``[0, count)`` at once (the runner's form of ``submit``)."""
+        if count > self._submitted:
+            self._submitted = count
 
     def _route(self, rid: int, arrive: float) -> None:
         pool = self._ready_p
@@ -595,18 +601,15 @@ class Cluster:
         end = t + dt
         if self._next_ready_s < end:
             self._refresh_ready(end)
-        # 1. Route arrivals (to ready prefill instances; none ready: wait in a backlog).
-        arrivals = self._arrivals
-        arrival = self._arrival
+        # 1. Route arrivals (to ready prefill instances; while none is ready they wait).
         if self._ready_p:
-            while self._backlog:
-                self._route(self._backlog.popleft(), t)
-            while arrivals and arrival[arrivals[0]] < end:
-                rid = arrivals.popleft()
-                self._route(rid, arrival[rid])
-        else:
-            while arrivals and arrival[arrivals[0]] < end:
-                self._backlog.append(arrivals.popleft())
+            arrival = self._arrival
+            i, lim = self._routed, self._submitted
+            route = self._route
+            while i < lim and arrival[i] < end:
+                route(i, arrival[i])
+                i += 1
+            self._routed = i
         # 2. Prefill passes that start in this tick.
         if self._p_busy:
             for p in list(self._p_busy):
@@ -619,15 +622,24 @@ class Cluster:
             while self.unplaced:
                 self._place(self.unplaced.popleft(), ready)
         pref = self._prefilled
-        steps = self._steps
-        prompt = self._prompt
-        while pref and pref[0][0] < end:
-            _, rid, _ = heapq.heappop(pref)
-            entry = (rid, float(prompt[rid]), float(steps[rid]), 0)
-            if ready:
-                self._place(entry, ready)
-            else:
-                self.unplaced.append(entry)
+        if pref and pref[0][0] < end:
+            steps = self._steps
+            prompt = self._prompt
+            k = len(ready)
+            rnd = self.rng.random
+            heappop = heapq.heappop
+            while pref and pref[0][0] < end:
+                rid = heappop(pref)[1]
+                entry = (rid, float(prompt[rid]), float(steps[rid]), 0)
+                if k > 1:        # power of two choices: near-JSQ balance at O(1) cost
+                    a, b = ready[int(rnd() * k)], ready[int(rnd() * k)]
+                    d = a if (len(a.running) + len(a.waiting) + len(a.landing)
+                              <= len(b.running) + len(b.waiting) + len(b.landing)) else b
+                    d.waiting.append(entry)
+                elif k == 1:
+                    ready[0].waiting.append(entry)
+                else:
+                    self.unplaced.append(entry)
         # 4. Decode: land transfers, admit, run.
         self._tick_start = t
         for d in self.decode:
@@ -717,7 +729,8 @@ class Cluster:
                 d.reserved += ctx0
 
     def _run(self, d: _Decode, t: float, dt: float) -> None:
-        self._admit(d, t, t + dt)
+        if d.waiting or d.landing:
+            self._admit(d, t, t + dt)
         n = len(d.running)
         if n == 0:
             return

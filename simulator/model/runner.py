@@ -111,9 +111,8 @@ def simulate(workload: Workload, spec: ClusterSpec, controller: Controller, *,
     interval = settings.interval_s
     while t < duration - 1e-9:
         t_end = min(duration, t + max(interval, spec.tick_s))
-        while nxt < n and arrivals[nxt] < t_end:
-            cluster.submit(nxt)
-            nxt += 1
+        nxt = min(n, int(np.searchsorted(arrivals, t_end, side="left")))
+        cluster.submit_through(nxt)
         cluster.advance_to(t_end)
         t = cluster.now_s
         window = _window(cluster, sidecars, t, settings.window_s)
