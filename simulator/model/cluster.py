@@ -363,11 +363,12 @@ class Cluster:
         self._serial += 1
         if role == "prefill":
             cache = None
+            room = float(self._p_cap)
             if self._per_instance_cache:
                 cache = PrefixCache(int(self._p_cap * self.spec.prefix_cache_ratio))
+                room *= 1.0 - self.spec.prefix_cache_ratio
             inst: _Instance = _Prefill(now_s, None, math.inf, self._serial, cache=cache,
-                                       buffer_tokens=self._p_cap * (1.0 - self.spec.prefix_cache_ratio)
-                                       * self.spec.prefill_kv_buffer_ratio)
+                                       buffer_tokens=room * self.spec.prefill_kv_buffer_ratio)
         else:
             inst = _Decode(now_s, None, math.inf, self._serial)
         if not self._take_gpus(inst, now_s, initial=initial):
