@@ -410,10 +410,12 @@ class Cluster:
         rs = self._role_spec(inst.role)
         if rs.gpu.name in self._gpus_free:
             self._gpus_free[rs.gpu.name] += rs.tp
-            while self.pending:                        # a Pending pod schedules when GPUs free up
-                if not self._take_gpus(self.pending[0], now_s):
+            for inst in list(self.pending):            # a Pending pod schedules when GPUs free up
+                if not inst.accepting or self._role_spec(inst.role).gpu.name != rs.gpu.name:
+                    continue
+                if not self._take_gpus(inst, now_s):
                     break
-                self.pending.popleft()
+                self.pending.remove(inst)
 
     def counts(self) -> tuple[int, int]:
         """Instances asked for (accepting: ready, starting or pending) per role."""
