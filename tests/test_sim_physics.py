@@ -304,3 +304,24 @@ def test_a_degraded_switch_slows_the_transfers_under_it():
                duration_s=200).summary
     assert bad["ttft_p90_s"] > 1.5 * base["ttft_p90_s"]
     assert bad["ttft_s"]["p50"] < bad["ttft_p90_s"]        # only the half under switch 0
+
+
+def test_a_pending_instance_starts_when_a_draining_one_releases_its_gpus():
+    # Scale in, then out again at once: the new instance waits for the GPU the draining one
+    # still holds (it finishes its running requests first), like a Pending pod.
+    spec = _spec(gpu_capacity={"L20": 2}, startup_s=10.0, startup_jitter_s=0.0)
+    wl = _load(4.0, 60.0, prompt=1000, output=400)
+    cluster = Cluster(spec, wl, horizon_s=400, initial_prefill=2, initial_decode=2)
+    cluster.submit_through(len(wl))
+    cluster.advance_to(30.0)
+    assert all(d.running for d in cluster.decode)
+    cluster.set_counts(2, 1, now_s=30.0)
+    cluster.set_counts(2, 2, now_s=30.0)
+    assert cluster.unplaced_counts() == (0, 1)
+    cluster.advance_to(31.0)
+    assert cluster.unplaced_counts() == (0, 1)          # still draining
+    cluster.advance_to(200.0)
+    assert cluster.unplaced_counts() == (0, 0)
+    new = max(cluster.decode, key=lambda d: d.created_s)
+    assert new.placed_s > 31.0 and new.ready_s == new.placed_s + 10.0
+    assert cluster.ready_counts(200.0) == (2, 2)

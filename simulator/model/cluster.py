@@ -198,7 +198,8 @@ class _Prefill(_Instance):
         self.c_tokens = 0.0
         self.c_uncached = 0.0
         self.c_busy_s = 0.0
-        self.ttft: deque[tuple[float, float]] = deque()   # (first-token time, TTFT) of its requests
+        self.lat_t: deque[float] = deque()   # first-token times of its requests
+        self.lat_v: deque[float] = deque()   # and their TTFTs
 
     def drained(self, now_s: float) -> bool:
         return not self.queue and self.free_s <= now_s and self.held_tokens <= 0
@@ -224,7 +225,8 @@ class _Decode(_Instance):
         self.c_active_s = 0.0
         self.c_compute_s = 0.0
         self.c_preemptions = 0.0
-        self.tbt: deque[tuple[float, float]] = deque()    # (completion time, mean TBT)
+        self.lat_t: deque[float] = deque()   # completion times of its requests
+        self.lat_v: deque[float] = deque()   # and their mean TBTs
 
     @property
     def n(self) -> int:
@@ -246,8 +248,14 @@ class SeriesRecorder:
 
     def __init__(self, seconds: int) -> None:
         self.seconds = seconds
+        # Python lists while the run goes (scalar += on a list is several times faster than
+        # on a numpy array); ``finish`` turns them into arrays for the summary and plots.
         for name in self.NAMES:
-            setattr(self, name, np.zeros(seconds, dtype=np.float64))
+            setattr(self, name, [0.0] * seconds)
+
+    def finish(self) -> None:
+        for name in self.NAMES:
+            setattr(self, name, np.asarray(getattr(self, name), dtype=np.float64))
 
     def add_interval(self, arr: np.ndarray, start_s: float, end_s: float, weight: float = 1.0) -> None:
         """Spread ``weight`` per second over [start_s, end_s) into per-second bins."""
@@ -277,8 +285,8 @@ class Cluster:
         self.rec = SeriesRecorder(int(math.ceil(horizon_s)) + 1)
         n = len(workload)
         secs = workload.arrival_s[workload.arrival_s < horizon_s - 1.0].astype(np.int64)
-        self.rec.arrivals[:] = np.bincount(np.minimum(secs, self.rec.seconds - 1),
-                                           minlength=self.rec.seconds)[:self.rec.seconds]
+        self.rec.arrivals = np.bincount(np.minimum(secs, self.rec.seconds - 1),
+                                        minlength=self.rec.seconds)[:self.rec.seconds].astype(float).tolist()
         self.ttft_s = np.full(n, np.nan)
         self.tbt_s = np.full(n, np.nan)
         self.done_s = np.full(n, np.nan)
@@ -322,8 +330,8 @@ class Cluster:
         self._ready_p: list[_Prefill] = []
         self._ready_d: list[_Decode] = []
         self._rr = 0
-        self._arrivals: deque[int] = deque()            # submitted, not yet routed
-        self._backlog: deque[int] = deque()             # arrived with no ready prefill instance
+        self._submitted = 0                             # requests [0, _submitted) handed over
+        self._routed = 0                                # requests [0, _routed) routed to prefill
         self._p_busy: set[_Prefill] = set()             # instances with a queue
         self._prefilled: list[tuple[float, int, _Prefill]] = []   # (prefill end, rid, instance)
         self._owner: list[_Prefill | None] = [None] * n
@@ -363,11 +371,12 @@ class Cluster:
         self._serial += 1
         if role == "prefill":
             cache = None
+            room = float(self._p_cap)
             if self._per_instance_cache:
                 cache = PrefixCache(int(self._p_cap * self.spec.prefix_cache_ratio))
+                room *= 1.0 - self.spec.prefix_cache_ratio
             inst: _Instance = _Prefill(now_s, None, math.inf, self._serial, cache=cache,
-                                       buffer_tokens=self._p_cap * (1.0 - self.spec.prefix_cache_ratio)
-                                       * self.spec.prefill_kv_buffer_ratio)
+                                       buffer_tokens=room * self.spec.prefill_kv_buffer_ratio)
         else:
             inst = _Decode(now_s, None, math.inf, self._serial)
         if not self._take_gpus(inst, now_s, initial=initial):
@@ -401,10 +410,12 @@ class Cluster:
         rs = self._role_spec(inst.role)
         if rs.gpu.name in self._gpus_free:
             self._gpus_free[rs.gpu.name] += rs.tp
-            while self.pending:                        # a Pending pod schedules when GPUs free up
-                if not self._take_gpus(self.pending[0], now_s):
+            for inst in list(self.pending):            # a Pending pod schedules when GPUs free up
+                if not inst.accepting or self._role_spec(inst.role).gpu.name != rs.gpu.name:
+                    continue
+                if not self._take_gpus(inst, now_s):
                     break
-                self.pending.popleft()
+                self.pending.remove(inst)
 
     def counts(self) -> tuple[int, int]:
         """Instances asked for (accepting: ready, starting or pending) per role."""
@@ -499,8 +510,14 @@ class Cluster:
     # ------------------------------------------------------------------ prefill
 
     def submit(self, rid: int) -> None:
-        """Hand request ``rid`` over; it is routed when the tick holding its arrival runs."""
-        self._arrivals.append(rid)
+        """Hand request ``rid`` over (in arrival order); it is routed when the tick holding
+        its arrival runs (while no prefill instance is ready, it waits)."""
+        self.submit_through(rid + 1)
+
+    def submit_through(self, count: int) -> None:
+        """Hand over requests ``[0, count)`` at once (the runner's form of ``submit``)."""
+        if count > self._submitted:
+            self._submitted = count
 
     def _route(self, rid: int, arrive: float) -> None:
         pool = self._ready_p
@@ -595,18 +612,15 @@ class Cluster:
         end = t + dt
         if self._next_ready_s < end:
             self._refresh_ready(end)
-        # 1. Route arrivals (to ready prefill instances; none ready: wait in a backlog).
-        arrivals = self._arrivals
-        arrival = self._arrival
+        # 1. Route arrivals (to ready prefill instances; while none is ready they wait).
         if self._ready_p:
-            while self._backlog:
-                self._route(self._backlog.popleft(), t)
-            while arrivals and arrival[arrivals[0]] < end:
-                rid = arrivals.popleft()
-                self._route(rid, arrival[rid])
-        else:
-            while arrivals and arrival[arrivals[0]] < end:
-                self._backlog.append(arrivals.popleft())
+            arrival = self._arrival
+            i, lim = self._routed, self._submitted
+            route = self._route
+            while i < lim and arrival[i] < end:
+                route(i, arrival[i])
+                i += 1
+            self._routed = i
         # 2. Prefill passes that start in this tick.
         if self._p_busy:
             for p in list(self._p_busy):
@@ -619,15 +633,24 @@ class Cluster:
             while self.unplaced:
                 self._place(self.unplaced.popleft(), ready)
         pref = self._prefilled
-        steps = self._steps
-        prompt = self._prompt
-        while pref and pref[0][0] < end:
-            _, rid, _ = heapq.heappop(pref)
-            entry = (rid, float(prompt[rid]), float(steps[rid]), 0)
-            if ready:
-                self._place(entry, ready)
-            else:
-                self.unplaced.append(entry)
+        if pref and pref[0][0] < end:
+            steps = self._steps
+            prompt = self._prompt
+            k = len(ready)
+            rnd = self.rng.random
+            heappop = heapq.heappop
+            while pref and pref[0][0] < end:
+                rid = heappop(pref)[1]
+                entry = (rid, float(prompt[rid]), float(steps[rid]), 0)
+                if k > 1:        # power of two choices: near-JSQ balance at O(1) cost
+                    a, b = ready[int(rnd() * k)], ready[int(rnd() * k)]
+                    d = a if (len(a.running) + len(a.waiting) + len(a.landing)
+                              <= len(b.running) + len(b.waiting) + len(b.landing)) else b
+                    d.waiting.append(entry)
+                elif k == 1:
+                    ready[0].waiting.append(entry)
+                else:
+                    self.unplaced.append(entry)
         # 4. Decode: land transfers, admit, run.
         self._tick_start = t
         for d in self.decode:
@@ -672,7 +695,8 @@ class Cluster:
         owner = self._owner[rid]
         if owner is not None:
             owner.held_tokens -= self._prompt[rid]
-            owner.ttft.append((land_s, ttft))
+            owner.lat_t.append(land_s)
+            owner.lat_v.append(ttft)
             if owner.held_tokens < 0.5:
                 owner.held_tokens = 0.0
 
@@ -717,7 +741,8 @@ class Cluster:
                 d.reserved += ctx0
 
     def _run(self, d: _Decode, t: float, dt: float) -> None:
-        self._admit(d, t, t + dt)
+        if d.waiting or d.landing:
+            self._admit(d, t, t + dt)
         n = len(d.running)
         if n == 0:
             return
@@ -753,7 +778,8 @@ class Cluster:
             self.done_s[rid] = done
             tbt = (done - self.first_token_s[rid]) / self._steps[rid]
             self.tbt_s[rid] = tbt
-            d.tbt.append((done, tbt))
+            d.lat_t.append(done)
+            d.lat_v.append(tbt)
             self.tbt_log_t.append(done)
             self.tbt_log_v.append(tbt)
             self.completed.append(rid)

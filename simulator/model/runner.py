@@ -111,9 +111,8 @@ def simulate(workload: Workload, spec: ClusterSpec, controller: Controller, *,
     interval = settings.interval_s
     while t < duration - 1e-9:
         t_end = min(duration, t + max(interval, spec.tick_s))
-        while nxt < n and arrivals[nxt] < t_end:
-            cluster.submit(nxt)
-            nxt += 1
+        nxt = min(n, int(np.searchsorted(arrivals, t_end, side="left")))
+        cluster.submit_through(nxt)
         cluster.advance_to(t_end)
         t = cluster.now_s
         window = _window(cluster, sidecars, t, settings.window_s)
@@ -131,6 +130,7 @@ def simulate(workload: Workload, spec: ClusterSpec, controller: Controller, *,
                     cluster.cross_share = placement.cross_switch_share()
         if progress is not None:
             progress(min(1.0, t / duration))
+    cluster.rec.finish()
     summary = _summary(cluster, settings, duration, decisions, nxt)
     if settings.report_loss > 0:
         summary["reports_lost"] = sidecars.lost
@@ -159,16 +159,16 @@ def _window(cluster: Cluster, sidecars: Sidecars, now_s: float, window_s: float)
     # Sidecars report per ready instance; the coordinator sums them.
     p_inst = max(1e-9, cluster.instance_seconds("prefill", lo_s=lo, hi_s=hi, ready_only=True))
     d_inst = max(1e-9, cluster.instance_seconds("decode", lo_s=lo, hi_s=hi, ready_only=True))
-    p_busy = rec.prefill_busy_s[sl].sum() / p_inst
-    d_active = rec.decode_active_s[sl].sum() / d_inst
-    d_compute = rec.decode_compute_s[sl].sum() / max(1e-9, rec.decode_active_s[sl].sum())
+    p_busy = sum(rec.prefill_busy_s[sl]) / p_inst
+    d_active = sum(rec.decode_active_s[sl]) / d_inst
+    d_compute = sum(rec.decode_compute_s[sl]) / max(1e-9, sum(rec.decode_active_s[sl]))
     eff = cluster.spec.decode.eff
     ttft_p90, tbt_p90 = sidecars.pooled_latency_p90(now_s)
     return Window(
         now_s=now_s, window_s=window_s,
-        prefill_tps=rec.prefill_tokens[sl].sum() / span,
-        prefill_uncached_tps=rec.prefill_uncached_tokens[sl].sum() / span,
-        decode_tps=rec.decode_tokens[sl].sum() / span,
+        prefill_tps=sum(rec.prefill_tokens[sl]) / span,
+        prefill_uncached_tps=sum(rec.prefill_uncached_tokens[sl]) / span,
+        decode_tps=sum(rec.decode_tokens[sl]) / span,
         ttft_p90_s=ttft_p90, tbt_p90_s=tbt_p90,
         prefill_gpu_util=pm.gpu_utilization("prefill", busy_fraction=p_busy, eff=eff),
         decode_gpu_util=pm.gpu_utilization("decode", busy_fraction=d_active, eff=eff),

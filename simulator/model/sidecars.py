@@ -104,26 +104,24 @@ class Sidecars:
             common = dict(service=self.service_name, role=inst.role, pod=f"{inst.role}-{inst.index}",
                           engine="simulator", engine_up=True, stale=False, observed_at=now_s,
                           window_s=self.window_s, started_at=inst.ready_s, gpu_mode="emulator")
+            ts, vs = inst.lat_t, inst.lat_v
+            while ts and ts[0] < lo:
+                ts.popleft()
+                vs.popleft()
             if inst.role == "prefill":
-                samples = inst.ttft
-                while samples and samples[0][0] < lo:
-                    samples.popleft()
                 busy = min(1.0, delta[2] / span)
                 report = SidecarReport(
                     prefill_tps=delta[0] / span, prefill_uncached_tps=delta[1] / span,
                     requests_waiting=float(len(inst.queue)), requests_running=1.0 if inst.free_s > now_s else 0.0,
-                    ttft_p90_s=p90(v for _, v in samples),
+                    ttft_p90_s=p90(vs),
                     gpus=(GpuReading("0", utilization_ratio=pm.gpu_utilization("prefill", busy_fraction=busy, eff=eff),
                                      sm_activity_ratio=pm.sm_activity("prefill", busy_fraction=busy, eff=eff)),),
                     **common)
             else:
-                samples = inst.tbt
-                while samples and samples[0][0] < lo:
-                    samples.popleft()
                 active = min(1.0, delta[1] / span)
                 compute = delta[2] / delta[1] if delta[1] > 0 else 0.0
                 report = SidecarReport(
-                    decode_tps=delta[0] / span, tbt_p90_s=p90(v for _, v in samples),
+                    decode_tps=delta[0] / span, tbt_p90_s=p90(vs),
                     requests_running=float(len(inst.running)), requests_waiting=float(len(inst.waiting)),
                     requests_deferred=float(len(inst.landing)),
                     kv_cache_usage_ratio=min(1.0, (inst.context() + inst.reserved) / max(1.0, c._cap)),
