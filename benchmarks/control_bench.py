@@ -339,7 +339,8 @@ def run_day(day: Day, *, quick: bool, names: tuple[str, ...], pressure_cache: di
                "ttft_p90_s": s["ttft_p90_s"], "tbt_p90_s": s["tbt_p90_s"],
                "scaling_actions": s["scaling_actions"], "reversals": s["direction_reversals"],
                "reversals_per_2h": round(s["direction_reversals"] / (duration / 7200.0), 2),
-               "mean_instances": s["mean_instances"]}
+               "mean_instances": s["mean_instances"],
+               "decision_reasons": s.get("decision_reasons")}
         if day.step_s is not None:
             row.update(step_times(res, day.step_s(quick), service.slo.ttft_s, service.slo.tbt_s))
         rows[name] = row
