@@ -29,7 +29,8 @@ the lead tunes the policy only on ``tune`` days and judges it on ``held_out`` on
   decode instances' worth for 20 minutes, then 3× for 40; curated on that mix.
 
 Metrics per policy per day: GPU-hours and their ratio to static-peak; SLO attainment
-(share of requests with TTFT and mean TBT within the SLO); the share of minutes whose
+(share of requests with TTFT and mean TBT within the SLO; the run continues 300 s past
+the last arrival so that requests in flight can finish); the share of minutes whose
 p90 TTFT / p90 TBT is within its SLO (the runner reports attainment per request only
 for both together); direction reversals, in total and per 2 hours; for the step, the
 time from the step to the first scale-out and to the SLO restored (the start of the
@@ -72,6 +73,7 @@ from heteroscale.simulator.traces import Workload  # noqa: E402
 
 TRACES = REPO.parent / "shared" / "traces"
 DATA = REPO / "tests" / "data"
+DRAIN_S = 300.0
 POLICIES = ("heteroscale", "heteroscale-adapt", "independent-tps", "hpa-gpu-util", "latency-only",
             "static-peak", "periodic")
 
@@ -311,7 +313,9 @@ def run_day(day: Day, *, quick: bool, names: tuple[str, ...], pressure_cache: di
         policies.BaselineSettings(), peak_decode_tps=float(policies.peak_decode_tps(yesterday).max()),
         hourly_decode_tps=hourly))
     duration = day.duration_s(quick)
-    settings = RunSettings(interval_s=cfg.interval_s, window_s=cfg.window_s, duration_s=duration, seed=1,
+    # Arrivals stop at the day's end; the run goes on DRAIN_S so that requests in flight
+    # finish (otherwise every policy "misses" the last minute's long answers alike).
+    settings = RunSettings(interval_s=cfg.interval_s, window_s=cfg.window_s, duration_s=duration + DRAIN_S, seed=1,
                            slo_ttft_s=service.slo.ttft_s, slo_tbt_s=service.slo.tbt_s)
     initial = policies.counts_for_tps(service, float(policies.peak_decode_tps(yesterday)[:1].max()), 1.2)
     log(f"{day.key}: curated on {day.tuning_label}: {pressure['pd_ratio']}, τ {tau:g}, "
@@ -336,7 +340,8 @@ def run_day(day: Day, *, quick: bool, names: tuple[str, ...], pressure_cache: di
                "ttft_p90_s": s["ttft_p90_s"], "tbt_p90_s": s["tbt_p90_s"],
                "scaling_actions": s["scaling_actions"], "reversals": s["direction_reversals"],
                "reversals_per_2h": round(s["direction_reversals"] / (duration / 7200.0), 2),
-               "mean_instances": s["mean_instances"]}
+               "mean_instances": s["mean_instances"],
+               "decision_reasons": s.get("decision_reasons")}
         if day.step_s is not None:
             row.update(step_times(res, day.step_s(quick), service.slo.ttft_s, service.slo.tbt_s))
         rows[name] = row
