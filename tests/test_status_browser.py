@@ -85,6 +85,7 @@ PAGE_STATE = f"""
     tiers: inner ? Array.from(inner.querySelectorAll("table.groups tr td:nth-child(3)")).map((td) => td.textContent) : [],
     kvRows: inner ? inner.querySelectorAll("#kv-connector tr").length - 1 : -1,
     kvText: inner && inner.getElementById("kv-connector") ? inner.getElementById("kv-connector").textContent : "",
+    bandwidthText: inner && inner.getElementById("kv-bandwidth") ? inner.getElementById("kv-bandwidth").textContent : "",
     gpuNote: inner && inner.getElementById("gpu-note") ? inner.getElementById("gpu-note").textContent : "",
   }});
  }} catch (err) {{ return JSON.stringify({{error: String(err), updates: 0}}); }}
@@ -352,6 +353,8 @@ async def test_status_page_loads_draws_and_updates_in_chromium(tmp_path):
                 # Deployment Groups show their tier; the demo's real KV bytes show as connector figures
                 assert state["tiers"] and "–" not in state["tiers"], state
                 assert "engine: vllm_nixl" in state["kvText"]
+            # the bandwidth map from the engines' connector metrics: the DG's pairs, all healthy
+            assert "engine connector" in later["bandwidthText"] and "0 flagged" in later["bandwidthText"], later
             started = time.monotonic()
             shoot_at = float(os.environ.get("HETEROSCALE_SCREENSHOT_AT_S", "0"))
             if shoot_at:
