@@ -136,13 +136,14 @@ def bandwidth_families(maps: BandwidthMap | Iterable[BandwidthMap]) -> list[Metr
     """The three families for one map or several (one per service tick)."""
     maps = [maps] if isinstance(maps, BandwidthMap) else list(maps)
     pairs = GaugeMetricFamily("heteroscale_kv_bandwidth_bytes_per_second",
-                              "Achievable KV-transfer bytes/s of a prefill->decode pair (active probe).",
+                              "Achievable KV-transfer bytes/s of a prefill->decode pair (active probe, or estimated "
+                              "from the engines' connector speeds within a Deployment Group).",
                               labels=["service", "prefill", "decode", "locality"])
     medians = GaugeMetricFamily("heteroscale_kv_bandwidth_median_bytes_per_second",
-                                "Median probed bytes/s over same-switch or cross-switch pairs.",
+                                "Median bytes/s over same-switch or cross-switch pairs.",
                                 labels=["service", "locality"])
     flagged = GaugeMetricFamily("heteroscale_kv_bandwidth_flagged_pairs",
-                                "Pairs whose probed rate is far below the median of their peers.",
+                                "Pairs whose rate is far below the median of their peers.",
                                 labels=["service"])
     for bmap in maps:
         for svc in bmap.services:

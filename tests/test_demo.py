@@ -467,3 +467,83 @@ def test_kv_transfer_summary_rows_and_sums_from_sidecar_reports():
                                    "connector": "vllm_nixl", "bytes_per_second": 2e5, "transfers_per_second": 1.5,
                                    "latency_p90_s": 0.01, "window_s": 5.0}
     assert kv_transfer_summary(reports[3:]) is None            # nothing measured: absent, not zero
+
+
+# ---------------------------------------------------------------- a degraded KV link
+
+@pytest.mark.parametrize("value, needle", [
+    ("pod-z:3", "no switch named pod-z"),
+    ("pod-b:1", "FACTOR must be above 1"),
+    ("pod-b:fast", "FACTOR must be a number"),
+    ("a-l20,b-h20,pod-a", "SWITCH,SWITCH"),
+])
+def test_bad_degrade_link_is_one_line_and_exit_2(value, needle):
+    proc = subprocess.run([sys.executable, "-m", "heteroscale", "demo", "--degrade-link", value], cwd=REPO,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert needle in proc.stderr and "--degrade-link" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+
+
+def _get_json(url: str) -> dict:
+    import urllib.request
+    with urllib.request.urlopen(url, timeout=5) as resp:
+        return json.loads(resp.read())
+
+
+@pytest.mark.slow
+def test_a_degraded_link_is_flagged_from_engine_metrics_and_placement_then_avoids_it(tmp_path):
+    """``--degrade-link pod-b``: the emulators' NIXL histograms (read by the real sidecars)
+    make pod-b's Deployment Group measure a quarter of pod-a's; the status document's
+    kv_bandwidth flags pod-b's pairs (source engine_connector) and the placement that
+    follows releases pod-b first, or places elsewhere, and says why."""
+    report_path = tmp_path / "report.json"
+    (port,) = free_ports(1)
+    base = f"http://127.0.0.1:{port}"
+    proc = _demo("--duration", "80", "--max-instances", "15", "--startup-delay", "1", "--listen",
+                 f"127.0.0.1:{port}", "--degrade-link", "pod-b", "--report", str(report_path))
+    flagged_doc = flagged_at = None
+    where: dict[str, str] = {}
+    try:
+        deadline = time.monotonic() + 300
+        while proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(1.0)
+            try:
+                before = _get_json(f"{base}/api/v1/demo")
+                status = _get_json(f"{base}/api/v1/status")
+            except OSError:
+                continue
+            where.update({i["name"]: i["s2"] for i in before["instances"]})
+            bw = status["services"][0]["kv_bandwidth"]
+            if flagged_doc is None and bw and bw["flagged"]:
+                flagged_doc, flagged_at = bw, before["elapsed_s"]
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out
+    assert "degraded KV links: pod-b 4x slower" in out
+    assert flagged_doc is not None, out
+    # The map is built from the engines' connector metrics, and what it flags is pod-b's.
+    assert {p["source"] for p in flagged_doc["pairs"]} == {"engine_connector"}
+    flagged = [p for p in flagged_doc["pairs"] if p["flagged"]]
+    assert flagged and all(where.get(p["prefill"]) == where.get(p["decode"]) == "pod-b" for p in flagged), flagged
+    healthy = [p for p in flagged_doc["pairs"] if where.get(p["prefill"]) == "pod-a"]
+    assert healthy and not any(p["flagged"] for p in healthy)
+    slowest_healthy = min(p["bytes_per_second"] for p in healthy)
+    assert all(p["bytes_per_second"] < 0.5 * slowest_healthy for p in flagged)      # 4x slower: ~25%
+    # Every placement after the flag keeps away from pod-b, and at least one says so.
+    report = json.loads(report_path.read_text())
+    assert report["degraded_links"] == ["pod-b"]
+    later = [p for p in report["placements"] if p["at"] >= flagged_at]
+    assert later, report["placements"]
+    for p in later:
+        for a in p["allocations"]:
+            assert a["s2"] != "pod-b" or "no healthy domain fits" in a["why"], p
+    # The first scale-in after it releases pod-b first because of the measurement. (Without
+    # it the smaller pod-b DG would go first too, by size: the why is what tells them apart;
+    # tests/test_bandwidth_placement.py has the cases where the measurement changes the choice.)
+    first_in = next(p for p in later if p["releases"])
+    assert "pod-b" in first_in["releases"][0]["why"], first_in
+    assert "measured KV bandwidth is low here" in first_in["releases"][0]["why"], first_in
+    assert "placement: " in out and "measured KV bandwidth" in out

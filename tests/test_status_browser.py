@@ -85,6 +85,7 @@ PAGE_STATE = f"""
     tiers: inner ? Array.from(inner.querySelectorAll("table.groups tr td:nth-child(3)")).map((td) => td.textContent) : [],
     kvRows: inner ? inner.querySelectorAll("#kv-connector tr").length - 1 : -1,
     kvText: inner && inner.getElementById("kv-connector") ? inner.getElementById("kv-connector").textContent : "",
+    bandwidthText: inner && inner.getElementById("kv-bandwidth") ? inner.getElementById("kv-bandwidth").textContent : "",
     gpuNote: inner && inner.getElementById("gpu-note") ? inner.getElementById("gpu-note").textContent : "",
   }});
  }} catch (err) {{ return JSON.stringify({{error: String(err), updates: 0}}); }}
@@ -206,6 +207,23 @@ def _status_doc(*, newer_fields: bool) -> dict:
             {"pod": "chat-d1", "role": "decode", "direction": "receive", "source": "engine",
              "connector": "vllm_nixl", "bytes_per_second": 1.5e9, "transfers_per_second": 2.0,
              "latency_p90_s": None, "window_s": 5.0}]}
+
+        def pair(p, d, group, bps, flagged=False):
+            return {"prefill": p, "decode": d, "source": "engine_connector", "bytes_per_second": bps, "rtt_s": None,
+                    "age_s": 1.0, "locality": "cross_switch", "shared_domain": "s2", "group": group, "error": None,
+                    "reference_bytes_per_second": 24.4e6, "flagged": flagged,
+                    "reason": "25% of the median of 2 other pair(s) (cross_switch)" if flagged else None}
+        # a degraded link (heteroscale demo --degrade-link pod-b): the flagged pair is listed first
+        svc["kv_bandwidth"] = {
+            "service": "chat", "pairs": [pair("chat-p0", "chat-d1", "chat-g0", 24.4e6),
+                                         pair("chat-p2", "chat-d1", "chat-g0", 24.4e6),
+                                         pair("chat-p5", "chat-d6", "chat-g1", 6.1e6, flagged=True)],
+            "same_switch_median_bytes_per_second": None, "cross_switch_median_bytes_per_second": 24.4e6,
+            "cross_to_same_ratio": None,
+            "groups": [{"group": "chat-g0", "pairs": 2, "median_bytes_per_second": 24.4e6},
+                       {"group": "chat-g1", "pairs": 1, "median_bytes_per_second": 6.1e6}],
+            "flagged": [{"prefill": "chat-p5", "decode": "chat-d6", "reason": "25% of the median"}],
+            "stale": 0, "malformed": 0}
     return {"leader": True, "identity": "test", "backend": "local", "dry_run": False, "writes": True,
             "interval_s": 1.0, "ticks": 42, "last_tick_duration_s": 0.01, "now": time.time(), "services": [svc]}
 
@@ -223,6 +241,9 @@ CARD_STATE = """
     draining: Array.from(card.querySelectorAll("table.groups tr td:nth-child(6)")).map((td) => td.textContent),
     gpuNote: (card.querySelector("#gpu-note") || {}).textContent || "",
     kvRows: card.querySelectorAll("#kv-connector tr").length - 1,
+    bandwidthRows: Array.from(card.querySelectorAll("#kv-bandwidth tr")).slice(1).map((tr) =>
+      [tr.className, ...Array.from(tr.querySelectorAll("td")).map((td) => td.textContent)]),
+    bandwidthText: (card.querySelector("#kv-bandwidth") || {}).textContent || "",
     tick: document.body.dataset.tick || "",
   });
 })()
@@ -283,6 +304,12 @@ async def test_status_page_labels_sources_and_explains_what_it_counts(tmp_path):
     assert newer["gpuNote"].startswith("GPUs held: 10 = 7 by the pools + 3 by draining instances")
     assert newer["kvRows"] == 2 and "engine: vllm_nixl" in newer["text"]
     assert "1.50 GB/s sent" in newer["text"] and "12 ms" in newer["text"]
+    # the bandwidth map: flagged pair first and red, its source, group and rate, the DG medians
+    first, *rest = newer["bandwidthRows"]
+    assert first[:7] == ["err", "chat-p5", "chat-d6", "chat-g1", "cross_switch", "engine connector", "6.10 MB/s"]
+    assert "25% of the median" in first[-1] and [r[0] for r in rest] == ["", ""]
+    assert "3 pair(s)" in newer["bandwidthText"] and "1 flagged" in newer["bandwidthText"]
+    assert "median per Deployment Group: chat-g0 24.40 MB/s, chat-g1 6.10 MB/s" in newer["bandwidthText"]
     # a document without the newer fields still renders, with dashes where they would be
     assert older["tiers"] == ["–"] and older["draining"] == ["–"] and not older["gpuNote"]
     assert older["kvRows"] == -1
@@ -326,6 +353,8 @@ async def test_status_page_loads_draws_and_updates_in_chromium(tmp_path):
                 # Deployment Groups show their tier; the demo's real KV bytes show as connector figures
                 assert state["tiers"] and "–" not in state["tiers"], state
                 assert "engine: vllm_nixl" in state["kvText"]
+            # the bandwidth map from the engines' connector metrics: the DG's pairs, all healthy
+            assert "engine connector" in later["bandwidthText"] and "0 flagged" in later["bandwidthText"], later
             started = time.monotonic()
             shoot_at = float(os.environ.get("HETEROSCALE_SCREENSHOT_AT_S", "0"))
             if shoot_at:

@@ -521,6 +521,9 @@ class DeploymentGroupActuator:
             notes.append(f"shortfall {short.prefill}P/{short.decode}D")
             await self._shortfall_event(service, short, result)
         notes += list(result.reasons.get(service.name, ()))
+        # where the measured KV bandwidth steered this cycle (a slow domain avoided or released first)
+        notes += list(dict.fromkeys(x.why for x in (*result.allocations, *result.releases)
+                                    if "measured KV bandwidth" in x.why))
         return ApplyResult(applied=placed, note="; ".join(notes), shortfall=short)
 
     def use_bandwidth(self, service: str, bandwidth: ServiceBandwidth | None) -> None:

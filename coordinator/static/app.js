@@ -170,7 +170,7 @@ function kvSection(s) {
 function bandwidthTable(bw, haveConnectors = false) {
   if (!bw) {
     return el("p", { class: "muted" }, haveConnectors
-      ? "Active probes: none reported (the prefill × decode bandwidth map needs sidecars started with KV probe peers)."
+      ? "Bandwidth map: none yet (it needs KV probe peers, or engine connector speeds of instances in Deployment Groups)."
       : "No KV-transfer probes or engine connector metrics reported.");
   }
   const ratio = bw.cross_to_same_ratio;
@@ -179,12 +179,19 @@ function bandwidthTable(bw, haveConnectors = false) {
     + `${rate(bw.cross_switch_median_bytes_per_second)}`
     + (ratio === null || ratio === undefined ? "" : ` (cross/same ${fmt(ratio * 100)}%)`)
     + `; ${bw.flagged.length} flagged`);
-  const rows = bw.pairs.slice(0, 20).map((p) => el("tr", { class: p.flagged ? "err" : "" },
-    el("td", {}, p.prefill), el("td", {}, p.decode), el("td", {}, p.locality),
+  // flagged pairs first, so a slow link is on screen however many pairs there are
+  const ordered = bw.pairs.filter((p) => p.flagged).concat(bw.pairs.filter((p) => !p.flagged));
+  const groups = (bw.groups || []).map((g) => `${g.group} ${rate(g.median_bytes_per_second)}`).join(", ");
+  const rows = ordered.slice(0, 20).map((p) => el("tr", { class: p.flagged ? "err" : "" },
+    el("td", {}, p.prefill), el("td", {}, p.decode), el("td", {}, p.group || "–"), el("td", {}, p.locality),
+    el("td", {}, p.source === "engine_connector" ? "engine connector" : (p.source || "probe")),
     el("td", {}, p.error ? `error: ${p.error}` : rate(p.bytes_per_second)),
     el("td", {}, ms(p.rtt_s)), el("td", { class: "muted" }, p.reason || "")));
-  return el("div", {}, summary, el("table", {}, el("tr", {},
-    ...["prefill", "decode", "locality", "rate", "rtt", "flag"].map((h) => el("th", {}, h))), ...rows));
+  return el("div", { id: "kv-bandwidth" }, summary,
+    groups ? el("p", { class: "muted" }, `median per Deployment Group: ${groups}`) : "",
+    el("table", {}, el("tr", {},
+      ...["prefill", "decode", "group", "locality", "source", "rate", "rtt", "flag"].map((h) => el("th", {}, h))),
+    ...rows));
 }
 
 function serviceCard(s) {
