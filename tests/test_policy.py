@@ -601,11 +601,19 @@ def test_the_effective_target_recovers_slowly_while_latency_is_well_inside():
     assert "back up to" in state.target.why
 
 
-def test_a_ttft_breach_with_decode_healthy_does_not_teach_the_target():
-    # TTFT breaks while TBT is fine and decode does not queue: prefill is short, not decode.
-    svc = service()
-    d, state = applied(svc, obs((13, 10), 19200, ttft=1.3, tbt=0.02), state=PolicyState(), now_s=0.0)
+def test_a_prefill_side_breach_teaches_the_target_only_while_the_ratio_cannot_move():
+    # TTFT breaks while TBT is fine and decode does not queue: prefill is short. Under
+    # pd_ratio_mode adapt that is the ratio's to fix: τ learns nothing.
+    adapt = service(pd_ratio_mode="adapt")
+    d, state = applied(adapt, obs((13, 10), 19200, ttft=1.3, tbt=0.02), state=PolicyState(), now_s=0.0)
     assert d.reason == "latency_severe" and state.target.scale == 1.0
+    # With the ratio fixed (advise, the default, or fixed), decode's count is the only lever:
+    # without a lower τ the tokens/s rule would hand back what the net added (the flapping
+    # of the drift day), so the breach at 80% of τ teaches it.
+    for mode in ("advise", "fixed"):
+        svc = service(pd_ratio_mode=mode)
+        d, state = applied(svc, obs((13, 10), 19200, ttft=1.3, tbt=0.02), state=PolicyState(), now_s=0.0)
+        assert d.reason == "latency_severe" and state.target.scale < 1.0
 
 
 # ---------------------------------------------------------------- demand, KV pressure, cold start

@@ -556,7 +556,10 @@ def _latency_net(service: "ServiceConfig", proposal: Proposal, *, observation: O
     if lat_d > max(proposal.decode, current):
         proposal = Proposal(decode=lat_d, reason=reason,
                             detail=f"p90 latency at {ratio:.2f}x SLO: +{step:.0%} both pools")
-    return proposal, max(want, lat_d), decode_breach
+    # With the ratio fixed (not ``adapt``), decode's count is the only lever for a
+    # prefill-side breach too: both pools move together, so that breach teaches τ as well.
+    # Under ``adapt`` a prefill-side breach is the ratio's to fix.
+    return proposal, max(want, lat_d), decode_breach or service.pd_ratio_mode != "adapt"
 
 
 def _gate_scale_out(service: "ServiceConfig", proposal: Proposal, *, state: PolicyState, current: int,
