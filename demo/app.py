@@ -98,6 +98,9 @@ class DemoSettings:
         2.5 × the modelled prefill time of the trace's 90th-percentile prompt, rounded up
         to 0.5 s: long prompts dominate TTFT's tail, and an SLO the hardware cannot meet
         would keep the latency safety net firing at any load.
+    degrade_links: ``--degrade-link`` values, ``SWITCH[,SWITCH][:FACTOR]``: KV transfers
+        crossing such a link take FACTOR (default 4) times their modelled time
+        (``demo.emulator.links``); the switches must exist in the topology.
     """
 
     duration_s: float = 180.0
@@ -119,7 +122,7 @@ class DemoSettings:
     tbt_slo_s: float = 0.05
     log_dir: Path | None = None
     quiet: bool = False
-    degrade_links: tuple[str, ...] = ()   # --degrade-link values (demo.emulator.links syntax)
+    degrade_links: tuple[str, ...] = ()
 
     def problems(self) -> list[str]:
         out = []

@@ -523,6 +523,7 @@ def test_a_degraded_link_is_flagged_from_engine_metrics_and_placement_then_avoid
             proc.kill()
     assert proc.returncode == 0, out
     assert "degraded KV links: pod-b 4x slower" in out
+    assert "pod-b" in where.values(), f"the load never grew the fleet into pod-b (past 8P2D):\n{out}"
     assert flagged_doc is not None, out
     # The map is built from the engines' connector metrics, and what it flags is pod-b's.
     assert {p["source"] for p in flagged_doc["pairs"]} == {"engine_connector"}

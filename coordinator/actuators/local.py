@@ -31,7 +31,12 @@ Lifecycle of an instance::
   path.
 
 It is also the collector's ``ReportSource``: the sidecars of ready instances are the
-report targets (starting ones are not expected to report yet).
+report targets (starting ones are not expected to report yet); a ``TopologySource``
+(``switches``, ``pod_groups``: the KV bandwidth map places and groups pairs with them);
+and ``BandwidthAware``: the next placement prefers domains whose KV pairs measure well
+(``core.bandwidth.placement_hints``). Each emulator learns its switch (``--kv-location``)
+so the demo's modelled KV links can be degraded (``--degrade-link``). Every placement
+cycle, with the placement code's reasons, is kept in ``placements`` (the last 100).
 """
 
 from __future__ import annotations
@@ -54,8 +59,8 @@ import yaml
 from heteroscale.net import free_ports
 from heteroscale.coordinator.core.bandwidth import PlacementHints, ServiceBandwidth, placement_hints
 from heteroscale.coordinator.core.gate import gate_admit
-from heteroscale.coordinator.core.placement import (DeploymentGroup, LEVEL_OF_AFFINITY, RoleGroup, demand_from_service,
-                                                    plan, with_bandwidth)
+from heteroscale.coordinator.core.placement import (DeploymentGroup, LEVEL_OF_AFFINITY, PlacementPlan, RoleGroup,
+                                                    demand_from_service, plan, with_bandwidth)
 from heteroscale.coordinator.core.topology import (TIER_VALUE, ClusterView, TopologyKeys, build_view,
                                                    nodes_from_document)
 from heteroscale.coordinator.seams import ReportTarget
@@ -318,7 +323,7 @@ class LocalActuator:
         note = "; ".join([*whys, *result.reasons.get(service.name, ())])
         return ApplyResult(applied=placed, note=note, shortfall=shortfall)
 
-    def _remember_placement(self, service: str, decision: Decision, result: Any) -> None:
+    def _remember_placement(self, service: str, decision: Decision, result: PlacementPlan) -> None:
         """Keep what placement did and why (``placements``: the demo shows and reports them)."""
         self.placements.append({
             "at": self.clock(), "service": service, "reason": decision.reason,
