@@ -177,6 +177,7 @@ class _Instance:
         self.accepting = True
         self.stopped_s: float | None = None  # when it stopped taking traffic
         self.removed_s: float | None = None  # when its GPUs were released (or it was cancelled)
+        self.warm_at_start = False            # one of the initial instances, serving before t = 0
 
 
 class _Prefill(_Instance):
@@ -391,8 +392,9 @@ class Cluster:
                 return False
             self._gpus_free[rs.gpu.name] = free - rs.tp
         inst.placed_s = now_s
-        if initial:
+        if initial:                       # up long before the run began (no warm-up)
             inst.ready_s = now_s
+            inst.warm_at_start = True
         else:
             jitter = self.spec.startup_jitter_s
             start = self.spec.role_startup_s(inst.role)

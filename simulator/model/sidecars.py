@@ -103,7 +103,8 @@ class Sidecars:
             self.sent += 1
             common = dict(service=self.service_name, role=inst.role, pod=f"{inst.role}-{inst.index}",
                           engine="simulator", engine_up=True, stale=False, observed_at=now_s,
-                          window_s=self.window_s, started_at=inst.ready_s, gpu_mode="emulator")
+                          window_s=self.window_s, gpu_mode="emulator",
+                          started_at=None if inst.warm_at_start else inst.ready_s)
             ts, vs = inst.lat_t, inst.lat_v
             while ts and ts[0] < lo:
                 ts.popleft()
