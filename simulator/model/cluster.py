@@ -333,7 +333,7 @@ class Cluster:
         self._rr = 0
         self._submitted = 0                             # requests [0, _submitted) handed over
         self._routed = 0                                # requests [0, _routed) routed to prefill
-        self._p_busy: set[_Prefill] = set()             # instances with a queue
+        self._p_busy: dict[_Prefill, None] = {}         # instances with a queue (insertion order: deterministic)
         self._prefilled: list[tuple[float, int, _Prefill]] = []   # (prefill end, rid, instance)
         self._owner: list[_Prefill | None] = [None] * n
         self._pfin = [0.0] * n                           # prefill end per request
@@ -554,7 +554,7 @@ class Cluster:
         start = best.proj_s if best.proj_s > arrive else arrive
         best.proj_s = start + dur
         self._owner[rid] = best
-        self._p_busy.add(best)
+        self._p_busy[best] = None
 
     def _run_prefill(self, p: _Prefill, end: float) -> None:
         q = p.queue
@@ -628,7 +628,7 @@ class Cluster:
             for p in list(self._p_busy):
                 self._run_prefill(p, end)
                 if not p.queue:
-                    self._p_busy.discard(p)
+                    del self._p_busy[p]
         # 3. Finished prefills join a decode instance's admission queue.
         ready = self._ready_d
         if ready:
