@@ -144,7 +144,8 @@ def test_fidelity_keys_load_into_the_cluster_spec():
     assert (c.role_startup_s("prefill"), c.role_startup_s("decode"), c.startup_jitter_s) == (90.0, 150.0, 5.0)
     assert dict(c.gpu_capacity) == {"H20": 8, "L40S": 4}
     assert (c.kv_uplink_gbps, c.kv_switches, dict(c.degraded_links)) == (800.0, 2, {1: 0.25})
-    assert (c.prefill_kv_buffer_ratio, c.preemption, c.router, c.prefix_cache_ratio) == (0.5, "swap", "round-robin", 0.2)
+    assert (c.prefill_kv_buffer_ratio, c.preemption, c.router, c.prefix_cache_ratio) == (
+        0.5, "swap", "round-robin", 0.2)
     assert cfg.report_loss == 0.1
 
 
