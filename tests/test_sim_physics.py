@@ -326,3 +326,12 @@ def test_a_pending_instance_starts_when_a_draining_one_releases_its_gpus():
     new = max(cluster.decode, key=lambda d: d.created_s)
     assert new.placed_s > 31.0 and new.ready_s == new.placed_s + 10.0
     assert cluster.ready_counts(200.0) == (2, 2)
+
+
+def test_many_prefills_feeding_one_decode_queue_on_its_nic():
+    # Six prefill instances, one decode instance, 50 Gbit/s NICs: every transfer lands
+    # through the one decode NIC, so they wait for each other although each prefill NIC idles.
+    wl = _load(3.0, 120.0, prompt=8000, output=20)
+    one = _run(wl, (6, 1), spec=_spec(kv_link_gbps=50.0), duration_s=150).summary
+    three = _run(wl, (6, 3), spec=_spec(kv_link_gbps=50.0), duration_s=150).summary
+    assert one["kv_transfer_wait_s"] > 2 * three["kv_transfer_wait_s"]

@@ -19,8 +19,8 @@ exact-enough techniques instead of simulating every token, in ``tick_s`` steps:
   consumer): a finished prefill joins a decode instance's queue; it is admitted when
   the instance has a batch slot (``decode_max_batch``) and KV room
   (``kv_watermark`` of capacity). Only then does its KV move
-  (``simulator/model/links.py``: each prefill NIC and the cross-switch uplink
-  are shared, FIFO) and only when it lands does the client see the first token —
+  (``simulator/model/links.py``: the prefill and decode NICs and the cross-switch
+  uplink are shared, FIFO) and only when it lands does the client see the first token —
   so a decode shortage shows in TTFT, and a full prefill buffer stalls prefill.
 * **Decode** is fluid (continuous batching): each tick every running sequence
   advances by ``tick_s / step_time`` tokens, with the step time from the batch size
@@ -72,8 +72,8 @@ class ClusterSpec:
     startup_jitter_s: each start-up is drawn uniformly within ± this many seconds (seeded).
     gpu_capacity: GPUs of each type the service may hold ({"H20": 64, ...}); a type not
         named is unlimited. An instance that cannot get ``tp`` GPUs stays pending.
-    kv_link_gbps: KV-transfer bandwidth of one prefill instance's NIC (Gbit/s); the
-        transfers leaving one instance share it (FIFO).
+    kv_link_gbps: KV-transfer bandwidth of one instance's NIC (Gbit/s); the transfers
+        leaving a prefill instance, and those arriving at a decode instance, share it (FIFO).
     cross_switch_ratio: share of that bandwidth left across switches (paper: ~0.8).
     cross_switch_share: share of P→D transfers that cross switches (0 with topology-aware
         Deployment Groups; e.g. 0.5 for topology-blind placement).
@@ -222,6 +222,7 @@ class _Decode(_Instance):
         self.waiting: deque[tuple[int, float, float, int]] = deque()
         self.landing: list[tuple[float, int, float, float, int]] = []   # (KV lands at, rid, ctx0, remaining, how)
         self.reserved = 0.0                 # KV tokens allocated to landing transfers
+        self.link_free_s = 0.0              # its NIC's FIFO (incoming KV)
         self.c_tokens = 0.0
         self.c_active_s = 0.0
         self.c_compute_s = 0.0
@@ -725,7 +726,7 @@ class Cluster:
             used += ctx0
             if how == 0:
                 ready_s = pfin[rid] if pfin[rid] > t else t
-                land_s = self.links.transfer(owners[rid], self._prompt[rid], ready_s)
+                land_s = self.links.transfer(owners[rid], d, self._prompt[rid], ready_s)
             elif how == 1:   # recompute prompt + output so far on the decode instance
                 cost = ctx0 * self._recompute_s_per_token
                 d.stall_s += cost
