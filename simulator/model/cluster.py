@@ -7,7 +7,8 @@ exact-enough techniques instead of simulating every token, in ``tick_s`` steps:
 
 * **Routing** (``router``): an arriving request goes to a ready prefill instance —
   ``least-loaded`` (the one whose queue frees first), ``round-robin``, or
-  ``cache-aware`` (the longest prefix hit, ties to the least loaded). Each prefill
+  ``cache-aware`` (where it would finish first: queue wait + prefill of what that
+  instance's cache lacks). Each prefill
   instance keeps its own prefix cache (``simulator/model/prefix.py``).
 * **Prefill** is event-exact per instance: a FIFO queue whose passes take
   ``perfmodel.prefill_time_s`` of the *uncached* tokens. The request's KV stays on
@@ -88,7 +89,7 @@ class ClusterSpec:
         prefilled requests waiting for decode to take their KV.
     preemption: ``recompute`` or ``swap`` (see module docstring).
     swap_gbps: host↔GPU bandwidth for swapped KV (Gbit/s).
-    router: ``least-loaded``, ``round-robin`` or ``cache-aware``.
+    router: ``least-loaded``, ``round-robin`` or ``cache-aware`` (see module docstring).
     prefix_cache_ratio: share of a prefill instance's KV memory kept as its prefix cache
         (0 turns per-instance caches off and uses the trace's cached tokens as given).
     tick_s: fluid decode step; smaller is more exact and slower.
@@ -529,13 +530,22 @@ class Cluster:
         if router == "round-robin":
             self._rr = (self._rr + 1) % k
             best = pool[self._rr]
-        elif router == "cache-aware" and self._blocks is not None:
+        elif router == "cache-aware" and self._per_instance_cache:
+            # The instance where it would finish first: queue wait plus the prefill of what
+            # that instance's cache does not hold (a long prefix match is worth a short wait,
+            # not an unbounded one — SGLang's router also falls back to the shortest queue
+            # when load is imbalanced).
             blocks = self._blocks[rid]
-            best, best_key = pool[0], None
+            prompt = self._prompt[rid]
+            m, g, tp, eff = self._pco
+            best, best_t = pool[0], math.inf
             for p in pool:
-                key = (-p.cache.peek(blocks), p.proj_s if p.proj_s > arrive else arrive)
-                if best_key is None or key < best_key:
-                    best, best_key = p, key
+                hit = p.cache.peek(blocks)
+                start = p.proj_s if p.proj_s > arrive else arrive
+                fin = start + (self._uncached_s[rid] if hit <= 0 else pm.prefill_time_s(
+                    m, g, tp, prompt, cached_tokens=min(hit, prompt - 1), eff=eff))
+                if fin < best_t:
+                    best, best_t = p, fin
         else:
             best = pool[0]
             best_t = best.proj_s
