@@ -67,7 +67,10 @@ def test_the_observation_is_the_coordinators_aggregate_of_sidecar_reports(monkey
     # One report per ready instance, from the simulated sidecars, each with its own window.
     fetched = kwargs["args"][1]
     assert len(fetched) == obs.pools.ready.prefill + obs.pools.ready.decode
-    assert all(f.report.window_s == 30.0 and f.report.started_at is not None for f in fetched)
+    assert all(f.report.window_s == 30.0 for f in fetched)
+    # Instances started by the policy say when (warm-up); those serving before t = 0 do not.
+    assert any(f.report.started_at is not None for f in fetched)
+    assert all(o.warming_decode == 0 and o.fresh_decode == 1 for _, o in agg[:4])   # no warm-up hole at t = 0
     assert obs.decode_tps == sum(f.report.decode_tps for f in fetched if f.role == "decode")
     assert obs.pools.current == PoolCounts(*[res.decisions[-1]["to"][r] for r in ("prefill", "decode")])
     assert obs.decode_tps is not None and obs.decode_tps > 0

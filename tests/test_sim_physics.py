@@ -144,7 +144,8 @@ def test_fidelity_keys_load_into_the_cluster_spec():
     assert (c.role_startup_s("prefill"), c.role_startup_s("decode"), c.startup_jitter_s) == (90.0, 150.0, 5.0)
     assert dict(c.gpu_capacity) == {"H20": 8, "L40S": 4}
     assert (c.kv_uplink_gbps, c.kv_switches, dict(c.degraded_links)) == (800.0, 2, {1: 0.25})
-    assert (c.prefill_kv_buffer_ratio, c.preemption, c.router, c.prefix_cache_ratio) == (0.5, "swap", "round-robin", 0.2)
+    assert (c.prefill_kv_buffer_ratio, c.preemption, c.router, c.prefix_cache_ratio) == (
+        0.5, "swap", "round-robin", 0.2)
     assert cfg.report_loss == 0.1
 
 
@@ -325,3 +326,34 @@ def test_a_pending_instance_starts_when_a_draining_one_releases_its_gpus():
     new = max(cluster.decode, key=lambda d: d.created_s)
     assert new.placed_s > 31.0 and new.ready_s == new.placed_s + 10.0
     assert cluster.ready_counts(200.0) == (2, 2)
+
+
+def test_many_prefills_feeding_one_decode_queue_on_its_nic():
+    # Six prefill instances, one decode instance, 50 Gbit/s NICs: every transfer lands
+    # through the one decode NIC, so they wait for each other although each prefill NIC idles.
+    wl = _load(3.0, 120.0, prompt=8000, output=20)
+    one = _run(wl, (6, 1), spec=_spec(kv_link_gbps=50.0), duration_s=150).summary
+    three = _run(wl, (6, 3), spec=_spec(kv_link_gbps=50.0), duration_s=150).summary
+    assert one["kv_transfer_wait_s"] > 2 * three["kv_transfer_wait_s"]
+
+
+def test_cache_aware_routing_does_not_pile_onto_the_warm_instance():
+    # Every prompt shares one long prefix: a router that only chased the longest match would
+    # send everything to the first instance that saw it. The cache-aware router takes the
+    # instance where the request would finish first, so it accepts a queue only up to what
+    # the hit saves; past one instance's capacity it spreads the load (warming the others).
+    import numpy as np
+    spec = _spec(router="cache-aware")
+    n = 1800
+    rng = np.random.default_rng(3)
+    arrival = np.cumsum(rng.exponential(1 / 30.0, n))              # ~1.5x one warm instance
+    blocks = [list(range(8)) + [1000 + i] for i in range(n)]
+    wl = traces.make_workload("one-prefix", arrival, [9 * 512] * n, [30] * n, block_hashes=blocks)
+    cluster = Cluster(spec, wl, horizon_s=120, initial_prefill=4, initial_decode=4)
+    cluster.submit_through(n)
+    cluster.advance_to(120.0)
+    saved = pm.prefill_time_s(M8, spec.prefill.gpu, 1, 9 * 512) - pm.prefill_time_s(
+        M8, spec.prefill.gpu, 1, 9 * 512, cached_tokens=8 * 512)
+    served = [p.cache.queries for p in cluster.prefill]
+    assert sum(1 for q in served if q > 0) >= 2
+    assert float(np.nanpercentile(cluster.ttft_s, 99)) < saved + 0.5

@@ -7,7 +7,8 @@ exact-enough techniques instead of simulating every token, in ``tick_s`` steps:
 
 * **Routing** (``router``): an arriving request goes to a ready prefill instance —
   ``least-loaded`` (the one whose queue frees first), ``round-robin``, or
-  ``cache-aware`` (the longest prefix hit, ties to the least loaded). Each prefill
+  ``cache-aware`` (where it would finish first: queue wait + prefill of what that
+  instance's cache lacks). Each prefill
   instance keeps its own prefix cache (``simulator/model/prefix.py``).
 * **Prefill** is event-exact per instance: a FIFO queue whose passes take
   ``perfmodel.prefill_time_s`` of the *uncached* tokens. The request's KV stays on
@@ -19,8 +20,8 @@ exact-enough techniques instead of simulating every token, in ``tick_s`` steps:
   consumer): a finished prefill joins a decode instance's queue; it is admitted when
   the instance has a batch slot (``decode_max_batch``) and KV room
   (``kv_watermark`` of capacity). Only then does its KV move
-  (``simulator/model/links.py``: each prefill NIC and the cross-switch uplink
-  are shared, FIFO) and only when it lands does the client see the first token —
+  (``simulator/model/links.py``: the prefill and decode NICs and the cross-switch
+  uplink are shared, FIFO) and only when it lands does the client see the first token —
   so a decode shortage shows in TTFT, and a full prefill buffer stalls prefill.
 * **Decode** is fluid (continuous batching): each tick every running sequence
   advances by ``tick_s / step_time`` tokens, with the step time from the batch size
@@ -72,8 +73,8 @@ class ClusterSpec:
     startup_jitter_s: each start-up is drawn uniformly within ± this many seconds (seeded).
     gpu_capacity: GPUs of each type the service may hold ({"H20": 64, ...}); a type not
         named is unlimited. An instance that cannot get ``tp`` GPUs stays pending.
-    kv_link_gbps: KV-transfer bandwidth of one prefill instance's NIC (Gbit/s); the
-        transfers leaving one instance share it (FIFO).
+    kv_link_gbps: KV-transfer bandwidth of one instance's NIC (Gbit/s); the transfers
+        leaving a prefill instance, and those arriving at a decode instance, share it (FIFO).
     cross_switch_ratio: share of that bandwidth left across switches (paper: ~0.8).
     cross_switch_share: share of P→D transfers that cross switches (0 with topology-aware
         Deployment Groups; e.g. 0.5 for topology-blind placement).
@@ -88,7 +89,7 @@ class ClusterSpec:
         prefilled requests waiting for decode to take their KV.
     preemption: ``recompute`` or ``swap`` (see module docstring).
     swap_gbps: host↔GPU bandwidth for swapped KV (Gbit/s).
-    router: ``least-loaded``, ``round-robin`` or ``cache-aware``.
+    router: ``least-loaded``, ``round-robin`` or ``cache-aware`` (see module docstring).
     prefix_cache_ratio: share of a prefill instance's KV memory kept as its prefix cache
         (0 turns per-instance caches off and uses the trace's cached tokens as given).
     tick_s: fluid decode step; smaller is more exact and slower.
@@ -177,6 +178,7 @@ class _Instance:
         self.accepting = True
         self.stopped_s: float | None = None  # when it stopped taking traffic
         self.removed_s: float | None = None  # when its GPUs were released (or it was cancelled)
+        self.warm_at_start = False            # one of the initial instances, serving before t = 0
 
 
 class _Prefill(_Instance):
@@ -221,6 +223,7 @@ class _Decode(_Instance):
         self.waiting: deque[tuple[int, float, float, int]] = deque()
         self.landing: list[tuple[float, int, float, float, int]] = []   # (KV lands at, rid, ctx0, remaining, how)
         self.reserved = 0.0                 # KV tokens allocated to landing transfers
+        self.link_free_s = 0.0              # its NIC's FIFO (incoming KV)
         self.c_tokens = 0.0
         self.c_active_s = 0.0
         self.c_compute_s = 0.0
@@ -332,7 +335,7 @@ class Cluster:
         self._rr = 0
         self._submitted = 0                             # requests [0, _submitted) handed over
         self._routed = 0                                # requests [0, _routed) routed to prefill
-        self._p_busy: set[_Prefill] = set()             # instances with a queue
+        self._p_busy: dict[_Prefill, None] = {}         # instances with a queue (insertion order: deterministic)
         self._prefilled: list[tuple[float, int, _Prefill]] = []   # (prefill end, rid, instance)
         self._owner: list[_Prefill | None] = [None] * n
         self._pfin = [0.0] * n                           # prefill end per request
@@ -391,8 +394,9 @@ class Cluster:
                 return False
             self._gpus_free[rs.gpu.name] = free - rs.tp
         inst.placed_s = now_s
-        if initial:
+        if initial:                       # up long before the run began (no warm-up)
             inst.ready_s = now_s
+            inst.warm_at_start = True
         else:
             jitter = self.spec.startup_jitter_s
             start = self.spec.role_startup_s(inst.role)
@@ -526,13 +530,22 @@ class Cluster:
         if router == "round-robin":
             self._rr = (self._rr + 1) % k
             best = pool[self._rr]
-        elif router == "cache-aware" and self._blocks is not None:
+        elif router == "cache-aware" and self._per_instance_cache:
+            # The instance where it would finish first: queue wait plus the prefill of what
+            # that instance's cache does not hold (a long prefix match is worth a short wait,
+            # not an unbounded one — SGLang's router also falls back to the shortest queue
+            # when load is imbalanced).
             blocks = self._blocks[rid]
-            best, best_key = pool[0], None
+            prompt = self._prompt[rid]
+            m, g, tp, eff = self._pco
+            best, best_t = pool[0], math.inf
             for p in pool:
-                key = (-p.cache.peek(blocks), p.proj_s if p.proj_s > arrive else arrive)
-                if best_key is None or key < best_key:
-                    best, best_key = p, key
+                hit = p.cache.peek(blocks)
+                start = p.proj_s if p.proj_s > arrive else arrive
+                fin = start + (self._uncached_s[rid] if hit <= 0 else pm.prefill_time_s(
+                    m, g, tp, prompt, cached_tokens=min(hit, prompt - 1), eff=eff))
+                if fin < best_t:
+                    best, best_t = p, fin
         else:
             best = pool[0]
             best_t = best.proj_s
@@ -552,7 +565,7 @@ class Cluster:
         start = best.proj_s if best.proj_s > arrive else arrive
         best.proj_s = start + dur
         self._owner[rid] = best
-        self._p_busy.add(best)
+        self._p_busy[best] = None
 
     def _run_prefill(self, p: _Prefill, end: float) -> None:
         q = p.queue
@@ -626,7 +639,7 @@ class Cluster:
             for p in list(self._p_busy):
                 self._run_prefill(p, end)
                 if not p.queue:
-                    self._p_busy.discard(p)
+                    del self._p_busy[p]
         # 3. Finished prefills join a decode instance's admission queue.
         ready = self._ready_d
         if ready:
@@ -723,7 +736,7 @@ class Cluster:
             used += ctx0
             if how == 0:
                 ready_s = pfin[rid] if pfin[rid] > t else t
-                land_s = self.links.transfer(owners[rid], self._prompt[rid], ready_s)
+                land_s = self.links.transfer(owners[rid], d, self._prompt[rid], ready_s)
             elif how == 1:   # recompute prompt + output so far on the decode instance
                 cost = ctx0 * self._recompute_s_per_token
                 d.stall_s += cost

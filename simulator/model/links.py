@@ -1,8 +1,9 @@
 """KV-transfer links with capacity (pure).
 
-Every P→D transfer leaves through its prefill instance's NIC (``kv_link_gbps``); the
-transfers of one instance share it first come, first served, so a burst of finished
-prefills queues on the wire. A transfer that crosses switches (``cross_share`` of
+Every P→D transfer leaves through its prefill instance's NIC and arrives through its decode
+instance's NIC (``kv_link_gbps`` each); the transfers of one instance share its NIC first
+come, first served, so a burst of finished prefills (or many prefills feeding one decode
+instance) queues on the wire. A transfer that crosses switches (``cross_share`` of
 them, drawn per transfer; placement sets the share from the Deployment Groups) runs
 at ``cross_switch_ratio`` of the NIC's bandwidth and also needs the one inter-switch
 uplink (``kv_uplink_gbps``) that every crossing transfer of the service shares, so
@@ -44,13 +45,15 @@ class KvLinks:
     def switch_of(self, owner: Any) -> int:
         return owner.index % self.switches
 
-    def transfer(self, owner: Any, tokens: float, ready_s: float) -> float:
-        """Move ``tokens`` of KV out of prefill instance ``owner`` once ``ready_s``; the
-        time it lands on the decode instance."""
+    def transfer(self, owner: Any, dest: Any, tokens: float, ready_s: float) -> float:
+        """Move ``tokens`` of KV out of prefill instance ``owner`` into decode instance
+        ``dest`` once ``ready_s``; the time it lands. Both NICs carry it (FIFO each)."""
         dur = tokens * self.s_per_token
         if self.degraded:
             dur /= self.degraded.get(owner.index % self.switches, 1.0)
         start = owner.link_free_s if owner.link_free_s > ready_s else ready_s
+        if dest.link_free_s > start:
+            start = dest.link_free_s
         self.transfers += 1
         share = self.cross_share
         if share > 0 and self.rng.random() < share:
@@ -65,6 +68,7 @@ class KvLinks:
         else:
             end = start + dur
         owner.link_free_s = end
+        dest.link_free_s = end
         self.queued_s += start - ready_s
         self.wire_s += end - start
         return end

@@ -91,6 +91,7 @@ class Sidecars:
         out: list[Fetched] = []
         lo = now_s - self.window_s
         eff = c.spec.decode.eff
+        kv_cap = max(1.0, float(c.spec.decode.kv_capacity_tokens))
         for inst in (*c.prefill, *c.decode):
             if not inst.accepting or inst.ready_s > now_s:
                 continue
@@ -103,7 +104,8 @@ class Sidecars:
             self.sent += 1
             common = dict(service=self.service_name, role=inst.role, pod=f"{inst.role}-{inst.index}",
                           engine="simulator", engine_up=True, stale=False, observed_at=now_s,
-                          window_s=self.window_s, started_at=inst.ready_s, gpu_mode="emulator")
+                          window_s=self.window_s, gpu_mode="emulator",
+                          started_at=None if inst.warm_at_start else inst.ready_s)
             ts, vs = inst.lat_t, inst.lat_v
             while ts and ts[0] < lo:
                 ts.popleft()
@@ -124,7 +126,7 @@ class Sidecars:
                     decode_tps=delta[0] / span, tbt_p90_s=p90(vs),
                     requests_running=float(len(inst.running)), requests_waiting=float(len(inst.waiting)),
                     requests_deferred=float(len(inst.landing)),
-                    kv_cache_usage_ratio=min(1.0, (inst.context() + inst.reserved) / max(1.0, c._cap)),
+                    kv_cache_usage_ratio=min(1.0, (inst.context() + inst.reserved) / kv_cap),
                     preemptions_per_s=delta[3] / span,
                     gpus=(GpuReading("0", utilization_ratio=pm.gpu_utilization("decode", busy_fraction=active, eff=eff),
                                      sm_activity_ratio=pm.sm_activity("decode", busy_fraction=active,
