@@ -396,6 +396,9 @@ def _policy(node: _Node) -> PolicyConfig:
         tolerance=tolerance,
         scale_out_cooldown_s=node.number("scale_out_cooldown_s", d.scale_out_cooldown_s, minimum=0),
         scale_in_stabilization_s=node.number("scale_in_stabilization_s", d.scale_in_stabilization_s, minimum=0),
+        scale_in_backoff_window_s=node.number("scale_in_backoff_window_s", d.scale_in_backoff_window_s, minimum=0),
+        scale_in_backoff_s=node.number("scale_in_backoff_s", d.scale_in_backoff_s, minimum=0),
+        scale_in_backoff_max_s=node.number("scale_in_backoff_max_s", d.scale_in_backoff_max_s, minimum=0),
         max_scale_out_factor=node.number("max_scale_out_factor", d.max_scale_out_factor, minimum=1),
         max_scale_in_factor=node.number("max_scale_in_factor", d.max_scale_in_factor,
                                         minimum=0, exclusive_min=True, maximum=1),
@@ -408,6 +411,8 @@ def _policy(node: _Node) -> PolicyConfig:
         pending_timeout_s=node.number("pending_timeout_s", d.pending_timeout_s, minimum=0, exclusive_min=True),
         consolidation_margin=node.number("consolidation_margin", d.consolidation_margin,
                                          minimum=0, exclusive_min=True, maximum=1),
+        prefill_busy_utilization=node.number("prefill_busy_utilization", d.prefill_busy_utilization,
+                                             minimum=0, exclusive_min=True, maximum=1, allow_null=True),
         gpu_budget=node.integer("gpu_budget", d.gpu_budget, minimum=1, allow_null=True),
     )
     node.finish()

@@ -690,6 +690,45 @@ def test_the_scale_out_cooldown_counts_from_when_the_new_instances_are_ready():
     assert d.reason == "scale_out_tps"
 
 
+def test_a_scale_in_keeps_the_prefill_its_measured_load_needs():
+    # Decode asks for 10 -> 5 (tps 12000 is 50% of 10 x 2400) and the 9:7 ratio would take
+    # prefill 13 -> 6; but prefill runs at 40% GPU on 13: 5.2 instances' worth, 9 at 60%.
+    svc = service(policy={"consolidation_margin": 1.0})
+    o = replace(obs((13, 10), 12000), prefill_gpu_utilization=0.4)
+    d, _ = once(svc, o)
+    assert d.reason == "scale_in_tps" and d.desired == PoolCounts(9, 7) and "keeps 9 prefill" in d.detail
+    # At 58% on 13 (13 needed) no smaller decode count keeps enough prefill: held.
+    d, _ = once(svc, replace(o, prefill_gpu_utilization=0.58))
+    assert (d.reason, d.desired) == ("hold_prefill_busy", PoolCounts(13, 10))
+    # Off, decode's tokens/s alone decides.
+    off = service(policy={"consolidation_margin": 1.0, "prefill_busy_utilization": None})
+    assert once(off, o)[0].desired == PoolCounts(6, 5)
+
+
+def test_a_scale_in_that_latency_undoes_backs_off_and_the_backoff_doubles():
+    svc = service(pd_ratio="1:1", tau=1000, policy={"adaptive_target": {"enabled": False},
+                                                    "scale_in_backoff_window_s": 600, "scale_in_backoff_s": 900,
+                                                    "scale_in_backoff_max_s": 3600})
+    state = PolicyState()
+    d, state = applied(svc, obs((2, 2), 800), state=state, now_s=0.0)             # 40%: in to 1
+    assert d.desired.decode == 1
+    d, state = applied(svc, obs((1, 1), 800, ttft=1.5), state=state, now_s=120.0)  # the net undoes it
+    assert d.reason == "latency_severe" and d.desired.decode == 2
+    assert state.backoff.floor_decode == 2 and state.backoff.backoff_s == 900
+    # Within the backoff the same scale-in is held, with the reason.
+    d, state = applied(svc, obs((2, 2), 800), state=state, now_s=600.0)
+    assert d.reason == "hold_scale_in_backoff" and "latency broke 120s after a scale-in" in d.detail
+    # After it, the scale-in goes ahead; undone again, the backoff doubles.
+    d, state = applied(svc, obs((2, 2), 800), state=state, now_s=1100.0)
+    assert d.desired.decode == 1
+    d, state = applied(svc, obs((1, 1), 800, ttft=1.5), state=state, now_s=1200.0)
+    assert state.backoff.backoff_s == 1800
+    # A scale-out long after a scale-in teaches nothing.
+    fresh = PolicyState(last_scale_in_s=0.0)
+    d, fresh = applied(svc, obs((1, 1), 800, ttft=1.5), state=fresh, now_s=5000.0)
+    assert d.reason == "latency_severe" and fresh.backoff is None
+
+
 def test_kv_pressure_is_an_early_moderate_step_and_never_a_scale_in():
     svc = service()
     o = replace(obs((13, 10), 12000), decode_kv_usage_max=0.97)     # 50% of target, but KV full

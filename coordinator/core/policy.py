@@ -77,6 +77,17 @@ _EPS = 1e-9
 
 
 @dataclass(frozen=True)
+class ScaleInBackoff:
+    """A scale-in that the latency net undid soon after: keep at least ``floor_decode``
+    until ``until_s``; ``backoff_s`` doubles on each repeat."""
+
+    floor_decode: int
+    until_s: float
+    backoff_s: float
+    why: str
+
+
+@dataclass(frozen=True)
 class PolicyState:
     """What the policy remembers between ticks (all times unix seconds)."""
 
@@ -92,6 +103,7 @@ class PolicyState:
     forecast: ForecastState = ForecastState()              # load history for the predictive lead
     queued: tuple[float, float] | None = None              # (requests queued, at) last tick (core.demand)
     ready_s: float | None = None                           # when the last pending instances were seen ready
+    backoff: "ScaleInBackoff | None" = None                # a scale-in latency undid: its floor (below)
 
 
 # ---------------------------------------------------------------- building blocks
@@ -369,6 +381,9 @@ def decide(*, service: "ServiceConfig", observation: Observation, state: PolicyS
         elif proposal.decode < current.decode:
             proposal = _stabilize_scale_in(service, proposal, state=state, current=current.decode, now_s=now_s,
                                            load_tps=max(tps, load or 0.0), tau=tau, inputs=inputs)
+            if proposal.decode < current.decode:
+                proposal = _keep_prefill_for_its_load(service, proposal, observation=observation, ratio=ratio,
+                                                      current=current, inputs=inputs)
     proposal = _apply_bounds(service, proposal, low=low, high=high, ratio=ratio)
     desired, proposal = _apply_ratio(service, proposal, current=current, ratio=ratio)
     if valid and not complete:
@@ -376,6 +391,8 @@ def decide(*, service: "ServiceConfig", observation: Observation, state: PolicyS
                                                          missing=observation.missing_decode)
     if valid:
         state = _watch_ratio(service, state, observation=observation, load_tps=load, now_s=now_s, inputs=inputs)
+        state = _learn_scale_in_backoff(service, state, reason=proposal.reason, current=current, desired=desired,
+                                        now_s=now_s)
     return decision(proposal.reason, desired, proposal.detail), state
 
 
@@ -597,6 +614,14 @@ def _stabilize_scale_in(service: "ServiceConfig", proposal: Proposal, *, state: 
         return proposal.hold(current=current, reason="hold_cold_start",
                              detail=f"{now_s - since:.0f}s of data, less than the {pol.smoothing_window_s:g}s "
                                     "smoothing window: no scale-in yet")
+    backoff = state.backoff
+    if backoff is not None and now_s < backoff.until_s and proposal.decode < backoff.floor_decode:
+        inputs["scale_in_backoff"] = backoff.why
+        if backoff.floor_decode >= current:
+            return proposal.hold(current=current, reason="hold_scale_in_backoff",
+                                 detail=f"wants {proposal.decode} decode, but {backoff.why} "
+                                        f"({backoff.until_s - now_s:.0f}s left)")
+        proposal = replace(proposal, decode=backoff.floor_decode).note(backoff.why)
     stable = stabilized_recommendation(state.recommendations, now_s=now_s, window_s=pol.scale_in_stabilization_s)
     stable = current if stable is None else stable
     inputs["stabilized_recommendation"] = stable
@@ -615,6 +640,51 @@ def _stabilize_scale_in(service: "ServiceConfig", proposal: Proposal, *, state: 
     if need > proposal.decode:
         proposal = replace(proposal, decode=need).note(f"consolidation keeps {need}")
     return proposal
+
+
+def _learn_scale_in_backoff(service: "ServiceConfig", state: PolicyState, *, reason: str, current: PoolCounts,
+                            desired: PoolCounts, now_s: float) -> PolicyState:
+    """A latency-driven scale-out soon after a scale-in: that scale-in was a mistake (the
+    two rules undoing each other). Keep the size latency restored for a backoff that
+    doubles on each repeat, as a crash-loop backoff does; forget it after a calm."""
+    pol = service.policy
+    old = state.backoff
+    if old is not None and now_s > old.until_s + old.backoff_s:
+        state = replace(state, backoff=None)
+        old = None
+    if (pol.scale_in_backoff_window_s <= 0 or not reason.startswith("latency") or desired.decode <= current.decode
+            or state.last_scale_in_s is None or now_s - state.last_scale_in_s > pol.scale_in_backoff_window_s):
+        return state
+    backoff_s = pol.scale_in_backoff_s if old is None else min(pol.scale_in_backoff_max_s, 2 * old.backoff_s)
+    floor = max(desired.decode, old.floor_decode if old is not None and now_s < old.until_s else 0)
+    why = (f"latency broke {now_s - state.last_scale_in_s:.0f}s after a scale-in: keeping >= {floor} decode "
+           f"for {backoff_s:g}s")
+    return replace(state, backoff=ScaleInBackoff(floor_decode=floor, until_s=now_s + backoff_s,
+                                                 backoff_s=backoff_s, why=why))
+
+
+def _keep_prefill_for_its_load(service: "ServiceConfig", proposal: Proposal, *, observation: Observation,
+                               ratio: Fraction, current: PoolCounts, inputs: dict[str, Any]) -> Proposal:
+    """A scale-in shrinks prefill by the ratio: the survivors must carry the prefill pool's
+    measured GPU load (mean utilisation × ready instances) at no more than
+    ``prefill_busy_utilization`` each. The step is shortened to the smallest decode count
+    whose prefill does, or held."""
+    limit = service.policy.prefill_busy_utilization
+    util = observation.prefill_gpu_utilization
+    ready = observation.pools.ready.prefill
+    if limit is None or util is None or ready <= 0:
+        return proposal
+    need = math.ceil(util * ready / limit - _EPS)
+    if pools_for_decode(service, proposal.decode, ratio=ratio).prefill >= need:
+        return proposal
+    inputs["prefill_need"] = need
+    for decode in range(proposal.decode + 1, current.decode):
+        if pools_for_decode(service, decode, ratio=ratio).prefill >= need:
+            return replace(proposal, decode=decode).note(
+                f"prefill at {util:.0%} on {ready}: keeps {need} prefill, so {decode} decode")
+    return proposal.hold(current=current.decode, reason="hold_prefill_busy",
+                         detail=f"{proposal.detail}; but prefill is at {util:.0%} GPU on {ready}: fewer than "
+                                f"{need} would run over {limit:.0%}")
 
 
 def _damp(service: "ServiceConfig", proposal: Proposal, *, current: int) -> Proposal:

@@ -265,6 +265,15 @@ class PolicyConfig:
     """Least time between scale-outs (and after a human's manual change)."""
     scale_in_stabilization_s: float = 300.0
     """Scale-in uses the highest recommendation over this window (as HPA does)."""
+    scale_in_backoff_window_s: float = 600.0
+    """A scale-in followed within this long by a latency-driven scale-out was a mistake:
+    the policy then keeps at least the size latency restored for ``scale_in_backoff_s``
+    (doubling on each repeat, up to ``scale_in_backoff_max_s``; back to the start after
+    a calm of twice the backoff). 0: off."""
+    scale_in_backoff_s: float = 900.0
+    """The first backoff."""
+    scale_in_backoff_max_s: float = 14400.0
+    """The longest backoff."""
     max_scale_out_factor: float = 2.0
     """One step grows decode to at most ``current × factor`` (at least +1)."""
     max_scale_in_factor: float = 0.5
@@ -283,6 +292,12 @@ class PolicyConfig:
     """No scale-out while instances are pending, unless pending longer than this."""
     consolidation_margin: float = 0.9
     """Before scale-in the survivors must carry the load within this share of target."""
+    prefill_busy_utilization: float | None = 0.6
+    """Before scale-in the surviving prefill instances (by the ratio) must carry the
+    prefill pool's measured GPU load at no more than this utilisation each; the step is
+    shortened, or held (``hold_prefill_busy``). With the ratio fixed on traffic whose
+    prompts outgrew it, decode's tokens/s alone would shrink prefill into a TTFT breach.
+    ``None``: off."""
     gpu_budget: int | None = None
     """Cap on the GPUs of both pools together; ``None``: no cap."""
     demand: DemandEstimate = DemandEstimate()
