@@ -62,7 +62,7 @@ IDENTITIES = ("coord-a", "coord-b")
 # lease 4 s / renew deadline 2 s / retry 0.5 s; a write attempt 1 s (< 4 - 2, as the config demands)
 TIMING = {"duration_s": 4, "renew_deadline_s": 2, "retry_period_s": 0.5}
 WRITE_TIMEOUT_S = 1.0
-MIN_DECODE, MAX_DECODE = 1, 8
+MIN_DECODE, MAX_DECODE = 1, 6
 TAU = 100.0                    # decode tokens/s per instance the policy aims at
 
 
