@@ -592,7 +592,7 @@ async def fuzzed_reports(rig: Rig, target: int, *, max_s: float = 1200.0, progre
     prefill pods the whole fuzz stream. Then the control: the same low load on a complete
     view must scale in (so the check above could have failed)."""
     rig.load("fuzz-grow", HIGH)
-    await _hold(rig, 30, until=lambda: len([r for _, r in rig.reports.pods.values() if r == "decode"]) >= 4)
+    await _hold(rig, 30, until=lambda: len([r for _, r in rig.reports.pods.values() if r == "decode"]) >= 3)
     served0 = rig.reports.served["fuzz_refused"] + rig.reports.served["fuzz_accepted"]
     rig.load("fuzz-partial-low", ReportPlan(decode_tps=0.2 * TAU, victims=3, prefill_fuzz=True))
     started = time.monotonic()
