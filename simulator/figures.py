@@ -27,12 +27,12 @@ from typing import Any, Callable, Mapping
 FIGURES = Path("docs/reproductions/figures.json")
 DOCS = (Path("README.md"), Path("docs/simulator.md"), Path("docs/reproductions/README.md"),
         Path("docs/benchmarks.md"), Path("docs/control.md"))
-RUNS = ("ratio-sweep-a", "ratio-sweep-b", "ratio-sweep-a-h100", "policy-day", "policy-azure-conv",
+RUNS = ("ratio-sweep-a", "ratio-sweep-b", "ratio-sweep-a-h100", "policy-day", "policy-day-shuffle", "policy-azure-conv",
         "policy-azure-code", "policy-azure-code-curated", "placement", "placement-s2")
 BENCH = Path("benchmarks/results/simulator.json")
 CONTROL = Path("benchmarks/results/control.json")
 
-INLINE = re.compile(r"<!--fig:([^:>]+)(?::([^>]*))?-->(.*?)<!--/fig-->", re.S)
+INLINE = re.compile(r"<!--fig:([\w.-]+)(?::([^>]*))?-->([^<`\n]*)<!--/fig-->")
 BLOCK = re.compile(r"(<!--figs:([\w.-]+)-->\n)(.*?)(<!--/figs:\2-->)", re.S)
 
 
@@ -46,7 +46,7 @@ def _policy(s: Mapping[str, Any]) -> dict[str, Any]:
             "requests": s["requests"], "ttft_s": s["ttft_s"],
             "cross_switch_share": s.get("cross_switch_transfer_share", 0.0),
             "oracle_sized": bool(s.get("oracle_sized", False)),
-            "placement": s.get("placement")}
+            "placement": s.get("placement"), "decision_reasons": s.get("decision_reasons")}
 
 
 def extract_run(doc: Mapping[str, Any]) -> dict[str, Any]:
@@ -175,6 +175,19 @@ def _policies(run: str) -> Callable[[Mapping[str, Any]], list[str]]:
     return render
 
 
+def _order_compare(figs: Mapping[str, Any]) -> list[str]:
+    keep, shuffle = figs["policy-day"]["policies"], figs["policy-day-shuffle"]["policies"]
+    lines = ["| policy | sizes kept in trace order (default): GPU-h / SLO / reversals | sizes shuffled: "
+             "GPU-h / SLO / reversals |", "|---|---|---|"]
+    for name in shuffle:
+        cells = []
+        for pols in (keep, shuffle):
+            p = pols[name]
+            cells.append(f"{p['gpu_hours']:.1f} / {fmt(p['slo_attainment'], '.2%')} / {p['reversals']}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def _paper_compare(figs: Mapping[str, Any]) -> list[str]:
     pols = figs["policy-day"]["policies"]
     h, s = pols["heteroscale"], pols["static-peak"]
@@ -252,7 +265,7 @@ def control_lines(doc: Mapping[str, Any]) -> list[str]:
 BLOCKS: dict[str, Callable[[Mapping[str, Any]], list[str]]] = {
     "control": lambda figs: control_lines(figs["control"]),
     "ratio-sweep": _ratio_sweep, "signals": _signals, "policy-day": _policies("policy-day"),
-    "paper-compare": _paper_compare, "azure-hours": _azure_hours, "placement": _placement,
+    "paper-compare": _paper_compare, "order-compare": _order_compare, "azure-hours": _azure_hours, "placement": _placement,
 }
 
 
