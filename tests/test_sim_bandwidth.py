@@ -126,3 +126,42 @@ simulation:
     problems = err.value.problems
     assert any("bandwidth_aware" in p for p in problems)
     assert any("kv_switches" in p and "S1 switches" in p for p in problems)
+
+
+CLI_CONFIG = """
+coordinator: {interval_s: 10}
+services:
+  - name: chat
+    pd_ratio: "2:1"
+    affinity: s1
+    target_decode_tps_per_instance: 800
+    slo: {ttft_s: 1.0, tbt_s: 0.04}
+    prefill: {}
+    decode: {}
+simulation:
+  prefill: {gpu: L40S}
+  decode: {gpu: H20}
+  startup_s: 30
+  kv_switches: 2
+  degraded_links: {0: 0.25}
+  topology: {s2: 1, s1_per_s2: 2, nodes_per_s1: 2, gpus_per_node: 4}
+"""
+
+
+@pytest.mark.parametrize("aware", [True, False])
+def test_simulate_cli_runs_aware_and_blind_side_by_side(aware, data_dir, tmp_path):
+    import json
+
+    from heteroscale.cli import main
+    config = tmp_path / "sim.yaml"
+    config.write_text(CLI_CONFIG + ("" if aware else "  bandwidth_aware: false\n"))
+    out = tmp_path / "out"
+    rc = main(["simulate", "--config", str(config), "--trace", str(data_dir / "mooncake_sample.jsonl"),
+               "--policies", "heteroscale,heteroscale-blind", "--out", str(out), "--no-progress"])
+    assert rc == 0
+    runs = json.loads((out / "summary.json").read_text())["policies"]
+    assert runs["heteroscale"]["placement"]["bandwidth_aware"] is aware
+    assert runs["heteroscale-blind"]["placement"]["bandwidth_aware"] is False
+    for run in runs.values():
+        assert 0 <= run["degraded_transfer_share"] <= 1
+        assert set(run["placement"]["instance_hours_by_switch"]) <= {"0", "1"}
