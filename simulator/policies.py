@@ -50,8 +50,8 @@ from heteroscale.simulator.model.runner import Controller, Window
 from heteroscale.errors import UsageError
 from heteroscale.simulator.traces import Workload
 
-POLICY_NAMES = ("heteroscale", "heteroscale-adapt", "heteroscale-blind", "hpa-gpu-util", "independent-tps", "latency-only",
-                "static-peak", "periodic")
+POLICY_NAMES = ("heteroscale", "heteroscale-adapt", "heteroscale-blind", "hpa-gpu-util", "independent-tps",
+                "latency-only", "static-peak", "periodic")
 
 
 @dataclass(frozen=True)
