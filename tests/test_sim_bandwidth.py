@@ -165,3 +165,45 @@ def test_simulate_cli_runs_aware_and_blind_side_by_side(aware, data_dir, tmp_pat
     for run in runs.values():
         assert 0 <= run["degraded_transfer_share"] <= 1
         assert set(run["placement"]["instance_hours_by_switch"]) <= {"0", "1"}
+
+
+def _by_switch(cluster) -> dict[int, tuple[int, int]]:
+    out: dict[int, list[int]] = {}
+    for x in (*cluster.prefill, *cluster.decode):
+        if x.accepting:
+            out.setdefault(x.switch, [0, 0])[0 if x.role == "prefill" else 1] += 1
+    return {k: tuple(v) for k, v in sorted(out.items())}
+
+
+def test_realise_keeps_the_cluster_on_the_plan_and_scale_in_releases_the_slow_domain_first():
+    from heteroscale.coordinator.core.bandwidth import PlacementHints
+    from heteroscale.simulator.model.cluster import Cluster
+
+    service, spec, wl = _service(), _spec(), _day()
+    for aware in (True, False):
+        placement = Placement(TOPOLOGY, demand_for(service, spec), bandwidth_aware=aware)
+        cluster = Cluster(spec, wl, horizon_s=100, initial_prefill=8, initial_decode=4)
+        assert placement.apply(PoolCounts(8, 4)) == PoolCounts(8, 4)
+        placement.realise(cluster, now_s=0.0)
+        # The initial instances took the plan's places: two full switches, 4P/2D each.
+        assert _by_switch(cluster) == {0: (4, 2), 1: (4, 2)}
+        # The map (as measure() would set it) calls switch 1's group slow; a blind plan ignores it.
+        placement.hints = PlacementHints(slow_domains={("s1", "s2-0", f"s1-0-{DEGRADED}"): "25% of the best"})
+        placed = placement.apply(PoolCounts(4, 2))
+        placement.realise(cluster, now_s=10.0)
+        assert placed == PoolCounts(4, 2) and cluster.counts() == (4, 2)
+        kept = _by_switch(cluster)
+        if aware:
+            assert kept == {0: (4, 2)}                          # the slow domain went first
+            assert placement.plans_with_hints == 1
+        else:
+            assert kept == {1: (4, 2)}                          # the planner's own order (tier, size, name: g0 first)
+            assert placement.plans_with_hints == 0
+        # Every accepting instance sits where the plan put it.
+        want = {(g.name, n): c for g in placement.groups for role in ("prefill", "decode")
+                for n, c in g.role(role).nodes.items()}
+        have: dict = {}
+        for x in (*cluster.prefill, *cluster.decode):
+            if x.accepting:
+                have[(x.group, x.node)] = have.get((x.group, x.node), 0) + 1
+        assert have == want
