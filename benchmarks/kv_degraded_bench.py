@@ -19,7 +19,8 @@ Two scenarios: the degraded switch is the one a *later* Deployment Group would u
 (``later_switch``: switch 1), or the one the *first* group starts in (``first_switch``:
 switch 0; the map needs two measured groups to call one slow).
 
-    nice -n 10 .venv/bin/python benchmarks/kv_degraded_bench.py [--hours 4] [--replace | --out FILE]
+    nice -n 10 .venv/bin/python benchmarks/kv_degraded_bench.py [--hours 4] [--seed 1]
+        [--scenarios later_switch,first_switch] [--replace | --out FILE]
 
 Records via ``benchmarks/record.py`` (committed: benchmarks/results/kv_degraded.json).
 It has no timing target; it records what each run measured (GPU-hours, TTFT p90, SLO
@@ -67,7 +68,7 @@ simulation:
   degraded_links: {DEGRADED: 0.25}
   topology: {s2: 1, s1_per_s2: 4, nodes_per_s1: 2, gpus_per_node: 8, mix: s1}
   window_s: 30
-  seed: 1
+  seed: SEED
 """
 
 PROFILE = (0.15, 0.5, 1.0, 0.5)
@@ -78,11 +79,11 @@ KEYS = ("gpu_hours", "ttft_p90_s", "tbt_p90_s", "slo_attainment", "direction_rev
         "degraded_transfer_share", "kv_transfer_wait_s", "prefill_stalls", "completed", "requests")
 
 
-def run(degraded: int, *, hours: float, peak_rps: float) -> dict:
-    cfg = load_sim_config(CONFIG.replace("DEGRADED", str(degraded)))
+def run(degraded: int, *, hours: float, peak_rps: float, seed: int = 1) -> dict:
+    cfg = load_sim_config(CONFIG.replace("DEGRADED", str(degraded)).replace("SEED", str(seed)))
     service = cfg.coordinator.services[0]
-    source = traces.synthetic_sizes(prompt_mean=2000, output_mean=250, spread_ratio=0.25, seed=1)
-    day = traces.diurnal_day(source, peak_rps=peak_rps, duration_h=hours, profile=PROFILE, seed=1)
+    source = traces.synthetic_sizes(prompt_mean=2000, output_mean=250, spread_ratio=0.25, seed=seed)
+    day = traces.diurnal_day(source, peak_rps=peak_rps, duration_h=hours, profile=PROFILE, seed=seed)
     out = {"degraded_switch": degraded, "requests": len(day), "runs": {}}
     for label, policy, aware_placement in VARIANTS:
         ctl = policies.build(policy, service=service, workload=day)
@@ -106,12 +107,16 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--hours", type=float, default=4.0)
     parser.add_argument("--peak-rps", type=float, default=50.0)
+    parser.add_argument("--seed", type=int, default=1, help="workload and simulation seed")
+    parser.add_argument("--scenarios", default=",".join(name for name, _ in SCENARIOS),
+                        help="comma-separated, from: " + ", ".join(name for name, _ in SCENARIOS))
     record.add_output_arguments(parser, "kv_degraded")
     args = parser.parse_args()
     doc = {"benchmark": "simulator: a diurnal day with one switch's KV links at 25%, heteroscale aware vs blind",
            "command": "python benchmarks/kv_degraded_bench.py " + " ".join(sys.argv[1:]),
-           "hours": args.hours, "peak_rps": args.peak_rps, "profile": list(PROFILE),
-           "scenarios": {name: run(switch, hours=args.hours, peak_rps=args.peak_rps) for name, switch in SCENARIOS}}
+           "hours": args.hours, "peak_rps": args.peak_rps, "profile": list(PROFILE), "seed": args.seed,
+           "scenarios": {name: run(switch, hours=args.hours, peak_rps=args.peak_rps, seed=args.seed)
+                         for name, switch in SCENARIOS if name in args.scenarios.split(",")}}
     doc["host"] = record.machine()
     doc["measured_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     out = record.write(record.output_path(args, "kv_degraded"), doc)

@@ -125,7 +125,7 @@ def simulate(workload: Workload, spec: ClusterSpec, controller: Controller, *,
         if desired != obs.pools.current:
             placed = desired if placement is None else placement.apply(desired)
             if placement is not None and placed == obs.pools.current:
-                placement.realise(cluster, now_s=t)      # the same counts, but the plan may move none
+                placement.realise(cluster, now_s=t)      # counts unchanged (a shortfall): keep to the plan
             if placed != obs.pools.current:
                 entry = {"at": round(t, 1), "from": obs.pools.current.as_dict(), "to": placed.as_dict()}
                 if placed != desired:
