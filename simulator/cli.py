@@ -54,7 +54,7 @@ def add_simulate_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_curate_arguments(parser: argparse.ArgumentParser) -> None:
     _common(parser)
-    parser.add_argument("--policies", default=",".join(policies.POLICY_NAMES),
+    parser.add_argument("--policies", default=",".join(n for n in policies.POLICY_NAMES if n != "heteroscale-blind"),
                         help="candidate policies (comma-separated)")
     parser.add_argument("--instances", type=int, help="override simulation.pressure.instances")
     parser.add_argument("--out", help="output directory (default: curate-<service>)")
@@ -155,8 +155,10 @@ def _run_policies(names: list[str], *, cfg: SimConfig, service: ServiceConfig, w
     initial = _initial(cfg, service, workload)
     for name in names:
         ctl = policies.build(name, service=service, workload=workload, baselines=cfg.baselines)
+        if not cfg.bandwidth_aware and isinstance(ctl, policies.HeteroScale):
+            ctl.bandwidth_aware = False
         results[name] = simulate(workload, cfg.cluster, ctl, settings=settings, initial=initial, service=service,
-                                 placement=_placement(cfg, service),
+                                 placement=_placement(cfg, service, aware=getattr(ctl, "bandwidth_aware", True)),
                                  progress=lambda f, n=name: progress(n, f))
         if getattr(ctl, "oracle", False):
             results[name].summary["oracle_sized"] = True
@@ -164,11 +166,13 @@ def _run_policies(names: list[str], *, cfg: SimConfig, service: ServiceConfig, w
     return results
 
 
-def _placement(cfg: SimConfig, service: ServiceConfig) -> Placement | None:
-    """A fresh replay of the coordinator's placement planner, if a topology is configured."""
+def _placement(cfg: SimConfig, service: ServiceConfig, *, aware: bool = True) -> Placement | None:
+    """A fresh replay of the coordinator's placement planner, if a topology is configured
+    (steered by the measured KV bandwidth map unless ``simulation.bandwidth_aware: false``
+    or the policy is blind to it)."""
     if cfg.topology is None:
         return None
-    return Placement(cfg.topology, demand_for(service, cfg.cluster))
+    return Placement(cfg.topology, demand_for(service, cfg.cluster), bandwidth_aware=cfg.bandwidth_aware and aware)
 
 
 def _duration(args: argparse.Namespace, workload: Workload) -> float:

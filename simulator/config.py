@@ -44,7 +44,11 @@ problem in either part is reported at once in one ``ConfigError``.
                   independent-tps: {prefill_target_tps_per_instance: 9000},   # from curate
                   static-peak: {prefill: 10, decode: 6}, periodic: {hourly_decode_tps: [24]}}
       topology: {s2: 2, s1_per_s2: 2, nodes_per_s1: 8, gpus_per_node: 8, mix: s1}   # optional:
-                                     # place through the coordinator's planner (simulator/placement.py)
+                                     # place through the coordinator's planner (simulator/placement.py);
+                                     # kv_switches is then its S1 count (s2 x s1_per_s2), degraded_links
+                                     # keys are S1 switches in node order
+      bandwidth_aware: true          # placement steered by the measured KV map, and the policy sees
+                                     # requests waiting for KV (false: both blind; heteroscale-blind)
 
 The policy tick is the coordinator's ``interval_s``. ``coordinator.backend`` defaults
 to ``local`` here (no Kubernetes names are needed to simulate).
@@ -102,6 +106,7 @@ class SimConfig:
     topology: TopologySpec | None = None
     report_loss: float = 0.0
     drift: Drift | None = None   # hourly shift of the request mix (traces.apply_drift)
+    bandwidth_aware: bool = True  # placement uses the measured KV map; the policy sees KV waits
 
     @property
     def interval_s(self) -> float:
@@ -137,7 +142,8 @@ def load_sim_config(text: str, *, origin: str = "config") -> SimConfig:
 
 _KNOWN = {"model", "prefill", "decode", "startup_s", "kv_link_gbps", "cross_switch_ratio",
           "cross_switch_share", "decode_max_batch", "kv_watermark", "tick_s", "window_s", "seed",
-          "slo_goal", "diurnal", "sizes", "initial", "pressure", "baselines", "topology", "drift"}
+          "slo_goal", "diurnal", "sizes", "initial", "pressure", "baselines", "topology", "drift",
+          "bandwidth_aware"}
 _FIDELITY = {"startup_jitter_s", "gpu_capacity", "kv_uplink_gbps", "kv_switches", "degraded_links",
              "prefill_kv_buffer_ratio", "preemption", "swap_gbps", "router", "prefix_cache_ratio",
              "report_loss"}
@@ -214,6 +220,16 @@ def _simulation(sim: Mapping[str, Any], problems: list[str]) -> dict[str, Any]:
     out.update(_pressure(sim.get("pressure"), problems))
     out.update(_baselines(sim.get("baselines"), problems))
     out.update(_topology(sim.get("topology"), problems))
+    aware = sim.get("bandwidth_aware", True)
+    if not isinstance(aware, bool):
+        problems.append(f"simulation.bandwidth_aware: must be true or false, got {aware!r}")
+    else:
+        out["bandwidth_aware"] = aware
+    topo = out.get("topology")
+    if topo is not None and "degraded_links" in sim and "kv_switches" in sim \
+            and out["cluster"] is not None and out["cluster"].kv_switches != topo.s2 * topo.s1_per_s2:
+        problems.append(f"simulation.kv_switches: with a topology the switches are its S1 switches "
+                        f"(s2 x s1_per_s2 = {topo.s2 * topo.s1_per_s2}), got {out['cluster'].kv_switches}")
     drift = parse_drift(sim.get("drift"), problems)
     if drift is not None:
         out["drift"] = drift

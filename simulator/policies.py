@@ -8,6 +8,9 @@ the simulated sidecars, and carries the returned ``PolicyState`` to the next tic
 
 ``heteroscale-adapt`` is the same adapter with the service's ``pd_ratio_mode`` set
 to ``adapt`` (the coordinator moves the ratio in use when the measured one drifts).
+``heteroscale-blind`` is the same adapter blind to the KV links: the policy never sees
+decode requests waiting for their KV (so its KV-transfer bottleneck hold cannot fire) and,
+with a topology, placement ignores the measured bandwidth map (``bandwidth_aware``).
 
 The baselines reuse the coordinator policy's arithmetic (``damp``, ``clamp``,
 ``stabilized_recommendation``, ``prefill_for_decode``) with Kubernetes HPA rules
@@ -47,8 +50,8 @@ from heteroscale.simulator.model.runner import Controller, Window
 from heteroscale.errors import UsageError
 from heteroscale.simulator.traces import Workload
 
-POLICY_NAMES = ("heteroscale", "heteroscale-adapt", "hpa-gpu-util", "independent-tps", "latency-only",
-                "static-peak", "periodic")
+POLICY_NAMES = ("heteroscale", "heteroscale-adapt", "heteroscale-blind", "hpa-gpu-util", "independent-tps",
+                "latency-only", "static-peak", "periodic")
 
 
 @dataclass(frozen=True)
@@ -176,8 +179,11 @@ class HeteroScale:
     state: Any = field(default_factory=coord_policy.PolicyState)
     reasons: dict[str, int] = field(default_factory=dict)
     oracle: bool = False
+    bandwidth_aware: bool = True     # False: no KV-arrival signal, placement blind to the map
 
     def step(self, *, now_s: float, window: Window, observation: Observation) -> PoolCounts:
+        if not self.bandwidth_aware:
+            observation = replace(observation, decode_kv_waiting=None)
         decision, state = coord_policy.decide(service=self.service, observation=observation,
                                               state=self.state, now_s=now_s)
         # The simulated backend applies every decision (placement shortfalls aside).
@@ -267,6 +273,8 @@ def build(name: str, *, service: ServiceConfig, workload: Workload,
         return HeteroScale(service)
     if name == "heteroscale-adapt":
         return HeteroScale(replace(service, pd_ratio_mode="adapt"), name="heteroscale-adapt")
+    if name == "heteroscale-blind":
+        return HeteroScale(service, name="heteroscale-blind", bandwidth_aware=False)
     pol = service.policy
     max_p = service.max_prefill or coord_policy.prefill_for_decode(service, service.max_decode) * 2
 

@@ -179,6 +179,12 @@ class _Instance:
         self.stopped_s: float | None = None  # when it stopped taking traffic
         self.removed_s: float | None = None  # when its GPUs were released (or it was cancelled)
         self.warm_at_start = False            # one of the initial instances, serving before t = 0
+        # Where placement put it (``simulator/placement.py``; None without a topology):
+        self.node: str | None = None          # node name (the sidecar's ``node``)
+        self.group: str | None = None         # Deployment Group; decode for its prefills is chosen in it
+        self.switch: int | None = None        # S1 switch index (``degraded_links`` key)
+        self.c_kv_bytes = 0.0                 # KV bytes moved through its NIC (either direction)
+        self.c_kv_wire_s = 0.0                # time those transfers spent on the wire
 
 
 class _Prefill(_Instance):
@@ -332,6 +338,7 @@ class Cluster:
             self.decode.append(self._new("decode", 0.0, initial=True))
         self._ready_p: list[_Prefill] = []
         self._ready_d: list[_Decode] = []
+        self._ready_d_by_group: dict[str, list[_Decode]] | None = None   # placed instances only
         self._rr = 0
         self._submitted = 0                             # requests [0, _submitted) handed over
         self._routed = 0                                # requests [0, _routed) routed to prefill
@@ -448,20 +455,51 @@ class Cluster:
         extra = len(live) - want
         if extra <= 0:
             return
-        # Cancel pending, then starting instances first (newest first), then the least loaded ready ones.
+        for inst in self.stop_order(live, now_s)[:extra]:
+            self._stop(inst, now_s)
+
+    @staticmethod
+    def stop_order(live: list, now_s: float) -> list:
+        """Which instances a scale-in stops first: pending, then starting ones (newest first),
+        then the least loaded ready ones."""
         starting = sorted((x for x in live if x.ready_s > now_s), key=lambda x: (x.placed_s is not None, -x.created_s))
         ready = [x for x in live if x.ready_s <= now_s]
-        ready.sort(key=(lambda x: x.proj_s) if role == "prefill" else (lambda x: x.load()))
-        for inst in (starting + ready)[:extra]:
-            inst.accepting = False
-            inst.stopped_s = now_s
-            if isinstance(inst, _Decode):
-                self.unplaced.extend(inst.waiting)
-                inst.waiting.clear()
+        ready.sort(key=lambda x: x.proj_s if x.role == "prefill" else x.load())
+        return starting + ready
+
+    def _stop(self, inst: _Instance, now_s: float) -> None:
+        inst.accepting = False
+        inst.stopped_s = now_s
+        if isinstance(inst, _Decode):
+            self.unplaced.extend(inst.waiting)
+            inst.waiting.clear()
+
+    def add_placed(self, role: str, *, node: str, group: str, switch: int, now_s: float) -> _Instance:
+        """Start one instance of ``role`` where placement put it (``simulator/placement.py``)."""
+        inst = self._new(role, now_s)
+        inst.node, inst.group, inst.switch = node, group, switch
+        (self.prefill if role == "prefill" else self.decode).append(inst)
+        return inst
+
+    def stop(self, instances: list[_Instance], *, now_s: float) -> None:
+        """Stop these instances taking traffic (they drain, then release their GPUs)."""
+        for inst in instances:
+            if inst.accepting:
+                self._stop(inst, now_s)
+
+    def refresh(self, now_s: float) -> None:
+        """Re-read which instances are ready (after ``add_placed`` / ``stop`` / relabelling)."""
+        self._refresh_ready(now_s)
 
     def _refresh_ready(self, now_s: float) -> None:
         self._ready_p = [p for p in self.prefill if p.accepting and p.ready_s <= now_s]
         self._ready_d = [d for d in self.decode if d.accepting and d.ready_s <= now_s]
+        by_group: dict[str, list[_Decode]] | None = None
+        for d in self._ready_d:
+            if d.group is not None:
+                by_group = {} if by_group is None else by_group
+                by_group.setdefault(d.group, []).append(d)
+        self._ready_d_by_group = by_group
         later = [x.ready_s for x in (*self.prefill, *self.decode) if x.accepting and x.ready_s > now_s]
         self._next_ready_s = min(later) if later else math.inf
 
@@ -640,8 +678,11 @@ class Cluster:
                 self._run_prefill(p, end)
                 if not p.queue:
                     del self._p_busy[p]
-        # 3. Finished prefills join a decode instance's admission queue.
+        # 3. Finished prefills join a decode instance's admission queue (with Deployment
+        #    Groups, one of the prefill's own group when it has a ready one: the router
+        #    pairs P and D inside a DG).
         ready = self._ready_d
+        by_group = self._ready_d_by_group
         if ready:
             while self.unplaced:
                 self._place(self.unplaced.popleft(), ready)
@@ -653,15 +694,20 @@ class Cluster:
             rnd = self.rng.random
             heappop = heapq.heappop
             while pref and pref[0][0] < end:
-                rid = heappop(pref)[1]
+                _, rid, owner = heappop(pref)
                 entry = (rid, float(prompt[rid]), float(steps[rid]), 0)
+                pool, k = ready, len(ready)
+                if by_group is not None and owner.group is not None:
+                    own = by_group.get(owner.group)
+                    if own:
+                        pool, k = own, len(own)
                 if k > 1:        # power of two choices: near-JSQ balance at O(1) cost
-                    a, b = ready[int(rnd() * k)], ready[int(rnd() * k)]
+                    a, b = pool[int(rnd() * k)], pool[int(rnd() * k)]
                     d = a if (len(a.running) + len(a.waiting) + len(a.landing)
                               <= len(b.running) + len(b.waiting) + len(b.landing)) else b
                     d.waiting.append(entry)
                 elif k == 1:
-                    ready[0].waiting.append(entry)
+                    pool[0].waiting.append(entry)
                 else:
                     self.unplaced.append(entry)
         # 4. Decode: land transfers, admit, run.
@@ -671,6 +717,12 @@ class Cluster:
         self._retire(end)
 
     def _place(self, entry: tuple[int, float, float, int], ready: list[_Decode]) -> None:
+        by_group = self._ready_d_by_group
+        if by_group is not None:
+            owner = self._owner[entry[0]]
+            own = by_group.get(owner.group) if owner is not None and owner.group is not None else None
+            if own:
+                ready = own
         k = len(ready)
         if k == 1:
             d = ready[0]

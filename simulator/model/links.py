@@ -10,6 +10,10 @@ uplink (``kv_uplink_gbps``) that every crossing transfer of the service shares, 
 the cost of crossing grows with the load that crosses. ``degraded_links`` lowers the
 NIC bandwidth of the prefill instances under one switch (instances are spread over
 ``kv_switches`` round robin by serial number) — a bandwidth map a policy can be blind to.
+With a topology, placement labels each instance with the S1 switch of its node
+(``switch``) and a transfer runs at the lower share of its two ends' switches. Each
+instance counts the KV bytes through its NIC and their time on the wire: its sidecar
+reports the per-transfer speed from them (``engine_connector`` in the bandwidth map).
 
 FIFO on a shared link gives each transfer the completion time it would have under
 fair sharing on average, at O(1) per transfer (no per-tick rate bookkeeping).
@@ -29,6 +33,7 @@ class KvLinks:
 
     def __init__(self, spec: "ClusterSpec", *, kv_bytes_per_token: float, rng: random.Random) -> None:
         self.rng = rng
+        self.kv_bytes_per_token = kv_bytes_per_token
         self.s_per_token = kv_bytes_per_token * 8.0 / (spec.kv_link_gbps * 1e9)
         uplink = spec.kv_uplink_gbps if spec.kv_uplink_gbps is not None else 8.0 * spec.kv_link_gbps
         self.uplink_s_per_token = kv_bytes_per_token * 8.0 / (uplink * 1e9)
@@ -41,16 +46,29 @@ class KvLinks:
         self.cross_transfers = 0
         self.wire_s = 0.0            # Σ time on the wire (transfer time at full speed would be less)
         self.queued_s = 0.0          # Σ time transfers waited for a busy link
+        self.degraded_transfers = 0  # transfers that ran at a degraded switch's share
+
+    def share(self, owner: Any, dest: Any) -> float:
+        """Bandwidth share left for a transfer between the two (1.0 = healthy)."""
+        share = self.degraded.get(self.switch_of(owner), 1.0)
+        if dest.switch is not None:      # placed instances: the receiving end's switch counts too
+            other = self.degraded.get(dest.switch, 1.0)
+            if other < share:
+                share = other
+        return share
 
     def switch_of(self, owner: Any) -> int:
-        return owner.index % self.switches
+        return owner.switch if owner.switch is not None else owner.index % self.switches
 
     def transfer(self, owner: Any, dest: Any, tokens: float, ready_s: float) -> float:
         """Move ``tokens`` of KV out of prefill instance ``owner`` into decode instance
         ``dest`` once ``ready_s``; the time it lands. Both NICs carry it (FIFO each)."""
         dur = tokens * self.s_per_token
         if self.degraded:
-            dur /= self.degraded.get(owner.index % self.switches, 1.0)
+            share = self.share(owner, dest)
+            if share < 1.0:
+                dur /= share
+                self.degraded_transfers += 1
         start = owner.link_free_s if owner.link_free_s > ready_s else ready_s
         if dest.link_free_s > start:
             start = dest.link_free_s
@@ -69,6 +87,11 @@ class KvLinks:
             end = start + dur
         owner.link_free_s = end
         dest.link_free_s = end
+        moved = tokens * self.kv_bytes_per_token
+        owner.c_kv_bytes += moved
+        dest.c_kv_bytes += moved
+        owner.c_kv_wire_s += end - start
+        dest.c_kv_wire_s += end - start
         self.queued_s += start - ready_s
         self.wire_s += end - start
         return end

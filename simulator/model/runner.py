@@ -99,6 +99,7 @@ def simulate(workload: Workload, spec: ClusterSpec, controller: Controller, *,
     cluster = Cluster(spec, workload, horizon_s=horizon, initial_prefill=initial.prefill,
                       initial_decode=initial.decode, seed=settings.seed)
     if placement is not None:
+        placement.realise(cluster, now_s=0.0)
         cluster.cross_share = placement.cross_switch_share()
     service = service or getattr(controller, "service", None) or _neutral_service()
     sidecars = Sidecars(cluster, service_name=service.name, window_s=settings.window_s,
@@ -116,17 +117,24 @@ def simulate(workload: Workload, spec: ClusterSpec, controller: Controller, *,
         cluster.advance_to(t_end)
         t = cluster.now_s
         window = _window(cluster, sidecars, t, settings.window_s)
-        obs = coord_aggregate.aggregate(service, sidecars.reports(t), pools=pool_status(cluster, t), now_s=t)
+        fetched = sidecars.reports(t)
+        obs = coord_aggregate.aggregate(service, fetched, pools=pool_status(cluster, t), now_s=t)
+        if placement is not None:
+            placement.measure([f.report for f in fetched if f.report is not None], cluster, now_s=t)
         desired = controller.step(now_s=t, window=window, observation=obs)
         if desired != obs.pools.current:
             placed = desired if placement is None else placement.apply(desired)
+            if placement is not None and placed == obs.pools.current:
+                placement.realise(cluster, now_s=t)      # counts unchanged (a shortfall): keep to the plan
             if placed != obs.pools.current:
                 entry = {"at": round(t, 1), "from": obs.pools.current.as_dict(), "to": placed.as_dict()}
                 if placed != desired:
                     entry["asked"] = desired.as_dict()
                 decisions.append(entry)
-                cluster.set_counts(placed.prefill, placed.decode, now_s=t)
-                if placement is not None:
+                if placement is None:
+                    cluster.set_counts(placed.prefill, placed.decode, now_s=t)
+                else:
+                    placement.realise(cluster, now_s=t)
                     cluster.cross_share = placement.cross_switch_share()
         if progress is not None:
             progress(min(1.0, t / duration))
@@ -137,11 +145,28 @@ def simulate(workload: Workload, spec: ClusterSpec, controller: Controller, *,
         summary["reports_sent"] = sidecars.sent
     if placement is not None:
         summary["placement"] = {"plans": placement.plans, "plans_with_shortfall": placement.shortfalls,
-                                "deployment_groups": len(placement.groups)}
+                                "deployment_groups": len(placement.groups),
+                                "bandwidth_aware": placement.bandwidth_aware,
+                                "plans_with_bandwidth_hints": placement.plans_with_hints,
+                                "instances_started_by_switch": {
+                                    str(k): v for k, v in sorted(placement.started_by_switch.items())},
+                                "instance_hours_by_switch": _hours_by_switch(cluster, duration)}
     reasons = getattr(controller, "reasons", None)      # the coordinator policy's reason counts
     if reasons:
         summary["decision_reasons"] = dict(sorted(reasons.items()))
     return RunResult(controller.name, summary, _series(cluster, duration), decisions)
+
+
+def _hours_by_switch(cluster: Cluster, end_s: float) -> dict[str, float]:
+    """Instance-hours held under each S1 switch (placed instances only)."""
+    out: dict[str, float] = {}
+    for inst in (*cluster.retired, *cluster.prefill, *cluster.decode):
+        if inst.switch is None or inst.placed_s is None:
+            continue
+        until = inst.removed_s if inst.removed_s is not None else end_s
+        key = str(inst.switch)
+        out[key] = out.get(key, 0.0) + max(0.0, min(until, end_s) - inst.placed_s) / 3600.0
+    return {k: round(v, 3) for k, v in sorted(out.items())}
 
 
 def _neutral_service() -> ServiceConfig:
@@ -251,6 +276,7 @@ def _summary(cluster: Cluster, settings: RunSettings, duration: float,
         "prefill_stalls": int(cluster.prefill_stalls),
         "kv_transfer_wait_s": round(cluster.links.queued_s / max(1, cluster.links.transfers), 4),
         "cross_switch_transfer_share": round(cluster.cross_transfers / max(1, submitted), 4),
+        "degraded_transfer_share": round(cluster.links.degraded_transfers / max(1, cluster.links.transfers), 4),
         "decode_tokens": round(float(rec.decode_tokens[sl].sum()), 0),
         "prefill_tokens": round(float(rec.prefill_tokens[sl].sum()), 0),
         "prefill_uncached_tokens": round(float(rec.prefill_uncached_tokens[sl].sum()), 0),

@@ -58,16 +58,17 @@ class Sidecars:
         self.window_s = window_s
         self.report_loss = report_loss
         self.rng = random.Random(seed * 104729 + 17)
-        self._snaps: dict[int, deque[tuple[float, float, float, float, float]]] = {}
+        self._snaps: dict[int, deque[tuple[float, ...]]] = {}
         self.lost = 0
         self.sent = 0
 
-    def _counters(self, inst) -> tuple[float, float, float, float]:
+    def _counters(self, inst) -> tuple[float, ...]:
         if inst.role == "prefill":
-            return inst.c_tokens, inst.c_uncached, inst.c_busy_s, 0.0
-        return inst.c_tokens, inst.c_active_s, inst.c_compute_s, inst.c_preemptions
+            return inst.c_tokens, inst.c_uncached, inst.c_busy_s, 0.0, inst.c_kv_bytes, inst.c_kv_wire_s
+        return (inst.c_tokens, inst.c_active_s, inst.c_compute_s, inst.c_preemptions,
+                inst.c_kv_bytes, inst.c_kv_wire_s)
 
-    def _rates(self, inst, now_s: float) -> tuple[float, tuple[float, float, float, float]]:
+    def _rates(self, inst, now_s: float) -> tuple[float, tuple[float, ...]]:
         """Seconds covered and counter increases over the window (since ready if younger)."""
         snaps = self._snaps.setdefault(inst.index, deque())
         cur = self._counters(inst)
@@ -80,7 +81,7 @@ class Sidecars:
         elif older is not None:          # pulls further apart than the window: the last one
             base = older
         else:                            # younger than the window: counters started at zero
-            base = (max(inst.ready_s, 0.0), 0.0, 0.0, 0.0, 0.0)
+            base = (max(inst.ready_s, 0.0), 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
         snaps.append((now_s, *cur))
         span = max(1e-9, now_s - base[0])
         return span, tuple(c - b for c, b in zip(cur, base[1:]))
@@ -106,6 +107,9 @@ class Sidecars:
                           engine="simulator", engine_up=True, stale=False, observed_at=now_s,
                           window_s=self.window_s, gpu_mode="emulator",
                           started_at=None if inst.warm_at_start else inst.ready_s)
+            if inst.node is not None:        # placed: where it runs, and what its KV connector measured
+                common["node"] = inst.node
+                common["kv_transfer"] = _kv_transfer(inst.role, delta[4], delta[5], span)
             ts, vs = inst.lat_t, inst.lat_v
             while ts and ts[0] < lo:
                 ts.popleft()
@@ -149,3 +153,14 @@ class Sidecars:
                 i = 0
             out.append(float(np.percentile(vs[i:], 90)) if len(vs) > i else None)
         return out[0], out[1]
+
+
+def _kv_transfer(role: str, moved_bytes: float, wire_s: float, span_s: float) -> dict:
+    """The ``kv_transfer`` block an engine connector's metrics give (vLLM's NIXL histograms):
+    bytes/s moved over the window and the per-transfer speed (bytes / time on the wire),
+    which ``coordinator.core.bandwidth`` pairs inside each Deployment Group."""
+    engine: dict = {"connector": "simulator", "window_s": span_s}
+    if moved_bytes > 0 and wire_s > 0:
+        engine["transfer_speed_bytes_per_second"] = moved_bytes / wire_s
+    return {"source": "engine", "direction": "send" if role == "prefill" else "receive",
+            "bytes_per_second": moved_bytes / span_s, "sources": {"engine": engine}}
