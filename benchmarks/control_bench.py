@@ -7,7 +7,8 @@ hour, or the recorded trace a day is built from — never from the day being rep
 * ``heteroscale`` / ``heteroscale-adapt``: ratio r and target τ from the pressure test
   (``-adapt``: the same with ``pd_ratio_mode: adapt``);
 * ``independent-tps``: its prefill and decode targets from the same pressure test;
-* ``hpa-gpu-util`` (70% GPU utilisation), ``latency-only`` (0.8 × SLO): documented defaults;
+* ``hpa-gpu-util`` (70% GPU utilisation, HPA's 10% tolerance and 300 s scale-down window),
+  ``latency-only`` (0.8 × SLO): documented defaults;
 * ``static-peak`` / ``periodic``: sized from *yesterday* (the same day built with
   another seed): its peak, its hourly peaks.
 

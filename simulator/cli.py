@@ -105,6 +105,8 @@ def _load(args: argparse.Namespace) -> tuple[SimConfig, ServiceConfig, Workload,
                                       sizes.output_tokens)
     if args.duration_h is not None and args.duration_h <= 0:
         raise UsageError("--duration-h must be positive")
+    if getattr(args, "diurnal_order", None) and not args.diurnal:
+        raise UsageError("--diurnal-order needs --diurnal (a replayed trace keeps its recorded order)")
     if args.diurnal:
         peak = args.peak_rps if args.peak_rps is not None else cfg.diurnal.peak_rps
         if peak <= 0:

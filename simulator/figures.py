@@ -310,7 +310,7 @@ def problems_in(text: str, figs: Mapping[str, Any], *, where: str) -> list[str]:
 def sync(repo: Path, figs: Mapping[str, Any]) -> list[Path]:
     """Write figures.json and re-render the marks in every doc; returns changed files."""
     changed = []
-    (repo / FIGURES).write_text(json.dumps(figs, indent=1, sort_keys=True) + "\n")
+    (repo / FIGURES).write_text(json.dumps(figs, indent=1) + "\n")
     for doc in DOCS:
         path = repo / doc
         if not path.is_file():

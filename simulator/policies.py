@@ -19,7 +19,7 @@ Each is configured as an operator would configure it — from ``curate``'s press
 test or from documented defaults, never from the workload being replayed:
 
 * ``hpa-gpu-util``: each pool on its own GPU utilisation against ``target_utilization``
-  (0.7, the usual HPA setting; PEERS.md).
+  (default 0.7; HPA's own 10% tolerance and 300 s scale-down window, PEERS.md).
 * ``independent-tps``: decode on decode tokens/s against ``decode_target_tps_per_instance``
   (default: the service's τ), prefill on its uncached prompt tokens/s against
   ``prefill_target_tps_per_instance`` — the per-prefill-instance capacity at the SLO that

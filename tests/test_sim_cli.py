@@ -131,6 +131,7 @@ def test_simulate_diurnal_order_and_drift(config: Path, data_dir: Path, tmp_path
     (["--trace", "/nonexistent.csv"], "no such file"),
     (["--trace", "/tmp"], "is a directory: give a trace file"),
     (["--service", "other"], "no service 'other'"),
+    (["--diurnal-order", "shuffle"], "--diurnal-order needs --diurnal"),
 ])
 def test_user_mistakes_are_one_line_exit_2(config: Path, data_dir: Path, tmp_path: Path, capsys, args, message):
     base = {"--config": str(config), "--trace": str(data_dir / "mooncake_sample.jsonl"),

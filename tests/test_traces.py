@@ -217,3 +217,20 @@ def test_parse_drift_reports_every_problem():
     problems = []
     drift = traces.parse_drift([{"hour": 0}, {"hour": 9.5, "prompt_scale": 2, "output_scale": 0.5}], problems)
     assert problems == [] and drift is not None and drift.points[1].prompt_scale == 2.0
+
+
+def test_sim_config_reads_order_and_drift_and_lists_their_problems():
+    from heteroscale.errors import ConfigError
+    from heteroscale.simulator.config import load_sim_config
+    base = ("services: [{name: s, pd_ratio: '1:1', target_decode_tps_per_instance: 100, prefill: {}, decode: {}, slo: {ttft_s: 1}}]\n"
+            "simulation:\n  prefill: {gpu: H20}\n  decode: {gpu: H20}\n")
+    cfg = load_sim_config(base + "  diurnal: {order: shuffle}\n"
+                                 "  drift: [{hour: 0}, {hour: 12, prompt_scale: 2, cache_share: null}]\n")
+    assert cfg.diurnal.order == "shuffle" and cfg.drift is not None and len(cfg.drift.points) == 2
+    assert load_sim_config(base).diurnal.order == "keep" and load_sim_config(base).drift is None
+    with pytest.raises(ConfigError) as info:
+        load_sim_config(base + "  diurnal: {order: sorted}\n  drift: [{hour: 30}]\n"
+                               "  baselines: {independent-tps: {prefill_target_tps_per_instance: 0}}\n")
+    text = "\n".join(info.value.problems)
+    assert "simulation.diurnal.order" in text and "simulation.drift[0].hour" in text
+    assert "simulation.baselines.independent-tps.prefill_target_tps_per_instance" in text
