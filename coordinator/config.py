@@ -399,6 +399,7 @@ def _policy(node: _Node) -> PolicyConfig:
         scale_in_backoff_window_s=node.number("scale_in_backoff_window_s", d.scale_in_backoff_window_s, minimum=0),
         scale_in_backoff_s=node.number("scale_in_backoff_s", d.scale_in_backoff_s, minimum=0),
         scale_in_backoff_max_s=node.number("scale_in_backoff_max_s", d.scale_in_backoff_max_s, minimum=0),
+        kv_transfer_hold_max_s=node.number("kv_transfer_hold_max_s", d.kv_transfer_hold_max_s, minimum=0),
         max_scale_out_factor=node.number("max_scale_out_factor", d.max_scale_out_factor, minimum=1),
         max_scale_in_factor=node.number("max_scale_in_factor", d.max_scale_in_factor,
                                         minimum=0, exclusive_min=True, maximum=1),

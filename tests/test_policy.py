@@ -765,6 +765,27 @@ def test_requests_waiting_for_kv_are_not_bought_decode_instances():
     assert state.target.scale == 1.0                      # and it teaches the target nothing
 
 
+def test_the_kv_transfer_hold_is_bounded():
+    # The same bottleneck for longer than kv_transfer_hold_max_s (120 s) with latency still
+    # broken: the fleet may sit entirely behind the slow links, so the net's scale-out goes
+    # ahead (placement then grows where the links have headroom). A calm tick ends the episode.
+    svc = service()
+    o = replace(obs((13, 10), 19200, ttft=1.5, tbt=0.02), decode_kv_waiting=30, decode_waiting=0,
+                decode_kv_usage_max=0.5)
+    state = PolicyState()
+    for t in (0.0, 60.0, 105.0):
+        d, state = applied(svc, o, state=state, now_s=t)
+        assert d.reason == "hold_kv_transfer"
+    d, state = applied(svc, o, state=state, now_s=120.0)
+    assert d.reason == "latency_severe" and d.desired.decode == 12
+    assert "hold lifted after 120s" in d.detail and d.inputs["kv_transfer_hold_lifted"]
+    d, state = applied(svc, obs((15, 12), 24000, ttft=0.3, tbt=0.02), state=state, now_s=150.0)
+    assert state.kv_hold_since_s is None
+    # 0: never held.
+    never = service(policy={"kv_transfer_hold_max_s": 0})
+    assert once(never, o)[0].reason == "latency_severe"
+
+
 def test_a_decode_that_is_really_loaded_still_scales_out_with_kv_waiting():
     svc = service()
     o = replace(obs((13, 10), 31200, tbt=0.02), decode_kv_waiting=30, decode_waiting=0)   # 130% of target

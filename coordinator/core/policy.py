@@ -104,6 +104,7 @@ class PolicyState:
     queued: tuple[float, float] | None = None              # (requests queued, at) last tick (core.demand)
     ready_s: float | None = None                           # when the last pending instances were seen ready
     backoff: "ScaleInBackoff | None" = None                # a scale-in latency undid: its floor (below)
+    kv_hold_since_s: float | None = None                   # the KV-transfer bottleneck seen since (bounded hold)
 
 
 # ---------------------------------------------------------------- building blocks
@@ -355,7 +356,13 @@ def decide(*, service: "ServiceConfig", observation: Observation, state: PolicyS
                                                                current=current.decode, inputs=inputs)
         proposal, recommendation = _kv_transfer_bottleneck(service, proposal, observation=observation,
                                                            current=current.decode, tps=tps, tau=tau,
-                                                           recommendation=recommendation, inputs=inputs)
+                                                           recommendation=recommendation, inputs=inputs,
+                                                           held_for_s=(None if state.kv_hold_since_s is None
+                                                                       else now_s - state.kv_hold_since_s))
+        if "kv_transfer_bottleneck" not in inputs:
+            state = replace(state, kv_hold_since_s=None) if state.kv_hold_since_s is not None else state
+        elif state.kv_hold_since_s is None:
+            state = replace(state, kv_hold_since_s=now_s)
         # Nothing to learn where nothing could be added: a breach at the upper bound says the
         # bound is too low, not that τ is too high.
         # Nor where the fleet is short of instances rather than of τ: while decode instances
@@ -498,13 +505,18 @@ def _propose(service: "ServiceConfig", *, tps: float, scale_out_tps: float, tau:
 
 def _kv_transfer_bottleneck(service: "ServiceConfig", proposal: Proposal, *, observation: Observation,
                             current: int, tps: float, tau: float, recommendation: int,
-                            inputs: dict[str, Any]) -> tuple[Proposal, int]:
+                            inputs: dict[str, Any], held_for_s: float | None) -> tuple[Proposal, int]:
     """Decode requests waiting for their KV to arrive (vLLM deferred, SGLang's transfer
     queue) at least as much as for decode capacity, with decode's own signals healthy (TBT
     inside the SLO, KV cache not full, tokens/s within the band): the bottleneck is the
     KV transfer, and more decode instances would wait on the same links. A scale-out the
     latency net, the demand estimate or KV pressure asked for is held (``hold_kv_transfer``)
-    with the evidence; a scale-out that served decode tokens/s asks for still goes."""
+    with the evidence; a scale-out that served decode tokens/s asks for still goes.
+
+    The hold is bounded (``kv_transfer_hold_max_s``): a bottleneck that outlasts it while
+    latency stays broken is not going away by itself, and new instances are placed where
+    the measured links have headroom (``core.bandwidth``) — the fleet may sit entirely
+    behind the slow links, where holding would starve it."""
     kv_wait = observation.decode_kv_waiting
     if kv_wait is None or kv_wait <= 0 or kv_wait < max(1.0, observation.decode_waiting or 0.0):
         return proposal, recommendation
@@ -520,6 +532,12 @@ def _kv_transfer_bottleneck(service: "ServiceConfig", proposal: Proposal, *, obs
                 + (f"at {tbt_ratio:.2f}x SLO" if tbt_ratio is not None else "not measured")
                 + (f", decode KV cache {kv_usage:.0%}" if kv_usage is not None else ""))
     inputs["kv_transfer_bottleneck"] = evidence
+    limit = service.policy.kv_transfer_hold_max_s
+    if proposal.decode > current and (limit <= 0 or (held_for_s is not None and held_for_s >= limit)):
+        held = held_for_s or 0.0
+        inputs["kv_transfer_hold_lifted"] = f"held {held:.0f}s (limit {limit:g}s)"
+        return proposal.note(f"{evidence}; the KV-transfer hold lifted after {held:.0f}s: "
+                             "growing where the links have headroom"), recommendation
     served_want = proportional_decode(tps, tau)
     served_out = tps / (current * tau) > 1 + service.policy.tolerance.scale_out if current else False
     if proposal.decode > current and not (proposal.reason == "scale_out_tps" and served_out

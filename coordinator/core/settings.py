@@ -274,6 +274,10 @@ class PolicyConfig:
     """The first backoff."""
     scale_in_backoff_max_s: float = 14400.0
     """The longest backoff."""
+    kv_transfer_hold_max_s: float = 120.0
+    """``hold_kv_transfer`` holds a latency-driven scale-out for at most this long in one
+    episode; past it the scale-out goes ahead (placement prefers domains whose measured
+    KV links have headroom). 0: never hold."""
     max_scale_out_factor: float = 2.0
     """One step grows decode to at most ``current × factor`` (at least +1)."""
     max_scale_in_factor: float = 0.5
