@@ -693,16 +693,28 @@ def test_the_scale_out_cooldown_counts_from_when_the_new_instances_are_ready():
 def test_a_scale_in_keeps_the_prefill_its_measured_load_needs():
     # Decode asks for 10 -> 5 (tps 12000 is 50% of 10 x 2400) and the 9:7 ratio would take
     # prefill 13 -> 6; but prefill runs at 40% GPU on 13: 5.2 instances' worth, 9 at 60%.
+    # Decode follows its own signal; prefill keeps 9.
     svc = service(policy={"consolidation_margin": 1.0})
     o = replace(obs((13, 10), 12000), prefill_gpu_utilization=0.4)
     d, _ = once(svc, o)
-    assert d.reason == "scale_in_tps" and d.desired == PoolCounts(9, 7) and "keeps 9 prefill" in d.detail
-    # At 58% on 13 (13 needed) no smaller decode count keeps enough prefill: held.
+    assert d.reason == "scale_in_tps" and d.desired == PoolCounts(9, 5) and "keeps 9" in d.detail
+    # At 58% on 13 (13 needed at 60%) prefill stays whole while decode shrinks.
     d, _ = once(svc, replace(o, prefill_gpu_utilization=0.58))
-    assert (d.reason, d.desired) == ("hold_prefill_busy", PoolCounts(13, 10))
-    # Off, decode's tokens/s alone decides.
+    assert d.desired == PoolCounts(13, 5)
+    # Off, the ratio alone decides.
     off = service(policy={"consolidation_margin": 1.0, "prefill_busy_utilization": None})
     assert once(off, o)[0].desired == PoolCounts(6, 5)
+
+
+def test_prefill_above_the_ratio_is_not_trimmed_on_a_hold():
+    # 13P5D at the 9:7 ratio would be 6P5D; holding decode, prefill is left for the next
+    # decode scale-in to take down (through the prefill floor), not trimmed by itself.
+    svc = service()
+    d, _ = once(svc, obs((13, 5), 12000))               # 100% of 5 x 2400: hold
+    assert (d.reason, d.desired) == ("hold_tolerance", PoolCounts(13, 5))
+    # Prefill below the ratio is still repaired up.
+    d, _ = once(svc, obs((3, 5), 12000))
+    assert (d.reason, d.desired) == ("ratio_repair", PoolCounts(6, 5))
 
 
 def test_a_scale_in_that_latency_undoes_backs_off_and_the_backoff_doubles():
@@ -763,6 +775,16 @@ def test_requests_waiting_for_kv_are_not_bought_decode_instances():
     assert "30 decode request(s) waiting for their KV to arrive, 0 for decode capacity" in d.detail
     assert "kv_transfer_bottleneck" in d.inputs
     assert state.target.scale == 1.0                      # and it teaches the target nothing
+
+
+def test_transfers_in_flight_behind_a_prefill_queue_are_not_a_link_bottleneck():
+    # After a rise: 12 decode requests wait for their KV, but 756 wait for prefill. That is a
+    # busy fleet; the net's scale-out goes ahead.
+    svc = service()
+    o = replace(obs((13, 10), 19200, ttft=1.5, tbt=0.02), decode_kv_waiting=12, decode_waiting=0,
+                prefill_waiting=756, decode_running=200, decode_kv_usage_max=0.3)
+    d, _ = once(svc, o)
+    assert d.reason != "hold_kv_transfer" and d.desired.decode > 10 and "kv_transfer_bottleneck" not in d.inputs
 
 
 def test_the_kv_transfer_hold_is_bounded():

@@ -388,11 +388,11 @@ def decide(*, service: "ServiceConfig", observation: Observation, state: PolicyS
         elif proposal.decode < current.decode:
             proposal = _stabilize_scale_in(service, proposal, state=state, current=current.decode, now_s=now_s,
                                            load_tps=max(tps, load or 0.0), tau=tau, inputs=inputs)
-            if proposal.decode < current.decode:
-                proposal = _keep_prefill_for_its_load(service, proposal, observation=observation, ratio=ratio,
-                                                      current=current, inputs=inputs)
     proposal = _apply_bounds(service, proposal, low=low, high=high, ratio=ratio)
     desired, proposal = _apply_ratio(service, proposal, current=current, ratio=ratio)
+    if valid:
+        desired, proposal = _keep_prefill_for_its_load(service, desired, proposal, observation=observation,
+                                                       current=current, inputs=inputs)
     if valid and not complete:
         desired, proposal = _hold_shrink_on_partial_data(desired, proposal, current=current,
                                                          missing=observation.missing_decode)
@@ -507,7 +507,7 @@ def _kv_transfer_bottleneck(service: "ServiceConfig", proposal: Proposal, *, obs
                             current: int, tps: float, tau: float, recommendation: int,
                             inputs: dict[str, Any], held_for_s: float | None) -> tuple[Proposal, int]:
     """Decode requests waiting for their KV to arrive (vLLM deferred, SGLang's transfer
-    queue) at least as much as for decode capacity, with decode's own signals healthy (TBT
+    queue) at least as much as for decode or prefill capacity, with decode's own signals healthy (TBT
     inside the SLO, KV cache not full, tokens/s within the band): the bottleneck is the
     KV transfer, and more decode instances would wait on the same links. A scale-out the
     latency net, the demand estimate or KV pressure asked for is held (``hold_kv_transfer``)
@@ -518,7 +518,10 @@ def _kv_transfer_bottleneck(service: "ServiceConfig", proposal: Proposal, *, obs
     the measured links have headroom (``core.bandwidth``) — the fleet may sit entirely
     behind the slow links, where holding would starve it."""
     kv_wait = observation.decode_kv_waiting
-    if kv_wait is None or kv_wait <= 0 or kv_wait < max(1.0, observation.decode_waiting or 0.0):
+    # Waiting on KV at least as much as on capacity — decode's or prefill's: a few transfers
+    # in flight while hundreds of requests queue for prefill is a busy fleet, not slow links.
+    queued = max(1.0, observation.decode_waiting or 0.0, observation.prefill_waiting or 0.0)
+    if kv_wait is None or kv_wait <= 0 or kv_wait < queued:
         return proposal, recommendation
     net = service.policy.latency_net
     tbt_ratio = (observation.tbt_p90_s / service.slo.tbt_s
@@ -681,28 +684,28 @@ def _learn_scale_in_backoff(service: "ServiceConfig", state: PolicyState, *, rea
                                                  backoff_s=backoff_s, why=why))
 
 
-def _keep_prefill_for_its_load(service: "ServiceConfig", proposal: Proposal, *, observation: Observation,
-                               ratio: Fraction, current: PoolCounts, inputs: dict[str, Any]) -> Proposal:
-    """A scale-in shrinks prefill by the ratio: the survivors must carry the prefill pool's
-    measured GPU load (mean utilisation × ready instances) at no more than
-    ``prefill_busy_utilization`` each. The step is shortened to the smallest decode count
-    whose prefill does, or held."""
+def _keep_prefill_for_its_load(service: "ServiceConfig", desired: PoolCounts, proposal: Proposal, *,
+                               observation: Observation, current: PoolCounts,
+                               inputs: dict[str, Any]) -> tuple[PoolCounts, Proposal]:
+    """Prefill never shrinks below what its measured load needs: the prefill pool's GPU
+    load (mean utilisation × ready instances) at no more than ``prefill_busy_utilization``
+    per instance. Decode still follows its own signal; with the ratio fixed on traffic whose
+    prompts outgrew it, the ratio alone would shrink prefill into a TTFT breach."""
     limit = service.policy.prefill_busy_utilization
     util = observation.prefill_gpu_utilization
     ready = observation.pools.ready.prefill
-    if limit is None or util is None or ready <= 0:
-        return proposal
-    need = math.ceil(util * ready / limit - _EPS)
-    if pools_for_decode(service, proposal.decode, ratio=ratio).prefill >= need:
-        return proposal
+    if limit is None or util is None or ready <= 0 or desired.prefill >= current.prefill:
+        return desired, proposal
+    need = min(current.prefill, math.ceil(util * ready / limit - _EPS))
+    if desired.prefill >= need:
+        return desired, proposal
     inputs["prefill_need"] = need
-    for decode in range(proposal.decode + 1, current.decode):
-        if pools_for_decode(service, decode, ratio=ratio).prefill >= need:
-            return replace(proposal, decode=decode).note(
-                f"prefill at {util:.0%} on {ready}: keeps {need} prefill, so {decode} decode")
-    return proposal.hold(current=current.decode, reason="hold_prefill_busy",
-                         detail=f"{proposal.detail}; but prefill is at {util:.0%} GPU on {ready}: fewer than "
-                                f"{need} would run over {limit:.0%}")
+    kept = PoolCounts(prefill=need, decode=desired.decode)
+    note = f"prefill at {util:.0%} GPU on {ready}: keeps {need} (at most {limit:.0%} each)"
+    if kept == current:
+        return kept, Proposal(decode=current.decode, reason="hold_prefill_busy", keep_prefill=True,
+                              detail=f"{proposal.detail}; {note}" if proposal.detail else note)
+    return kept, proposal.note(note)
 
 
 def _damp(service: "ServiceConfig", proposal: Proposal, *, current: int) -> Proposal:
@@ -743,6 +746,10 @@ def _apply_ratio(service: "ServiceConfig", proposal: Proposal, *, current: PoolC
             desired.decode < current.decode and desired.prefill > current.prefill)):
         desired = PoolCounts(prefill=current.prefill, decode=desired.decode)
         proposal = proposal.note("prefill kept: the pools never move in opposite directions in one step")
+    if proposal.reason == "hold_tolerance" and desired.prefill < current.prefill:
+        # Prefill above the ratio on a hold is left for the next decode scale-in to take down
+        # (through the prefill floor): trimming it on its own is a scale-in nobody asked for.
+        return current, proposal
     if proposal.reason == "hold_tolerance" and desired != current:
         proposal = replace(proposal, reason="ratio_repair").note(
             f"prefill {current.prefill} -> {desired.prefill} to keep {ratio_text(ratio)}")
