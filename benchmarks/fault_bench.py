@@ -55,7 +55,7 @@ async def _run(args: argparse.Namespace, cluster: k8s_envtest.Cluster, work: Pat
     kube = kube_from_config(kubeconfig=str(cluster.kubeconfig), timeout_s=10)
     namespace = f"faults-{int(time.time())}"
     await kube.create(NAMESPACES, {"metadata": {"name": namespace}})
-    rig = Rig(cluster, kube, namespace, work, seed=args.seed)
+    rig = Rig(cluster, kube, namespace=namespace, work=work, seed=args.seed)
     stages: dict = {}
     try:
         await rig.start()

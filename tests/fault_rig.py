@@ -50,7 +50,7 @@ import aiohttp
 import yaml
 from aiohttp import web
 
-from heteroscale.coordinator.kube import DEPLOYMENTS, LEASES, PODS, Kube, format_time
+from heteroscale.coordinator.kube import DEPLOYMENTS, PODS, Kube, format_time
 from heteroscale.report import ReportFormatError, SidecarReport, parse_report_json
 from tests import sidecar_fuzz
 from tests.conftest import free_port
@@ -88,7 +88,7 @@ def coordinator_config(*, namespace: str, port: int, sidecar_port: int, interval
 
 # ---------------------------------------------------------------- the reports
 
-@dataclass
+@dataclass(frozen=True)
 class ReportPlan:
     """What the pods answer. ``decode_tps``: each valid decode report's tokens/s;
     ``victims``: every ``victims``-th decode pod (by name; 0 = none) answers fuzzed
@@ -206,7 +206,7 @@ class Proc:
 
 
 class Rig:
-    def __init__(self, cluster: Cluster, kube: Kube, namespace: str, work: Path, *, seed: int = 1,
+    def __init__(self, cluster: Cluster, kube: Kube, *, namespace: str, work: Path, seed: int = 1,
                  interval_s: float = 0.5) -> None:
         self.cluster, self.kube, self.namespace, self.work = cluster, kube, namespace, work
         self.seed = seed
@@ -530,9 +530,6 @@ class Rig:
 def _brief(write: dict[str, Any]) -> dict[str, Any]:
     return {k: (round(v, 3) if isinstance(v, float) else v) for k, v in write.items()}
 
-
-async def lease_spec(kube: Kube, namespace: str) -> dict[str, Any]:
-    return (await kube.get(LEASES, LEASE, namespace=namespace)).get("spec") or {}
 
 
 # ---------------------------------------------------------------- scenarios
