@@ -59,6 +59,8 @@ def _assert_clean(result: dict, *, cycles: int, faults: int, fuzzed: int) -> Non
     assert verdict["wrong_writes"] == 0, verdict["first_problems"]
     assert verdict["crashes"] == 0 and verdict["health_failures"] == 0, verdict["first_problems"]
     assert verdict["non_finite_out"] == 0, verdict["first_problems"]
+    # a real sidecar scraped fuzzed engine pages, and its reports were read back
+    assert verdict["fuzzed_pages_scraped"] > 0 and verdict["sidecar_reports_checked"] > 0
     # the checks had something to check: the leaders wrote, and scaled in when allowed
     assert verdict["scale_writes_landed"] > 0 and verdict["scale_ins_landed"] > 0
     # ... and a complete low view does scale in (the partial-data check could fail)
