@@ -4,7 +4,8 @@ SIGSTOP of the leader. The rig and the checks: tests/fault_rig.py; the proxy:
 tests/fault_proxy.py.
 
 ``test_fault_tier_short`` is in the default suite (marker ``k8s``; skips without
-k8s-envtest): 2 failovers, >= 30 API faults, >= 200 fuzzed reports.
+k8s-envtest): 2 failovers, >= 30 API faults, >= 200 fuzzed reports, and fuzzed engine
+pages scraped by a real sidecar process throughout.
 ``test_fault_tier_medium`` (marker ``faults``, opt-in: ``pytest -m faults``) does 10 /
 150 / 2,000. The long run, with the issue's targets, is ``benchmarks/fault_bench.py``.
 
