@@ -18,6 +18,10 @@ loopback pod IPs. Three stages, in this order:
    to the coordinators, with the decode view kept partial; then the control: a complete
    low view, which must scale in.
 
+Throughout, one prefill pod at a time is a real ``heteroscale sidecar`` process scraping
+fuzzed engine pages (``fuzzed_pages_scraped`` in the verdict; the committed result
+predates it).
+
 Targets (the issue's): over >= 50 cycles, 0 writes by a non-holder; over >= 500 API faults,
 0 crashes and 0 wrong writes; over >= 10,000 fuzzed reports, 0 crashes, 0 non-finite values
 out, 0 scale-ins on partial data. The checks are in ``Rig.verdict``. Counts are what the run
@@ -55,7 +59,7 @@ async def _run(args: argparse.Namespace, cluster: k8s_envtest.Cluster, work: Pat
     kube = kube_from_config(kubeconfig=str(cluster.kubeconfig), timeout_s=10)
     namespace = f"faults-{int(time.time())}"
     await kube.create(NAMESPACES, {"metadata": {"name": namespace}})
-    rig = Rig(cluster, kube, namespace, work, seed=args.seed)
+    rig = Rig(cluster, kube, namespace=namespace, work=work, seed=args.seed)
     stages: dict = {}
     try:
         await rig.start()

@@ -242,16 +242,18 @@ class ApiClientTransport:
         from kubernetes.client.exceptions import ApiException
 
         what = f"{method} {path}"
-        timeout = deadline - time.monotonic()
-        if timeout <= 0:
-            # status 0 (no answer): retried, and a retried write asks the fence again
-            raise ApiError(f"{what}: not sent: its {'write ' if method != 'GET' else ''}time ran out "
-                           f"before a worker thread was free", status=0)
         headers = {"Accept": "application/json", "Content-Type": content_type}
         try:
             method_, url, headers_, body_, _ = self._client.param_serialize(
                 method, path, query_params=list((query or {}).items()), header_params=headers,
                 body=body, auth_settings=["BearerToken"])
+            # Checked as late as the client allows: right before the request is handed to
+            # urllib3 (a process frozen after this line still sends it when it resumes).
+            timeout = deadline - time.monotonic()
+            if timeout <= 0:
+                # status 0 (no answer): retried, and a retried write asks the fence again
+                raise ApiError(f"{what}: not sent: its {'write ' if method != 'GET' else ''}time ran out "
+                               f"before a worker thread could send it", status=0)
             response = self._client.call_api(method_, url, header_params=headers_, body=body_,
                                              _request_timeout=timeout)
             data = response.read()

@@ -48,7 +48,7 @@ import random
 import ssl
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -64,10 +64,11 @@ _HOP_HEADERS = frozenset({"host", "connection", "content-length", "transfer-enco
                           "accept-encoding", "proxy-connection", "upgrade"})
 
 
-@dataclass
+@dataclass(frozen=True)
 class FaultPlan:
     """Which requests get a fault. ``rate``: the share of requests faulted (0 = none);
     ``kinds``: the kinds drawn from, uniformly; ``seed``: the schedule's seed;
+    ``slow_s``: the range, in seconds, a ``slow`` answer or a ``late`` request is held;
     ``lease_writes``: whether the election's own Lease writes may be faulted too."""
 
     rate: float = 0.0
@@ -159,7 +160,7 @@ class FaultProxy:
             timeout=aiohttp.ClientTimeout(total=30), auto_decompress=False)
         for name, port in listeners.items():
             server = await asyncio.start_server(
-                lambda r, w, name=name: self._serve(name, r, w), "127.0.0.1", port)
+                lambda r, w, name=name: self._serve(r, w, who=name), "127.0.0.1", port)
             self._servers.append(server)
             self.ports[name] = server.sockets[0].getsockname()[1]
         return dict(self.ports)
@@ -199,7 +200,7 @@ class FaultProxy:
                 "duration_s": spec.get("leaseDurationSeconds"), "transitions": spec.get("leaseTransitions", 0)}
 
     # -- serving ---------------------------------------------------------------------------
-    async def _serve(self, who: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, who: str) -> None:
         task = asyncio.current_task()
         if task is not None:
             self._tasks.add(task)
@@ -208,7 +209,7 @@ class FaultProxy:
                 request = await self._read_request(reader)
                 if request is None:
                     return
-                if not await self._handle(who, request, writer):
+                if not await self._handle(request, writer, who=who):
                     return
         except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
             pass
@@ -253,7 +254,7 @@ class FaultProxy:
                  and (self.plan.lease_writes or not (is_lease and request.method in WRITE_METHODS))]
         return self.rng.choice(kinds) if kinds else None
 
-    async def _handle(self, who: str, request: _Request, writer: asyncio.StreamWriter) -> bool:
+    async def _handle(self, request: _Request, writer: asyncio.StreamWriter, *, who: str) -> bool:
         """One request; False when the connection is to be dropped."""
         self.requests += 1
         t_arrive = time.time()
@@ -268,13 +269,14 @@ class FaultProxy:
             body = json.dumps({"kind": "Status", "apiVersion": "v1", "status": "Failure",
                                "message": f"injected by the fault proxy: {kind}", "reason": reason,
                                "code": status}).encode()
-            await self._respond(writer, status, body, "application/json", headers)
+            await self._respond(writer, status, body=body, content_type="application/json", headers=headers)
             return True
         if kind == "reset_before":
             writer.transport.abort()
             return False
         status, body, content_type, extra = await self._forward(
-            who, request, t_arrive, hold_s=self.rng.uniform(*self.plan.slow_s) if kind == "late" else 0.0)
+            request, who=who, t_arrive=t_arrive,
+            hold_s=self.rng.uniform(*self.plan.slow_s) if kind == "late" else 0.0)
         if kind == "reset_after":
             writer.transport.abort()
             return False
@@ -286,10 +288,10 @@ class FaultProxy:
         elif kind == "wrong_shape" and status < 300:
             body = self.rng.choice(WRONG_SHAPES)
             content_type = "application/json"
-        await self._respond(writer, status, body, content_type, extra)
+        await self._respond(writer, status, body=body, content_type=content_type, headers=extra)
         return True
 
-    async def _forward(self, who: str, request: _Request, t_arrive: float, *,
+    async def _forward(self, request: _Request, *, who: str, t_arrive: float,
                        hold_s: float = 0.0) -> tuple[int, bytes, str, dict[str, str]]:
         assert self._session is not None
         path = request.target.split("?")[0]
@@ -335,7 +337,7 @@ class FaultProxy:
         return status, body, content_type, extra
 
     @staticmethod
-    async def _respond(writer: asyncio.StreamWriter, status: int, body: bytes, content_type: str,
+    async def _respond(writer: asyncio.StreamWriter, status: int, *, body: bytes, content_type: str,
                        headers: dict[str, str]) -> None:
         try:
             phrase = http.HTTPStatus(status).phrase

@@ -13,6 +13,10 @@ a loopback pod IP (127.88.X.Y: every 127.x address is local on Linux) and Runnin
 and a report endpoint on that IP at the sidecar port answers ``/v1/report`` the way the
 scenario says (a valid report with a chosen decode tokens/s, a fuzzed body from
 tests/sidecar_fuzz.py, or a 500); a pod being deleted is removed at once (grace 0).
+One prefill pod at a time (``page_sidecars``) is instead a real ``heteroscale sidecar``
+PROCESS on its IP, scraping an engine stand-in that answers every scrape with the next
+fuzzed engine page (``FuzzedPages``): fuzzed pages reach the coordinator through a
+real sidecar's report.
 
 The checks (``Rig.verdict``), each over the proxy's write log:
 
@@ -23,9 +27,9 @@ The checks (``Rig.verdict``), each over the proxy's write log:
 * wrong writes: a scale written outside [min, max] of its role, or a scale-in that
   landed while the decode reports were partial (``Rig.phases``);
 * crashes: a coordinator process that exited without being killed by the rig, or whose
-  ``/healthz`` did not answer at a check;
+  ``/healthz`` did not answer at a check; a sidecar process that exited;
 * non-finite values: a sample value in either process's ``/metrics`` that is NaN/Inf,
-  or a ``NaN``/``Infinity`` token in the status JSON.
+  or a ``NaN``/``Infinity`` token in the status JSON or in the page sidecar's report.
 
 ``tests/test_faults_k8s.py`` runs a short version (default suite, marker ``k8s``);
 ``benchmarks/fault_bench.py`` runs the long one.
@@ -50,7 +54,7 @@ import aiohttp
 import yaml
 from aiohttp import web
 
-from heteroscale.coordinator.kube import DEPLOYMENTS, LEASES, PODS, Kube, format_time
+from heteroscale.coordinator.kube import DEPLOYMENTS, PODS, Kube, format_time
 from heteroscale.report import ReportFormatError, SidecarReport, parse_report_json
 from tests import sidecar_fuzz
 from tests.conftest import free_port
@@ -88,7 +92,7 @@ def coordinator_config(*, namespace: str, port: int, sidecar_port: int, interval
 
 # ---------------------------------------------------------------- the reports
 
-@dataclass
+@dataclass(frozen=True)
 class ReportPlan:
     """What the pods answer. ``decode_tps``: each valid decode report's tokens/s;
     ``victims``: every ``victims``-th decode pod (by name; 0 = none) answers fuzzed
@@ -188,6 +192,45 @@ class Reports:
         return web.json_response(report.to_dict())
 
 
+class FuzzedPages:
+    """An engine stand-in: ``/metrics`` on given IPs answers the next fuzzed engine page
+    of tests/sidecar_fuzz.py (mutated vLLM/SGLang/KV-connector pages and garbage)."""
+
+    def __init__(self, *, port: int, seed: int) -> None:
+        self.port = port
+        self.served = 0
+        self.reports_checked = 0
+        self._pages: Iterator[str] = sidecar_fuzz.pages(seed)
+        self._sites: dict[str, web.TCPSite] = {}
+        self._runner: web.AppRunner | None = None
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_get("/metrics", self._page)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+
+    async def add(self, ip: str) -> None:
+        assert self._runner is not None
+        site = web.TCPSite(self._runner, ip, self.port)
+        await site.start()
+        self._sites[ip] = site
+
+    async def remove(self, ip: str) -> None:
+        site = self._sites.pop(ip, None)
+        if site is not None:
+            await site.stop()
+
+    async def close(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    async def _page(self, request: web.Request) -> web.Response:
+        self.served += 1
+        return web.Response(body=next(self._pages).encode("utf-8", "surrogatepass"),
+                            content_type="text/plain", charset="utf-8")
+
+
 # ---------------------------------------------------------------- the rig
 
 @dataclass
@@ -206,8 +249,8 @@ class Proc:
 
 
 class Rig:
-    def __init__(self, cluster: Cluster, kube: Kube, namespace: str, work: Path, *, seed: int = 1,
-                 interval_s: float = 0.5) -> None:
+    def __init__(self, cluster: Cluster, kube: Kube, *, namespace: str, work: Path, seed: int = 1,
+                 interval_s: float = 0.5, page_sidecars: int = 1) -> None:
         self.cluster, self.kube, self.namespace, self.work = cluster, kube, namespace, work
         self.seed = seed
         self.interval_s = interval_s
@@ -224,12 +267,18 @@ class Rig:
         self._next_ip = 0
         self._http: aiohttp.ClientSession | None = None
         self._net = 88
+        # prefill pods backed by a real ``heteroscale sidecar`` process scraping fuzzed pages
+        self.page_sidecars = page_sidecars
+        self.sidecars: dict[str, subprocess.Popen] = {}        # ip -> sidecar process
+        self.sidecar_crashes: list[str] = []
+        self.pages = FuzzedPages(port=free_port(), seed=seed)
 
     # -- lifecycle ---------------------------------------------------------------------
     async def start(self, *, prefill: int = 2, decode: int = 3) -> None:
         for name, n in (("chat-prefill", prefill), ("chat-decode", decode)):
             await self.kube.create(DEPLOYMENTS, deployment_body(name, n), namespace=self.namespace)
         await self.reports.start()
+        await self.pages.start()
         ports = await self.proxy.start({ident: 0 for ident in IDENTITIES})
         self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5))
         self._kubelet = asyncio.create_task(self._kubelet_loop(), name="fault-rig-kubelet")
@@ -270,8 +319,11 @@ class Rig:
         if self._kubelet is not None:
             self._kubelet.cancel()
             await asyncio.gather(self._kubelet, return_exceptions=True)
+        for ip in list(self.sidecars):
+            await self._stop_sidecar(ip)
         await self.proxy.close()
         await self.reports.close()
+        await self.pages.close()
         if self._http is not None:
             await self._http.close()
         self.end_phase()
@@ -317,12 +369,15 @@ class Rig:
             ip = status.get("podIP")
             if status.get("phase") == "Running" and ip:
                 live.add(ip)
-                if ip not in self.reports.pods:
+                if ip not in self.reports.pods and ip not in self.sidecars:
                     await self.reports.add(ip, name, role)
                 continue
             ip = self._ip()
             now = format_time(time.time())
-            await self.reports.add(ip, name, role)
+            if role == "prefill" and len(self.sidecars) < self.page_sidecars:
+                await self._start_sidecar(ip, name)
+            else:
+                await self.reports.add(ip, name, role)
             await self.kube.patch(PODS, name, {"status": {
                 "phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}], "conditions": [
                     {"type": "Ready", "status": "True", "lastTransitionTime": now},
@@ -332,6 +387,29 @@ class Rig:
         for ip in list(self.reports.pods):
             if ip not in live:
                 await self.reports.remove(ip)
+        for ip in list(self.sidecars):
+            if ip not in live:
+                await self._stop_sidecar(ip)
+
+    async def _start_sidecar(self, ip: str, pod: str) -> None:
+        await self.pages.add(ip)
+        with open(self.work / f"sidecar-{pod}.log", "a") as log:
+            self.sidecars[ip] = subprocess.Popen(
+                [sys.executable, "-m", "heteroscale", "sidecar", "--engine", "vllm",
+                 "--engine-url", f"http://{ip}:{self.pages.port}", "--role", "prefill", "--service", "chat",
+                 "--listen", f"{ip}:{self.reports.port}", "--pod", pod, "--interval", "0.25",
+                 "--scrape-timeout", "0.2", "--gpu-source", "none", "--no-rdma", "--log-level", "WARNING"],
+                cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+
+    async def _stop_sidecar(self, ip: str) -> None:
+        proc = self.sidecars.pop(ip)
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                await asyncio.to_thread(proc.wait, 10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        await self.pages.remove(ip)
 
     # -- the processes -----------------------------------------------------------------
     async def lease(self) -> dict[str, Any]:
@@ -438,6 +516,34 @@ class Rig:
                 self.health_failures.append(f"{proc.identity} /healthz did not answer 200 at {time.time():.1f}")
                 continue
             await self._check_finite(proc)
+        for ip, sidecar in list(self.sidecars.items()):
+            code = sidecar.poll()
+            if code is not None:
+                self.sidecar_crashes.append(f"sidecar on {ip} exited with {code}")
+                await self.pages.remove(ip)
+                del self.sidecars[ip]
+                continue
+            await self._check_sidecar_report(ip)
+
+    async def _check_sidecar_report(self, ip: str) -> None:
+        """The sidecar's own report, built from fuzzed pages, is strict JSON (no NaN/Inf)."""
+        assert self._http is not None
+        try:
+            async with self._http.get(f"http://{ip}:{self.reports.port}/v1/report") as resp:
+                if resp.status != 200:
+                    return                      # not up yet, or no page parsed yet
+                text = await resp.text()
+        except (aiohttp.ClientError, asyncio.TimeoutError):
+            return                              # starting; a dead one is caught by poll()
+
+        def refuse(token: str) -> Any:
+            self.non_finite.append(f"sidecar {ip} /v1/report: {token}")
+            return None
+        try:
+            json.loads(text, parse_constant=refuse)
+            self.pages.reports_checked += 1
+        except ValueError as exc:
+            self.non_finite.append(f"sidecar {ip} /v1/report unreadable: {exc}")
 
     async def _check_finite(self, proc: Proc) -> None:
         assert self._http is not None
@@ -516,23 +622,22 @@ class Rig:
             "non_holder_writes": len(non_holder),
             "residual_window_writes": len(residual),
             "wrong_writes": len(wrong),
-            "crashes": len(self.crashes),
+            "crashes": len(self.crashes) + len(self.sidecar_crashes),
+            "fuzzed_pages_scraped": self.pages.served,
+            "sidecar_reports_checked": self.pages.reports_checked,
             "health_failures": len(self.health_failures),
             "non_finite_out": len(self.non_finite),
             "health_checks": self.checks,
             "reports_served": dict(self.reports.served),
             "fuzz_accepted_not_served_to_victims": self.reports.fuzz_skipped,
             "first_problems": [_brief(x) for x in (non_holder + residual + wrong)[:5]]
-                              + (self.crashes + self.health_failures + self.non_finite)[:5],
+                              + (self.crashes + self.sidecar_crashes + self.health_failures + self.non_finite)[:5],
         }
 
 
 def _brief(write: dict[str, Any]) -> dict[str, Any]:
     return {k: (round(v, 3) if isinstance(v, float) else v) for k, v in write.items()}
 
-
-async def lease_spec(kube: Kube, namespace: str) -> dict[str, Any]:
-    return (await kube.get(LEASES, LEASE, namespace=namespace)).get("spec") or {}
 
 
 # ---------------------------------------------------------------- scenarios

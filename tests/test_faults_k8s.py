@@ -4,7 +4,8 @@ SIGSTOP of the leader. The rig and the checks: tests/fault_rig.py; the proxy:
 tests/fault_proxy.py.
 
 ``test_fault_tier_short`` is in the default suite (marker ``k8s``; skips without
-k8s-envtest): 2 failovers, >= 30 API faults, >= 200 fuzzed reports.
+k8s-envtest): 2 failovers, >= 30 API faults, >= 200 fuzzed reports, and fuzzed engine
+pages scraped by a real sidecar process throughout.
 ``test_fault_tier_medium`` (marker ``faults``, opt-in: ``pytest -m faults``) does 10 /
 150 / 2,000. The long run, with the issue's targets, is ``benchmarks/fault_bench.py``.
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import ssl
 import time
 
 import pytest
@@ -58,6 +60,8 @@ def _assert_clean(result: dict, *, cycles: int, faults: int, fuzzed: int) -> Non
     assert verdict["wrong_writes"] == 0, verdict["first_problems"]
     assert verdict["crashes"] == 0 and verdict["health_failures"] == 0, verdict["first_problems"]
     assert verdict["non_finite_out"] == 0, verdict["first_problems"]
+    # a real sidecar scraped fuzzed engine pages, and its reports were read back
+    assert verdict["fuzzed_pages_scraped"] > 0 and verdict["sidecar_reports_checked"] > 0
     # the checks had something to check: the leaders wrote, and scaled in when allowed
     assert verdict["scale_writes_landed"] > 0 and verdict["scale_ins_landed"] > 0
     # ... and a complete low view does scale in (the partial-data check could fail)
@@ -66,7 +70,7 @@ def _assert_clean(result: dict, *, cycles: int, faults: int, fuzzed: int) -> Non
 
 @pytest.mark.k8s
 async def test_fault_tier_short(k8s_cluster, kube, k8s_namespace, tmp_path):  # noqa: F811
-    rig = Rig(k8s_cluster, kube, k8s_namespace, tmp_path, seed=12)
+    rig = Rig(k8s_cluster, kube, namespace=k8s_namespace, work=tmp_path, seed=12)
     try:
         result = await _run_tier(rig, cycles=2, faults=30, fuzzed=200, phase_s=3.0)
     finally:
@@ -77,7 +81,7 @@ async def test_fault_tier_short(k8s_cluster, kube, k8s_namespace, tmp_path):  # 
 @pytest.mark.k8s
 @pytest.mark.faults
 async def test_fault_tier_medium(k8s_cluster, kube, k8s_namespace, tmp_path):  # noqa: F811
-    rig = Rig(k8s_cluster, kube, k8s_namespace, tmp_path, seed=13)
+    rig = Rig(k8s_cluster, kube, namespace=k8s_namespace, work=tmp_path, seed=13)
     try:
         result = await _run_tier(rig, cycles=10, faults=150, fuzzed=2000, phase_s=5.0)
     finally:
@@ -112,11 +116,11 @@ async def proxied():
     await runner.setup()
     port = free_port()
     await web.TCPSite(runner, "127.0.0.1", port).start()
-    import ssl
     proxy = FaultProxy(Upstream(url=f"http://127.0.0.1:{port}", ssl_context=ssl.create_default_context(),
                                 authorization=""), lease_namespace="ns", lease_name="heteroscale-coordinator")
     ports = await proxy.start({"coord-a": 0})
     from kubernetes import client
+
     configuration = client.Configuration()
     configuration.host = f"http://127.0.0.1:{ports['coord-a']}"
     configuration.retries = False
@@ -200,11 +204,12 @@ def test_the_verdict_flags_what_it_should(tmp_path):
     kubeconfig = tmp_path / "kubeconfig"
     kubeconfig.write_text(json.dumps({"clusters": [{"cluster": {"server": "http://127.0.0.1:9"}}],
                                       "users": [{"user": {"token": "t"}}]}))
-    rig = Rig(Cluster(run_dir=tmp_path, kubeconfig=kubeconfig), kube=None, namespace="ns", work=tmp_path)
+    rig = Rig(Cluster(run_dir=tmp_path, kubeconfig=kubeconfig), None, namespace="ns", work=tmp_path)
     for ident in ("coord-a", "coord-b"):
         rig.procs[ident] = Proc(identity=ident, port=0, config=Path("x"), kubeconfig=Path("y"), log=Path("z"))
     rig.procs["coord-b"].resumes.append(100.0)
-    rig.phases = [Phase("high", 0.0, 50.0), Phase("partial-low", 50.0, 80.0, partial=True), Phase("low", 80.0)]
+    rig.phases = [Phase("high", start_s=0.0, end_s=50.0), Phase("partial-low", start_s=50.0, end_s=80.0, partial=True),
+                  Phase("low", start_s=80.0)]
     scale = "/apis/apps/v1/namespaces/ns/deployments/chat-decode/scale"
 
     def write(t, who, holder, **kw):
