@@ -820,3 +820,19 @@ def test_kv_waiting_with_tbt_broken_is_a_decode_shortage():
     o = replace(obs((13, 10), 19200, tbt=0.06), decode_kv_waiting=30, decode_waiting=0)
     d, _ = once(svc, o)
     assert d.reason == "latency_severe" and d.desired.decode == 12
+
+
+def test_every_reason_the_policy_gives_is_listed_and_documented():
+    # REASONS is the label set the decision metrics and docs/coordinator.md's table promise.
+    import re
+    from pathlib import Path
+
+    import heteroscale.coordinator.core.policy as policy
+
+    source = Path(policy.__file__).read_text()
+    given = set(re.findall(r'reason="([a-z_]+)"', source)) | set(re.findall(r'decision\("([a-z_]+)"', source))
+    assert given and given <= set(policy.REASONS), given - set(policy.REASONS)
+    table = (Path(__file__).resolve().parents[1] / "docs" / "coordinator.md").read_text()
+    rows = [line.split("|")[1] for line in table.splitlines() if line.startswith("| `")]
+    documented = set(re.findall(r"`([a-z_]+)`", " ".join(rows)))
+    assert set(policy.REASONS) - documented == set()

@@ -71,7 +71,8 @@ REASONS = (
     "scale_out_tps", "scale_in_tps", "latency_moderate", "latency_severe",
     "kv_pressure", "hold_kv_transfer", "hold_missing_data", "hold_partial_data", "hold_pending", "hold_cooldown",
     "hold_stabilization", "hold_cold_start", "hold_tolerance", "hold_consolidation", "bounded_max", "bounded_min",
-    "bounded_budget", "ratio_repair", "schedule", "manual_override",
+    "bounded_budget", "ratio_repair", "schedule", "manual_override", "hold_draining", "hold_prefill_busy",
+    "hold_scale_in_backoff",
 )
 _EPS = 1e-9
 
