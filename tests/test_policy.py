@@ -701,6 +701,9 @@ def test_a_scale_in_keeps_the_prefill_its_measured_load_needs():
     # At 58% on 13 (13 needed at 60%) prefill stays whole while decode shrinks.
     d, _ = once(svc, replace(o, prefill_gpu_utilization=0.58))
     assert d.desired == PoolCounts(13, 5)
+    # Bounds win: with max_prefill 8 the floor keeps no more than 8.
+    capped = service(max_prefill=8, policy={"consolidation_margin": 1.0})
+    assert once(capped, replace(o, prefill_gpu_utilization=0.58))[0].desired.prefill <= 8
     # Off, the ratio alone decides.
     off = service(policy={"consolidation_margin": 1.0, "prefill_busy_utilization": None})
     assert once(off, o)[0].desired == PoolCounts(6, 5)

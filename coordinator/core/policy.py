@@ -695,9 +695,13 @@ def _keep_prefill_for_its_load(service: "ServiceConfig", desired: PoolCounts, pr
     limit = service.policy.prefill_busy_utilization
     util = observation.prefill_gpu_utilization
     ready = observation.pools.ready.prefill
-    if limit is None or util is None or ready <= 0 or desired.prefill >= current.prefill:
+    # Bounds and the GPU budget win: an operator's lower limit is never held off by the floor.
+    if (limit is None or util is None or ready <= 0 or desired.prefill >= current.prefill
+            or proposal.reason.startswith("bounded")):
         return desired, proposal
     need = min(current.prefill, math.ceil(util * ready / limit - _EPS))
+    if service.max_prefill is not None:
+        need = min(need, service.max_prefill)
     if desired.prefill >= need:
         return desired, proposal
     inputs["prefill_need"] = need
