@@ -297,11 +297,11 @@ class PolicyConfig:
     consolidation_margin: float = 0.9
     """Before scale-in the survivors must carry the load within this share of target."""
     prefill_busy_utilization: float | None = 0.6
-    """Before scale-in the surviving prefill instances (by the ratio) must carry the
-    prefill pool's measured GPU load at no more than this utilisation each; the step is
-    shortened, or held (``hold_prefill_busy``). With the ratio fixed on traffic whose
-    prompts outgrew it, decode's tokens/s alone would shrink prefill into a TTFT breach.
-    ``None``: off."""
+    """Prefill never shrinks below the instances that carry the prefill pool's measured GPU
+    load (mean utilisation × ready instances) at no more than this utilisation each; decode
+    still follows its own signal (``hold_prefill_busy`` when nothing else would move). With
+    the ratio fixed on traffic whose prompts outgrew it, the ratio alone would shrink
+    prefill into a TTFT breach. ``None``: off."""
     gpu_budget: int | None = None
     """Cap on the GPUs of both pools together; ``None``: no cap."""
     demand: DemandEstimate = DemandEstimate()
