@@ -15,15 +15,12 @@ from heteroscale.simulator import perfmodel as pm
 from heteroscale.simulator import policies, traces
 from heteroscale.simulator.model.cluster import Cluster, ClusterSpec
 from heteroscale.simulator.model.runner import RunSettings, simulate
+from tests.sim_helpers import M8, spec_8b
 
-M8 = pm.model("8b")
 
 
 def _spec(**kw) -> ClusterSpec:
-    base = dict(prefill=pm.InstanceSpec(M8, pm.gpu("L40S"), 1), decode=pm.InstanceSpec(M8, pm.gpu("H20"), 1),
-                startup_s=60.0, tick_s=0.5)
-    base.update(kw)
-    return ClusterSpec(**base)
+    return spec_8b(**kw)
 
 
 def _service(**kw):

@@ -11,16 +11,15 @@ from __future__ import annotations
 from heteroscale.coordinator.config import load_config
 from heteroscale.coordinator.core.types import PoolCounts
 from heteroscale.report import SidecarReport
-from heteroscale.simulator import perfmodel as pm
 from heteroscale.simulator import policies, traces
 from heteroscale.simulator.config import load_sim_config
 from heteroscale.simulator.model.cluster import ClusterSpec
 from heteroscale.simulator.model.runner import RunSettings, simulate
 from heteroscale.simulator.placement import Placement, TopologySpec, demand_for
+from tests.sim_helpers import spec_8b
 
 import pytest
 
-M8 = pm.model("8b")
 TOPOLOGY = TopologySpec(s2=1, s1_per_s2=4, nodes_per_s1=2, gpus_per_node=4, mix="s1")
 DEGRADED = 1          # the switch the second DG lands in when placement is blind
 
@@ -33,11 +32,8 @@ def _service():
 
 
 def _spec(**kw) -> ClusterSpec:
-    base = dict(prefill=pm.InstanceSpec(M8, pm.gpu("L40S"), 1), decode=pm.InstanceSpec(M8, pm.gpu("H20"), 1),
-                startup_s=60.0, startup_jitter_s=0.0, kv_link_gbps=100.0, kv_switches=4,
-                degraded_links={DEGRADED: 0.25})
-    base.update(kw)
-    return ClusterSpec(**base)
+    return spec_8b(**{"startup_jitter_s": 0.0, "kv_link_gbps": 100.0, "kv_switches": 4,
+                      "degraded_links": {DEGRADED: 0.25}, **kw})
 
 
 def _day():

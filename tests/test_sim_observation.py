@@ -9,19 +9,15 @@ import heteroscale.coordinator.core.aggregate as coordinator_aggregate
 import heteroscale.coordinator.core.policy as coordinator_policy
 from heteroscale.coordinator.config import load_config
 from heteroscale.coordinator.core.types import PoolCounts
-from heteroscale.simulator import perfmodel as pm
 from heteroscale.simulator import policies, traces
 from heteroscale.simulator.model.cluster import ClusterSpec
 from heteroscale.simulator.model.runner import RunSettings, simulate
+from tests.sim_helpers import spec_8b
 
-M8 = pm.model("8b")
 
 
 def _spec(**kw) -> ClusterSpec:
-    base = dict(prefill=pm.InstanceSpec(M8, pm.gpu("L40S"), 1), decode=pm.InstanceSpec(M8, pm.gpu("H20"), 1),
-                startup_s=60.0, tick_s=0.5)
-    base.update(kw)
-    return ClusterSpec(**base)
+    return spec_8b(**kw)
 
 
 def _service(**kw):
