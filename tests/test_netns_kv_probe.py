@@ -99,21 +99,27 @@ class NetnsBed:
             _ip("netns", "del", name, check=False)
 
 
-@pytest.fixture
-def testbed():
+def _built(kind):
+    """A testbed of ``kind`` built for one test and torn down after it; the test skips
+    where network namespaces cannot be made."""
     if shutil.which("ip") is None or shutil.which("tc") is None:
         pytest.skip("iproute2 (ip, tc) is not installed")
-    bed = NetnsBed(str(os.getpid() % 100000))
+    bed = kind(str(os.getpid() % 100000))
     try:
         bed.build()
     except (subprocess.CalledProcessError, RuntimeError, OSError) as exc:
-        bed.teardown()
+        bed.teardown()          # deleting a namespace deletes its veths, the root-side ends too
         detail = getattr(exc, "stderr", "") or str(exc)
         pytest.skip(f"cannot build network namespaces here: {detail.strip()[:200]}")
     try:
         yield bed
     finally:
         bed.teardown()
+
+
+@pytest.fixture
+def testbed():
+    yield from _built(NetnsBed)
 
 
 def _wait_listening(proc: subprocess.Popen, timeout_s: float = 20.0) -> None:
@@ -271,19 +277,7 @@ class TwoPodBed(NetnsBed):
 
 @pytest.fixture
 def two_pods():
-    if shutil.which("ip") is None or shutil.which("tc") is None:
-        pytest.skip("iproute2 (ip, tc) is not installed")
-    bed = TwoPodBed(str(os.getpid() % 100000))
-    try:
-        bed.build()
-    except (subprocess.CalledProcessError, RuntimeError, OSError) as exc:
-        bed.teardown()          # deleting a namespace deletes its veths, the root-side ends too
-        detail = getattr(exc, "stderr", "") or str(exc)
-        pytest.skip(f"cannot build network namespaces here: {detail.strip()[:200]}")
-    try:
-        yield bed
-    finally:
-        bed.teardown()
+    yield from _built(TwoPodBed)
 
 
 def _config(two_pods: TwoPodBed, *, schedule: dict | None = None):
