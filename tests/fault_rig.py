@@ -114,35 +114,30 @@ class Phase:
     partial: bool = False         # decode reports partial: no scale-in may land
 
 
-class Reports:
-    """``/v1/report`` on every pod IP (one aiohttp site per IP, the same port)."""
+class _OnEveryIp:
+    """One aiohttp app answering ``path`` on several pod IPs (one site per IP, one port)."""
 
-    def __init__(self, *, port: int, seed: int) -> None:
+    path = "/"
+
+    def __init__(self, *, port: int) -> None:
         self.port = port
-        self.plan = ReportPlan()
-        self.pods: dict[str, tuple[str, str]] = {}        # ip -> (pod name, role)
         self._sites: dict[str, web.TCPSite] = {}
         self._runner: web.AppRunner | None = None
-        self._fuzz: Iterator[bytes] = sidecar_fuzz.report_bodies(seed)
-        self.served: dict[str, int] = {"valid": 0, "fuzz_refused": 0, "fuzz_accepted": 0, "error": 0}
-        self.fuzz_skipped = 0          # accepted fuzz bodies drawn for a victim and not served
 
     async def start(self) -> None:
         app = web.Application()
-        app.router.add_get("/v1/report", self._report)
+        app.router.add_get(self.path, self._answer)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
 
-    async def add(self, ip: str, pod: str, role: str) -> None:
+    async def listen(self, ip: str) -> None:
         assert self._runner is not None
-        self.pods[ip] = (pod, role)
         if ip not in self._sites:
             site = web.TCPSite(self._runner, ip, self.port)
             await site.start()
             self._sites[ip] = site
 
     async def remove(self, ip: str) -> None:
-        self.pods.pop(ip, None)
         site = self._sites.pop(ip, None)
         if site is not None:
             await site.stop()
@@ -150,6 +145,31 @@ class Reports:
     async def close(self) -> None:
         if self._runner is not None:
             await self._runner.cleanup()
+
+    async def _answer(self, request: web.Request) -> web.Response:
+        raise NotImplementedError
+
+
+class Reports(_OnEveryIp):
+    """``/v1/report`` on every pod IP (one aiohttp site per IP, the same port)."""
+
+    path = "/v1/report"
+
+    def __init__(self, *, port: int, seed: int) -> None:
+        super().__init__(port=port)
+        self.plan = ReportPlan()
+        self.pods: dict[str, tuple[str, str]] = {}        # ip -> (pod name, role)
+        self._fuzz: Iterator[bytes] = sidecar_fuzz.report_bodies(seed)
+        self.served: dict[str, int] = {"valid": 0, "fuzz_refused": 0, "fuzz_accepted": 0, "error": 0}
+        self.fuzz_skipped = 0          # accepted fuzz bodies drawn for a victim and not served
+
+    async def add(self, ip: str, pod: str, role: str) -> None:
+        self.pods[ip] = (pod, role)
+        await self.listen(ip)
+
+    async def remove(self, ip: str) -> None:
+        self.pods.pop(ip, None)
+        await super().remove(ip)
 
     def decode_victims(self) -> set[str]:
         if not self.plan.victims:
@@ -171,7 +191,7 @@ class Reports:
                 continue
             return body, accepted
 
-    async def _report(self, request: web.Request) -> web.Response:
+    async def _answer(self, request: web.Request) -> web.Response:
         ip = (request.transport.get_extra_info("sockname") or ("",))[0] if request.transport else ""
         pod, role = self.pods.get(ip, ("", ""))
         plan = self.plan
@@ -192,40 +212,19 @@ class Reports:
         return web.json_response(report.to_dict())
 
 
-class FuzzedPages:
+class FuzzedPages(_OnEveryIp):
     """An engine stand-in: ``/metrics`` on given IPs answers the next fuzzed engine page
     of tests/sidecar_fuzz.py (mutated vLLM/SGLang/KV-connector pages and garbage)."""
 
+    path = "/metrics"
+
     def __init__(self, *, port: int, seed: int) -> None:
-        self.port = port
+        super().__init__(port=port)
         self.served = 0
         self.reports_checked = 0
         self._pages: Iterator[str] = sidecar_fuzz.pages(seed)
-        self._sites: dict[str, web.TCPSite] = {}
-        self._runner: web.AppRunner | None = None
 
-    async def start(self) -> None:
-        app = web.Application()
-        app.router.add_get("/metrics", self._page)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-
-    async def add(self, ip: str) -> None:
-        assert self._runner is not None
-        site = web.TCPSite(self._runner, ip, self.port)
-        await site.start()
-        self._sites[ip] = site
-
-    async def remove(self, ip: str) -> None:
-        site = self._sites.pop(ip, None)
-        if site is not None:
-            await site.stop()
-
-    async def close(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-
-    async def _page(self, request: web.Request) -> web.Response:
+    async def _answer(self, request: web.Request) -> web.Response:
         self.served += 1
         return web.Response(body=next(self._pages).encode("utf-8", "surrogatepass"),
                             content_type="text/plain", charset="utf-8")
@@ -392,7 +391,7 @@ class Rig:
                 await self._stop_sidecar(ip)
 
     async def _start_sidecar(self, ip: str, pod: str) -> None:
-        await self.pages.add(ip)
+        await self.pages.listen(ip)
         with open(self.work / f"sidecar-{pod}.log", "a") as log:
             self.sidecars[ip] = subprocess.Popen(
                 [sys.executable, "-m", "heteroscale", "sidecar", "--engine", "vllm",
