@@ -651,6 +651,10 @@ def test_a_backlog_that_drains_fast_buys_nothing_and_a_slow_one_still_counts():
     assert d.reason == "hold_draining" and "gone in ~10s" in d.detail
     # 1000 -> 900 in 15 s (6.7/s: 135 s to go, beyond the 60 s horizon): the backlog still
     # asks for capacity, on the estimate 30000 x 1200/300 capped at 3x = 90000 -> 38, damped.
+    # The forecast's history goes on while a backlog drains.
+    with_forecast = service(policy={"forecast": {"enabled": True}})
+    _, drained = once(with_forecast, replace(o, prefill_waiting=400), state=state)
+    assert [load for _, load in drained.forecast.recent] == [30000]
     state = replace(PolicyState(), queued=(1000.0, 985.0))
     o = replace(o, prefill_waiting=900)
     d, _ = once(svc, o, state=state)

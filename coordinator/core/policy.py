@@ -459,10 +459,11 @@ def _scale_out_load(service: "ServiceConfig", state: PolicyState, *, observation
     queued = queued_requests(observation, settings=pol.demand)
     drain = draining(queued, previous=state.queued, now_s=now_s, settings=pol.demand)
     state = replace(state, queued=None if queued is None else (queued, now_s))
+    demand = None
     if drain is not None:
-        inputs["queue_draining"] = drain
-        return state, out
-    demand = demand_tps(observation, served_tps=out, settings=pol.demand)
+        inputs["queue_draining"] = drain          # the backlog buys nothing (see _propose)
+    else:
+        demand = demand_tps(observation, served_tps=out, settings=pol.demand)
     if demand is not None and demand > out:
         inputs["demand_decode_tps"] = round(demand, 3)
         out = demand
