@@ -76,6 +76,11 @@ def extract_run(doc: Mapping[str, Any]) -> dict[str, Any]:
                                                    "prefill_sm": p["prefill_sm_activity"],
                                                    "decode_gpu_util": p["decode_gpu_util"]}
                                       for p in pt["points"]}}
+        # How far each end of the sweep falls below the peak (prefill tok/s; Fig. 4's "bell").
+        peak = next(p["prefill_tps"] for p in pt["points"] if p["ratio"] == pt["best"])
+        if peak:
+            out["pressure"]["edge_drop"] = {"low": round(1 - pt["points"][0]["prefill_tps"] / peak, 4),
+                                            "high": round(1 - pt["points"][-1]["prefill_tps"] / peak, 4)}
     if doc.get("recommended"):
         out["recommended"] = doc["recommended"]["policy"]
     if doc.get("signal_study"):
