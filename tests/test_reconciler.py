@@ -285,9 +285,15 @@ async def test_pending_pods_hold_new_scale_out(world: World):
     world.load["chat"] = 8000.0
     await world.ticks(1)
     assert act.applied == [("chat", PoolCounts(6, 4))]
+    # The step bound cut that one (want 8): it goes on while the pods are pending.
+    decisions = await world.ticks(1)
+    assert act.applied[-1] == ("chat", PoolCounts(12, 8))
+    assert "continuing a scale-out the step bound cut" in next(d.detail for d in decisions if d.service == "chat")
+    # A new rise waits for the pending pods.
+    world.load["chat"] = 16000.0
     decisions = await world.ticks(4)
     assert {d.reason for d in decisions if d.service == "chat"} == {"hold_pending"}
-    assert len(act.applied) == 1
+    assert len(act.applied) == 2
 
 
 async def test_static_backend_observes_sidecars_and_never_writes():

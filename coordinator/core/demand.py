@@ -37,10 +37,15 @@ def draining(queued: float | None, *, previous: tuple[float, float] | None, now_
     """Why the queue needs no more capacity, or ``None``: it is shrinking fast enough to be
     gone within ``drain_horizon_s`` (``previous``: the queue and when it was seen). Such a
     backlog is being served faster than requests arrive; reading it as demand again would
-    buy instances for traffic that has passed. A queue that shrinks too slowly still counts."""
-    if not queued or previous is None:
+    buy instances for traffic that has passed. A queue that shrinks too slowly still counts.
+    The tick a queue empties counts as draining too: its served rate and latency window
+    still carry the backlog's flush."""
+    if queued is None or previous is None:
         return None
     before, at = previous
+    if queued == 0:
+        # Just emptied: this tick's served rate and latency window still hold the flush.
+        return f"{before:.0f} -> 0 requests queued, drained" if before > 0 else None
     elapsed = now_s - at
     if elapsed <= 0 or queued >= before:
         return None

@@ -25,10 +25,13 @@ One tick, in order (PAPER §5.3–5.5, PEERS §5):
 5. Latency safety net: p90 TBT (and TTFT) over ``moderate``×SLO asks for
    ``+moderate_step`` (10%) of both pools, over ``severe``×SLO ``+severe_step`` (20%),
    at least +1. The larger of this and the proportional target wins; latency never
-   scales in.
+   scales in. A backlog that drains within ``demand.drain_horizon_s`` gets no step
+   (``hold_draining``): instances ordered now would start after it is gone.
 6. Scale-out: no new scale-out while pods are pending (unless they have been pending
    longer than ``pending_timeout_s``), nor within ``scale_out_cooldown_s`` of the last
-   one; the step is damped to at most ``max_scale_out_factor``× (at least +1).
+   one; the step is damped to at most ``max_scale_out_factor``× (at least +1). A
+   tokens/s scale-out the step bound cut goes on at the next tick, pending or not (the
+   pending instances are in the count it starts from).
 7. Scale-in: the HIGHEST recommendation over ``scale_in_stabilization_s`` wins (as in
    Kubernetes HPA; a tick's recommendation is the larger of the proportional target and
    the latency net's, so a latency step-up is held for the window); the step is damped to at least ``max_scale_in_factor``× (at least
@@ -106,6 +109,7 @@ class PolicyState:
     ready_s: float | None = None                           # when the last pending instances were seen ready
     backoff: "ScaleInBackoff | None" = None                # a scale-in latency undid: its floor (below)
     kv_hold_since_s: float | None = None                   # the KV-transfer bottleneck seen since (bounded hold)
+    cut_scale_out: int | None = None                       # decode ordered by a scale-out the step bound cut
 
 
 # ---------------------------------------------------------------- building blocks
@@ -383,9 +387,12 @@ def decide(*, service: "ServiceConfig", observation: Observation, state: PolicyS
             state.recommendations + ((now_s, recommendation),), now_s=now_s,
             window_s=pol.scale_in_stabilization_s))
         if proposal.decode > current.decode:
+            wanted = proposal
             proposal = _gate_scale_out(service, proposal, state=state, current=current.decode, now_s=now_s,
                                        pending_total=observation.pools.pending.total(),
-                                       pending_since_s=observation.pools.pending_since_s)
+                                       pending_since_s=observation.pools.pending_since_s, complete=complete)
+            cut = current.decode < proposal.decode < wanted.decode and proposal.reason == "scale_out_tps"
+            state = replace(state, cut_scale_out=proposal.decode if cut else None)
         elif proposal.decode < current.decode:
             proposal = _stabilize_scale_in(service, proposal, state=state, current=current.decode, now_s=now_s,
                                            load_tps=max(tps, load or 0.0), tau=tau, inputs=inputs)
@@ -584,6 +591,13 @@ def _latency_net(service: "ServiceConfig", proposal: Proposal, *, observation: O
     want = inputs["recommendation"]
     if reason is None:
         return proposal, want, False
+    if "queue_draining" in inputs:
+        # A backlog that is gone within the drain horizon is what breaks latency now; an
+        # instance ordered now would be ready after it (and the breach says nothing of τ).
+        detail = f"p90 latency at {ratio:.2f}x SLO while {inputs['queue_draining']}: no step for a draining backlog"
+        if proposal.decode <= current:
+            proposal = proposal.hold(current=current, reason="hold_draining", detail=detail)
+        return proposal, max(want, current), False
     net = service.policy.latency_net
     tbt_ratio = (observation.tbt_p90_s / service.slo.tbt_s
                  if observation.tbt_p90_s is not None and service.slo.tbt_s else None)
@@ -603,10 +617,19 @@ def _latency_net(service: "ServiceConfig", proposal: Proposal, *, observation: O
 
 
 def _gate_scale_out(service: "ServiceConfig", proposal: Proposal, *, state: PolicyState, current: int,
-                    now_s: float, pending_total: int, pending_since_s: float | None) -> Proposal:
+                    now_s: float, pending_total: int, pending_since_s: float | None,
+                    complete: bool = True) -> Proposal:
     """No scale-out while earlier instances are pending (up to a timeout) or inside the
     cooldown; then the step is damped."""
     pol = service.policy
+    if complete and state.cut_scale_out == current and proposal.reason == "scale_out_tps":
+        # The last scale-out ordered less than the load asked for (the step bound): the
+        # next step goes on while those instances start (they are counted in ``current``),
+        # as HPA doubles every period. Only on the load's own evidence, never the net's,
+        # and only on a complete view (an instance expected but not yet reporting would
+        # make the estimate count the reporting ones' load twice).
+        return _damp(service, proposal, current=current).note(
+            f"continuing a scale-out the step bound cut ({pending_total} instance(s) pending)")
     if pending_total > 0:
         since = min(x for x in (pending_since_s, state.pending_seen_s, now_s) if x is not None)
         if now_s - since < pol.pending_timeout_s:
