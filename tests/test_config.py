@@ -48,7 +48,7 @@ def test_defaults_are_documented_values():
     assert svc.pd_ratio == (9, 7) and svc.pd_ratio_text == "9:7"
     assert (svc.min_decode, svc.max_decode, svc.namespace, svc.affinity) == (1, 64, "default", "none")
     p = svc.policy
-    assert (p.tolerance.scale_out, p.tolerance.scale_in) == (0.10, 0.20)
+    assert (p.tolerance.scale_out, p.tolerance.scale_in) == (0.10, 0.15)
     assert (p.scale_out_cooldown_s, p.scale_in_stabilization_s) == (30.0, 300.0)
     assert (p.max_scale_out_factor, p.max_scale_in_factor) == (2.0, 0.5)
     ln = p.latency_net

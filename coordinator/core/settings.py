@@ -139,7 +139,7 @@ class Tolerance:
 
     scale_out: float = 0.10
     """Scale out only above ``(1 + scale_out) × τ × decode``."""
-    scale_in: float = 0.20
+    scale_in: float = 0.15
     """Scale in only below ``(1 − scale_in) × τ × decode``; wider, since a wrong
     scale-in costs SLO and a wrong scale-out only money."""
 
@@ -296,7 +296,7 @@ class PolicyConfig:
     """No scale-out while instances are pending, unless pending longer than this."""
     consolidation_margin: float = 0.9
     """Before scale-in the survivors must carry the load within this share of target."""
-    prefill_busy_utilization: float | None = 0.6
+    prefill_busy_utilization: float | None = 0.7
     """Prefill never shrinks below the instances that carry the prefill pool's measured GPU
     load (mean utilisation × ready instances) at no more than this utilisation each; decode
     still follows its own signal (``hold_prefill_busy`` when nothing else would move). With
