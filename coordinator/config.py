@@ -414,6 +414,7 @@ def _policy(node: _Node) -> PolicyConfig:
                                          minimum=0, exclusive_min=True, maximum=1),
         prefill_busy_utilization=node.number("prefill_busy_utilization", d.prefill_busy_utilization,
                                              minimum=0, exclusive_min=True, maximum=1, allow_null=True),
+        prefill_staffing_beta=node.number("prefill_staffing_beta", d.prefill_staffing_beta, minimum=0),
         gpu_budget=node.integer("gpu_budget", d.gpu_budget, minimum=1, allow_null=True),
     )
     node.finish()

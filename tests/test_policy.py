@@ -897,10 +897,72 @@ def test_no_latency_step_and_no_lesson_for_a_backlog_that_drains_within_the_hori
     d, after = once(svc, o, state=state)
     assert d.reason == "hold_draining" and d.desired == PoolCounts(13, 10)
     assert "no step for a draining backlog" in d.detail and after.target.scale == 1.0
-    # The tick the queue empties still carries the flush.
-    d, after = once(svc, replace(o, prefill_waiting=0), state=replace(PolicyState(), queued=(36.0, 985.0)))
+    assert after.backlog
+    # The tick that backlog empties still carries the flush.
+    d, after = once(svc, replace(o, prefill_waiting=0), state=replace(PolicyState(), queued=(36.0, 985.0),
+                                                                        backlog=True))
     assert d.reason == "hold_draining" and "drained" in d.detail and after.target.scale == 1.0
+    # A few requests queued for a moment (2 -> 0 behind 300 running) are no backlog: the
+    # breach is latency's to answer.
+    d, _ = once(svc, replace(o, prefill_waiting=0), state=replace(PolicyState(), queued=(2.0, 985.0)))
+    assert d.reason == "latency_severe"
+    d, _ = once(svc, replace(o, prefill_waiting=1), state=replace(PolicyState(), queued=(20.0, 985.0)))
+    assert d.reason == "latency_severe"
     # A queue that does not drain (1000 -> 990) is an overload: it scales out (here on the
     # demand estimate, 20000 x 1290/300 capped at 3x -> 25 decode, damped to 20).
     d, _ = once(svc, replace(o, prefill_waiting=990), state=state)
     assert (d.reason, d.desired.decode) == ("scale_out_tps", 20)
+
+
+def test_prefill_need_adds_square_root_headroom_to_small_pools():
+    from heteroscale.coordinator.core.policy import prefill_need
+    svc = service()                                   # 0.7 per instance, beta 1.5
+    # 0.34 busy instances' worth: 0.34 / 0.7 -> 1, but 0.34 + 1.5 x 0.58 = 1.21 -> 2.
+    assert prefill_need(svc, util=0.17, ready=2) == 2
+    # 20 busy: 20 / 0.7 = 28.6 -> 29 dominates 20 + 1.5 x 4.47 = 26.7.
+    assert prefill_need(svc, util=0.5, ready=40) == 29
+    off = service(policy={"prefill_staffing_beta": 0})
+    assert prefill_need(off, util=0.17, ready=2) == 1
+
+
+def _idle_prefill(o: Observation, util: float) -> Observation:
+    return replace(o, prefill_gpu_utilization=util, ttft_p90_s=0.2, tbt_p90_s=0.01)
+
+
+def test_idle_prefill_above_the_ratio_comes_down_after_the_window_with_latency_calm():
+    # 6 prefill for 2 decode (ratio 9:7 wants 3) at 5% GPU: 0.3 busy -> need 2 (staffing).
+    # Held for the 300 s window first, then trimmed, damped to half: 6 -> 3.
+    svc = service(policy={"scale_in_stabilization_s": 300})
+    o = _idle_prefill(obs((6, 2), 4000), 0.05)
+    state, reasons = PolicyState(), []
+    for t in range(0, 301, 15):
+        d, state = applied(svc, o, state=state, now_s=float(t))
+        reasons.append(d.reason)
+    assert reasons[:-1] == ["hold_tolerance"] * 20 and reasons[-1] == "scale_in_prefill", reasons
+    assert d.desired == PoolCounts(3, 2) and "prefill 6 -> 3" in d.detail
+    # Not while latency is above the calm line (70% of the SLO), nor with instances pending.
+    warm = replace(o, ttft_p90_s=0.8)
+    state = PolicyState()
+    for t in range(0, 601, 15):
+        d, state = applied(svc, warm, state=state, now_s=float(t))
+        assert d.reason == "hold_tolerance"
+    pending = replace(o, pools=replace(o.pools, pending=PoolCounts(1, 0)))
+    state = PolicyState()
+    for t in range(0, 601, 15):
+        d, state = applied(svc, pending, state=state, now_s=float(t))
+        assert d.reason != "scale_in_prefill"
+
+
+def test_a_prefill_count_ttft_broke_at_is_kept_above_for_the_backoff():
+    svc = service(policy={"scale_in_stabilization_s": 0, "scale_in_backoff_s": 900, "max_scale_in_factor": 0.3})
+    # TTFT breaks at 2 prefill (TBT fine, decode not queueing): the net adds both pools.
+    d, state = applied(svc, replace(obs((2, 2), 4000, ttft=1.3, tbt=0.01), prefill_gpu_utilization=0.5),
+                       state=PolicyState(), now_s=0.0)
+    assert d.reason == "latency_severe" and state.prefill_floor.floor_decode == 3
+    # Later decode shrinks 3 -> 1 and the ratio would take prefill to 1, its load to 2: 3 is kept.
+    quiet = replace(obs((4, 3), 1000, ttft=0.2, tbt=0.01), prefill_gpu_utilization=0.1)
+    d, state = applied(svc, quiet, state=state, now_s=400.0)
+    assert d.desired == PoolCounts(3, 1) and "TTFT broke at 2 prefill" in d.detail
+    # After the backoff the floor is gone.
+    d, _ = applied(svc, quiet, state=state, now_s=1000.0)
+    assert d.desired.prefill < 3

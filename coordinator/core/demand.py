@@ -33,19 +33,20 @@ def queued_requests(observation: Observation, *, settings: DemandEstimate) -> fl
 
 
 def draining(queued: float | None, *, previous: tuple[float, float] | None, now_s: float,
-             settings: DemandEstimate) -> str | None:
+             settings: DemandEstimate, was_backlog: bool = False) -> str | None:
     """Why the queue needs no more capacity, or ``None``: it is shrinking fast enough to be
     gone within ``drain_horizon_s`` (``previous``: the queue and when it was seen). Such a
     backlog is being served faster than requests arrive; reading it as demand again would
     buy instances for traffic that has passed. A queue that shrinks too slowly still counts.
-    The tick a queue empties counts as draining too: its served rate and latency window
-    still carry the backlog's flush."""
+    The tick a backlog empties (``was_backlog``: the last tick drained one, see
+    ``is_backlog``) counts as draining too: its served rate and latency window still carry
+    the flush."""
     if queued is None or previous is None:
         return None
     before, at = previous
     if queued == 0:
         # Just emptied: this tick's served rate and latency window still hold the flush.
-        return f"{before:.0f} -> 0 requests queued, drained" if before > 0 else None
+        return f"{before:.0f} -> 0 requests queued, drained" if before > 0 and was_backlog else None
     elapsed = now_s - at
     if elapsed <= 0 or queued >= before:
         return None
@@ -53,6 +54,13 @@ def draining(queued: float | None, *, previous: tuple[float, float] | None, now_
     if queued / rate > settings.drain_horizon_s:
         return None
     return f"{before:.0f} -> {queued:.0f} requests queued, gone in ~{queued / rate:.0f}s"
+
+
+def is_backlog(queued_before: float, running: float | None) -> bool:
+    """A queue worth calling a backlog: at least as many requests waiting as being served.
+    A few requests queued for a moment on a small fleet are noise, not a backlog whose
+    flush explains a latency breach."""
+    return running is not None and queued_before >= max(1.0, running)
 
 
 def demand_tps(observation: Observation, *, served_tps: float, settings: DemandEstimate) -> float | None:

@@ -60,7 +60,7 @@ from dataclasses import dataclass, replace
 from fractions import Fraction
 from typing import TYPE_CHECKING, Any
 
-from heteroscale.coordinator.core.demand import demand_tps, draining, kv_pressure, queued_requests
+from heteroscale.coordinator.core.demand import demand_tps, draining, is_backlog, kv_pressure, queued_requests
 from heteroscale.coordinator.core.drift import DriftState, observe_drift, ratio_in_use
 from heteroscale.coordinator.core.forecast import ForecastState, forecast_tps, remember_load
 from heteroscale.coordinator.core.ratio import prefill_for_fraction, prefill_for_ratio, ratio_text
@@ -75,7 +75,7 @@ REASONS = (
     "kv_pressure", "hold_kv_transfer", "hold_missing_data", "hold_partial_data", "hold_pending", "hold_cooldown",
     "hold_stabilization", "hold_cold_start", "hold_tolerance", "hold_consolidation", "bounded_max", "bounded_min",
     "bounded_budget", "ratio_repair", "schedule", "manual_override", "hold_draining", "hold_prefill_busy",
-    "hold_scale_in_backoff",
+    "hold_scale_in_backoff", "scale_in_prefill",
 )
 _EPS = 1e-9
 
@@ -106,10 +106,14 @@ class PolicyState:
     drift: DriftState = DriftState()                       # the P/D ratio in use and its advice
     forecast: ForecastState = ForecastState()              # load history for the predictive lead
     queued: tuple[float, float] | None = None              # (requests queued, at) last tick (core.demand)
+    backlog: bool = False                                  # last tick drained a backlog (core.demand.is_backlog)
     ready_s: float | None = None                           # when the last pending instances were seen ready
     backoff: "ScaleInBackoff | None" = None                # a scale-in latency undid: its floor (below)
     kv_hold_since_s: float | None = None                   # the KV-transfer bottleneck seen since (bounded hold)
     cut_scale_out: int | None = None                       # decode ordered by a scale-out the step bound cut
+    prefill_idle_since_s: float | None = None              # prefill above both ratio and load since (trim)
+    prefill_floor: "ScaleInBackoff | None" = None          # a prefill count TTFT broke at: stay above it
+    prefill_trim_s: float | None = None                    # the last scale_in_prefill
 
 
 # ---------------------------------------------------------------- building blocks
@@ -400,7 +404,9 @@ def decide(*, service: "ServiceConfig", observation: Observation, state: PolicyS
     desired, proposal = _apply_ratio(service, proposal, current=current, ratio=ratio)
     if valid:
         desired, proposal = _keep_prefill_for_its_load(service, desired, proposal, observation=observation,
-                                                       current=current, inputs=inputs)
+                                                       current=current, state=state, now_s=now_s, inputs=inputs)
+        state, desired, proposal = _trim_idle_prefill(service, state, desired, proposal, observation=observation,
+                                                      current=current, ratio=ratio, now_s=now_s, inputs=inputs)
     if valid and not complete:
         desired, proposal = _hold_shrink_on_partial_data(desired, proposal, current=current,
                                                          missing=observation.missing_decode)
@@ -408,6 +414,8 @@ def decide(*, service: "ServiceConfig", observation: Observation, state: PolicyS
         state = _watch_ratio(service, state, observation=observation, load_tps=load, now_s=now_s, inputs=inputs)
         state = _learn_scale_in_backoff(service, state, reason=proposal.reason, current=current, desired=desired,
                                         now_s=now_s)
+        state = _learn_prefill_floor(service, state, reason=proposal.reason, observation=observation,
+                                     current=current, desired=desired, now_s=now_s)
     return decision(proposal.reason, desired, proposal.detail), state
 
 
@@ -464,8 +472,12 @@ def _scale_out_load(service: "ServiceConfig", state: PolicyState, *, observation
         inputs["latest_decode_tps"] = round(latest_tps, 3)
         out = latest_tps
     queued = queued_requests(observation, settings=pol.demand)
-    drain = draining(queued, previous=state.queued, now_s=now_s, settings=pol.demand)
-    state = replace(state, queued=None if queued is None else (queued, now_s))
+    drain = draining(queued, previous=state.queued, now_s=now_s, settings=pol.demand, was_backlog=state.backlog)
+    backlog = drain is not None and (queued == 0 or is_backlog(state.queued[0] if state.queued else 0.0,
+                                                               observation.decode_running))
+    if backlog:
+        inputs["backlog_draining"] = True         # the latency net waits for it (see _latency_net)
+    state = replace(state, queued=None if queued is None else (queued, now_s), backlog=backlog)
     demand = None
     if drain is not None:
         inputs["queue_draining"] = drain          # the backlog buys nothing (see _propose)
@@ -591,7 +603,7 @@ def _latency_net(service: "ServiceConfig", proposal: Proposal, *, observation: O
     want = inputs["recommendation"]
     if reason is None:
         return proposal, want, False
-    if "queue_draining" in inputs:
+    if inputs.get("backlog_draining"):
         # A backlog that is gone within the drain horizon is what breaks latency now; an
         # instance ordered now would be ready after it (and the breach says nothing of τ).
         detail = f"p90 latency at {ratio:.2f}x SLO while {inputs['queue_draining']}: no step for a draining backlog"
@@ -709,8 +721,53 @@ def _learn_scale_in_backoff(service: "ServiceConfig", state: PolicyState, *, rea
                                                  backoff_s=backoff_s, why=why))
 
 
+def prefill_need(service: "ServiceConfig", *, util: float, ready: int) -> int:
+    """The prefill instances a measured load needs: ``R`` = mean utilisation × ready
+    instances (busy instances' worth), carried at no more than ``prefill_busy_utilization``
+    each and with at least ``R + β·√R`` instances (square-root staffing: a small pool
+    queues more at the same utilisation)."""
+    pol = service.policy
+    load = max(0.0, util * ready)
+    need = math.ceil(load / pol.prefill_busy_utilization - _EPS) if pol.prefill_busy_utilization else 0
+    if pol.prefill_staffing_beta > 0 and load > 0:
+        need = max(need, math.ceil(load + pol.prefill_staffing_beta * math.sqrt(load) - _EPS))
+    return need
+
+
+def _learn_prefill_floor(service: "ServiceConfig", state: PolicyState, *, reason: str, observation: Observation,
+                         current: PoolCounts, desired: PoolCounts, now_s: float) -> PolicyState:
+    """A latency scale-out on a prefill-side breach (TTFT over the SLO, TBT inside it,
+    decode not queueing): the prefill count it broke at is too few for today's prompts,
+    whatever its GPU utilisation says (long prompts queue behind each other on few
+    instances). Prefill stays above it for ``scale_in_backoff_s``, doubling on a repeat
+    (up to ``scale_in_backoff_max_s``); forgotten after a calm of twice that."""
+    pol = service.policy
+    old = state.prefill_floor
+    if old is not None and now_s > old.until_s + old.backoff_s:
+        state = replace(state, prefill_floor=None)
+        old = None
+    tbt_ok = (observation.tbt_p90_s is None or not service.slo.tbt_s
+              or observation.tbt_p90_s <= service.slo.tbt_s * pol.latency_net.moderate)
+    if reason == "scale_in_prefill":
+        return replace(state, prefill_trim_s=now_s)
+    after_trim = state.prefill_trim_s is not None and now_s - state.prefill_trim_s <= pol.scale_in_backoff_window_s
+    if (pol.scale_in_backoff_window_s <= 0 or not reason.startswith("latency") or desired.prefill <= current.prefill
+            or not (after_trim or (tbt_ok and (observation.decode_waiting or 0) <= 0))):
+        return state
+    backoff_s = pol.scale_in_backoff_s if old is None else min(pol.scale_in_backoff_max_s, 2 * old.backoff_s)
+    floor = max(current.prefill + 1, old.floor_decode if old is not None and now_s < old.until_s else 0)
+    why = f"TTFT broke at {current.prefill} prefill: keeping >= {floor} for {backoff_s:g}s"
+    return replace(state, prefill_floor=ScaleInBackoff(floor_decode=floor, until_s=now_s + backoff_s,
+                                                       backoff_s=backoff_s, why=why))
+
+
+def _prefill_floor(state: PolicyState, now_s: float) -> int:
+    floor = state.prefill_floor
+    return floor.floor_decode if floor is not None and now_s < floor.until_s else 0
+
+
 def _keep_prefill_for_its_load(service: "ServiceConfig", desired: PoolCounts, proposal: Proposal, *,
-                               observation: Observation, current: PoolCounts,
+                               observation: Observation, current: PoolCounts, state: PolicyState, now_s: float,
                                inputs: dict[str, Any]) -> tuple[PoolCounts, Proposal]:
     """Prefill never shrinks below what its measured load needs: the prefill pool's GPU
     load (mean utilisation × ready instances) at no more than ``prefill_busy_utilization``
@@ -723,18 +780,58 @@ def _keep_prefill_for_its_load(service: "ServiceConfig", desired: PoolCounts, pr
     if (limit is None or util is None or ready <= 0 or desired.prefill >= current.prefill
             or proposal.reason.startswith("bounded")):
         return desired, proposal
-    need = min(current.prefill, math.ceil(util * ready / limit - _EPS))
+    need = min(current.prefill, max(prefill_need(service, util=util, ready=ready), _prefill_floor(state, now_s)))
     if service.max_prefill is not None:
         need = min(need, service.max_prefill)
     if desired.prefill >= need:
         return desired, proposal
     inputs["prefill_need"] = need
     kept = PoolCounts(prefill=need, decode=desired.decode)
-    note = f"prefill at {util:.0%} GPU on {ready}: keeps {need} (at most {limit:.0%} each)"
+    note = (state.prefill_floor.why if state.prefill_floor is not None and need == _prefill_floor(state, now_s)
+            else f"prefill at {util:.0%} GPU on {ready}: keeps {need} (at most {limit:.0%} each)")
     if kept == current:
         return kept, Proposal(decode=current.decode, reason="hold_prefill_busy", keep_prefill=True,
                               detail=f"{proposal.detail}; {note}" if proposal.detail else note)
     return kept, proposal.note(note)
+
+
+def _trim_idle_prefill(service: "ServiceConfig", state: PolicyState, desired: PoolCounts, proposal: Proposal, *,
+                       observation: Observation, current: PoolCounts, ratio: Fraction, now_s: float,
+                       inputs: dict[str, Any]) -> tuple[PolicyState, PoolCounts, Proposal]:
+    """Prefill that outlived its reason: above the ratio's count for today's decode and
+    above what its measured load needs (the floor's arithmetic, ``prefill_busy_utilization``)
+    for a whole ``scale_in_stabilization_s``, with latency calm and decode holding, comes
+    down towards the larger of the two (``scale_in_prefill``, damped like any scale-in).
+    Without it, prefill that a long-prompt hour or the latency net added stays while decode
+    sits at its floor. Never while instances start or a scale-in backoff holds; the
+    partial-data guard after it still keeps both pools on an incomplete view."""
+    pol = service.policy
+    limit, util = pol.prefill_busy_utilization, observation.prefill_gpu_utilization
+    ready = observation.pools.ready.prefill
+    latency = inputs.get("latency_slo_ratio")
+    backoff = state.backoff is not None and now_s < state.backoff.until_s
+    if (limit is None or util is None or ready != current.prefill or ready <= 0 or desired != current
+            or proposal.reason != "hold_tolerance" or observation.pools.pending.total() > 0 or backoff
+            or latency is None or latency > pol.adaptive_target.calm_ratio):
+        return (replace(state, prefill_idle_since_s=None) if state.prefill_idle_since_s is not None else state,
+                desired, proposal)
+    need = prefill_need(service, util=util, ready=ready)
+    floor_ = max(pools_for_decode(service, current.decode, ratio=ratio).prefill, need, _prefill_floor(state, now_s), 1)
+    if floor_ >= current.prefill:
+        return (replace(state, prefill_idle_since_s=None) if state.prefill_idle_since_s is not None else state,
+                desired, proposal)
+    since = state.prefill_idle_since_s if state.prefill_idle_since_s is not None else now_s
+    state = replace(state, prefill_idle_since_s=since)
+    if now_s - since < pol.scale_in_stabilization_s:
+        return state, desired, proposal
+    prefill = damp(current.prefill, floor_, max_out_factor=pol.max_scale_out_factor,
+                   max_in_factor=pol.max_scale_in_factor)
+    inputs["prefill_need"] = need
+    detail = (f"prefill at {util:.0%} GPU on {ready} for {now_s - since:.0f}s needs {need} "
+              f"(at most {limit:.0%} each), the ratio {ratio_text(ratio)} {floor_ if floor_ > need else need}: "
+              f"prefill {current.prefill} -> {prefill}")
+    return (replace(state, prefill_idle_since_s=None), PoolCounts(prefill=prefill, decode=current.decode),
+            Proposal(decode=current.decode, reason="scale_in_prefill", detail=detail))
 
 
 def _damp(service: "ServiceConfig", proposal: Proposal, *, current: int) -> Proposal:

@@ -302,6 +302,10 @@ class PolicyConfig:
     still follows its own signal (``hold_prefill_busy`` when nothing else would move). With
     the ratio fixed on traffic whose prompts outgrew it, the ratio alone would shrink
     prefill into a TTFT breach. ``None``: off."""
+    prefill_staffing_beta: float = 1.5
+    """Small pools need more headroom than large ones (requests queue behind fewer
+    servers): the floor is also at least ``R + β·√R`` instances for a measured load of
+    ``R`` busy instances (square-root staffing). Matters below ~10 instances; 0: off."""
     gpu_budget: int | None = None
     """Cap on the GPUs of both pools together; ``None``: no cap."""
     demand: DemandEstimate = DemandEstimate()
