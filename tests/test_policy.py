@@ -739,7 +739,7 @@ def test_a_scale_in_that_latency_undoes_backs_off_and_the_backoff_doubles():
     assert d.desired.decode == 1
     d, state = applied(svc, obs((1, 1), 800, ttft=1.5), state=state, now_s=120.0)  # the net undoes it
     assert d.reason == "latency_severe" and d.desired.decode == 2
-    assert state.backoff.floor_decode == 2 and state.backoff.backoff_s == 900
+    assert state.backoff.floor == 2 and state.backoff.backoff_s == 900
     # Within the backoff the same scale-in is held, with the reason.
     d, state = applied(svc, obs((2, 2), 800), state=state, now_s=600.0)
     assert d.reason == "hold_scale_in_backoff" and "latency broke 120s after a scale-in" in d.detail
@@ -958,7 +958,7 @@ def test_a_prefill_count_ttft_broke_at_is_kept_above_for_the_backoff():
     # TTFT breaks at 2 prefill (TBT fine, decode not queueing): the net adds both pools.
     d, state = applied(svc, replace(obs((2, 2), 4000, ttft=1.3, tbt=0.01), prefill_gpu_utilization=0.5),
                        state=PolicyState(), now_s=0.0)
-    assert d.reason == "latency_severe" and state.prefill_floor.floor_decode == 3
+    assert d.reason == "latency_severe" and state.prefill_floor.floor == 3
     # Later decode shrinks 3 -> 1 and the ratio would take prefill to 1, its load to 2: 3 is kept.
     quiet = replace(obs((4, 3), 1000, ttft=0.2, tbt=0.01), prefill_gpu_utilization=0.1)
     d, state = applied(svc, quiet, state=state, now_s=400.0)

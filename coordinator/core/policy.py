@@ -82,10 +82,11 @@ _EPS = 1e-9
 
 @dataclass(frozen=True)
 class ScaleInBackoff:
-    """A scale-in that the latency net undid soon after: keep at least ``floor_decode``
-    until ``until_s``; ``backoff_s`` doubles on each repeat."""
+    """A size the latency net showed too small: keep at least ``floor`` instances (decode
+    for the scale-in backoff, prefill for the prefill floor) until ``until_s``;
+    ``backoff_s`` doubles on each repeat."""
 
-    floor_decode: int
+    floor: int
     until_s: float
     backoff_s: float
     why: str
@@ -673,13 +674,13 @@ def _stabilize_scale_in(service: "ServiceConfig", proposal: Proposal, *, state: 
                              detail=f"{now_s - since:.0f}s of data, less than the {pol.smoothing_window_s:g}s "
                                     "smoothing window: no scale-in yet")
     backoff = state.backoff
-    if backoff is not None and now_s < backoff.until_s and proposal.decode < backoff.floor_decode:
+    if backoff is not None and now_s < backoff.until_s and proposal.decode < backoff.floor:
         inputs["scale_in_backoff"] = backoff.why
-        if backoff.floor_decode >= current:
+        if backoff.floor >= current:
             return proposal.hold(current=current, reason="hold_scale_in_backoff",
                                  detail=f"wants {proposal.decode} decode, but {backoff.why} "
                                         f"({backoff.until_s - now_s:.0f}s left)")
-        proposal = replace(proposal, decode=backoff.floor_decode).note(backoff.why)
+        proposal = replace(proposal, decode=backoff.floor).note(backoff.why)
     stable = stabilized_recommendation(state.recommendations, now_s=now_s, window_s=pol.scale_in_stabilization_s)
     stable = current if stable is None else stable
     inputs["stabilized_recommendation"] = stable
@@ -714,10 +715,10 @@ def _learn_scale_in_backoff(service: "ServiceConfig", state: PolicyState, *, rea
             or state.last_scale_in_s is None or now_s - state.last_scale_in_s > pol.scale_in_backoff_window_s):
         return state
     backoff_s = pol.scale_in_backoff_s if old is None else min(pol.scale_in_backoff_max_s, 2 * old.backoff_s)
-    floor = max(desired.decode, old.floor_decode if old is not None and now_s < old.until_s else 0)
+    floor = max(desired.decode, old.floor if old is not None and now_s < old.until_s else 0)
     why = (f"latency broke {now_s - state.last_scale_in_s:.0f}s after a scale-in: keeping >= {floor} decode "
            f"for {backoff_s:g}s")
-    return replace(state, backoff=ScaleInBackoff(floor_decode=floor, until_s=now_s + backoff_s,
+    return replace(state, backoff=ScaleInBackoff(floor=floor, until_s=now_s + backoff_s,
                                                  backoff_s=backoff_s, why=why))
 
 
@@ -737,10 +738,11 @@ def prefill_need(service: "ServiceConfig", *, util: float, ready: int) -> int:
 def _learn_prefill_floor(service: "ServiceConfig", state: PolicyState, *, reason: str, observation: Observation,
                          current: PoolCounts, desired: PoolCounts, now_s: float) -> PolicyState:
     """A latency scale-out on a prefill-side breach (TTFT over the SLO, TBT inside it,
-    decode not queueing): the prefill count it broke at is too few for today's prompts,
-    whatever its GPU utilisation says (long prompts queue behind each other on few
-    instances). Prefill stays above it for ``scale_in_backoff_s``, doubling on a repeat
-    (up to ``scale_in_backoff_max_s``); forgotten after a calm of twice that."""
+    decode not queueing), or on any breach within ``scale_in_backoff_window_s`` of a
+    prefill trim: the prefill count it broke at is too few for today's prompts, whatever
+    its GPU utilisation says (long prompts queue behind each other on few instances).
+    Prefill stays above it for ``scale_in_backoff_s``, doubling on a repeat (up to
+    ``scale_in_backoff_max_s``); forgotten after a calm of twice that."""
     pol = service.policy
     old = state.prefill_floor
     if old is not None and now_s > old.until_s + old.backoff_s:
@@ -755,15 +757,15 @@ def _learn_prefill_floor(service: "ServiceConfig", state: PolicyState, *, reason
             or not (after_trim or (tbt_ok and (observation.decode_waiting or 0) <= 0))):
         return state
     backoff_s = pol.scale_in_backoff_s if old is None else min(pol.scale_in_backoff_max_s, 2 * old.backoff_s)
-    floor = max(current.prefill + 1, old.floor_decode if old is not None and now_s < old.until_s else 0)
+    floor = max(current.prefill + 1, old.floor if old is not None and now_s < old.until_s else 0)
     why = f"TTFT broke at {current.prefill} prefill: keeping >= {floor} for {backoff_s:g}s"
-    return replace(state, prefill_floor=ScaleInBackoff(floor_decode=floor, until_s=now_s + backoff_s,
+    return replace(state, prefill_floor=ScaleInBackoff(floor=floor, until_s=now_s + backoff_s,
                                                        backoff_s=backoff_s, why=why))
 
 
 def _prefill_floor(state: PolicyState, now_s: float) -> int:
     floor = state.prefill_floor
-    return floor.floor_decode if floor is not None and now_s < floor.until_s else 0
+    return floor.floor if floor is not None and now_s < floor.until_s else 0
 
 
 def _keep_prefill_for_its_load(service: "ServiceConfig", desired: PoolCounts, proposal: Proposal, *,
@@ -816,7 +818,8 @@ def _trim_idle_prefill(service: "ServiceConfig", state: PolicyState, desired: Po
         return (replace(state, prefill_idle_since_s=None) if state.prefill_idle_since_s is not None else state,
                 desired, proposal)
     need = prefill_need(service, util=util, ready=ready)
-    floor_ = max(pools_for_decode(service, current.decode, ratio=ratio).prefill, need, _prefill_floor(state, now_s), 1)
+    by_ratio = pools_for_decode(service, current.decode, ratio=ratio).prefill
+    floor_ = max(by_ratio, need, _prefill_floor(state, now_s), 1)
     if floor_ >= current.prefill:
         return (replace(state, prefill_idle_since_s=None) if state.prefill_idle_since_s is not None else state,
                 desired, proposal)
@@ -828,7 +831,7 @@ def _trim_idle_prefill(service: "ServiceConfig", state: PolicyState, desired: Po
                    max_in_factor=pol.max_scale_in_factor)
     inputs["prefill_need"] = need
     detail = (f"prefill at {util:.0%} GPU on {ready} for {now_s - since:.0f}s needs {need} "
-              f"(at most {limit:.0%} each), the ratio {ratio_text(ratio)} {floor_ if floor_ > need else need}: "
+              f"(at most {limit:.0%} each), the ratio {ratio_text(ratio)} wants {by_ratio}: "
               f"prefill {current.prefill} -> {prefill}")
     return (replace(state, prefill_idle_since_s=None), PoolCounts(prefill=prefill, decode=current.decode),
             Proposal(decode=current.decode, reason="scale_in_prefill", detail=detail))
