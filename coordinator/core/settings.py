@@ -305,7 +305,8 @@ class PolicyConfig:
     prefill_staffing_beta: float = 1.5
     """Small pools need more headroom than large ones (requests queue behind fewer
     servers): the floor is also at least ``R + β·√R`` instances for a measured load of
-    ``R`` busy instances (square-root staffing). Matters below ~10 instances; 0: off."""
+    ``R`` busy instances (square-root staffing). With the default 0.7 and 1.5 it binds below
+    R ≈ 12 (about 17 instances); 0: off."""
     gpu_budget: int | None = None
     """Cap on the GPUs of both pools together; ``None``: no cap."""
     demand: DemandEstimate = DemandEstimate()
