@@ -179,12 +179,14 @@ async def test_scales_both_deployments_holds_and_shows_it(kube, k8s_namespace, r
         d = await c.tick(6000.0)
         assert (d.reason, d.desired.prefill, d.desired.decode) == ("scale_out_tps", 6, 4)
         assert await replicas(kube, ns) == (6, 4)
-        # The new pods are Pending (no kubelet): no further scale-out yet.
-        assert (await c.tick(6000.0)).reason == "hold_pending"
-        assert await replicas(kube, ns) == (6, 4)
-        await ready_all(kube, ns, 6, 4)
-        d = await c.tick(6000.0)                                          # 6000 / 4 = 150% -> 6
+        # The step bound cut that one: it goes on at the next tick while the new pods are
+        # Pending (no kubelet), counting them: 6000 / 1000 = 6 decode, P = 9.
+        d = await c.tick(6000.0)
         assert (d.reason, d.desired.prefill, d.desired.decode) == ("scale_out_tps", 9, 6)
+        assert "continuing a scale-out the step bound cut" in d.detail
+        assert await replicas(kube, ns) == (9, 6)
+        # A further rise waits for the Pending pods.
+        assert (await c.tick(9000.0)).reason == "hold_pending"
         assert await replicas(kube, ns) == (9, 6)
         await ready_all(kube, ns, 9, 6)
         # Every sidecar answers 500: missing data holds, even at "zero" load.
