@@ -814,6 +814,8 @@ def test_the_kv_transfer_hold_is_bounded():
     d, state = applied(svc, o, state=state, now_s=120.0)
     assert d.reason == "latency_severe" and d.desired.decode == 12
     assert "hold lifted after 120s" in d.detail and d.inputs["kv_transfer_hold_lifted"]
+    # That TTFT breach was the links': no prefill count is remembered as too few.
+    assert state.prefill_floor is None
     d, state = applied(svc, obs((15, 12), 24000, ttft=0.3, tbt=0.02), state=state, now_s=150.0)
     assert state.kv_hold_since_s is None
     # 0: never held.

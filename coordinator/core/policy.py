@@ -416,7 +416,8 @@ def decide(*, service: "ServiceConfig", observation: Observation, state: PolicyS
         state = _learn_scale_in_backoff(service, state, reason=proposal.reason, current=current, desired=desired,
                                         now_s=now_s)
         state = _learn_prefill_floor(service, state, reason=proposal.reason, observation=observation,
-                                     current=current, desired=desired, now_s=now_s)
+                                     current=current, desired=desired, now_s=now_s,
+                                     kv_bound="kv_transfer_bottleneck" in inputs)
     return decision(proposal.reason, desired, proposal.detail), state
 
 
@@ -736,12 +737,13 @@ def prefill_need(service: "ServiceConfig", *, util: float, ready: int) -> int:
 
 
 def _learn_prefill_floor(service: "ServiceConfig", state: PolicyState, *, reason: str, observation: Observation,
-                         current: PoolCounts, desired: PoolCounts, now_s: float) -> PolicyState:
+                         current: PoolCounts, desired: PoolCounts, now_s: float, kv_bound: bool) -> PolicyState:
     """A latency scale-out on a prefill-side breach (TTFT over the SLO, TBT inside it,
     decode not queueing), or on any breach within ``scale_in_backoff_window_s`` of a
     prefill trim: the prefill count it broke at is too few for today's prompts, whatever
-    its GPU utilisation says (long prompts queue behind each other on few instances).
-    Prefill stays above it for ``scale_in_backoff_s``, doubling on a repeat (up to
+    its GPU utilisation says (long prompts queue behind each other on few instances). Not
+    while requests wait on their KV transfer (``kv_transfer_bottleneck``): that TTFT is
+    the links', not prefill's. Prefill stays above it for ``scale_in_backoff_s``, doubling on a repeat (up to
     ``scale_in_backoff_max_s``); forgotten after a calm of twice that."""
     pol = service.policy
     old = state.prefill_floor
@@ -754,7 +756,7 @@ def _learn_prefill_floor(service: "ServiceConfig", state: PolicyState, *, reason
         return replace(state, prefill_trim_s=now_s)
     after_trim = state.prefill_trim_s is not None and now_s - state.prefill_trim_s <= pol.scale_in_backoff_window_s
     if (pol.scale_in_backoff_window_s <= 0 or not reason.startswith("latency") or desired.prefill <= current.prefill
-            or not (after_trim or (tbt_ok and (observation.decode_waiting or 0) <= 0))):
+            or kv_bound or not (after_trim or (tbt_ok and (observation.decode_waiting or 0) <= 0))):
         return state
     backoff_s = pol.scale_in_backoff_s if old is None else min(pol.scale_in_backoff_max_s, 2 * old.backoff_s)
     floor = max(current.prefill + 1, old.floor if old is not None and now_s < old.until_s else 0)
