@@ -942,6 +942,9 @@ def test_idle_prefill_above_the_ratio_comes_down_after_the_window_with_latency_c
         reasons.append(d.reason)
     assert reasons[:-1] == ["hold_tolerance"] * 20 and reasons[-1] == "scale_in_prefill", reasons
     assert d.desired == PoolCounts(3, 2) and "prefill 6 -> 3" in d.detail
+    # Only a written trim is remembered (settle), as only a written move starts a cooldown.
+    assert state.prefill_trim_s == 300.0
+    assert settle(PolicyState(), decision=d, applied=False).prefill_trim_s is None
     # Not while latency is above the calm line (70% of the SLO), nor with instances pending.
     warm = replace(o, ttft_p90_s=0.8)
     state = PolicyState()

@@ -58,7 +58,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 from fractions import Fraction
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from heteroscale.coordinator.core.demand import demand_tps, draining, is_backlog, kv_pressure, queued_requests
 from heteroscale.coordinator.core.drift import DriftState, observe_drift, ratio_in_use
@@ -68,7 +68,7 @@ from heteroscale.coordinator.core.target import TargetState, learn_target
 from heteroscale.coordinator.core.types import Decision, Observation, PoolCounts
 
 if TYPE_CHECKING:
-    from heteroscale.coordinator.core.settings import ScheduleEntry, ServiceConfig
+    from heteroscale.coordinator.core.settings import PolicyConfig, ScheduleEntry, ServiceConfig
 
 REASONS = (
     "scale_out_tps", "scale_in_tps", "latency_moderate", "latency_severe",
@@ -114,7 +114,7 @@ class PolicyState:
     cut_scale_out: int | None = None                       # decode ordered by a scale-out the step bound cut
     prefill_idle_since_s: float | None = None              # prefill above both ratio and load since (trim)
     prefill_floor: "ScaleInBackoff | None" = None          # a prefill count TTFT broke at: stay above it
-    prefill_trim_s: float | None = None                    # the last scale_in_prefill
+    prefill_trim_s: float | None = None                    # the last scale_in_prefill written (settle)
 
 
 # ---------------------------------------------------------------- building blocks
@@ -431,7 +431,8 @@ def settle(state: PolicyState, *, decision: Decision, applied: bool) -> PolicySt
     if desired.decode > current.decode or (desired.decode == current.decode and desired.total() > current.total()):
         return replace(state, last_scale_out_s=now_s)
     if desired.decode < current.decode or desired.total() < current.total():
-        return replace(state, last_scale_in_s=now_s)
+        trimmed = now_s if decision.reason == "scale_in_prefill" else state.prefill_trim_s
+        return replace(state, last_scale_in_s=now_s, prefill_trim_s=trimmed)
     return state
 
 
@@ -708,19 +709,30 @@ def _learn_scale_in_backoff(service: "ServiceConfig", state: PolicyState, *, rea
     two rules undoing each other). Keep the size latency restored for a backoff that
     doubles on each repeat, as a crash-loop backoff does; forget it after a calm."""
     pol = service.policy
-    old = state.backoff
-    if old is not None and now_s > old.until_s + old.backoff_s:
-        state = replace(state, backoff=None)
-        old = None
+    old = _expired(state.backoff, now_s)
+    state = replace(state, backoff=old) if old is not state.backoff else state
     if (pol.scale_in_backoff_window_s <= 0 or not reason.startswith("latency") or desired.decode <= current.decode
             or state.last_scale_in_s is None or now_s - state.last_scale_in_s > pol.scale_in_backoff_window_s):
         return state
+    since = now_s - state.last_scale_in_s
+    return replace(state, backoff=_escalate(
+        pol, old, floor=desired.decode, now_s=now_s,
+        why=lambda floor, backoff_s: f"latency broke {since:.0f}s after a scale-in: keeping >= {floor} decode "
+                                     f"for {backoff_s:g}s"))
+
+
+def _expired(old: ScaleInBackoff | None, now_s: float) -> ScaleInBackoff | None:
+    """A backoff is forgotten after a calm of twice its length."""
+    return None if old is not None and now_s > old.until_s + old.backoff_s else old
+
+
+def _escalate(pol: "PolicyConfig", old: ScaleInBackoff | None, *, floor: int, now_s: float,
+              why: Callable[[int, float], str]) -> ScaleInBackoff:
+    """The next backoff: the first one, or twice the last (capped); the floor never lower
+    than a still-active one's. ``why(floor, backoff_s)`` words it."""
     backoff_s = pol.scale_in_backoff_s if old is None else min(pol.scale_in_backoff_max_s, 2 * old.backoff_s)
-    floor = max(desired.decode, old.floor if old is not None and now_s < old.until_s else 0)
-    why = (f"latency broke {now_s - state.last_scale_in_s:.0f}s after a scale-in: keeping >= {floor} decode "
-           f"for {backoff_s:g}s")
-    return replace(state, backoff=ScaleInBackoff(floor=floor, until_s=now_s + backoff_s,
-                                                 backoff_s=backoff_s, why=why))
+    floor = max(floor, old.floor if old is not None and now_s < old.until_s else 0)
+    return ScaleInBackoff(floor=floor, until_s=now_s + backoff_s, backoff_s=backoff_s, why=why(floor, backoff_s))
 
 
 def prefill_need(service: "ServiceConfig", *, util: float, ready: int) -> int:
@@ -743,26 +755,23 @@ def _learn_prefill_floor(service: "ServiceConfig", state: PolicyState, *, reason
     prefill trim: the prefill count it broke at is too few for today's prompts, whatever
     its GPU utilisation says (long prompts queue behind each other on few instances). Not
     while requests wait on their KV transfer (``kv_transfer_bottleneck``): that TTFT is
-    the links', not prefill's. Prefill stays above it for ``scale_in_backoff_s``, doubling on a repeat (up to
-    ``scale_in_backoff_max_s``); forgotten after a calm of twice that."""
+    the links', not prefill's. Prefill stays above it for ``scale_in_backoff_s``, doubling
+    on a repeat (up to ``scale_in_backoff_max_s``); forgotten after a calm of twice that."""
     pol = service.policy
-    old = state.prefill_floor
-    if old is not None and now_s > old.until_s + old.backoff_s:
-        state = replace(state, prefill_floor=None)
-        old = None
+    old = _expired(state.prefill_floor, now_s)
+    state = replace(state, prefill_floor=old) if old is not state.prefill_floor else state
+    if (pol.scale_in_backoff_window_s <= 0 or not reason.startswith("latency") or desired.prefill <= current.prefill
+            or kv_bound):
+        return state
+    after_trim = state.prefill_trim_s is not None and now_s - state.prefill_trim_s <= pol.scale_in_backoff_window_s
     tbt_ok = (observation.tbt_p90_s is None or not service.slo.tbt_s
               or observation.tbt_p90_s <= service.slo.tbt_s * pol.latency_net.moderate)
-    if reason == "scale_in_prefill":
-        return replace(state, prefill_trim_s=now_s)
-    after_trim = state.prefill_trim_s is not None and now_s - state.prefill_trim_s <= pol.scale_in_backoff_window_s
-    if (pol.scale_in_backoff_window_s <= 0 or not reason.startswith("latency") or desired.prefill <= current.prefill
-            or kv_bound or not (after_trim or (tbt_ok and (observation.decode_waiting or 0) <= 0))):
+    if not (after_trim or (tbt_ok and (observation.decode_waiting or 0) <= 0)):
         return state
-    backoff_s = pol.scale_in_backoff_s if old is None else min(pol.scale_in_backoff_max_s, 2 * old.backoff_s)
-    floor = max(current.prefill + 1, old.floor if old is not None and now_s < old.until_s else 0)
-    why = f"TTFT broke at {current.prefill} prefill: keeping >= {floor} for {backoff_s:g}s"
-    return replace(state, prefill_floor=ScaleInBackoff(floor=floor, until_s=now_s + backoff_s,
-                                                       backoff_s=backoff_s, why=why))
+    broke_at = current.prefill
+    return replace(state, prefill_floor=_escalate(
+        pol, old, floor=broke_at + 1, now_s=now_s,
+        why=lambda floor, backoff_s: f"TTFT broke at {broke_at} prefill: keeping >= {floor} for {backoff_s:g}s"))
 
 
 def _prefill_floor(state: PolicyState, now_s: float) -> int:
@@ -784,14 +793,15 @@ def _keep_prefill_for_its_load(service: "ServiceConfig", desired: PoolCounts, pr
     if (limit is None or util is None or ready <= 0 or desired.prefill >= current.prefill
             or proposal.reason.startswith("bounded")):
         return desired, proposal
-    need = min(current.prefill, max(prefill_need(service, util=util, ready=ready), _prefill_floor(state, now_s)))
+    learned = _prefill_floor(state, now_s)
+    need = min(current.prefill, max(prefill_need(service, util=util, ready=ready), learned))
     if service.max_prefill is not None:
         need = min(need, service.max_prefill)
     if desired.prefill >= need:
         return desired, proposal
     inputs["prefill_need"] = need
     kept = PoolCounts(prefill=need, decode=desired.decode)
-    note = (state.prefill_floor.why if state.prefill_floor is not None and need == _prefill_floor(state, now_s)
+    note = (state.prefill_floor.why if state.prefill_floor is not None and need == learned
             else f"prefill at {util:.0%} GPU on {ready}: keeps {need} (at most {limit:.0%} each)")
     if kept == current:
         return kept, Proposal(decode=current.decode, reason="hold_prefill_busy", keep_prefill=True,
@@ -814,17 +824,14 @@ def _trim_idle_prefill(service: "ServiceConfig", state: PolicyState, desired: Po
     ready = observation.pools.ready.prefill
     latency = inputs.get("latency_slo_ratio")
     backoff = state.backoff is not None and now_s < state.backoff.until_s
-    if (limit is None or util is None or ready != current.prefill or ready <= 0 or desired != current
-            or proposal.reason != "hold_tolerance" or observation.pools.pending.total() > 0 or backoff
-            or latency is None or latency > pol.adaptive_target.calm_ratio):
-        return (replace(state, prefill_idle_since_s=None) if state.prefill_idle_since_s is not None else state,
-                desired, proposal)
-    need = prefill_need(service, util=util, ready=ready)
+    idle = not (limit is None or util is None or ready != current.prefill or ready <= 0 or desired != current
+                or proposal.reason != "hold_tolerance" or observation.pools.pending.total() > 0 or backoff
+                or latency is None or latency > pol.adaptive_target.calm_ratio)
+    need = prefill_need(service, util=util, ready=ready) if idle else 0
     by_ratio = pools_for_decode(service, current.decode, ratio=ratio).prefill
     floor_ = max(by_ratio, need, _prefill_floor(state, now_s), 1)
-    if floor_ >= current.prefill:
-        return (replace(state, prefill_idle_since_s=None) if state.prefill_idle_since_s is not None else state,
-                desired, proposal)
+    if not idle or floor_ >= current.prefill:
+        return replace(state, prefill_idle_since_s=None), desired, proposal
     since = state.prefill_idle_since_s if state.prefill_idle_since_s is not None else now_s
     state = replace(state, prefill_idle_since_s=since)
     if now_s - since < pol.scale_in_stabilization_s:
