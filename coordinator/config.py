@@ -397,6 +397,7 @@ def _policy(node: _Node) -> PolicyConfig:
         scale_out_cooldown_s=node.number("scale_out_cooldown_s", d.scale_out_cooldown_s, minimum=0),
         scale_in_stabilization_s=node.number("scale_in_stabilization_s", d.scale_in_stabilization_s, minimum=0),
         scale_in_backoff_window_s=node.number("scale_in_backoff_window_s", d.scale_in_backoff_window_s, minimum=0),
+        reversal_window_s=node.number("reversal_window_s", d.reversal_window_s, minimum=0),
         scale_in_backoff_s=node.number("scale_in_backoff_s", d.scale_in_backoff_s, minimum=0),
         scale_in_backoff_max_s=node.number("scale_in_backoff_max_s", d.scale_in_backoff_max_s, minimum=0),
         kv_transfer_hold_max_s=node.number("kv_transfer_hold_max_s", d.kv_transfer_hold_max_s, minimum=0),

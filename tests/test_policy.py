@@ -198,7 +198,7 @@ def test_a_latency_step_up_is_held_for_the_stabilisation_window():
     # ceil(8.0) = 8, but the window still holds the latency net's 11. (Without the
     # effective target: that is its own test below.)
     svc = service(policy={"scale_in_stabilization_s": 300, "adaptive_target": {"enabled": False}})
-    d, state = once(svc, obs((13, 10), 19200, tbt=0.045), now_s=1000.0)
+    d, state = once(svc, obs((13, 10), 19200, tbt=0.045), state=PolicyState(first_data_s=0.0), now_s=1000.0)
     assert (d.reason, d.desired.decode) == ("latency_moderate", 11)
     d, state = once(svc, obs((14, 11), 19200), state=state, now_s=1005.0)
     assert (d.reason, d.desired.decode) == ("hold_stabilization", 11)
@@ -567,7 +567,7 @@ def test_decide_never_raises_for_any_observation(tps, tbt, ttft, prefill, decode
 
 def test_the_stabilisation_hold_says_it_is_holding_a_scale_in():
     svc = service(policy={"scale_in_stabilization_s": 60})
-    state = PolicyState()
+    state = PolicyState(first_data_s=-600.0)                                 # long past the cold start
     _, state = applied(svc, obs((9, 7), 16000), state=state, now_s=0.0)      # 16000/2400 -> 7: hold
     d, _ = applied(svc, obs((9, 7), 4000), state=state, now_s=10.0)          # wants 2, window says 7
     assert d.reason == "hold_stabilization" and d.desired == PoolCounts(9, 7)
@@ -754,6 +754,34 @@ def test_a_scale_in_that_latency_undoes_backs_off_and_the_backoff_doubles():
     assert d.reason == "latency_severe" and fresh.backoff is None
 
 
+def test_a_scale_in_the_load_undoes_soon_after_backs_off_too():
+    # A flap: load that swings on a scale of minutes is followed down, then up again by
+    # tokens/s (no latency breach at all). Within reversal_window_s of the scale-in that
+    # scale-out marks it a mistake, and the size it restored is kept.
+    svc = service(pd_ratio="1:1", tau=1000, policy={"adaptive_target": {"enabled": False},
+                                                    "scale_in_backoff_window_s": 600, "reversal_window_s": 1200,
+                                                    "scale_in_backoff_s": 900, "scale_in_stabilization_s": 0,
+                                                    "smoothing_window_s": 0})
+    state = PolicyState(first_data_s=-1000.0)
+    d, state = applied(svc, obs((4, 4), 1600), state=state, now_s=0.0)            # 40%: in to 2
+    assert (d.reason, d.desired.decode) == ("scale_in_tps", 2)
+    d, state = applied(svc, obs((2, 2), 3600), state=state, now_s=900.0)          # back up: 4
+    assert (d.reason, d.desired.decode) == ("scale_out_tps", 4)
+    assert state.backoff.floor == 4 and state.backoff.backoff_s == 900
+    d, state = applied(svc, obs((4, 4), 1600), state=state, now_s=1200.0)         # down again: held
+    assert d.reason == "hold_scale_in_backoff" and "the load came back 900s after a scale-in" in d.detail
+    d, state = applied(svc, obs((4, 4), 1600), state=state, now_s=1850.0)         # after the backoff
+    assert (d.reason, d.desired.decode) == ("scale_in_tps", 2)
+    # The same rise later than the window is a new load, not a flap; 0 turns it off.
+    late = PolicyState(first_data_s=-1000.0, last_scale_in_s=0.0)
+    _, late = applied(svc, obs((2, 2), 3600), state=late, now_s=1300.0)
+    assert late.backoff is None
+    off = replace(svc, policy=replace(svc.policy, reversal_window_s=0.0))
+    _, early = applied(off, obs((2, 2), 3600), state=PolicyState(first_data_s=-1000.0, last_scale_in_s=0.0),
+                       now_s=60.0)
+    assert early.backoff is None
+
+
 def test_kv_pressure_is_an_early_moderate_step_and_never_a_scale_in():
     svc = service()
     o = replace(obs((13, 10), 12000), decode_kv_usage_max=0.97)     # 50% of target, but KV full
@@ -772,6 +800,24 @@ def test_no_scale_in_before_a_full_smoothing_window_of_data():
         assert d.reason == "hold_cold_start" and d.desired == PoolCounts(17, 10)
     d, _ = applied(svc, obs((17, 10), 4000), state=state, now_s=66.0)
     assert d.reason == "scale_in_tps"
+
+
+def test_no_scale_in_before_a_full_stabilisation_window_either():
+    # After a start or a failover the window holds a few ticks' recommendations; its
+    # maximum is not yet the maximum over the window. A load rising through the first
+    # minutes (the cold start of a diurnal morning) was cut 5 -> 3 decode at 75 s, then
+    # bought back by the latency net.
+    svc = service(policy={"smoothing_window_s": 60, "scale_in_stabilization_s": 300})
+    state = PolicyState()
+    for t in (5.0, 75.0, 299.0):
+        d, state = applied(svc, obs((17, 10), 4000), state=state, now_s=t)
+        assert d.reason == "hold_cold_start" and d.desired == PoolCounts(17, 10)
+    assert "less than the 300s smoothing and stabilisation windows" in d.detail
+    d, _ = applied(svc, obs((17, 10), 4000), state=state, now_s=306.0)
+    assert d.reason == "scale_in_tps"
+    # Scale-out is never held by it.
+    d, _ = applied(svc, obs((17, 10), 40000), state=PolicyState(), now_s=5.0)
+    assert d.reason == "scale_out_tps"
 
 
 # ---------------------------------------------------------------- a KV-transfer bottleneck is not a decode shortage

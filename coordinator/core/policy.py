@@ -37,7 +37,9 @@ One tick, in order (PAPER §5.3–5.5, PEERS §5):
    the latency net's, so a latency step-up is held for the window); the step is damped to at least ``max_scale_in_factor``× (at least
    −1); a consolidation check keeps enough instances that the survivors carry the
    load (the larger of the smoothed and the latest tokens/s) at no more than
-   ``consolidation_margin`` of their target.
+   ``consolidation_margin`` of their target. No scale-in before a whole smoothing and
+   stabilisation window of data (``hold_cold_start``), nor below the size a scale-out
+   restored soon after a scale-in (the scale-in backoff: ``hold_scale_in_backoff``).
 8. Bounds: ``min_decode``/``max_decode`` (or a schedule's override), then the GPU
    budget across both pools, then prefill follows from the ratio.
 
@@ -667,14 +669,17 @@ def _gate_scale_out(service: "ServiceConfig", proposal: Proposal, *, state: Poli
 
 def _stabilize_scale_in(service: "ServiceConfig", proposal: Proposal, *, state: PolicyState, current: int,
                         now_s: float, load_tps: float, tau: float, inputs: dict[str, Any]) -> Proposal:
-    """No scale-in on less than a full smoothing window of data; HPA's stabilisation
-    window; the damped step; the consolidation check (on the effective τ)."""
+    """No scale-in on less than a full smoothing and stabilisation window of data; HPA's
+    stabilisation window; the damped step; the consolidation check (on the effective τ)."""
     pol = service.policy
     since = state.first_data_s if state.first_data_s is not None else now_s
-    if now_s - since < pol.smoothing_window_s:
+    # The stabilisation window is a maximum over the recommendations it holds; on fewer
+    # than a whole window of them (after a start or a failover) it is not one yet.
+    need_s = max(pol.smoothing_window_s, pol.scale_in_stabilization_s)
+    if now_s - since < need_s:
         return proposal.hold(current=current, reason="hold_cold_start",
-                             detail=f"{now_s - since:.0f}s of data, less than the {pol.smoothing_window_s:g}s "
-                                    "smoothing window: no scale-in yet")
+                             detail=f"{now_s - since:.0f}s of data, less than the {need_s:g}s smoothing and "
+                                    "stabilisation windows: no scale-in yet")
     backoff = state.backoff
     if backoff is not None and now_s < backoff.until_s and proposal.decode < backoff.floor:
         inputs["scale_in_backoff"] = backoff.why
@@ -705,19 +710,26 @@ def _stabilize_scale_in(service: "ServiceConfig", proposal: Proposal, *, state: 
 
 def _learn_scale_in_backoff(service: "ServiceConfig", state: PolicyState, *, reason: str, current: PoolCounts,
                             desired: PoolCounts, now_s: float) -> PolicyState:
-    """A latency-driven scale-out soon after a scale-in: that scale-in was a mistake (the
-    two rules undoing each other). Keep the size latency restored for a backoff that
-    doubles on each repeat, as a crash-loop backoff does; forget it after a calm."""
+    """A scale-out soon after a scale-in: that scale-in was a mistake — latency broke
+    within ``scale_in_backoff_window_s`` (the two rules undoing each other), or the
+    tokens/s came back within ``reversal_window_s`` (a swing the fleet followed down and
+    up again: a flap). Keep the size the scale-out restored for a backoff that doubles on
+    each repeat, as a crash-loop backoff does; forget it after a calm."""
     pol = service.policy
     old = _expired(state.backoff, now_s)
     state = replace(state, backoff=old) if old is not state.backoff else state
-    if (pol.scale_in_backoff_window_s <= 0 or not reason.startswith("latency") or desired.decode <= current.decode
-            or state.last_scale_in_s is None or now_s - state.last_scale_in_s > pol.scale_in_backoff_window_s):
+    if desired.decode <= current.decode or state.last_scale_in_s is None:
         return state
     since = now_s - state.last_scale_in_s
+    if reason.startswith("latency") and 0 < pol.scale_in_backoff_window_s and since <= pol.scale_in_backoff_window_s:
+        what = "latency broke"
+    elif reason == "scale_out_tps" and 0 < pol.reversal_window_s and since <= pol.reversal_window_s:
+        what = "the load came back"
+    else:
+        return state
     return replace(state, backoff=_escalate(
         pol, old, floor=desired.decode, now_s=now_s,
-        why=lambda floor, backoff_s: f"latency broke {since:.0f}s after a scale-in: keeping >= {floor} decode "
+        why=lambda floor, backoff_s: f"{what} {since:.0f}s after a scale-in: keeping >= {floor} decode "
                                      f"for {backoff_s:g}s"))
 
 

@@ -270,6 +270,10 @@ class PolicyConfig:
     the policy then keeps at least the size latency restored for ``scale_in_backoff_s``
     (doubling on each repeat, up to ``scale_in_backoff_max_s``; back to the start after
     a calm of twice the backoff). 0: off."""
+    reversal_window_s: float = 1200.0
+    """A tokens/s scale-out within this long of a scale-in (the load came back: a flap)
+    backs scale-in off the same way. Load that swings on a scale shorter than this is
+    carried at its highs instead of followed down and up. 0: off."""
     scale_in_backoff_s: float = 900.0
     """The first backoff."""
     scale_in_backoff_max_s: float = 14400.0
