@@ -79,6 +79,18 @@ def test_inline_marks_format_and_render():
     assert "not in" in figures.problems_in("<!--fig:nope.x-->1<!--/fig-->", figs, where="t")[0]
 
 
+def test_a_decision_reason_a_run_never_gave_reads_zero_and_other_gaps_stay_errors():
+    # A rerun in which the latency net never stepped severely has no such count; the doc
+    # sentence quoting it reads 0 instead of breaking the sync.
+    figs = {"run": {"policies": {"a": {"decision_reasons": {"latency_moderate": 9}}}}}
+    assert figures.lookup(figs, "run.policies.a.decision_reasons.latency_moderate") == 9
+    assert figures.lookup(figs, "run.policies.a.decision_reasons.latency_severe") == 0
+    for missing in ("run.policies.b.decision_reasons.latency_severe", "run.policies.a.gpu_hours",
+                    "run.policies.a.decision_reasons.latency_severe.x"):
+        with pytest.raises(KeyError):
+            figures.lookup(figs, missing)
+
+
 def test_control_table_renders_every_day_and_policy():
     row = {"gpu_hours": 12.34, "vs_static_peak": 0.62, "slo_attainment": 0.991, "ttft_minutes_ok": 0.98,
            "tbt_minutes_ok": 1.0, "reversals": 3, "reversals_per_2h": 0.25, "first_scale_out_s": 45.0,
