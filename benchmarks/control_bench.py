@@ -26,6 +26,10 @@ the lead tunes the policy only on ``tune`` days and judges it on ``held_out`` on
 * ``d-small`` (tune), ``d-medium`` (held_out), ``d-large`` (tune): 30 minutes of
   stationary Poisson load (BurstGPT sample sizes) at ~2.5, ~8 and ~24 decode
   instances' worth of τ; curated on the BurstGPT sample.
+* ``f-swing`` (tune): Azure conversation sizes kept in trace order on the 8B hardware
+  of a/b, peak 120 req/s: the trace's own size drift makes decode demand swing ±20%
+  within tens of minutes on top of the diurnal shape (the flapping case); curated on
+  the recorded Azure hour.
 * ``e-step`` (tune): a generated mix (prompts 2,000 ± 50%, outputs 300 ± 50%) at ~3
   decode instances' worth for 20 minutes, then 3× for 40; curated on that mix.
 
@@ -187,6 +191,10 @@ def build_dialogue_day(seed: int, quick: bool, tau: float) -> Workload:
     return _diurnal(_load("AzureLLMInferenceTrace_conv.csv"), peak_rps=60.0, seed=seed, quick=quick)
 
 
+def build_swing_day(seed: int, quick: bool, tau: float) -> Workload:
+    return _diurnal(_load("AzureLLMInferenceTrace_conv.csv"), peak_rps=120.0, seed=seed, quick=quick)
+
+
 def _stationary(level: float) -> Callable[[int, bool, float], Workload]:
     def build(seed: int, quick: bool, tau: float) -> Workload:
         src = _load("burstgpt_sample.csv")
@@ -239,6 +247,9 @@ DAYS: tuple[Day, ...] = (
         SMALL, lambda q: 1800.0 if q else 3600.0, build_step_day,
         lambda q: traces.synthetic_sizes(**STEP_MIX, count=5000, seed=12), "the generated mix",
         step_s=lambda q: 600.0 if q else 1200.0),
+    Day("f-swing", "tune", "demand swings ±20% within the hour (8B)", "Azure conversation trace",
+        SMALL, lambda q: 3 * 3600.0 if q else 86400.0, build_swing_day,
+        lambda q: _load("AzureLLMInferenceTrace_conv.csv"), "the recorded Azure conversation hour"),
 )
 
 
