@@ -262,6 +262,7 @@ def build_world(settings: DemoSettings, *, sizes: list[RequestSize], lease_path:
         "adaptive_target": {"recover_after_s": round(max(10.0, d / 12), 1)},
         "ratio_drift": {"window_s": round(max(10.0, d / 8), 1), "dwell_s": round(max(10.0, d / 12), 1)},
         "scale_in_backoff_window_s": round(max(8.0, d / 12), 1),
+        "reversal_window_s": round(max(16.0, d / 6), 1),
         "scale_in_backoff_s": round(max(8.0, d / 16), 1),
         "scale_in_backoff_max_s": round(max(16.0, d / 4), 1),
         "kv_transfer_hold_max_s": round(max(4.0, d / 40), 1),
