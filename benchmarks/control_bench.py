@@ -187,12 +187,15 @@ def build_cache_day(seed: int, quick: bool, tau: float) -> Workload:
                     drift=CACHE_SWING)
 
 
-def build_dialogue_day(seed: int, quick: bool, tau: float) -> Workload:
-    return _diurnal(_load("AzureLLMInferenceTrace_conv.csv"), peak_rps=60.0, seed=seed, quick=quick)
+def _conversation_in_order(peak_rps: float) -> Callable[[int, bool, float], Workload]:
+    """A diurnal day of Azure conversation sizes kept in trace order (the dialogue day's build)."""
+    def build(seed: int, quick: bool, tau: float) -> Workload:
+        return _diurnal(_load("AzureLLMInferenceTrace_conv.csv"), peak_rps=peak_rps, seed=seed, quick=quick)
+    return build
 
 
-def build_swing_day(seed: int, quick: bool, tau: float) -> Workload:
-    return _diurnal(_load("AzureLLMInferenceTrace_conv.csv"), peak_rps=120.0, seed=seed, quick=quick)
+build_dialogue_day = _conversation_in_order(60.0)
+build_swing_day = _conversation_in_order(120.0)
 
 
 def _stationary(level: float) -> Callable[[int, bool, float], Workload]:

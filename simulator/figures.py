@@ -109,15 +109,17 @@ def extract(repo: Path) -> dict[str, Any]:
 def lookup(figs: Mapping[str, Any], key: str) -> Any:
     """The figure at a dotted key. A decision reason a run never gave is counted, not
     missing: ``...decision_reasons.latency_severe`` is 0 when no tick gave it."""
+    *path, last = key.split(".")
     node: Any = figs
-    parts = key.split(".")
-    for i, part in enumerate(parts):
-        if isinstance(node, Mapping) and part not in node and i == len(parts) - 1 and parts[i - 1] == "decision_reasons":
-            return 0
+    for part in path:
         if not isinstance(node, Mapping) or part not in node:
             raise KeyError(key)
         node = node[part]
-    return node
+    if isinstance(node, Mapping) and last in node:
+        return node[last]
+    if isinstance(node, Mapping) and path and path[-1] == "decision_reasons":
+        return 0
+    raise KeyError(key)
 
 
 def fmt(value: Any, spec: str | None) -> str:
